@@ -1,0 +1,5 @@
+import sys
+
+from bottlefit.cli import main
+
+sys.exit(main())

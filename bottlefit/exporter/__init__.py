@@ -1,0 +1,1 @@
+"""Split a BottleFit model at its bottleneck, export ONNX, write the manifest."""

@@ -1,0 +1,89 @@
+"""manifest.json: what was built, from what, with which tools — enough to verify and reproduce it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Artifact
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_PACKAGES = ("bottlefit", "torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "numpy", "litert-torch",
+             "ai-edge-litert")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomic JSON write with stable key order, so equal content gives equal bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dict[str, Any],
+                   artifacts: list[Artifact], **sections: Any) -> dict[str, Any]:
+    for a in artifacts:
+        a.sha256 = sha256_file(out_dir / a.file)
+    manifest = {
+        "format": "bottlefit-manifest",
+        "format_version": FORMAT_VERSION,
+        "target": target,
+        "model_card": card,
+        "source": source,
+        "artifacts": [a.to_dict() for a in artifacts],
+        "versions": package_versions(),
+        **sections,
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(target_dir: Path) -> dict[str, Any]:
+    path = target_dir / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{target_dir}: no {MANIFEST} here; pass a directory written by `bottlefit export`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-run `bottlefit export`") from None
+    if data.get("format") != "bottlefit-manifest":
+        raise UserError(f"{path}: not a bottlefit manifest")
+    return data
+
+
+def check_hashes(target_dir: Path, manifest: dict[str, Any]) -> list[Artifact]:
+    """The artifacts, refusing any whose bytes differ from what the manifest recorded."""
+    arts = [Artifact.from_dict(a) for a in manifest["artifacts"]]
+    for a in arts:
+        p = target_dir / a.file
+        if not p.is_file():
+            raise UserError(f"{p}: listed in the manifest but missing; re-run `bottlefit export`")
+        digest = sha256_file(p)
+        if digest != a.sha256:
+            raise UserError(f"{p}: sha256 {digest[:12]}… differs from the manifest's {a.sha256[:12]}…: "
+                            "the file was changed after export; re-export it")
+    return arts

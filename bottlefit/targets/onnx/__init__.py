@@ -1,0 +1,57 @@
+"""``--target onnx``: fp32 head and tail for ONNX Runtime (and, with ``--int8``, an int8 Q/DQ head)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
+from bottlefit.targets import BuildContext
+
+
+def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
+    """head.onnx and tail.onnx (fp32), each checked in ONNX Runtime against PyTorch on a random input."""
+    sm, card = ctx.split, ctx.split.card
+    x = torch.randn(1, *card.input_shape, generator=torch.Generator().manual_seed(0))
+    ctx.log(f"exporting head.onnx (opset {opset})")
+    h = export_onnx(sm.head, x, ctx.out_dir / "head.onnx", opset, "input", "bottleneck")
+    with torch.no_grad():
+        z = sm.head(x)
+    ctx.log(f"exporting tail.onnx (opset {opset}; {sum(p.numel() for p in sm.tail.parameters()):,} parameters)")
+    t = export_onnx(sm.tail, z, ctx.out_dir / "tail.onnx", opset, "bottleneck", "logits")
+    ctx.log(f"ONNX Runtime vs PyTorch: head max abs error {h.max_abs_error:.3g}, tail {t.max_abs_error:.3g}")
+    zspec = TensorSpec("bottleneck", h.output_shape, "float32", "NCHW")
+    return [
+        Artifact("head.onnx", "head", "onnxruntime", "fp32",
+                 [TensorSpec("input", h.input_shape, "float32", "NCHW")], [zspec],
+                 extra={"opset": opset, "export_max_abs_error": h.max_abs_error}),
+        Artifact("tail.onnx", "tail", "onnxruntime", "fp32", [zspec],
+                 [TensorSpec("logits", t.output_shape, "float32", "")],
+                 extra={"opset": opset, "export_max_abs_error": t.max_abs_error}),
+    ]
+
+
+class OnnxTarget:
+    name = "onnx"
+    summary = "fp32 head.onnx + tail.onnx for ONNX Runtime; --int8 adds head.int8.onnx (Q/DQ)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--int8", action="store_true", help="onnx target: also write head.int8.onnx")
+
+    def validate(self, options: argparse.Namespace, card: Any) -> None:
+        check_opset(options.opset or DEFAULT_OPSET)
+
+    def build(self, ctx: BuildContext) -> list[Artifact]:
+        opset = ctx.options.opset or DEFAULT_OPSET
+        arts = fp32_pair(ctx, opset)
+        if getattr(ctx.options, "int8", False):
+            from bottlefit.targets.onnx.int8 import build_int8_head
+
+            arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", opset))
+        return arts
+
+
+TARGET = OnnxTarget()
