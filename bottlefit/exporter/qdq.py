@@ -1,0 +1,442 @@
+"""Q/DQ (explicit quantization) ONNX for a head: our observers' ranges, ONNX Runtime's graph writer.
+
+Used by the onnx target (ONNX Runtime CPU, asymmetric activations) and the Jetson target (TensorRT explicit
+quantization: symmetric, every zero point 0, every Q/DQ with an explicit zero-point input).
+
+How it works:
+1. ``prepare_fp32``: the fp32 head with every BatchNormalization that no conv absorbed (the one after the
+   max-pool) rewritten as an exact 1x1 depthwise Conv. Quantized as a BatchNormalization it stops ONNX
+   Runtime's NHWC int8 path and the int8 head ran slower than fp32 (shared/STACK.md); as a conv it is an
+   int8 QLinearConv. Tensor names are kept (the Jetson cache names tensors of the fp32 graph), the node is
+   renamed ``<scope>/Conv`` in the same scope so diagnosis still names its module.
+2. ``observe_activations``: the prepared fp32 graph runs in ONNX Runtime over the calibration images with
+   every intermediate tensor exposed, and OUR observers (``bottlefit.calibration.observers``) turn them into
+   ranges. Running the graph itself, not hooks on PyTorch modules, makes the mapping to ONNX tensor names
+   exact whatever the exporter fused; ``head`` supplies the module paths for reporting.
+3. ``quantize_static`` (QDQ format, per-channel int8 weights) writes the graph with our scale/zero point
+   forced on every activation through ``TensorQuantOverrides``; ORT's own calibrators never run (the ranges
+   reach it through its calibration cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from bottlefit.calibration.observers import OBSERVERS, HistogramObserver, MinMaxObserver, Observer, make_observer
+from bottlefit.errors import UserError, VerificationError
+from bottlefit.exporter.onnx import save_onnx
+
+# ONNX Runtime renames a graph output it quantizes: "<name>_QuantizeLinear_Input" feeds the Q node.
+_ORT_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
+_SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_ACT_DTYPE = {True: "int8", False: "uint8"}
+# Ops whose int8 output ONNX Runtime quantizes with its input's parameters (they move values, never make new
+# ones; TensorRT also wants equal scales across them). Mirrored here so the file carries what we computed.
+_SAME_AS_INPUT = frozenset({"MaxPool", "AveragePool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                            "Slice", "TopK"})
+
+
+@dataclass
+class QdqResult:
+    """What ``quantize_head`` wrote.
+
+    ``activation_scales`` / ``activation_zero_points``: per-tensor activation parameters read back from the
+    written file, keyed by the tensor's name in the fp32 graph, in topological order. For TensorRT's cache:
+    amax = 127 * scale (``amax()``). ``tensor_modules``: ONNX tensor name -> module path inside ``head``
+    (e.g. ``encoder.4``), for the tensors some module produced.
+    """
+
+    path: Path
+    activation_scales: dict[str, float]
+    activation_zero_points: dict[str, int]
+    tensor_modules: dict[str, str]
+    observer: str
+    symmetric: bool
+    per_channel: bool
+    activation_dtype: str  # int8 | uint8
+    output_int8: bool
+    input_name: str
+    output_name: str
+    output_scale: float
+    output_zero_point: int
+    rewritten_nodes: list[str] = field(default_factory=list)  # BatchNormalization -> depthwise Conv
+    calibration_count: int = 0
+
+    def amax(self) -> dict[str, float]:
+        """TensorRT's per-tensor amax (= 127 * scale), same keys and order as ``activation_scales``."""
+        return {k: float(np.float32(127.0) * np.float32(s)) for k, s in self.activation_scales.items()}
+
+    def quantization_record(self) -> dict[str, Any]:
+        """The artifact's ``quantization`` section for the manifest."""
+        return {
+            "format": "qdq",
+            "observer": self.observer,
+            "symmetric": self.symmetric,
+            "per_channel": self.per_channel,
+            "weights": "int8",
+            "activations": self.activation_dtype,
+            "activation_scales": dict(self.activation_scales),
+            "activation_zero_points": dict(self.activation_zero_points),
+            "tensor_modules": dict(self.tensor_modules),
+            "rewritten_nodes": list(self.rewritten_nodes),
+            "calibration_count": self.calibration_count,
+        }
+
+
+def module_of(node_name: str) -> str | None:
+    """``/encoder/encoder.4/BatchNormalization`` -> ``encoder.4``; None for nodes no module owns."""
+    m = _SCOPE.match(node_name)
+    return m.group(2) if m else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def rewrite_standalone_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Replace every 4-D BatchNormalization (inference form) by the exact 1x1 depthwise Conv, in place.
+
+    weight = gamma / sqrt(var + eps), bias = beta - mean * weight, computed in float64 and rounded once.
+    Returns the new node names.
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    shapes = _tensor_ranks(model)
+    done: list[str] = []
+    for idx, node in enumerate(list(g.node)):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1:
+            continue  # training-mode BN (extra outputs) is not an inference affine
+        if not all(n in inits for n in node.input[1:5]) or shapes.get(node.input[0]) != 4:
+            continue
+        eps = float(_attr(node, "epsilon", 1e-5))
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
+        w = gamma / np.sqrt(var + eps)
+        b = beta - mean * w
+        c = int(w.size)
+        name = node.name.rsplit("/", 1)[0] + "/Conv" if "/" in node.name else (node.name or f"bn{idx}") + "_conv"
+        wname, bname = f"{name}.weight", f"{name}.bias"
+        g.initializer.extend([numpy_helper.from_array(w.astype(np.float32).reshape(c, 1, 1, 1), wname),
+                              numpy_helper.from_array(b.astype(np.float32), bname)])
+        conv = helper.make_node("Conv", [node.input[0], wname, bname], list(node.output), name=name, group=c,
+                                kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1])
+        g.node.remove(node)
+        g.node.insert(idx, conv)
+        done.append(name)
+    if done:
+        used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return done
+
+
+def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = len(t.shape.dim)
+    return out
+
+
+def prepare_fp32(fp32_onnx: Path | onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The fp32 graph the Q/DQ graph is made from: standalone BatchNorms as depthwise convs."""
+    model = onnx.load(str(fp32_onnx)) if isinstance(fp32_onnx, Path | str) else onnx.ModelProto.FromString(
+        fp32_onnx.SerializeToString())
+    rewritten = rewrite_standalone_batchnorm(model)
+    onnx.checker.check_model(model)
+    return model, rewritten
+
+
+def _float_activations(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs and node outputs that are float tensors, in topological (graph) order."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    names += [o for n in model.graph.node for o in n.output if o]
+    return [n for n in names if elem.get(n) == onnx.TensorProto.FLOAT]
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Optimizations off: every exposed tensor is computed exactly as the graph writes it.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: str = "minmax",
+                        observer_kwargs: dict[str, Any] | None = None) -> dict[str, Observer]:
+    """Our observers over every float activation of ``model`` (fp32), one image at a time (static batch).
+
+    Histogram observers get two passes, as ``collect_ranges`` does: min/max first to fix each histogram's range.
+    """
+    kw = observer_kwargs or {}
+    make_observer(observer, **kw)  # an unknown name fails here, before any work
+    if images.ndim != 4 or images.dtype != np.float32 or len(images) == 0:
+        raise UserError(f"calibration images must be a non-empty float32 NCHW array, got {images.shape} "
+                        f"{images.dtype}")
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    names = _float_activations(probe)
+    inits = {i.name for i in probe.graph.initializer}
+    input_name = next(i.name for i in probe.graph.input if i.name not in inits)
+    existing = {o.name for o in probe.graph.output}
+    for n in names:
+        if n not in existing and n != input_name:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(n))
+    sess = _session(probe)
+    run_names = [o.name for o in sess.get_outputs()]
+
+    def run_all(update: Any) -> None:
+        for i in range(len(images)):
+            x = np.ascontiguousarray(images[i : i + 1])
+            update(input_name, x)
+            for n, arr in zip(run_names, sess.run(run_names, {input_name: x}), strict=True):
+                update(n, arr)
+
+    observers: dict[str, Observer] = {}
+    if issubclass(OBSERVERS[observer], HistogramObserver):
+        first: dict[str, Observer] = {}
+        run_all(lambda n, a: first.setdefault(n, MinMaxObserver()).update(a))
+        for n, mm in first.items():
+            obs = make_observer(observer, **kw)
+            assert isinstance(obs, HistogramObserver)
+            obs.prime(*mm.range())
+            observers[n] = obs
+    run_all(lambda n, a: observers.setdefault(n, make_observer(observer, **kw)).update(a))
+    return {n: observers[n] for n in [input_name, *names] if n in observers}
+
+
+def activation_params(model: onnx.ModelProto, observers: dict[str, Observer],
+                      symmetric: bool) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) per activation from our observers.
+
+    A Relu/Clip and its sole-consumer input share the output's parameters (the input's negative side is
+    zeroed anyway): TensorRT fuses conv+ReLU under one scale, and ONNX Runtime can drop the Relu only then.
+    A max-pool (and the other data-movement ops in ``_SAME_AS_INPUT``) takes its input's parameters.
+    """
+    params: dict[str, tuple[float, int]] = {}
+    for name, obs in observers.items():
+        params[name] = (obs.symmetric(127), 0) if symmetric else obs.asymmetric("uint8")
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    for n in model.graph.node:
+        if n.op_type in ("Relu", "Clip") and consumers.get(n.input[0]) == 1 and n.output[0] in params:
+            if n.input[0] in params:
+                params[n.input[0]] = params[n.output[0]]
+    for n in model.graph.node:  # graph order is topological: chains of such ops propagate
+        if n.op_type in _SAME_AS_INPUT and n.input[0] in params and n.output[0] in params:
+            params[n.output[0]] = params[n.input[0]]
+    return params
+
+
+def tensor_modules(model: onnx.ModelProto, head: torch.nn.Module | None = None) -> dict[str, str]:
+    """Activation tensor (its fp32 name) -> path inside ``head`` of the module whose node produced it, read from
+    the exporter's node-name scopes. In a Q/DQ graph the producer of a quantized tensor is the node feeding
+    its QuantizeLinear: after ONNX Runtime folds a Relu into the conv before it, that is the conv's module,
+    as parity diagnosis names it."""
+    known = {name for name, _ in head.named_modules()} if head is not None else None
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        mod = module_of(n.name)
+        if mod is None or n.op_type in _QDQ or (known is not None and mod not in known):
+            continue
+        for o in n.output:
+            out[o.removesuffix(_ORT_OUTPUT_SUFFIX)] = mod
+    return out
+
+
+class _NoData:
+    """Stands in for a calibration reader: the ranges come from the cache we write, never from ORT's run."""
+
+    def get_next(self) -> None:
+        return None
+
+
+def _write_qdq(model: onnx.ModelProto, out: Path, params: dict[str, tuple[float, int]], symmetric: bool,
+               per_channel: bool, op_types: list[str] | None, nodes_to_exclude: list[str] | None) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    zp_dtype = np.int8 if symmetric else np.uint8
+    overrides = {name: [{"scale": np.array(s, dtype=np.float32), "zero_point": np.array(z, dtype=zp_dtype)}]
+                 for name, (s, z) in params.items()}
+    # ORT still wants a range per tensor; the overrides above decide the parameters, these only satisfy it.
+    ranges = {}
+    for name, (s, z) in params.items():
+        lo, hi = (-127 * s, 127 * s) if symmetric else ((0 - z) * s, (255 - z) * s)
+        ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+    with tempfile.TemporaryDirectory(prefix="bottlefit-qdq-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        dst = Path(tmp) / "qdq.onnx"
+        cache = Path(tmp) / "ranges.json"
+        onnx.save_model(model, str(src), save_as_external_data=False)
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT's "please pre-process" advice is not for us
+        try:
+            quantize_static(
+                str(src), str(dst), _NoData(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                per_channel=per_channel, reduce_range=False,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=nodes_to_exclude, calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                               "TensorQuantOverrides": overrides},
+            )
+        finally:
+            root.setLevel(level)
+        return onnx.load(str(dst))
+
+
+def _init_value(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray:
+    return numpy_helper.to_array(inits[name])
+
+
+def _strip_output_dq(model: onnx.ModelProto, output_name: str) -> None:
+    """Make the graph end in QuantizeLinear: the head emits the int8 tensor that goes on the wire."""
+    g = model.graph
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and output_name in n.output), None)
+    if dq is None:
+        raise VerificationError(f"output {output_name!r} is not produced by a DequantizeLinear; cannot emit int8")
+    q = next(n for n in g.node if dq.input[0] in n.output)
+    inits = {i.name: i for i in g.initializer}
+    zp_type = inits[q.input[2]].data_type
+    q.output[0] = output_name
+    g.node.remove(dq)
+    out = next(o for o in g.output if o.name == output_name)
+    out.type.tensor_type.elem_type = zp_type
+
+
+def _finalize(model: onnx.ModelProto) -> None:
+    # Only what the bytes need: no run-specific metadata, so equal inputs give equal files.
+    model.producer_name = "bottlefit"
+    from bottlefit import __version__
+
+    model.producer_version = __version__
+    del model.metadata_props[:]
+    helper.set_model_props(model, {"bottlefit.qdq": "1"})
+
+
+def read_activation_params(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-tensor activation (scale, zero point) of every QuantizeLinear on a non-constant tensor, keyed by
+    the tensor's fp32 name, in graph order."""
+    inits = {i.name: i for i in model.graph.initializer}
+    scales: dict[str, float] = {}
+    zps: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits:
+            continue
+        name = n.input[0].removesuffix(_ORT_OUTPUT_SUFFIX)
+        s = _init_value(inits, n.input[1])
+        z = _init_value(inits, n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
+        if s.size != 1:
+            raise VerificationError(f"activation {name!r} is quantized per channel; expected per tensor")
+        scales[name] = float(s.reshape(()))
+        zps[name] = int(z.reshape(()))
+    return scales, zps
+
+
+def check_symmetric(model: onnx.ModelProto) -> None:
+    """TensorRT's rules: every Q/DQ has an explicit zero point (three inputs) and every zero point is 0."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type not in _QDQ:
+            continue
+        if len(n.input) != 3 or not n.input[2]:
+            raise VerificationError(f"{n.op_type} {n.name!r} has no explicit zero point")
+        if n.input[2] not in inits or np.any(_init_value(inits, n.input[2]) != 0):
+            raise VerificationError(f"{n.op_type} {n.name!r}: zero point is not 0")
+
+
+def quantize_head(
+    fp32_onnx: Path,
+    out: Path,
+    calibration_images: np.ndarray,
+    head: torch.nn.Module | None = None,
+    observer: str = "minmax",
+    *,
+    symmetric: bool,
+    per_channel: bool = True,
+    op_types: list[str] | None = None,
+    output_int8: bool = False,
+    observer_kwargs: dict[str, Any] | None = None,
+    nodes_to_exclude: Iterable[str] | None = None,
+    rewrite_batchnorm: bool = True,
+) -> QdqResult:
+    """Write ``out``: the Q/DQ int8 version of the fp32 head ``fp32_onnx``, calibrated on
+    ``calibration_images`` (float32 NCHW, preprocessed as the model card says) with our ``observer``.
+
+    ``symmetric``: int8 activations with zero point 0 everywhere (TensorRT); otherwise uint8 activations
+    with asymmetric ranges (ONNX Runtime on CPUs). Weights are always symmetric int8, per output channel
+    when ``per_channel``. ``op_types``: the op types to quantize (default: all ORT knows). ``output_int8``:
+    the graph ends in QuantizeLinear and emits the quantized bottleneck; otherwise it ends in
+    DequantizeLinear and emits float. ``head``: the PyTorch head the graph was exported from; its module
+    paths name the tensors in ``tensor_modules``. Same inputs give a byte-identical file.
+    """
+    fp32_onnx, out = Path(fp32_onnx), Path(out)
+    model, rewritten = prepare_fp32(fp32_onnx) if rewrite_batchnorm else (onnx.load(str(fp32_onnx)), [])
+    inits = {i.name for i in model.graph.initializer}
+    input_name = next(i.name for i in model.graph.input if i.name not in inits)
+    output_name = model.graph.output[0].name
+    observers = observe_activations(model, np.asarray(calibration_images), observer, observer_kwargs)
+    params = activation_params(model, observers, symmetric)
+    qmodel = _write_qdq(model, out, params, symmetric, per_channel, op_types,
+                        list(nodes_to_exclude) if nodes_to_exclude else None)
+    scales, zps = read_activation_params(qmodel)
+    # The file must carry exactly our observers' parameters, not anything ORT derived on its own.
+    for name, s in scales.items():
+        want = params.get(name)
+        if want is not None and (np.float32(want[0]) != np.float32(s) or want[1] != zps[name]):
+            raise VerificationError(f"{name}: written scale/zero point ({s}, {zps[name]}) differ from the "
+                                    f"observer's {want}")
+    if output_name not in scales:
+        raise VerificationError(f"the head output {output_name!r} was not quantized; check op_types")
+    if symmetric:
+        check_symmetric(qmodel)
+    if output_int8:
+        _strip_output_dq(qmodel, output_name)
+    _finalize(qmodel)
+    onnx.checker.check_model(qmodel)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_onnx(qmodel, out)
+    return QdqResult(
+        path=out,
+        activation_scales=scales,
+        activation_zero_points=zps,
+        tensor_modules={t: m for t, m in tensor_modules(qmodel, head).items() if t in scales},
+        observer=observer,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        activation_dtype=_ACT_DTYPE[symmetric],
+        output_int8=output_int8,
+        input_name=input_name,
+        output_name=output_name,
+        output_scale=scales[output_name],
+        output_zero_point=zps[output_name],
+        rewritten_nodes=rewritten,
+        calibration_count=int(len(calibration_images)),
+    )
