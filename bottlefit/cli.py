@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     p.set_defaults(func=_cmd_verify)
 
-    for extra in ("bottlefit.training.cli", "bottlefit.demo", "bottlefit.targets.jetson.cli"):
+    p = sub.add_parser("train", help="train a BottleFit student with the authors' two-stage strategy")
+    from bottlefit.training.cli import add_train_arguments, run_train
+
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    # Subcommands that live with their stage: each module offers register(subparsers).
+    for extra in ("bottlefit.demo", "bottlefit.targets.jetson.cli"):
         try:
             module = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:

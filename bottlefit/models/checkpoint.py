@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -62,13 +63,15 @@ def _read(path: Path) -> Any:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e) or "not an allowed global" in str(e):
+        text = str(e)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found:
             raise UserError(
-                f"{path}: refused: the file asks to unpickle objects beyond tensors and plain data ({first[:160]}); "
-                "re-save only its state_dict from a trusted environment"
+                f"{path}: refused: loading it would unpickle {found.group(1)}, which is neither a tensor nor plain "
+                "data; re-save only its state_dict from a trusted environment"
             ) from None
-        raise UserError(f"{path}: not a PyTorch checkpoint ({first[:160]})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (the file is not a torch.save pickle); "
+                        "is it the right file and complete?") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError, UnicodeDecodeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]}); is the file complete?") from None

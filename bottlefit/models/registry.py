@@ -94,7 +94,8 @@ def normalize_params(arch: Architecture, raw: dict[str, Any]) -> dict[str, Any]:
         else:
             raise UserError(f"unknown parameter {key!r} for {arch.name}; known: {', '.join(sorted(params))}")
     if "bottleneck_ver" in params:
-        params["bottleneck_ver"] = str(params["bottleneck_ver"])  # upstream matches by string
+        # Upstream matches by string: '1' and '2' pick ver1/ver2, anything else (the integer 2 too) is ver3.
+        params["bottleneck_ver"] = params["bottleneck_ver"] if params["bottleneck_ver"] in ("1", "2") else "3"
     idx = raw.get("bottleneck_idx")
     if idx is not None:
         expected = _VER_IDX.get(params.get("bottleneck_ver", "2"), 10) if "bottleneck_ver" in params else 7

@@ -1,0 +1,146 @@
+"""Checkpoint I/O: every format users bring, and every way a file can be wrong (exit 2, one line)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bottlefit.cli import main
+from bottlefit.errors import UserError
+from bottlefit.models import checkpoint
+from tests.conftest import authors_dict
+
+
+def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> None:
+    lm = checkpoint.load(authors_r152)
+    assert lm.source == "torchdistill"
+    assert lm.card.arch == "custom_resnet152"
+    assert lm.card.params["bottleneck_channel"] == 12 and lm.card.params["bottleneck_ver"] == "2"
+    assert lm.meta["best_value"] == pytest.approx(77.1)
+    for k, v in r152.model.state_dict().items():
+        assert torch.equal(lm.model.state_dict()[k], v), k
+
+
+def test_plain_torch_load_refuses_authors_file_but_we_do_not(authors_r152: Path) -> None:
+    # The reason this module exists: the argparse.Namespace in 'args' (shared/BOTTLEFIT.md §2.4).
+    with pytest.raises(pickle.UnpicklingError, match="Namespace"):
+        torch.load(authors_r152, weights_only=True)
+
+
+def test_sc2bench_and_bare_state_dict(tmp_path: Path, d169) -> None:
+    sd = d169.model.state_dict()
+    sc2 = {k.replace("features.bottleneck.", "bottleneck_layer."): v for k, v in sd.items()}
+    torch.save({"model": sc2, "best_value": 75.0}, tmp_path / "sc2.pt")
+    lm = checkpoint.load(tmp_path / "sc2.pt")
+    assert (lm.source, lm.card.arch, lm.card.params["bottleneck_channel"]) == ("sc2bench", "custom_densenet169", 12)
+    torch.save(sd, tmp_path / "bare.pt")
+    lm = checkpoint.load(tmp_path / "bare.pt")
+    assert (lm.source, lm.card.arch) == ("state_dict", "custom_densenet169")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), d169.model(x))
+
+
+def test_our_format_round_trip_is_weights_only(tmp_path: Path, d169) -> None:
+    path = checkpoint.save(tmp_path / "ours.pt", d169.model, d169.card, best_value=70.5, epoch=3)
+    raw = torch.load(path, weights_only=True)  # no allow-list needed: nothing but tensors and plain data
+    assert raw["format"] == "bottlefit" and raw["card"]["arch"] == "custom_densenet169"
+    lm = checkpoint.load(path)
+    assert lm.source == "bottlefit" and lm.meta == {"best_value": 70.5, "epoch": 3}
+    assert lm.card.bottleneck == d169.card.bottleneck
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/bottlefit-pwned",))
+
+
+def _write_bad(tmp_path: Path, kind: str, d169) -> Path:
+    p = tmp_path / f"{kind}.pt"
+    if kind == "random":
+        p.write_bytes(os.urandom(4096))
+    elif kind == "text":
+        p.write_text("model: resnet\n")
+    elif kind == "truncated":
+        torch.save(d169.model.state_dict(), p)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+    elif kind == "evil":
+        torch.save({"model": d169.model.state_dict(), "payload": _Evil()}, p)
+    elif kind == "nan":
+        sd = dict(d169.model.state_dict())
+        sd["classifier.bias"] = sd["classifier.bias"].clone()
+        sd["classifier.bias"][3] = float("nan")
+        torch.save(sd, p)
+    elif kind == "missing":
+        sd = dict(d169.model.state_dict())
+        del sd["classifier.weight"]
+        torch.save(sd, p)
+    elif kind == "extra":
+        sd = dict(d169.model.state_dict())
+        sd["head.extra.weight"] = torch.zeros(3)
+        torch.save(sd, p)
+    return p
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("random", "not a readable PyTorch checkpoint"),
+    ("text", "not a readable PyTorch checkpoint"),
+    ("truncated", "not a readable PyTorch checkpoint"),
+    ("evil", "refused"),
+    ("nan", "NaN or Inf"),
+    ("missing", "1 missing (first: classifier.weight)"),
+    ("extra", "1 unexpected (first: head.extra.weight)"),
+])
+def test_bad_files_get_one_line_and_exit_2(tmp_path: Path, d169, capsys, kind: str, message: str) -> None:
+    marker = Path("/tmp/bottlefit-pwned")
+    marker.unlink(missing_ok=True)
+    p = _write_bad(tmp_path, kind, d169)
+    with pytest.raises(UserError, match=None) as e:
+        checkpoint.load(p, arch="custom_densenet169")
+    assert message in str(e.value) and str(p) in str(e.value)
+    assert main(["inspect", str(p), "--arch", "custom_densenet169"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bottlefit: error: ") and "Traceback" not in err
+    assert not marker.exists(), "a checkpoint executed code on load"
+
+
+def test_missing_file_and_directory(tmp_path: Path, capsys) -> None:
+    assert main(["inspect", str(tmp_path / "nope.pt")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_other_architecture_or_channels_than_asked(authors_r152: Path) -> None:
+    with pytest.raises(UserError, match="holds a custom_resnet152 checkpoint, but --arch custom_densenet169"):
+        checkpoint.load(authors_r152, arch="custom_densenet169")
+    with pytest.raises(UserError, match="bottleneck_channel=12, but bottleneck_channel=6 was asked"):
+        checkpoint.load(authors_r152, params={"bottleneck_channel": 6})
+
+
+def test_bare_file_with_wrong_channel_count_names_the_key(tmp_path: Path, d169) -> None:
+    torch.save(d169.model.state_dict(), tmp_path / "b.pt")
+    # a bare state_dict says its channel count through its shapes; asking for another one is refused
+    with pytest.raises(UserError, match="bottleneck_channel"):
+        checkpoint.load(tmp_path / "b.pt", params={"bottleneck_channel": 6})
+
+
+def test_truncated_zip_is_not_a_zip(tmp_path: Path, d169) -> None:
+    p = _write_bad(tmp_path, "truncated", d169)
+    assert not zipfile.is_zipfile(p)
+
+
+def test_authors_dict_of_densenet_with_bq_config(tmp_path: Path, d169) -> None:
+    params = {"bottleneck_channel": 12, "bottleneck_idx": 7,
+              "compressor": {"name": "Quantizer", "params": {"num_bits": 8}},
+              "decompressor": {"name": "Dequantizer", "params": {"num_bits": 8}}}
+    torch.save(authors_dict(d169, "custom_densenet169", params), tmp_path / "bq.pt")
+    lm = checkpoint.load(tmp_path / "bq.pt")
+    assert lm.card.bottleneck.quantizer == "bq8"
