@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -11,19 +10,12 @@ from typing import Any
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
+from bottlefit.models.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _PACKAGES = ("bottlefit", "torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "numpy", "litert-torch",
              "ai-edge-litert")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
