@@ -304,8 +304,9 @@ def _write_qdq(model: onnx.ModelProto, out: Path, params: dict[str, tuple[float,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=nodes_to_exclude, calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(cache),
+                # Symmetric = TensorRT: its parser takes float biases only (no int32 DequantizeLinear).
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                               "TensorQuantOverrides": overrides},
+                               "QuantizeBias": not symmetric, "TensorQuantOverrides": overrides},
             )
         finally:
             root.setLevel(level)

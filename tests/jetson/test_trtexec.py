@@ -220,8 +220,10 @@ def test_xavier_nx_int8_lines() -> None:
         "--memPoolSize=workspace:512",
         "--buildOnly",
     ]
-    with pytest.raises(UserError, match="cache route"):
-        build_args(nx, "qdq", int8_output=True)
+    with pytest.raises(UserError, match="int8 route"):
+        build_args(nx, "fp16", int8_output=True)
+    # A Q/DQ graph that ends in QuantizeLinear emits int8: the format flag pins the binding to it.
+    assert "--outputIOFormats=int8:chw" in build_args(nx, "qdq", int8_output=True)
 
 
 def test_orin_lines_per_jetpack() -> None:
@@ -261,8 +263,9 @@ def test_render_build_script(tmp_path: Path) -> None:
     assert "--loadInputs=images:gold/input.images.bin" in script
     assert "--memPoolSize=workspace:1024M --skipInference" in script
     assert "--outputIOFormats=int8:chw" in script and "--engine-output=int8" in script
-    assert script.count("--outputIOFormats") == 1  # only the cache route takes int8 outputs
-    assert "verify_on_board.py --golden=gold --output=results/qdq.output.json --precision=int8\n" in script
+    assert script.count("--outputIOFormats") == 2  # both int8 routes emit int8 codes
+    assert ("verify_on_board.py --golden=gold --output=results/qdq.output.json --precision=int8 "
+            "--engine-output=int8\n") in script
     path = tmp_path / "build_engine.sh"
     path.write_text(script)
     path.chmod(0o755)

@@ -296,7 +296,8 @@ def build_args(
     """trtexec arguments that build (and only build) one route's engine for ``profile``.
 
     ``fp16`` lets int8 routes run their non-quantized layers in fp16. ``int8_output`` makes the engine emit
-    int8 codes (cache route only: trtexec then takes the output's range from the cache itself).
+    int8 codes (int8 routes only: the cache route takes the output's range from the cache itself, the qdq
+    route from the Q/DQ ONNX, which must then end in QuantizeLinear).
     """
     r = _route(route)
     f = _files(files)
@@ -309,8 +310,8 @@ def build_args(
     if r.calib:
         args.append(f"--calib={f['calib']}")
     if int8_output:
-        if not r.calib:
-            raise UserError(f"route {route!r}: int8 outputs are only prepared for the cache route")
+        if r.precision != "int8":
+            raise UserError(f"route {route!r}: int8 outputs need an int8 route (qdq or cache)")
         if not profile.int8_export_numeric:
             raise UserError(
                 f"{profile.describe()}: trtexec writes int8 outputs as raw bytes, so --exportOutput "
@@ -376,7 +377,7 @@ def render_build_script(
     body = []
     for name in routes:
         r = _route(name)
-        out8 = int8_output and r.calib
+        out8 = int8_output and r.precision == "int8"
         build = _shell(
             build_args(profile, name, f, workspace_mib=workspace_mib, fp16=fp16, int8_output=out8, force=force)
         )

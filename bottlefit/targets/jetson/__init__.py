@@ -1,0 +1,342 @@
+"""``--target jetson``: everything a Jetson board needs to build and check its own TensorRT engine.
+
+The engine is tied to the board's GPU and TensorRT version, so it is built on the board (build_engine.sh);
+this host makes the inputs and verifies all it can: the fp32 ``head.onnx``, the symmetric int8
+``head.qdq.onnx`` (checked in ONNX Runtime by parity), TensorRT's native ``head.calib.cache`` made from the
+same ranges, golden I/O and the board's verifier. Facts per board come from ``profiles.py``; see
+shared/DESIGN.md §5 and shared/TENSORRT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.onnx import check_opset, export_onnx
+from bottlefit.targets import BuildContext
+from bottlefit.targets.jetson.lint import lint_onnx
+from bottlefit.targets.jetson.profiles import PRECISIONS, Profile, check_request, get_profile, names
+
+HEAD_ONNX = "head.onnx"
+QDQ_ONNX = "head.qdq.onnx"
+CACHE = "head.calib.cache"
+SCRIPT = "build_engine.sh"
+VERIFY = "verify_on_board.py"
+README = "README.md"
+GOLDEN_DIR = "golden"
+ENGINE = "head.engine"
+INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
+BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
+# TENSORRT.md recommends opset 13 everywhere: the oldest parser (8.2) reads it and nothing here needs newer ops.
+PREFERRED_OPSET = 13
+WORKSPACE_MIB = 1024
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, resolved against the profile table."""
+
+    profile: Profile
+    precision: str
+    opset: int
+    force: bool
+    int8_output: bool
+
+    @property
+    def routes(self) -> list[str]:
+        """Engine routes build_engine.sh offers: both int8 routes for int8, else the one float route."""
+        return ["qdq", "cache"] if self.precision == "int8" else [self.precision]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``bottlefit jetson build`` needs to find the profile row and routes again."""
+        return {
+            "profile": self.profile.name,
+            "jetpack": self.profile.jetpack[0],
+            "trt_version": self.profile.trt_version,
+            "trt_code": self.profile.trt_code,
+            "precision": self.precision,
+            "routes": self.routes,
+            "force": self.force,
+            "int8_output": self.int8_output,
+        }
+
+
+def default_opset(profile: Profile) -> int:
+    return min(PREFERRED_OPSET, profile.max_opset)
+
+
+def resolve(options: argparse.Namespace) -> Request:
+    """The request from ``bottlefit export``'s options, or UserError with the reason it cannot be built."""
+    name = getattr(options, "profile", None)
+    if not name:
+        raise UserError(f"--target jetson needs --profile {{{','.join(names())}}}")
+    profile = get_profile(name, getattr(options, "jetpack", None))
+    precision = getattr(options, "precision", None) or profile.default_precision
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of: {', '.join(PRECISIONS)}")
+    force = bool(getattr(options, "force", False))
+    opset = getattr(options, "opset", None) or default_opset(profile)
+    check_opset(opset)
+    if opset > profile.max_opset:
+        # Not forceable: the board's parser cannot read a newer opset at all.
+        raise UserError(
+            f"--opset {opset}: {profile.describe()} parses ONNX opsets up to {profile.max_opset}; "
+            f"export with --opset {profile.max_opset} or lower"
+        )
+    reasons = check_request(profile, precision, opset, force=force)
+    if reasons and not force:
+        raise UserError("; ".join(reasons))
+    int8_output = bool(getattr(options, "int8_output", False))
+    if int8_output:
+        if precision != "int8":
+            raise UserError(f"--int8-output needs an int8 engine; --precision is {precision}")
+        if not profile.int8_export_numeric:
+            raise UserError(
+                f"--int8-output: on {profile.describe()} trtexec writes int8 outputs as raw bytes, so the board "
+                "cannot verify them; keep float outputs on this board"
+            )
+    return Request(profile, precision, opset, force, int8_output)
+
+
+def lint_or_fail(path: Path, profile: Profile, log: Callable[[str], object] = print) -> list[str]:
+    """Lint one shipped ONNX for the profile: errors stop the export (UserError naming node, op and reason);
+    warnings are logged and returned for the manifest."""
+    issues = lint_onnx(onnx.load(str(path)), profile)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{path.name}: TensorRT {profile.trt_version} on {profile.name} cannot use it: "
+                        f"{errors[0]}{more}")
+    warnings = [str(i) for i in issues]
+    for w in warnings:
+        log(f"lint {path.name}: {w}")
+    return warnings
+
+
+def cache_scales(onnx_path: Path, scales: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
+    """Cache entries for the tensors TensorRT will name in ``onnx_path``: the graph input(s), then every node
+    output in graph order (the bottleneck included). Returns (scales, names without a calibrated scale)."""
+    model = onnx.load(str(onnx_path))
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    names += [o for n in model.graph.node for o in n.output if o]
+    out = {n: float(scales[n]) for n in names if n in scales}
+    return out, [n for n in names if n not in scales]
+
+
+def golden_tolerances(overrides: Mapping[tuple[str | None, str], float]) -> dict[str, dict[str, float]]:
+    """parity's bottleneck tolerances per precision (with the user's --tolerance overrides), in the
+    golden format's key names: the board judges an engine by the same numbers parity uses here."""
+    from bottlefit.parity.tolerances import tolerances_for
+
+    out: dict[str, dict[str, float]] = {}
+    for precision in PRECISIONS:
+        tols = tolerances_for(ENGINE, precision, dict(overrides))
+        out[precision] = {m.split(".", 1)[1]: t.value for m, t in tols.items() if m.startswith("bottleneck.")}
+    return out
+
+
+def _readme(req: Request, files: list[str]) -> str:
+    p = req.profile
+    routes = " ".join(req.routes)
+    forced = " (forced: the GPU has no int8 kernels)" if req.precision == "int8" and not p.fast_int8 else ""
+    return f"""# BottleFit head for Jetson {p.name}
+
+Made for {p.describe()}; engine precision {req.precision}{forced}; ONNX opset {req.opset}.
+Build the engine on the board itself: an engine only runs on the TensorRT version and GPU that built it.
+
+## On the board
+
+```
+scp -r jetson/ user@board:~/bottlefit-head     # this folder
+ssh user@board
+cd ~/bottlefit-head
+./{SCRIPT}            # routes: {routes} (default: all); or ./{SCRIPT} {req.routes[0]}
+```
+
+Each route builds `engines/head.<route>.engine` with trtexec ({p.build_only_flag}), runs it once on
+`{GOLDEN_DIR}/input.*.bin` and checks the output against the host's golden output with `{VERIFY}`
+(python3 {p.board_python}, standard library only). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
+trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/trtexec` otherwise.
+
+Routes: `qdq` = explicit int8 from `{QDQ_ONNX}` (scales inside the ONNX; the format TensorRT 10+ keeps);
+`cache` = implicit int8 from `{HEAD_ONNX}` + `{CACHE}` (header TRT-{p.trt_code}: TensorRT ignores a cache
+whose header does not match its version exactly); `fp16` / `fp32` = `{HEAD_ONNX}` without quantization.
+
+## Files
+
+{chr(10).join(f"- `{f}`" for f in files)}
+
+`manifest.json` records every file's sha256, the wire contract of the head's output and the parity results;
+`report.json` / `report.md` hold the host-side parity verdict.
+"""
+
+
+class JetsonTarget:
+    name = "jetson"
+    summary = "NVIDIA Jetson (TensorRT): head.onnx, symmetric int8 head.qdq.onnx, TensorRT calibration cache, " \
+              "build recipe and golden I/O for the board"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        # No argparse choices: an unknown profile is refused by validate() as one line and exit 2.
+        parser.add_argument("--profile", metavar="{" + ",".join(names()) + "}",
+                            help="jetson target: the board (required for --target jetson)")
+        parser.add_argument("--jetpack", metavar="VERSION",
+                            help="jetson target: the board's JetPack (default: the profile's newest supported)")
+        parser.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
+                            help="jetson target: engine precision (default: the profile's; fp16 on nano)")
+        parser.add_argument("--force", action="store_true",
+                            help="jetson target: build what the profile advises against (int8 on nano)")
+        parser.add_argument("--build-engine", action="store_true",
+                            help="jetson target: also build head.engine here (needs tensorrt and a GPU)")
+        parser.add_argument("--int8-output", action="store_true",
+                            help="jetson target: the head emits int8 codes (1 byte/element on the wire)")
+
+    def validate(self, options: argparse.Namespace, card: Any) -> None:
+        resolve(options)
+        calib = getattr(options, "calib", None)
+        if calib and not Path(calib).exists():
+            # Checked before the export work starts; CalibrationSet would say the same, later.
+            raise UserError(f"{calib}: calibration data not found; pass a folder of images or a .npz file")
+        if getattr(options, "build_engine", False):
+            # Refused before the export work starts: exit 2 with the reason where TensorRT cannot run.
+            from bottlefit.runtimes import RuntimeUnavailable
+            from bottlefit.runtimes.tensorrt import import_tensorrt
+
+            import_tensorrt()
+            if not torch.cuda.is_available():
+                raise RuntimeUnavailable("--build-engine: TensorRT is installed but no CUDA GPU is visible")
+
+    def build(self, ctx: BuildContext) -> list[Artifact]:
+        from bottlefit.calibration.trt_cache import write_cache
+        from bottlefit.exporter.export import heldout_images
+        from bottlefit.exporter.qdq import quantize_head
+        from bottlefit.parity.tolerances import parse_overrides
+        from bottlefit.targets.jetson.trtexec import DEFAULT_FILES, render_build_script, write_golden
+
+        opts = ctx.options
+        req = resolve(opts)
+        p = req.profile
+        sm, card = ctx.split, ctx.split.card
+        out = Path(ctx.out_dir)
+        info = req.describe()
+        ctx.log(f"jetson: {p.describe()}, precision {req.precision}, opset {req.opset}, routes {req.routes}")
+
+        # 1. fp32 head only: parity runs the PyTorch tail, and the board never sees tail.onnx.
+        x = torch.randn(1, *card.input_shape, generator=torch.Generator().manual_seed(0))
+        ctx.log(f"exporting {HEAD_ONNX} (opset {req.opset})")
+        h = export_onnx(sm.head, x, out / HEAD_ONNX, req.opset, INPUT_NAME, OUTPUT_NAME)
+        head_warnings = lint_or_fail(out / HEAD_ONNX, p, ctx.log)
+        in_spec = TensorSpec(INPUT_NAME, h.input_shape, "float32", "NCHW")
+
+        # 2. Symmetric int8 Q/DQ head from our calibration ranges.
+        images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
+        observer = getattr(opts, "observer", None) or "minmax"
+        ctx.log(f"quantizing {QDQ_ONNX}: symmetric int8, per-channel weights, {observer} over {len(images)} images")
+        q = quantize_head(out / HEAD_ONNX, out / QDQ_ONNX, images, sm.head, observer,
+                          symmetric=True, per_channel=True, output_int8=req.int8_output)
+        qdq_warnings = lint_or_fail(out / QDQ_ONNX, p, ctx.log)
+        if req.int8_output:
+            out_spec = TensorSpec(OUTPUT_NAME, h.output_shape, "int8", "NCHW", q.output_scale, 0)
+        else:
+            out_spec = TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")
+
+        # 3. TensorRT's cache from the same scales, keyed by the tensor names of the shipped head.onnx.
+        scales, uncovered = cache_scales(out / HEAD_ONNX, q.activation_scales)
+        if uncovered:
+            # Not an error for TensorRT: layers touching these tensors fall back to fp16/fp32.
+            ctx.log(f"warning: no int8 scale for {len(uncovered)} tensor(s) of {HEAD_ONNX}: {', '.join(uncovered)}")
+        write_cache(out / CACHE, p.trt_code, scales)
+        onnx_sha = _sha256(out / HEAD_ONNX)
+        ctx.log(f"wrote {CACHE}: TRT-{p.trt_code}, {len(scales)} tensors, bound to {HEAD_ONNX} {onnx_sha[:12]}…")
+
+        # 4. Golden I/O. trtexec loads exactly one static batch (batch 1), so one held-out image.
+        held = heldout_images(card, getattr(opts, "images", None), 1, ctx.log)
+        gx = np.ascontiguousarray(held.images[:1], dtype=np.float32)
+        if req.precision == "int8":
+            from bottlefit.parity.verify import run_head
+
+            # The engine is compared with what the Q/DQ graph computes, not with fp32.
+            qdq_art = Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec])
+            gz = run_head(qdq_art, out, gx)
+            golden_ref = f"ONNX Runtime on {QDQ_ONNX}"
+        else:
+            with torch.no_grad():
+                gz = sm.head(torch.from_numpy(gx.copy())).numpy()
+            golden_ref = "PyTorch fp32 head"
+        overrides = parse_overrides(getattr(opts, "tolerance", None))
+        write_golden(out / GOLDEN_DIR, {INPUT_NAME: gx}, {OUTPUT_NAME: gz}, golden_tolerances(overrides),
+                     output_scales={OUTPUT_NAME: q.output_scale})
+        ctx.log(f"golden I/O: 1 held-out image ({held.names[0]}), reference = {golden_ref}")
+
+        # 5. Board recipe, verifier and README.
+        files = dict(DEFAULT_FILES, inputs=[INPUT_NAME], golden_dir=GOLDEN_DIR)
+        script = render_build_script(p, req.routes, files, workspace_mib=WORKSPACE_MIB,
+                                     int8_output=req.int8_output, force=req.force)
+        (out / SCRIPT).write_text(script, encoding="utf-8")
+        os.chmod(out / SCRIPT, 0o755)
+        shutil.copyfile(BOARD_VERIFY, out / VERIFY)
+        os.chmod(out / VERIFY, 0o755)
+        golden_files = sorted(f"{GOLDEN_DIR}/{f.name}" for f in (out / GOLDEN_DIR).iterdir())
+
+        board = {"profile": p.name, "jetpack": p.jetpack[0], "trt_version": p.trt_version}
+        arts = [
+            Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec],
+                     quantization=q.quantization_record(),
+                     extra={"opset": req.opset, "jetson": info, "lint_warnings": qdq_warnings,
+                            "route": "qdq", "output_scale": q.output_scale}),
+            Artifact(HEAD_ONNX, "head", "onnxruntime", "fp32", [in_spec],
+                     [TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")],
+                     extra={"opset": req.opset, "jetson": info, "lint_warnings": head_warnings,
+                            "export_max_abs_error": h.max_abs_error}),
+            Artifact(CACHE, "aux", "none", "int8",
+                     quantization={"format": "tensorrt-calibration-cache", "observer": observer,
+                                   "scales": scales, "uncovered": uncovered},
+                     extra={"binds": {"onnx": HEAD_ONNX, "onnx_sha256": onnx_sha}, "trt_code": p.trt_code,
+                            "jetson": info},
+                     parity=False),
+            Artifact(SCRIPT, "aux", "none", req.precision, extra={**board, "routes": req.routes}, parity=False),
+            Artifact(VERIFY, "aux", "none", req.precision, extra={"python": p.board_python}, parity=False),
+            *[Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
+                       parity=False) for f in golden_files],
+        ]
+        if getattr(opts, "build_engine", False):
+            arts.append(self._engine(ctx, req, in_spec, out_spec, out))
+        (out / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
+        arts.append(Artifact(README, "aux", "none", req.precision, parity=False))
+        return arts
+
+    def _engine(self, ctx: BuildContext, req: Request, in_spec: TensorSpec, out_spec: TensorSpec,
+                out: Path) -> Artifact:
+        """head.engine through the TensorRT Python API (qdq route for int8): runs only on this GPU."""
+        from bottlefit.targets.jetson.engine import build_engine
+
+        route = req.routes[0]
+        onnx_file = QDQ_ONNX if route == "qdq" else HEAD_ONNX
+        ctx.log(f"building {ENGINE} with TensorRT ({route} route, {req.precision})")
+        build_engine(out / onnx_file, out / ENGINE, req.profile, req.precision, workspace_mib=WORKSPACE_MIB,
+                     force=req.force)
+        # The Q/DQ graph ends in QuantizeLinear under --int8-output: the engine then emits the int8 codes.
+        spec = out_spec if route == "qdq" else TensorSpec(OUTPUT_NAME, out_spec.shape, "float32", "NCHW")
+        return Artifact(ENGINE, "head", "tensorrt", req.precision, [in_spec], [spec],
+                        extra={"route": route, "onnx": onnx_file, "jetson": req.describe(),
+                               "note": "built on this host's GPU and TensorRT; build on the board for the board"})
+
+
+TARGET = JetsonTarget()
