@@ -1,0 +1,105 @@
+"""Latency of the Raspberry Pi head artifacts on this CPU, side by side.
+
+For ResNet-152 (ver2, 12 ch) and DenseNet-201 (12 ch) heads with UNTRAINED (seeded random) weights — latency
+does not depend on the weight values. Exports through the rpi target's own code, then times, batch 1:
+TFLite int8 and fp32 (XNNPACK on and off), ONNX Runtime int8 (every variant in onnx_int8.VARIANTS) and fp32,
+and PyTorch eager fp32 — with 1 and 2 threads. Repeats are interleaved (one call of each runner per round) so
+that background load hits all of them alike; medians and ratios vs PyTorch fp32 are printed.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_rpi_heads.py [--rounds 60] [--threads 1 2]   (or after pip install -e .)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bottlefit.calibration.dataset import CalibrationSet
+from bottlefit.exporter import wire
+from bottlefit.models.checkpoint import untrained
+from bottlefit.runtimes.litert import LiteRTRunner
+from bottlefit.targets.rpi.head_rewrite import rewrite_head
+from bottlefit.targets.rpi.onnx_int8 import INPUT_NAME, VARIANTS, fp32_onnx_bytes, quantize_bytes, tensor_ranges
+from bottlefit.targets.rpi.tflite import export_tflite
+
+HEADS = {
+    "resnet152-v2-12ch": ("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"}),
+    "densenet201-12ch": ("custom_densenet201", {"bottleneck_channel": 12}),
+}
+
+
+def _ort(data: bytes, threads: int) -> ort.InferenceSession:
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = threads, 1, 3
+    return ort.InferenceSession(data, o, providers=["CPUExecutionProvider"])
+
+
+def runners(name: str, threads: int, tmp: Path, calib: int) -> dict[str, Callable[[], object]]:
+    arch, params = HEADS[name]
+    loaded = untrained(arch, params)
+    head = loaded.model.get_submodule(loaded.card.bottleneck.module).eval()
+    images = np.array(CalibrationSet.builtin(loaded.card, count=calib, log=lambda s: None).images)
+    rw = rewrite_head(head, loaded.card.bottleneck.module)
+    x = images[:1]
+    out: dict[str, Callable[[], object]] = {}
+    for prec in ("int8", "fp32"):
+        p = tmp / f"{name}.{prec}.tflite"
+        info = export_tflite(rw, images, p, int8=prec == "int8", log=lambda s: None)
+        feed = {info.inputs[0].name: wire.encode(info.inputs[0], x)}
+        for xnn in (True, False):
+            r = LiteRTRunner(p, num_threads=threads, xnnpack=xnn)
+            out[f"tflite {prec} xnnpack {'on' if xnn else 'off'}"] = lambda r=r, feed=feed: r.infer(feed)
+    fp32 = fp32_onnx_bytes(rw.module, torch.from_numpy(x))
+    ranges = tensor_ranges(fp32, images, "minmax")
+    s = _ort(fp32, threads)
+    out["ort fp32"] = lambda s=s: s.run(None, {INPUT_NAME: x})
+    for v in VARIANTS:
+        s = _ort(quantize_bytes(fp32, ranges, v), threads)
+        out[f"ort int8 {v}"] = lambda s=s: s.run(None, {INPUT_NAME: x})
+    xt = torch.from_numpy(x)
+
+    def eager() -> object:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return head(xt.clone())
+
+    out["pytorch fp32 eager"] = eager
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--calib", type=int, default=16, help="calibration images for the int8 exports")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in HEADS:
+            for threads in a.threads:
+                rs = runners(name, threads, Path(tmp), a.calib)
+                for f in rs.values():  # warm-up: first calls allocate and pack weights
+                    for _ in range(3):
+                        f()
+                times: dict[str, list[float]] = {k: [] for k in rs}
+                for _ in range(a.rounds):
+                    for k, f in rs.items():
+                        t0 = time.perf_counter()
+                        f()
+                        times[k].append(time.perf_counter() - t0)
+                med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+                base = med["pytorch fp32 eager"]
+                print(f"\n{name}, {threads} thread(s), median of {a.rounds} interleaved rounds (untrained weights)")
+                print(f"{'runtime':34s} {'ms':>8s} {'vs pytorch':>11s}")
+                for k, m in sorted(med.items(), key=lambda kv: kv[1]):
+                    print(f"{k:34s} {m:8.3f} {m / base:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()

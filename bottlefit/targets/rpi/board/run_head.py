@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Run the BottleFit head on the Raspberry Pi: one image (or .npy), or the golden inputs.
+
+Needs Python >= 3.9, numpy, and ai-edge-litert (falls back to tflite-runtime); Pillow only for image files.
+Prints the median latency of --runs invocations and writes the int8 bottleneck payload (the bytes that go on
+the wire, C order, in the model's layout) to --out.
+
+  python3 run_head.py --image cat.jpg --out payload.bin
+  python3 run_head.py --golden --runs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_interpreter(model, threads, xnnpack=True):
+    try:
+        from ai_edge_litert import interpreter as tfl
+    except ImportError:
+        try:
+            from tflite_runtime import interpreter as tfl
+        except ImportError:
+            sys.exit("error: install ai-edge-litert (pip install ai-edge-litert) or tflite-runtime")
+    kwargs = {"model_path": model, "num_threads": threads}
+    if not xnnpack:
+        kwargs["experimental_op_resolver_type"] = tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interp = tfl.Interpreter(**kwargs)
+    interp.allocate_tensors()
+    return interp
+
+
+def preprocess(path, pre, in_spec):
+    """Image file -> the model's input array, exactly as the host preprocessed (resize, crop, normalize)."""
+    if path.endswith(".npy"):
+        x = np.load(path)
+        if x.dtype == np.dtype(in_spec["dtype"]):
+            return x.reshape(in_spec["shape"])  # already encoded for the model
+        x = x.astype(np.float32)  # a float NCHW image, preprocessed elsewhere
+    else:
+        try:
+            from PIL import Image
+        except ImportError:
+            sys.exit("error: Pillow is not installed: pass a .npy input or pip install pillow")
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = pre["resize"] / min(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+            ch, cw = pre["crop"]
+            left, top = int(round((im.size[0] - cw) / 2.0)), int(round((im.size[1] - ch) / 2.0))
+            im = im.crop((left, top, left + cw, top + ch))
+            x = np.asarray(im, dtype=np.float32) / 255.0
+        x = ((x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32))
+        x = x.transpose(2, 0, 1)[None]
+    if in_spec["layout"] == "NHWC" and x.ndim == 4:
+        x = x.transpose(0, 2, 3, 1)
+    if in_spec["dtype"] in ("int8", "uint8"):
+        lo, hi = (-128, 127) if in_spec["dtype"] == "int8" else (0, 255)
+        q = np.round(x / np.float32(in_spec["scale"])) + in_spec["zero_point"]
+        x = np.clip(q, lo, hi).astype(in_spec["dtype"])
+    return np.ascontiguousarray(x.astype(in_spec["dtype"])).reshape(in_spec["shape"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="image file (.jpg/.png; needs Pillow) or .npy")
+    src.add_argument("--golden", action="store_true", help="run the golden inputs next to this script")
+    p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
+    p.add_argument("--model", help="the .tflite head (default: the one golden.json names)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-xnnpack", action="store_true")
+    p.add_argument("--out", default="payload.bin", help="where to write the int8 payload bytes")
+    a = p.parse_args(argv)
+
+    if not os.path.isfile(a.golden_json):
+        print("error: %s not found" % a.golden_json, file=sys.stderr)
+        return 2
+    with open(a.golden_json) as f:
+        meta = json.load(f)
+    base = os.path.dirname(os.path.abspath(a.golden_json))
+    model = a.model or os.path.join(base, meta["model"])
+    if not os.path.isfile(model):
+        print("error: model %s not found" % model, file=sys.stderr)
+        return 2
+    interp = load_interpreter(model, a.threads, not a.no_xnnpack)
+    ind, outd = interp.get_input_details()[0], interp.get_output_details()[0]
+    if a.golden:
+        xs = np.load(os.path.join(base, meta["inputs_file"]))
+        xs = [xs[i : i + 1] for i in range(len(xs))]
+    else:
+        if not os.path.isfile(a.image):
+            print("error: %s not found" % a.image, file=sys.stderr)
+            return 2
+        xs = [preprocess(a.image, meta["preprocess"], meta["input"])]
+    times, payload = [], b""
+    for x in xs:
+        interp.set_tensor(ind["index"], x)
+        for _ in range(max(1, a.runs)):
+            t0 = time.perf_counter()
+            interp.invoke()
+            times.append(time.perf_counter() - t0)
+        y = interp.get_tensor(outd["index"])
+        payload += np.ascontiguousarray(y).tobytes()
+    with open(a.out, "wb") as f:
+        f.write(payload)
+    times.sort()
+    print("latency median %.3f ms over %d runs (%d thread(s), xnnpack %s)"
+          % (times[len(times) // 2] * 1e3, len(times), a.threads, "off" if a.no_xnnpack else "on"))
+    print("wrote %d bytes (%d image(s) x %s %s, scale %s, zero_point %s) to %s"
+          % (len(payload), len(xs), "x".join(str(d) for d in outd["shape"]), outd["dtype"].__name__,
+             outd["quantization"][0], outd["quantization"][1], a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
