@@ -18,9 +18,10 @@ ARCH = "mini_resnet"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[DataSplits, Path]:
-    torch.set_num_threads(2)
+    # One thread: on a shared 2-core box, OpenMP threads spinning against other jobs are slower than one.
+    torch.set_num_threads(1)
     _, card = registry.build(ARCH)
-    data = mnist_splits(card, n_train=3000, n_val=1000)
+    data = mnist_splits(card, n_train=2500, n_val=1000)
     weights, top1 = train_teacher(ARCH, data, tmp_path_factory.mktemp("teacher") / "teacher.pt", epochs=3,
                                   log=lambda s: None)
     assert top1 > 90.0  # a teacher worth distilling from
@@ -56,11 +57,20 @@ def test_losses_match_their_definitions() -> None:
                                                                            rel=1e-6)
 
 
-def test_stage1_reduces_distillation_loss_and_stage2_improves_accuracy(setup, tmp_path: Path) -> None:
+PLAN = {"train.stage1.num_epochs": 2, "train.stage2.num_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Stage 1 and stage 2 (KD) uninterrupted: (output dir, best.pt)."""
     data, weights = setup
-    out = tmp_path / "run"
-    best = train(_config(weights, out, **{"train.stage1.num_epochs": 2, "train.stage2.num_epochs": 2}),
-                 log=print, data=data)
+    out = tmp_path_factory.mktemp("run")
+    return out, train(_config(weights, out, **PLAN), log=print, data=data)
+
+
+def test_stage1_reduces_distillation_loss_and_stage2_improves_accuracy(setup, full_run) -> None:
+    data, _ = setup
+    out, best = full_run
     hist = _history(out)
     s1 = [h for h in hist if h["stage"] == 1]
     s2 = [h for h in hist if h["stage"] == 2]
@@ -107,20 +117,18 @@ def test_stage1_freezes_tail_and_fe_freezes_encoder_while_bn_stats_update(setup,
     assert not torch.equal(after1["layer3.0.conv1.weight"], after2["layer3.0.conv1.weight"])  # unfrozen again
 
 
-def test_resume_continues_from_saved_epoch(setup, tmp_path: Path) -> None:
+def test_resume_continues_from_saved_epoch(setup, full_run, tmp_path: Path) -> None:
     data, weights = setup
-    plan = {"train.stage1.num_epochs": 2, "train.stage2.num_epochs": 1}
-    train(_config(weights, tmp_path / "straight", **plan), data=data)
-    straight = _history(tmp_path / "straight")
+    straight = _history(full_run[0])
 
     out = tmp_path / "resumed"
     train(_config(weights, out, **{"train.stage1.num_epochs": 1, "train.stage2.num_epochs": 0}), data=data)
     lines: list[str] = []
-    train(_config(weights, out, **plan, **{"train.resume": str(out / "last.pt")}), log=lines.append, data=data)
+    train(_config(weights, out, **PLAN, **{"train.resume": str(out / "last.pt")}), log=lines.append, data=data)
     assert lines[0].startswith(f"resuming from {out / 'last.pt'}: stage 1, epoch 1 done")
-    assert lines[1].startswith("stage 1 epoch 2/2") and lines[2].startswith("stage 2 epoch 1/1")
+    assert lines[1].startswith("stage 1 epoch 2/2") and lines[2].startswith("stage 2 epoch 1/2")
     resumed = _history(out)
-    assert [(h["stage"], h["epoch"]) for h in resumed] == [(1, 0), (1, 1), (2, 0)]
+    assert [(h["stage"], h["epoch"]) for h in resumed] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for a, b in zip(straight, resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert abs(b["correct"] - a["correct"]) <= 2
