@@ -110,8 +110,8 @@ def _sc2bench_rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(prefix + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
 
 
-def _check_keys(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    expected = model.state_dict()
+def key_mismatch(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``sd`` from loading strictly into a module with state_dict ``expected``, or None."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -123,8 +123,13 @@ def _check_keys(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], what:
         parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
     if shaped:
         parts.append(f"{len(shaped)} mis-shaped (first: {'; '.join(shaped[:2])})")
-    if parts:
-        raise UserError(f"{path}: weights do not fit {what}: {'; '.join(parts)}; check --arch and its parameters")
+    return "; ".join(parts) if parts else None
+
+
+def _check_keys(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    problem = key_mismatch(model.state_dict(), sd)
+    if problem:
+        raise UserError(f"{path}: weights do not fit {what}: {problem}; check --arch and its parameters")
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f"{path}: tensor {k!r} holds NaN or Inf values; the checkpoint is corrupt or diverged")

@@ -44,9 +44,14 @@ def get(name: str) -> Architecture:
     return _ARCHS[name]
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    if _ARCHS:
+    global _builtin_loaded
+    if _builtin_loaded:
         return
+    _builtin_loaded = True
     from bottlefit.models.densenet import custom_densenet169, custom_densenet201
     from bottlefit.models.resnet import custom_resnet152
 

@@ -109,9 +109,6 @@ def mini_resnet(bottleneck_channel: int = 4, bq: bool = False, num_classes: int 
 # Teachers that are not torchvision models, by the name an Architecture's ``teacher`` field uses.
 TEACHERS = {MINI_TEACHER: build_teacher}
 
-# The registry loads its built-ins only while it is empty; make sure they come first if this module is
-# imported before anything asked the registry.
-registry.names()
 registry.register(
     registry.Architecture(
         "mini_resnet",

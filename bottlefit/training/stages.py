@@ -20,6 +20,7 @@ from torch import nn
 
 from bottlefit.errors import UserError
 from bottlefit.models import registry
+from bottlefit.models.checkpoint import key_mismatch
 from bottlefit.training.config import Component, StageConfig
 from bottlefit.training.distill import HeadDistillSpec, HookedForward, check_pairs, ghnd_loss, spec_for
 
@@ -57,20 +58,9 @@ def load_teacher_weights(teacher: nn.Module, path: Path) -> None:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: not a state_dict (expected a mapping of names to tensors); {hint}")
     sd = {_DENSE_OLD.sub(r"\1\2", k): v for k, v in obj.items()}
-    expected = teacher.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-        if shaped:
-            parts.append(f"{len(shaped)} mis-shaped (first: {shaped[0]})")
-        raise UserError(f"{path}: does not fit the teacher {type(teacher).__name__}: {'; '.join(parts)}; {hint}")
+    problem = key_mismatch(teacher.state_dict(), sd)
+    if problem:
+        raise UserError(f"{path}: does not fit the teacher {type(teacher).__name__}: {problem}; {hint}")
     teacher.load_state_dict(sd, strict=True)
 
 
