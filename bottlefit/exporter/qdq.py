@@ -87,6 +87,8 @@ class QdqResult:
             "per_channel": self.per_channel,
             "weights": "int8",
             "activations": self.activation_dtype,
+            # The manifest's JSON sorts keys: the topological order travels as its own list.
+            "activation_order": list(self.activation_scales),
             "activation_scales": dict(self.activation_scales),
             "activation_zero_points": dict(self.activation_zero_points),
             "tensor_modules": dict(self.tensor_modules),
@@ -231,9 +233,12 @@ def activation_params(model: onnx.ModelProto, observers: dict[str, Observer],
                       symmetric: bool) -> dict[str, tuple[float, int]]:
     """(scale, zero point) per activation from our observers.
 
-    A Relu/Clip and its sole-consumer input share the output's parameters (the input's negative side is
-    zeroed anyway): TensorRT fuses conv+ReLU under one scale, and ONNX Runtime can drop the Relu only then.
-    A max-pool (and the other data-movement ops in ``_SAME_AS_INPUT``) takes its input's parameters.
+    A Relu/Clip, a max-pool or another data-movement op (``_SAME_AS_INPUT``) whose input feeds nothing else
+    passes its OUTPUT's parameters back to that input: the output is what the next layer reads. For a
+    max-pool the input's own range would be set by the many small values the pool discards (a histogram
+    observer then clips the maxima it keeps); for a ReLU the negative side is zeroed anyway, and TensorRT
+    fuses conv+ReLU under one scale, and ONNX Runtime folds the Relu into the conv only then. Where the
+    input has other readers the op's output takes the input's parameters instead, as ONNX Runtime writes it.
     """
     params: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
@@ -242,11 +247,11 @@ def activation_params(model: onnx.ModelProto, observers: dict[str, Observer],
     for n in model.graph.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
+    shared = _SAME_AS_INPUT | {"Relu", "Clip"}
+    for n in reversed(model.graph.node):  # reverse topological: chains pass the last output's parameters back
+        if n.op_type in shared and consumers.get(n.input[0]) == 1 and n.output[0] in params and n.input[0] in params:
+            params[n.input[0]] = params[n.output[0]]
     for n in model.graph.node:
-        if n.op_type in ("Relu", "Clip") and consumers.get(n.input[0]) == 1 and n.output[0] in params:
-            if n.input[0] in params:
-                params[n.input[0]] = params[n.output[0]]
-    for n in model.graph.node:  # graph order is topological: chains of such ops propagate
         if n.op_type in _SAME_AS_INPUT and n.input[0] in params and n.output[0] in params:
             params[n.output[0]] = params[n.input[0]]
     return params

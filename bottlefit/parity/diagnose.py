@@ -16,7 +16,7 @@ import torch
 
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import TensorSpec
-from bottlefit.parity.metrics import cosine
+from bottlefit.parity.metrics import cosine, sqnr_db
 
 _SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
 
@@ -61,6 +61,11 @@ def first_divergence_onnx(onnx_path: Path, head: torch.nn.Module, x: np.ndarray,
             order[-1] = (mod, node.output[0])
         else:
             order.append((mod, node.output[0]))
+    # In a Q/DQ graph a tensor's quantization error appears after its Q -> DQ pair: compare what the next
+    # layer reads, or a broken activation scale is blamed on the layer after it.
+    q_of = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    dq_of = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    order = [(mod, dq_of.get(q_of.get(t, ""), t)) for mod, t in order]
     existing = {o.name for o in model.graph.output}
     for _, t in order:
         if t not in existing and t in vi:
@@ -90,6 +95,7 @@ def first_divergence_onnx(onnx_path: Path, head: torch.nn.Module, x: np.ndarray,
         r = ref[ref_mod]
         if g.shape != r.shape:
             continue
+        sq = sqnr_db(r, g)
         rows.append({"module": mod, "through": ref_mod, "tensor": tensor, "cosine": cosine(r, g),
-                     "max_abs_error": float(np.max(np.abs(r - g)))})
+                     "sqnr_db": sq if np.isfinite(sq) else None, "max_abs_error": float(np.max(np.abs(r - g)))})
     return rows

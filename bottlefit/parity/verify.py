@@ -160,9 +160,14 @@ def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndar
                 "note": f"per-layer diagnosis needs an ONNX artifact with float input; {art.file} is {art.runtime}"}
     from bottlefit.parity.diagnose import first_divergence_onnx
 
+    # A layer diverges when it breaks a bottleneck tolerance itself: cosine, or SQNR (which sees a coarse
+    # scale long before cosine does).
+    min_sqnr = tols["bottleneck.sqnr_db"].value if "bottleneck.sqnr_db" in tols else None
     rows = first_divergence_onnx(target_dir / art.file, split.head, images, art.inputs[0], min_cos)
-    first = next((r for r in rows if r["cosine"] < min_cos), None)
+    first = next((r for r in rows if r["cosine"] < min_cos
+                  or (min_sqnr is not None and r["sqnr_db"] is not None and r["sqnr_db"] < min_sqnr)), None)
     for r in rows:
         r["module"] = split.head_module_path(r["module"])
         r["through"] = split.head_module_path(r["through"])
-    return {"first_diverging_layer": first["module"] if first else None, "min_cosine": min_cos, "layers": rows}
+    return {"first_diverging_layer": first["module"] if first else None, "min_cosine": min_cos,
+            "min_sqnr_db": min_sqnr, "layers": rows}

@@ -43,6 +43,10 @@ class OnnxTarget:
 
     def validate(self, options: argparse.Namespace, card: Any) -> None:
         check_opset(options.opset or DEFAULT_OPSET)
+        if getattr(options, "int8", False):
+            from bottlefit.targets.onnx.int8 import validate  # refuse a bad --observer before any work
+
+            validate(options)
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
         opset = ctx.options.opset or DEFAULT_OPSET

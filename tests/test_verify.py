@@ -1,0 +1,89 @@
+"""`bottlefit verify`: reproduces an export's verdict, verifies every target under OUT, catches a broken int8
+artifact (naming the diverging layer) and refuses a tampered one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from bottlefit.cli import main
+from bottlefit.exporter.manifest import MANIFEST, read_manifest, sha256_file, write_json
+
+try:  # pytest's default (prepend) import mode puts tests/ itself on sys.path
+    from test_int8_onnx import clone_export, export_r152_int8
+except ImportError:  # pragma: no cover - importlib mode
+    from tests.test_int8_onnx import clone_export, export_r152_int8
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, authors_r152: Path) -> Path:
+    return export_r152_int8(tmp_path_factory, authors_r152)
+
+
+def values(report: dict) -> dict[tuple[str, str], float]:
+    return {(c["artifact"], c["metric"]): c["value"] for c in report["checks"]}
+
+
+def test_verify_dir_reproduces_the_export_verdict(exported: Path, tmp_path: Path, capsys) -> None:
+    d = clone_export(exported, tmp_path / "onnx")
+    before = json.loads((d / "report.json").read_text())
+    rc = main(["verify", str(d), "--json"])
+    after = json.loads(capsys.readouterr().out)
+    assert rc == 0 and before["passed"] is True and after["passed"] is True
+    b, a = values(before), values(after)
+    assert set(a) == set(b) and ("head.int8.onnx", "bottleneck.sqnr_db") in a
+    for key, v in b.items():
+        assert a[key] == pytest.approx(v, abs=1e-6), key
+    assert json.loads((d / "report.json").read_text())["checks"] == after["checks"]
+
+
+def test_verify_root_verifies_every_target(exported: Path, tmp_path: Path, capsys) -> None:
+    clone_export(exported, tmp_path / "out" / "onnx")
+    clone_export(exported, tmp_path / "out" / "onnx-copy")
+    rc = main(["verify", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"PASS: {tmp_path / 'out' / 'onnx'}" in out and f"PASS: {tmp_path / 'out' / 'onnx-copy'}" in out
+
+
+def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_path: Path) -> None:
+    d = clone_export(exported, tmp_path / "onnx")
+    manifest = read_manifest(d)
+    art = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")
+    tensor = "/encoder/encoder.5/Relu_output_0"  # output of the depthwise conv (ex-BatchNorm) + its ReLU
+    broken_module = art["quantization"]["tensor_modules"][tensor]
+    assert broken_module == "bottleneck.encoder.4"
+    model = onnx.load(str(d / "head.int8.onnx"))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    init = next(i for i in model.graph.initializer if i.name == q.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(10), init.name))
+    onnx.save(model, str(d / "head.int8.onnx"))
+    art["sha256"] = sha256_file(d / "head.int8.onnx")  # a consistent manifest: only the numbers are wrong
+    write_json(d / MANIFEST, manifest)
+
+    assert main(["verify", str(d)]) == 1
+    report = json.loads((d / "report.json").read_text())
+    assert report["passed"] is False
+    failed = {c["metric"] for c in report["checks"] if not c["passed"]}
+    assert failed and all(c["artifact"] == "head.int8.onnx" for c in report["checks"] if not c["passed"])
+    diag = report["diagnosis"]["head.int8.onnx"]
+    assert diag["first_diverging_layer"] == "bottleneck.encoder.4" == broken_module
+    layers = {r["module"]: r for r in diag["layers"]}
+    assert layers["bottleneck.encoder.3"]["sqnr_db"] > 30 > 25 > layers["bottleneck.encoder.4"]["sqnr_db"]
+
+
+def test_tampered_file_is_refused(exported: Path, tmp_path: Path, capsys) -> None:
+    d = clone_export(exported, tmp_path / "onnx")
+    p = d / "head.int8.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    rc = main(["verify", str(d)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and str(p) in err and "sha256" in err
