@@ -69,7 +69,8 @@ class RpiTarget:
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
         calib = {"count": len(images), "sha256": ctx.calibration.sha256, "source": ctx.calibration.source}
 
-        rw = rewrite_head(ctx.split.head, card.bottleneck.module, torch.from_numpy(images[: min(4, len(images))]))
+        proof = torch.from_numpy(images[: min(4, len(images))])
+        rw = rewrite_head(ctx.split.head.encoder, card.bottleneck.module, proof)
         with torch.no_grad():
             ref_mag = float(ctx.split.head(torch.from_numpy(images[:1]).clone()).abs().max())
         assert rw.max_abs_error is not None
@@ -104,24 +105,23 @@ class RpiTarget:
                                    "ranges": {k: list(v) for k, v in ox.ranges.items()}},
                      extra={"opset": 13, "ops": ox.ops, "rewrite": rewrite}),
         ]
-        arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], ctx.log)
+        arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], getattr(opts, "images", None), ctx.log)
         for a in arts:
             a.sha256 = _sha256(out / a.file)
         return arts
 
     def _board_bundle(
-        self, out: Path, card: Any, in_spec: TensorSpec, out_spec: TensorSpec, log: Any
+        self, out: Path, card: Any, in_spec: TensorSpec, out_spec: TensorSpec, images: str | None, log: Any
     ) -> list[Artifact]:
-        from bottlefit.calibration.dataset import CalibrationSet
+        from bottlefit.exporter.export import heldout_images
         from bottlefit.runtimes.litert import LiteRTRunner
 
         board = out / "board"
         board.mkdir(exist_ok=True)
         for f in BOARD_FILES:
             shutil.copyfile(BOARD_DIR / f, board / f)
-        # TODO(heldout): take the exporter's held-out set once BuildContext carries one; until then the
-        # built-in held-out photos, which never overlap the built-in calibration photos.
-        held = CalibrationSet.builtin(card, part="heldout", count=GOLDEN_COUNT, log=log)
+        # The same held-out images parity judges on (never the calibration images).
+        held = heldout_images(card, images, GOLDEN_COUNT, log)
         runner = LiteRTRunner(out / "head.int8.tflite", num_threads=1)
         xs = [wire.encode(in_spec, held.images[i : i + 1]) for i in range(len(held))]
         ys = [runner.infer({in_spec.name: x})[out_spec.name] for x in xs]
