@@ -125,6 +125,10 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
         if not art.parity or art.role not in ("head", "tail"):
             continue
         tols = tolerances_for(art.file, art.precision, overrides)
+        if split.card.weights == "untrained" and not any(m == "logits.top1_agreement" for _, m in overrides):
+            # Random weights leave near-ties between classes (margins ~1e-2 on logits ~1e2): any quantization
+            # noise flips top-1, so agreement says nothing about the artifact. Reported, not gated.
+            tols.pop("logits.top1_agreement", None)
         try:
             if art.role == "head":
                 got_z = run_head(art, target_dir, images)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bottlefit.calibration.dataset import CalibrationSet
+from bottlefit.exporter.split import Head
 from bottlefit.targets import BuildContext
 from bottlefit.targets.rpi import TARGET
 from bottlefit.targets.rpi.tflite import inspect_tflite
@@ -24,7 +25,7 @@ def _build() -> tuple[Path, list]:
     h, card = head("r152v2")
     out = scratch("target")
     ctx = BuildContext(
-        split=SimpleNamespace(head=h, card=card),
+        split=SimpleNamespace(head=Head(h), card=card),
         out_dir=out,
         options=argparse.Namespace(layout="nhwc", allow_float_ops=False, observer="minmax"),
         calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
