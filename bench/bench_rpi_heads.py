@@ -2,7 +2,8 @@
 
 For ResNet-152 (ver2, 12 ch) and DenseNet-201 (12 ch) heads with UNTRAINED (seeded random) weights — latency
 does not depend on the weight values. Exports through the rpi target's own code, then times, batch 1:
-TFLite int8 and fp32 (XNNPACK on and off), ONNX Runtime int8 (every variant in onnx_int8.VARIANTS) and fp32,
+TFLite int8 and fp32 (XNNPACK on and off), ONNX Runtime fp32 and int8 (every variant in ORT_VARIANTS, written by
+the shared Q/DQ writer bottlefit.exporter.qdq.quantize_head; "qdq_s8" is the rpi target's head.int8.onnx),
 and PyTorch eager fp32 — with 1 and 2 threads. Repeats are interleaved (one call of each runner per round) so
 that background load hits all of them alike; medians and ratios vs PyTorch fp32 are printed.
 
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -23,11 +25,21 @@ import torch
 
 from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.exporter import wire
+from bottlefit.exporter.onnx import export_onnx
+from bottlefit.exporter.qdq import quantize_head
 from bottlefit.models.checkpoint import untrained
 from bottlefit.runtimes.litert import LiteRTRunner
+from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OPSET, ONNX_OUTPUT
 from bottlefit.targets.rpi.head_rewrite import rewrite_head
-from bottlefit.targets.rpi.onnx_int8 import INPUT_NAME, VARIANTS, fp32_onnx_bytes, quantize_bytes, tensor_ranges
 from bottlefit.targets.rpi.tflite import export_tflite
+
+# name -> quantize_head options (QDQ, per-channel int8 weights in all of them)
+ORT_VARIANTS: dict[str, dict[str, Any]] = {
+    "qdq_s8": dict(ONNX_INT8_OPTIONS),  # the rpi target's: asymmetric int8 activations
+    "qdq_u8": {"symmetric": False, "activation_dtype": "uint8"},  # the onnx target's
+    "qdq_s8_sym": {"symmetric": True},  # the Jetson target's (TensorRT)
+    "qdq_s8_conv": {**ONNX_INT8_OPTIONS, "op_types": ["Conv"]},
+}
 
 HEADS = {
     "resnet152-v2-12ch": ("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"}),
@@ -35,10 +47,10 @@ HEADS = {
 }
 
 
-def _ort(data: bytes, threads: int) -> ort.InferenceSession:
+def _ort(path: Path, threads: int) -> ort.InferenceSession:
     o = ort.SessionOptions()
     o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = threads, 1, 3
-    return ort.InferenceSession(data, o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 
 def runners(name: str, threads: int, tmp: Path, calib: int) -> dict[str, Callable[[], object]]:
@@ -56,13 +68,15 @@ def runners(name: str, threads: int, tmp: Path, calib: int) -> dict[str, Callabl
         for xnn in (True, False):
             r = LiteRTRunner(p, num_threads=threads, xnnpack=xnn)
             out[f"tflite {prec} xnnpack {'on' if xnn else 'off'}"] = lambda r=r, feed=feed: r.infer(feed)
-    fp32 = fp32_onnx_bytes(rw.module, torch.from_numpy(x))
-    ranges = tensor_ranges(fp32, images, "minmax")
-    s = _ort(fp32, threads)
-    out["ort fp32"] = lambda s=s: s.run(None, {INPUT_NAME: x})
-    for v in VARIANTS:
-        s = _ort(quantize_bytes(fp32, ranges, v), threads)
-        out[f"ort int8 {v}"] = lambda s=s: s.run(None, {INPUT_NAME: x})
+    # ONNX: the head itself (qdq.py rewrites the BatchNorm after the max-pool in the graph), as the rpi target does
+    fp32 = export_onnx(head, torch.from_numpy(x).clone(), tmp / f"{name}.fp32.onnx", ONNX_OPSET, ONNX_INPUT,
+                       ONNX_OUTPUT)
+    s = _ort(fp32.path, threads)
+    out["ort fp32"] = lambda s=s: s.run(None, {ONNX_INPUT: x})
+    for v, kw in ORT_VARIANTS.items():
+        q = quantize_head(fp32.path, tmp / f"{name}.{v}.onnx", images, head, "minmax", **kw)
+        s = _ort(q.path, threads)
+        out[f"ort int8 {v}"] = lambda s=s: s.run(None, {ONNX_INPUT: x})
     xt = torch.from_numpy(x)
 
     def eager() -> object:

@@ -1,7 +1,8 @@
 """Q/DQ (explicit quantization) ONNX for a head: our observers' ranges, ONNX Runtime's graph writer.
 
-Used by the onnx target (ONNX Runtime CPU, asymmetric activations) and the Jetson target (TensorRT explicit
-quantization: symmetric, every zero point 0, every Q/DQ with an explicit zero-point input).
+Used by the onnx target (ONNX Runtime CPU, asymmetric uint8 activations), the rpi target (ONNX Runtime on ARM,
+asymmetric int8 activations) and the Jetson target (TensorRT explicit quantization: symmetric, every zero point
+0, every Q/DQ with an explicit zero-point input).
 
 How it works:
 1. ``prepare_fp32``: the fp32 head with every BatchNormalization that no conv absorbed (the one after the
@@ -41,7 +42,7 @@ from bottlefit.exporter.onnx import save_onnx
 _ORT_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
 _SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
-_ACT_DTYPE = {True: "int8", False: "uint8"}
+_ACT_DTYPES = ("int8", "uint8")
 # Ops whose int8 output ONNX Runtime quantizes with its input's parameters (they move values, never make new
 # ones; TensorRT also wants equal scales across them). Mirrored here so the file carries what we computed.
 _SAME_AS_INPUT = frozenset({"MaxPool", "AveragePool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
@@ -229,9 +230,10 @@ def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: st
     return {n: observers[n] for n in [input_name, *names] if n in observers}
 
 
-def activation_params(model: onnx.ModelProto, observers: dict[str, Observer],
-                      symmetric: bool) -> dict[str, tuple[float, int]]:
-    """(scale, zero point) per activation from our observers.
+def activation_params(model: onnx.ModelProto, observers: dict[str, Observer], symmetric: bool,
+                      activation_dtype: str = "uint8") -> dict[str, tuple[float, int]]:
+    """(scale, zero point) per activation from our observers: symmetric int8 (zero point 0), or asymmetric in
+    ``activation_dtype`` (uint8 or int8).
 
     A Relu/Clip, a max-pool or another data-movement op (``_SAME_AS_INPUT``) whose input feeds nothing else
     passes its OUTPUT's parameters back to that input: the output is what the next layer reads. For a
@@ -242,7 +244,7 @@ def activation_params(model: onnx.ModelProto, observers: dict[str, Observer],
     """
     params: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
-        params[name] = (obs.symmetric(127), 0) if symmetric else obs.asymmetric("uint8")
+        params[name] = (obs.symmetric(127), 0) if symmetric else obs.asymmetric(activation_dtype)
     consumers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -281,17 +283,19 @@ class _NoData:
 
 
 def _write_qdq(model: onnx.ModelProto, out: Path, params: dict[str, tuple[float, int]], symmetric: bool,
-               per_channel: bool, op_types: list[str] | None, nodes_to_exclude: list[str] | None) -> onnx.ModelProto:
+               per_channel: bool, op_types: list[str] | None, nodes_to_exclude: list[str] | None,
+               activation_dtype: str) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    zp_dtype = np.int8 if symmetric else np.uint8
+    zp_dtype = np.int8 if activation_dtype == "int8" else np.uint8
+    qmin, qmax = (-128, 127) if activation_dtype == "int8" else (0, 255)
     overrides = {name: [{"scale": np.array(s, dtype=np.float32), "zero_point": np.array(z, dtype=zp_dtype)}]
                  for name, (s, z) in params.items()}
     # ORT still wants a range per tensor; the overrides above decide the parameters, these only satisfy it.
     ranges = {}
     for name, (s, z) in params.items():
-        lo, hi = (-127 * s, 127 * s) if symmetric else ((0 - z) * s, (255 - z) * s)
+        lo, hi = (-127 * s, 127 * s) if symmetric else ((qmin - z) * s, (qmax - z) * s)
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
     with tempfile.TemporaryDirectory(prefix="bottlefit-qdq-") as tmp:
         src = Path(tmp) / "fp32.onnx"
@@ -306,7 +310,8 @@ def _write_qdq(model: onnx.ModelProto, out: Path, params: dict[str, tuple[float,
             quantize_static(
                 str(src), str(dst), _NoData(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                 per_channel=per_channel, reduce_range=False,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8 if activation_dtype == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 nodes_to_exclude=nodes_to_exclude, calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(cache),
                 # Symmetric = TensorRT: its parser takes float biases only (no int32 DequantizeLinear).
@@ -392,26 +397,31 @@ def quantize_head(
     observer_kwargs: dict[str, Any] | None = None,
     nodes_to_exclude: Iterable[str] | None = None,
     rewrite_batchnorm: bool = True,
+    activation_dtype: str | None = None,
 ) -> QdqResult:
     """Write ``out``: the Q/DQ int8 version of the fp32 head ``fp32_onnx``, calibrated on
     ``calibration_images`` (float32 NCHW, preprocessed as the model card says) with our ``observer``.
 
-    ``symmetric``: int8 activations with zero point 0 everywhere (TensorRT); otherwise uint8 activations
-    with asymmetric ranges (ONNX Runtime on CPUs). Weights are always symmetric int8, per output channel
-    when ``per_channel``. ``op_types``: the op types to quantize (default: all ORT knows). ``output_int8``:
-    the graph ends in QuantizeLinear and emits the quantized bottleneck; otherwise it ends in
-    DequantizeLinear and emits float. ``head``: the PyTorch head the graph was exported from; its module
-    paths name the tensors in ``tensor_modules``. Same inputs give a byte-identical file.
+    ``symmetric``: int8 activations with zero point 0 everywhere (TensorRT); otherwise asymmetric activations
+    (ONNX Runtime on CPUs). ``activation_dtype`` (int8 | uint8): default int8 when symmetric, uint8 otherwise;
+    the rpi head asks for asymmetric int8 (S8S8 on ARM); symmetric uint8 is refused. Weights are always
+    symmetric int8, per output channel when ``per_channel``. ``op_types``: the op types to quantize (default:
+    all ORT knows). ``output_int8``: the graph ends in QuantizeLinear and emits the quantized bottleneck;
+    otherwise it ends in DequantizeLinear and emits float. ``head``: the PyTorch head the graph was exported
+    from; its module paths name the tensors in ``tensor_modules``. Same inputs give a byte-identical file.
     """
+    act_dtype = activation_dtype or ("int8" if symmetric else "uint8")
+    if act_dtype not in _ACT_DTYPES or (symmetric and act_dtype != "int8"):
+        raise UserError(f"activation_dtype {activation_dtype!r}: choose int8 or uint8 (symmetric needs int8)")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     model, rewritten = prepare_fp32(fp32_onnx) if rewrite_batchnorm else (onnx.load(str(fp32_onnx)), [])
     inits = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inits)
     output_name = model.graph.output[0].name
     observers = observe_activations(model, np.asarray(calibration_images), observer, observer_kwargs)
-    params = activation_params(model, observers, symmetric)
+    params = activation_params(model, observers, symmetric, act_dtype)
     qmodel = _write_qdq(model, out, params, symmetric, per_channel, op_types,
-                        list(nodes_to_exclude) if nodes_to_exclude else None)
+                        list(nodes_to_exclude) if nodes_to_exclude else None, act_dtype)
     scales, zps = read_activation_params(qmodel)
     # The file must carry exactly our observers' parameters, not anything ORT derived on its own.
     for name, s in scales.items():
@@ -437,7 +447,7 @@ def quantize_head(
         observer=observer,
         symmetric=symmetric,
         per_channel=per_channel,
-        activation_dtype=_ACT_DTYPE[symmetric],
+        activation_dtype=act_dtype,
         output_int8=output_int8,
         input_name=input_name,
         output_name=output_name,

@@ -2,6 +2,12 @@
 
 Writes ``head.int8.tflite`` (full-integer, for ai-edge-litert + XNNPACK), ``head.fp32.tflite``,
 ``head.int8.onnx`` (ONNX Runtime) and ``board/`` (runner, verifier, golden I/O made on this host).
+
+head.int8.onnx is written by the shared Q/DQ writer (bottlefit.exporter.qdq) from a temporary fp32 ONNX export
+of the head (not shipped): QDQ of all ops, per-channel int8 weights, asymmetric INT8 activations (ORT's QDQ
+guidance names S8S8 first for ARM; u8 and s8 were within ~7% of each other on x86, bench/bench_rpi_heads.py),
+float in and out. qdq.py rewrites the BatchNorm after the max-pool as a depthwise conv in the ONNX graph itself;
+the torch-level head_rewrite is for the TFLite heads only.
 """
 
 from __future__ import annotations
@@ -10,19 +16,28 @@ import argparse
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.qdq import QdqResult
+from bottlefit.exporter.split import SplitModel
 from bottlefit.targets.rpi.head_rewrite import rewrite_head
 from bottlefit.targets.rpi.tflite import OBSERVERS
 
 BOARD_DIR = Path(__file__).parent / "board"
+ONNX_INT8_FILE = "head.int8.onnx"
+ONNX_OPSET = 13
+ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
+# quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
+ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
 BOARD_FILES = ("run_head.py", "verify_on_board.py", "README.md")
 GOLDEN_COUNT = 4
 REWRITE_TOL = 1e-4  # relative to the head output's magnitude; the rewrite is exact up to float32 rounding
@@ -32,6 +47,32 @@ GOLDEN_TOLERANCES = {"max_abs_lsb": 2.0, "cosine_min": 0.999}
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_int8_onnx(head: torch.nn.Module, images: np.ndarray, path: Path, observer: str = "minmax") -> QdqResult:
+    """``path``: the head as Q/DQ int8 ONNX (``ONNX_INT8_OPTIONS``), calibrated on ``images`` (float32 NCHW)
+    with our ``observer``. The fp32 ONNX it is made from lives in a temporary directory."""
+    from bottlefit.exporter.onnx import export_onnx
+    from bottlefit.exporter.qdq import quantize_head
+
+    with tempfile.TemporaryDirectory(prefix="bottlefit-rpi-onnx-") as tmp:
+        example = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).clone()
+        fp32 = export_onnx(head, example, Path(tmp) / "head.onnx", ONNX_OPSET, ONNX_INPUT, ONNX_OUTPUT)
+        return quantize_head(fp32.path, path, images, head, observer, **ONNX_INT8_OPTIONS)
+
+
+def onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]:
+    """(inputs, outputs, op types in graph order) of an ONNX file."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+        dims = tuple(int(d.dim_value) for d in vi.type.tensor_type.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+        return TensorSpec(name=vi.name, shape=dims, dtype=dtype, layout="NCHW" if len(dims) == 4 else "")
+
+    inits = {i.name for i in model.graph.initializer}
+    return ([spec(i) for i in model.graph.input if i.name not in inits], [spec(o) for o in model.graph.output],
+            [n.op_type for n in model.graph.node])
 
 
 class RpiTarget:
@@ -57,7 +98,6 @@ class RpiTarget:
             raise UserError(f"the rpi target needs a C x H x W image input, the card says {card.input_shape}")
 
     def build(self, ctx: Any) -> list[Artifact]:
-        from bottlefit.targets.rpi.onnx_int8 import export_onnx_int8
         from bottlefit.targets.rpi.tflite import export_tflite
 
         opts = ctx.options
@@ -87,8 +127,18 @@ class RpiTarget:
                            allow_float_ops=allow_float, log=ctx.log)
         ctx.log(f"rpi: {len(i8.float_ops)} float ops; ops {' '.join(i8.ops)}")
         f32 = export_tflite(rw, images, out / "head.fp32.tflite", int8=False, layout=layout, log=ctx.log)
-        ctx.log("rpi: head.int8.onnx (ONNX Runtime, our ranges)")
-        ox = export_onnx_int8(rw.module, images, out / "head.int8.onnx", observer=observer)
+        ctx.log(f"rpi: {ONNX_INT8_FILE} (ONNX Runtime Q/DQ, {observer} ranges, asymmetric int8 activations)")
+        ox = write_int8_onnx(ctx.split.head, images, out / ONNX_INT8_FILE, observer)
+        if ox.rewritten_nodes:
+            ctx.log(f"rpi: {', '.join(ox.rewritten_nodes)} (BatchNorm after the max-pool) -> 1x1 depthwise conv")
+        ox_in, ox_out, ox_ops = onnx_specs(ox.path)
+        ox_quant = ox.quantization_record()
+        # model paths ("bottleneck.encoder.4") as the onnx target records them; the mapping needs only .card
+        ox_quant["tensor_modules"] = {t: SplitModel.head_module_path(ctx.split, m)
+                                      for t, m in ox.tensor_modules.items()}
+        ox_quant["output"] = {"dtype": ox.activation_dtype, "scale": ox.output_scale,
+                              "zero_point": ox.output_zero_point}
+        ox_quant["calibration"] = calib
 
         arts = [
             Artifact("head.int8.tflite", "head", "litert", "int8", i8.inputs, i8.outputs,
@@ -99,11 +149,8 @@ class RpiTarget:
                      extra={"layout": layout, "ops": i8.ops, "rewrite": rewrite, "converter": "litert-torch"}),
             Artifact("head.fp32.tflite", "head", "litert", "fp32", f32.inputs, f32.outputs,
                      extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),
-            Artifact("head.int8.onnx", "head", "onnxruntime", "int8", ox.inputs, ox.outputs,
-                     quantization={"method": "ort-quantize_static", "variant": ox.variant, "observer": observer,
-                                   "weights": "int8 per-channel symmetric", "calibration": calib,
-                                   "ranges": {k: list(v) for k, v in ox.ranges.items()}},
-                     extra={"opset": 13, "ops": ox.ops, "rewrite": rewrite}),
+            Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
+                     extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
         ]
         arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], getattr(opts, "images", None), ctx.log)
         for a in arts:
