@@ -25,8 +25,11 @@ _LOWER_IS_BETTER = {"max_abs_error", "mean_abs_error"}
 
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
-        "bottleneck.max_abs_error": 1e-4,
-        "logits.max_abs_error": 5e-4,  # ~50 fp32 layers after the head amplify its 1e-6 differences
+        # Measured: ORT and TFLite fp32 heads differ from PyTorch by 1e-6..4e-6 on the bottleneck.
+        "bottleneck.max_abs_error": 1e-5,
+        # The ~50 fp32 layers of a ResNet-152 tail amplify those differences up to ~160x (6e-4 measured on
+        # ver1 with random weights); the logits bound checks the chain, the bottleneck bound the artifact.
+        "logits.max_abs_error": 1e-3,
         "logits.top1_agreement": 1.0,
     },
     "fp16": {
