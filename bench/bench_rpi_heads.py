@@ -50,6 +50,9 @@ HEADS = {
 def _ort(path: Path, threads: int) -> ort.InferenceSession:
     o = ort.SessionOptions()
     o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = threads, 1, 3
+    # Interleaved runs: an idle session's spinning worker threads would steal the cores from the next runtime
+    # (PyTorch's 2-thread median went from ~9 to ~80 ms with spinning on).
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 
