@@ -263,6 +263,11 @@ class EntropyObserver(HistogramObserver):
     def divergences(self) -> tuple[np.ndarray, np.ndarray]:
         """(candidate bin counts i, KL(P||Q) for each)."""
         hist = self.abs_hist().astype(np.float64)
+        # Exact zeros (ReLU outputs, max-pool of them) pile into bin 0; that spike dominates KL and makes every
+        # wider merge window look lossy, so thresholds collapse (1.06 chosen for a max of 8.5, cosine 0.86).
+        # NVIDIA's histogram calibrator neutralizes the zero bin the same way: give it its neighbour's count.
+        if len(hist) > 1:
+            hist[0] = hist[1]
         cands = np.arange(self.start_bin, self.bins + 1)
         kl = np.full(len(cands), np.inf)
         total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # total_tail[i] = hist[i:].sum()

@@ -237,3 +237,16 @@ def test_collect_ranges_module_path_and_two_pass_histograms() -> None:
         collect_ranges(model, data, "minmax", tensors=("nope",))
     with pytest.raises(UserError, match="choose one of"):
         collect_ranges(model, data, "bogus")
+
+
+def test_entropy_is_not_collapsed_by_the_zeros_of_a_relu() -> None:
+    # 90% exact zeros (a ReLU/max-pool output) + |N(0,1)|: without neutralizing the zero bin the KL search
+    # picked 0.565 (clipping 57% of the non-zero values); measured now 3.6 of a 4.53 maximum.
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(0, 1, 200_000))
+    x[rng.random(len(x)) < 0.9] = 0
+    o = make_observer("entropy")
+    o.update(x)
+    nonzero = x[x > 0]
+    assert 3.0 < o.amax() <= x.max() + o.bin_width
+    assert np.mean(nonzero > o.amax()) < 0.002
