@@ -54,7 +54,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read(path: Path) -> Any:
+def read_untrusted(path: Path) -> Any:
+    """``torch.load`` with nothing but tensors, plain data and the allow-list; one-line UserErrors."""
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint file; check the path")
     if path.is_dir():
@@ -146,7 +147,7 @@ def load(
     with what the file says otherwise.
     """
     path = Path(path)
-    obj = _read(path)
+    obj = read_untrusted(path)
     meta: dict[str, Any] = {}
     file_arch: str | None = None
     file_params: dict[str, Any] = {}

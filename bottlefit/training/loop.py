@@ -173,7 +173,7 @@ class _Resume:
 
 
 def _read_resume(path: Path, config: TrainConfig, card: ModelCard) -> _Resume:
-    obj = checkpoint._read(path)  # weights-only read with the module's uniform error messages
+    obj = checkpoint.read_untrusted(path)
     if not isinstance(obj, dict) or obj.get("format") != checkpoint.FORMAT:
         raise UserError(f"{path}: not a BottleFit training state; resume from the last.pt a training run wrote")
     arch = ModelCard.from_dict(obj["card"]).arch if isinstance(obj.get("card"), dict) else None

@@ -53,7 +53,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
     by_file = {a.file: a for a in arts}
     assert {"head.int8.tflite", "head.fp32.tflite", "head.int8.onnx"} <= set(by_file)
     assert all(a.role == "aux" and a.parity is False for f, a in by_file.items() if f.startswith("board/"))
-    assert all((out / f).is_file() and a.sha256 for f, a in by_file.items())
+    assert all((out / f).is_file() for f in by_file)  # the manifest hashes them (exporter.manifest)
     i8 = by_file["head.int8.tflite"]
     assert (i8.role, i8.runtime, i8.precision) == ("head", "litert", "int8")
     assert i8.quantization["float_ops"] == 0 and i8.quantization["observer"] == "minmax"

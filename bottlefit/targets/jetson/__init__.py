@@ -10,7 +10,6 @@ shared/DESIGN.md §5 and shared/TENSORRT.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ import torch
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.onnx import check_opset, export_onnx
+from bottlefit.models.checkpoint import sha256_file
 from bottlefit.targets import BuildContext
 from bottlefit.targets.jetson.lint import lint_onnx
 from bottlefit.targets.jetson.profiles import PRECISIONS, Profile, check_request, get_profile, names
@@ -42,10 +42,6 @@ BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
 # TENSORRT.md recommends opset 13 everywhere: the oldest parser (8.2) reads it and nothing here needs newer ops.
 PREFERRED_OPSET = 13
 WORKSPACE_MIB = 1024
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -263,7 +259,7 @@ class JetsonTarget:
             # Not an error for TensorRT: layers touching these tensors fall back to fp16/fp32.
             ctx.log(f"warning: no int8 scale for {len(uncovered)} tensor(s) of {HEAD_ONNX}: {', '.join(uncovered)}")
         write_cache(out / CACHE, p.trt_code, scales)
-        onnx_sha = _sha256(out / HEAD_ONNX)
+        onnx_sha = sha256_file(out / HEAD_ONNX)
         ctx.log(f"wrote {CACHE}: TRT-{p.trt_code}, {len(scales)} tensors, bound to {HEAD_ONNX} {onnx_sha[:12]}…")
 
         # 4. Golden I/O. trtexec loads exactly one static batch (batch 1), so one held-out image.

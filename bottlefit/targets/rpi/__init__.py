@@ -13,7 +13,6 @@ the torch-level head_rewrite is for the TFLite heads only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import tempfile
@@ -43,10 +42,6 @@ GOLDEN_COUNT = 4
 REWRITE_TOL = 1e-4  # relative to the head output's magnitude; the rewrite is exact up to float32 rounding
 # host LiteRT vs board LiteRT on the same int8 file: kernels may differ by 1 LSB (XNNPACK x86 vs ARM)
 GOLDEN_TOLERANCES = {"max_abs_lsb": 2.0, "cosine_min": 0.999}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_int8_onnx(head: torch.nn.Module, images: np.ndarray, path: Path, observer: str = "minmax") -> QdqResult:
@@ -153,8 +148,6 @@ class RpiTarget:
                      extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
         ]
         arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], getattr(opts, "images", None), ctx.log)
-        for a in arts:
-            a.sha256 = _sha256(out / a.file)
         return arts
 
     def _board_bundle(
