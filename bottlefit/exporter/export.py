@@ -87,13 +87,13 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
     overrides = parse_overrides(getattr(args, "tolerance", None))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
+    target.validate(args)
     log(f"loading {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'untrained architecture'}")
     lm = source.load_from_args(args)
     card = lm.card
     if card.weights == "untrained":
         log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
             "not accuracy")
-    target.validate(args, card)
 
     sm = split(lm.model, card)
     gen = torch.Generator().manual_seed(0)

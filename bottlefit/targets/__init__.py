@@ -51,8 +51,9 @@ class Target(Protocol):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this target's own options to ``bottlefit export``."""
 
-    def validate(self, options: argparse.Namespace, card: Any) -> None:
-        """Refuse (UserError) what this target cannot honour, before any work starts."""
+    def validate(self, options: argparse.Namespace) -> None:
+        """Refuse (UserError) what this target cannot honour, before any work starts (the model is not loaded
+        yet, so a bad flag costs nothing)."""
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
         """Write the artifacts into ``ctx.out_dir`` and describe them."""

@@ -30,7 +30,6 @@ from bottlefit.calibration.trt_cache import check_cache, read_cache
 from bottlefit.cli import main
 from bottlefit.errors import UserError
 from bottlefit.exporter.manifest import check_hashes
-from bottlefit.models.checkpoint import LoadedModel
 from bottlefit.targets.jetson import TARGET, lint_or_fail
 from bottlefit.targets.jetson.lint import lint_onnx
 from bottlefit.targets.jetson.profiles import get_profile
@@ -289,14 +288,14 @@ def _opts(**kw: Any) -> argparse.Namespace:
         ({"calib": "/nonexistent"}, "/nonexistent: calibration data not found"),
     ],
 )
-def test_validate_refuses(kw: dict[str, Any], message: str, d169: LoadedModel) -> None:
+def test_validate_refuses(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
-        TARGET.validate(_opts(**kw), d169.card)
+        TARGET.validate(_opts(**kw))
 
 
-def test_validate_accepts_forced_int8_on_nano(d169: LoadedModel) -> None:
-    TARGET.validate(_opts(profile="nano", precision="int8", force=True), d169.card)
-    TARGET.validate(_opts(profile="xavier-nx", opset=17, int8_output=True), d169.card)
+def test_validate_accepts_forced_int8_on_nano() -> None:
+    TARGET.validate(_opts(profile="nano", precision="int8", force=True))
+    TARGET.validate(_opts(profile="xavier-nx", opset=17, int8_output=True))
 
 
 @pytest.mark.parametrize(

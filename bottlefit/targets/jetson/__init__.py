@@ -204,7 +204,7 @@ class JetsonTarget:
         parser.add_argument("--int8-output", action="store_true",
                             help="jetson target: the head emits int8 codes (1 byte/element on the wire)")
 
-    def validate(self, options: argparse.Namespace, card: Any) -> None:
+    def validate(self, options: argparse.Namespace) -> None:
         resolve(options)
         calib = getattr(options, "calib", None)
         if calib and not Path(calib).exists():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import torch
 
@@ -41,7 +40,7 @@ class OnnxTarget:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--int8", action="store_true", help="onnx target: also write head.int8.onnx")
 
-    def validate(self, options: argparse.Namespace, card: Any) -> None:
+    def validate(self, options: argparse.Namespace) -> None:
         check_opset(options.opset or DEFAULT_OPSET)
         if getattr(options, "int8", False):
             from bottlefit.targets.onnx.int8 import validate  # refuse a bad --observer before any work

@@ -83,14 +83,12 @@ class RpiTarget:
             parser.add_argument("--observer", choices=OBSERVERS, default="minmax",
                                 help="activation range observer for calibration (default: min/max)")
 
-    def validate(self, options: argparse.Namespace, card: Any) -> None:
+    def validate(self, options: argparse.Namespace) -> None:
         from bottlefit.targets.rpi.tflite import require_litert_torch
 
         require_litert_torch()
         if getattr(options, "layout", "nhwc") not in ("nhwc", "nchw"):
             raise UserError(f"--layout {options.layout!r}: choose nhwc or nchw")
-        if len(tuple(card.input_shape)) != 3:
-            raise UserError(f"the rpi target needs a C x H x W image input, the card says {card.input_shape}")
 
     def build(self, ctx: Any) -> list[Artifact]:
         from bottlefit.targets.rpi.tflite import export_tflite
