@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bottlefit.errors import UserError
-from bottlefit.exporter import source
+from bottlefit.exporter import source, wire
 from bottlefit.exporter.manifest import write_manifest
 from bottlefit.exporter.split import check_split, split
 from bottlefit.parity.tolerances import parse_overrides
@@ -119,6 +119,8 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
         }
         if ctx._calibration is not None:
             sections["calibration"] = ctx._calibration.describe()
+        sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
+                            if a.role == "head" and a.outputs}
         write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
         final = out_root / target.name
         replace_dir(tmp, final)

@@ -46,3 +46,48 @@ def to_bytes(spec: TensorSpec, y: np.ndarray) -> bytes:
 def from_bytes(spec: TensorSpec, payload: bytes) -> np.ndarray:
     arr = np.frombuffer(payload, dtype=_NP[spec.dtype])
     return arr.reshape(spec.shape)
+
+
+# The authors' per-image 8-bit quantizer ("bq", shared/BOTTLEFIT.md §1.8) on the wire. One image's payload:
+#   float32 scale (little-endian) | uint8 zero_point | uint8[C*H*W] codes in NCHW order
+# The tail recovers floats as scale * (code - zero_point), exactly what the model's Dequantizer computes.
+BQ_HEADER = 5
+
+
+def bq_payload(z: np.ndarray) -> bytes:
+    """One image's float bottleneck (C x H x W) -> its bq wire payload, with the authors' arithmetic."""
+    import torch
+
+    from bottlefit.models.bottleneck import Quantizer
+
+    q = Quantizer(8).quantize_one(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)))
+    header = np.array([float(q.scale)], dtype="<f4").tobytes() + bytes([q.zero_point])
+    return header + q.tensor.numpy().astype(np.uint8).tobytes()
+
+
+def bq_decode(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A bq payload -> the float C x H x W bottleneck the tail takes."""
+    n = int(np.prod(shape))
+    if len(payload) != BQ_HEADER + n:
+        raise ValueError(f"bq payload has {len(payload)} bytes, expected {BQ_HEADER + n} for shape {shape}")
+    scale = np.frombuffer(payload[:4], dtype="<f4")[0]
+    zero_point = payload[4]
+    codes = np.frombuffer(payload[BQ_HEADER:], dtype=np.uint8).reshape(shape)
+    return (scale * (codes.astype(np.float32) - np.float32(zero_point))).astype(np.float32)
+
+
+def contract(card_bottleneck: object, head_output: TensorSpec) -> dict[str, object]:
+    """What crosses the network per image for a head artifact, as the manifest records it."""
+    shape = tuple(card_bottleneck.shape)  # type: ignore[attr-defined]
+    n = int(np.prod(shape))
+    if getattr(card_bottleneck, "quantizer", None) == "bq8":
+        return {"encoding": "bq8-per-image", "shape": list(shape), "layout": "NCHW", "bytes": BQ_HEADER + n,
+                "payload": "float32 scale LE | uint8 zero_point | uint8[C*H*W]",
+                "tail_applies": "scale * (code - zero_point)"}
+    if head_output.dtype in _RANGE:
+        return {"encoding": "static", "dtype": head_output.dtype, "shape": list(head_output.shape[1:]),
+                "layout": head_output.layout, "bytes": n, "scale": head_output.scale,
+                "zero_point": head_output.zero_point, "tail_applies": "scale * (code - zero_point)"}
+    width = {"float32": 4, "float16": 2}[head_output.dtype]
+    return {"encoding": head_output.dtype, "shape": list(head_output.shape[1:]), "layout": head_output.layout,
+            "bytes": width * n}
