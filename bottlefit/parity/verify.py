@@ -159,19 +159,27 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
 
 def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray, tols: dict) -> dict[str, Any]:
     min_cos = tols["bottleneck.cosine"].value if "bottleneck.cosine" in tols else 0.9999
-    if art.runtime != "onnxruntime" or art.inputs[0].dtype != "float32":
-        return {"first_diverging_layer": None, "layers": [],
-                "note": f"per-layer diagnosis needs an ONNX artifact with float input; {art.file} is {art.runtime}"}
-    from bottlefit.parity.diagnose import first_divergence_onnx
-
     # A layer diverges when it breaks a bottleneck tolerance itself: cosine, or SQNR (which sees a coarse
     # scale long before cosine does).
     min_sqnr = tols["bottleneck.sqnr_db"].value if "bottleneck.sqnr_db" in tols else None
-    rows = first_divergence_onnx(target_dir / art.file, split.head, images, art.inputs[0], min_cos)
+    if art.runtime == "litert":
+        from bottlefit.parity.diagnose import first_divergence_tflite
+
+        # module paths are the model's own already; the origin map is the one the export recorded
+        origin = art.extra.get("rewrite", {}).get("origin")
+        rows = first_divergence_tflite(target_dir / art.file, split, images, art.inputs[0], origin)
+    elif art.runtime == "onnxruntime" and art.inputs[0].dtype == "float32":
+        from bottlefit.parity.diagnose import first_divergence_onnx
+
+        rows = first_divergence_onnx(target_dir / art.file, split.head, images, art.inputs[0], min_cos)
+        for r in rows:
+            r["module"] = split.head_module_path(r["module"])
+            r["through"] = split.head_module_path(r["through"])
+    else:
+        return {"first_diverging_layer": None, "layers": [],
+                "note": f"per-layer diagnosis needs an ONNX artifact with float input or a TFLite artifact; "
+                        f"{art.file} is {art.runtime}"}
     first = next((r for r in rows if r["cosine"] < min_cos
                   or (min_sqnr is not None and r["sqnr_db"] is not None and r["sqnr_db"] < min_sqnr)), None)
-    for r in rows:
-        r["module"] = split.head_module_path(r["module"])
-        r["through"] = split.head_module_path(r["through"])
     return {"first_diverging_layer": first["module"] if first else None, "min_cosine": min_cos,
             "min_sqnr_db": min_sqnr, "layers": rows}
