@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bottlefit.errors import UserError
+from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.manifest import read_manifest
 from bottlefit.exporter.split import split
@@ -165,8 +166,6 @@ def run_demo(args: argparse.Namespace) -> int:
         acc = 100.0 * float(np.mean(logits.argmax(1) == y_val))
         runner = get_runner(a.runtime, d / a.file, num_threads=1)
         ispec = a.inputs[0]
-        from bottlefit.exporter import wire
-
         xin = wire.encode(ispec, x_val[:1].numpy())
         ms = _median_ms(lambda v, r=runner, n=ispec.name: r.infer({n: v}), xin)
         size = (d / a.file).stat().st_size
