@@ -38,6 +38,17 @@ def load_interpreter(model, threads, xnnpack=True):
     return interp
 
 
+def read_golden(golden_json, model=None):
+    """(golden.json contents, its folder, the model path), or None after saying on stderr what is missing."""
+    if not os.path.isfile(golden_json):
+        print("error: %s not found" % golden_json, file=sys.stderr)
+        return None
+    with open(golden_json) as f:
+        meta = json.load(f)
+    base = os.path.dirname(os.path.abspath(golden_json))
+    return meta, base, model or os.path.join(base, meta["model"])
+
+
 def preprocess(path, pre, in_spec):
     """Image file -> the model's input array, exactly as the host preprocessed (resize, crop, normalize)."""
     if path.endswith(".npy"):
@@ -83,13 +94,10 @@ def main(argv=None):
     p.add_argument("--out", default="payload.bin", help="where to write the int8 payload bytes")
     a = p.parse_args(argv)
 
-    if not os.path.isfile(a.golden_json):
-        print("error: %s not found" % a.golden_json, file=sys.stderr)
+    golden = read_golden(a.golden_json, a.model)
+    if golden is None:
         return 2
-    with open(a.golden_json) as f:
-        meta = json.load(f)
-    base = os.path.dirname(os.path.abspath(a.golden_json))
-    model = a.model or os.path.join(base, meta["model"])
+    meta, base, model = golden
     if not os.path.isfile(model):
         print("error: model %s not found" % model, file=sys.stderr)
         return 2

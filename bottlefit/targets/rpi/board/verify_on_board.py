@@ -10,7 +10,6 @@ Needs Python >= 3.9, numpy, and ai-edge-litert (falls back to tflite-runtime).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -18,6 +17,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from run_head import load_interpreter, read_golden  # noqa: E402 - the bundle's own module, beside this file
 
 
 def dequantize(y, spec):
@@ -41,20 +42,15 @@ def main(argv=None):
     p.add_argument("--no-xnnpack", action="store_true")
     a = p.parse_args(argv)
 
-    if not os.path.isfile(a.golden_json):
-        print("error: %s not found" % a.golden_json, file=sys.stderr)
+    golden = read_golden(a.golden_json, a.model)
+    if golden is None:
         return 2
-    with open(a.golden_json) as f:
-        meta = json.load(f)
-    base = os.path.dirname(os.path.abspath(a.golden_json))
-    model = a.model or os.path.join(base, meta["model"])
+    meta, base, model = golden
     paths = [model, os.path.join(base, meta["inputs_file"]), os.path.join(base, meta["outputs_file"])]
     missing = [q for q in paths if not os.path.isfile(q)]
     if missing:
         print("error: missing file(s): %s" % ", ".join(missing), file=sys.stderr)
         return 2
-
-    from run_head import load_interpreter
 
     interp = load_interpreter(model, a.threads, not a.no_xnnpack)
     ind, outd = interp.get_input_details()[0], interp.get_output_details()[0]
