@@ -103,10 +103,12 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
     try:
-        ctx = BuildContext(sm, tmp, args, calibration_factory(args, card, log), log)
+        ctx = BuildContext(sm, tmp, args, calibration_factory(args, card, log),
+                           lambda: heldout_images(card, getattr(args, "images", None),
+                                                  getattr(args, "parity_count", None), log), log)
         artifacts = target.build(ctx)
         log("parity: running every artifact in its own runtime against PyTorch fp32")
-        held = heldout_images(card, getattr(args, "images", None), getattr(args, "parity_count", None), log)
+        held = ctx.heldout
         verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
         verdict.write(tmp)
         sections: dict[str, Any] = {

@@ -32,8 +32,10 @@ class BuildContext:
     out_dir: Path  # a fresh temporary directory; the exporter renames it into place when all succeeded
     options: argparse.Namespace
     calibration_factory: Callable[[], Any] | None = None  # -> bottlefit.calibration.CalibrationSet
+    heldout_factory: Callable[[], Any] | None = None  # -> the CalibrationSet parity judges on
     log: Callable[[str], None] = print
     _calibration: Any = field(default=None, repr=False)
+    _heldout: Any = field(default=None, repr=False)
 
     @property
     def calibration(self) -> Any:
@@ -42,6 +44,15 @@ class BuildContext:
                 raise UserError("this target needs calibration images: pass --calib PATH")
             self._calibration = self.calibration_factory()
         return self._calibration
+
+    @property
+    def heldout(self) -> Any:
+        """The held-out images parity judges on (never calibration images); golden data comes from these."""
+        if self._heldout is None:
+            if self.heldout_factory is None:
+                raise UserError("no held-out images: pass --images PATH")
+            self._heldout = self.heldout_factory()
+        return self._heldout
 
 
 class Target(Protocol):

@@ -29,6 +29,7 @@ def _build() -> tuple[Path, list]:
         out_dir=out,
         options=argparse.Namespace(layout="nhwc", allow_float_ops=False, observer="minmax"),
         calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
+        heldout_factory=lambda: CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
         log=lambda s: None,
     )
     return out, TARGET.build(ctx)

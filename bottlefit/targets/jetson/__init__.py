@@ -221,7 +221,6 @@ class JetsonTarget:
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
         from bottlefit.calibration.trt_cache import write_cache
-        from bottlefit.exporter.export import heldout_images
         from bottlefit.exporter.qdq import quantize_head
         from bottlefit.parity.tolerances import parse_overrides
         from bottlefit.targets.jetson.trtexec import DEFAULT_FILES, render_build_script, write_golden
@@ -263,7 +262,7 @@ class JetsonTarget:
         ctx.log(f"wrote {CACHE}: TRT-{p.trt_code}, {len(scales)} tensors, bound to {HEAD_ONNX} {onnx_sha[:12]}…")
 
         # 4. Golden I/O. trtexec loads exactly one static batch (batch 1), so one held-out image.
-        held = heldout_images(card, getattr(opts, "images", None), 1, ctx.log)
+        held = ctx.heldout
         gx = np.ascontiguousarray(held.images[:1], dtype=np.float32)
         if req.precision == "int8":
             from bottlefit.parity.verify import run_head

@@ -145,23 +145,23 @@ class RpiTarget:
             Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
                      extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
         ]
-        arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], getattr(opts, "images", None), ctx.log)
+        arts += self._board_bundle(out, card, i8.inputs[0], i8.outputs[0], ctx.heldout, ctx.log)
         return arts
 
     def _board_bundle(
-        self, out: Path, card: Any, in_spec: TensorSpec, out_spec: TensorSpec, images: str | None, log: Any
+        self, out: Path, card: Any, in_spec: TensorSpec, out_spec: TensorSpec, heldout: Any, log: Any
     ) -> list[Artifact]:
-        from bottlefit.exporter.export import heldout_images
         from bottlefit.runtimes.litert import LiteRTRunner
 
         board = out / "board"
         board.mkdir(exist_ok=True)
         for f in BOARD_FILES:
             shutil.copyfile(BOARD_DIR / f, board / f)
-        # The same held-out images parity judges on (never the calibration images).
-        held = heldout_images(card, images, GOLDEN_COUNT, log)
+        # The first few of the images parity judges on (never the calibration images).
+        gx = heldout.images[:GOLDEN_COUNT]
+        gnames = heldout.names[:GOLDEN_COUNT]
         runner = LiteRTRunner(out / "head.int8.tflite", num_threads=1)
-        xs = [wire.encode(in_spec, held.images[i : i + 1]) for i in range(len(held))]
+        xs = [wire.encode(in_spec, gx[i : i + 1]) for i in range(len(gx))]
         ys = [runner.infer({in_spec.name: x})[out_spec.name] for x in xs]
         np.save(board / "golden_inputs.npy", np.concatenate(xs))
         np.save(board / "golden_outputs.npy", np.concatenate(ys))
@@ -173,7 +173,7 @@ class RpiTarget:
             "output": out_spec.to_dict(),
             "inputs_file": "golden_inputs.npy",
             "outputs_file": "golden_outputs.npy",
-            "names": list(held.names),
+            "names": list(gnames),
             "made_with": "ai-edge-litert on the export host",
             "tolerances": dict(GOLDEN_TOLERANCES),
             "preprocess": {"resize": int(card.resize), "crop": [int(card.input_shape[1]), int(card.input_shape[2])],
