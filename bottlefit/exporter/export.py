@@ -85,7 +85,6 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
     target = get_target(args.target)
     out_root = prepare_out_dir(Path(args.out))
     overrides = parse_overrides(getattr(args, "tolerance", None))
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
     target.validate(args)
     log(f"loading {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'untrained architecture'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,15 @@ from bottlefit.errors import UserError, VerificationError
 # silently writes 18 (shared/STACK.md). TensorRT 8.2 (Jetson Nano) parses nothing newer than 13.
 MIN_OPSET, MAX_OPSET = 11, 17
 DEFAULT_OPSET = 13
+
+# The legacy exporter names each node by the module that emitted it: /encoder/encoder.4/BatchNormalization.
+_SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
+
+
+def module_of(node_name: str) -> str | None:
+    """``/encoder/encoder.4/BatchNormalization`` -> ``encoder.4``; None for nodes no module owns."""
+    m = _SCOPE.match(node_name)
+    return m.group(2) if m else None
 
 
 @dataclass

@@ -22,7 +22,6 @@ How it works:
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,11 +35,10 @@ from onnx import helper, numpy_helper
 
 from bottlefit.calibration.observers import OBSERVERS, HistogramObserver, MinMaxObserver, Observer, make_observer
 from bottlefit.errors import UserError, VerificationError
-from bottlefit.exporter.onnx import save_onnx
+from bottlefit.exporter.onnx import module_of, save_onnx
 
 # ONNX Runtime renames a graph output it quantizes: "<name>_QuantizeLinear_Input" feeds the Q node.
 _ORT_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
-_SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _ACT_DTYPES = ("int8", "uint8")
 # Ops whose int8 output ONNX Runtime quantizes with its input's parameters (they move values, never make new
@@ -96,12 +94,6 @@ class QdqResult:
             "rewritten_nodes": list(self.rewritten_nodes),
             "calibration_count": self.calibration_count,
         }
-
-
-def module_of(node_name: str) -> str | None:
-    """``/encoder/encoder.4/BatchNormalization`` -> ``encoder.4``; None for nodes no module owns."""
-    m = _SCOPE.match(node_name)
-    return m.group(2) if m else None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:

@@ -7,7 +7,6 @@ the last node of a module then stands for the output of every module up to the n
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,18 +16,12 @@ import torch
 
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import TensorSpec
+from bottlefit.exporter.onnx import module_of
 from bottlefit.parity.metrics import cosine, sqnr_db
 
 if TYPE_CHECKING:
     from bottlefit.exporter.split import SplitModel
 
-_SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
-
-
-def module_of(node_name: str) -> str | None:
-    """``/encoder/encoder.4/BatchNormalization`` -> ``encoder.4``; None for nodes no module owns."""
-    m = _SCOPE.match(node_name)
-    return m.group(2) if m else None
 
 
 def _leaf_outputs(head: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
