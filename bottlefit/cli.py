@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE",
                    help="override a parity tolerance, e.g. bottleneck.cosine=0.99 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
+                   help="run the target's own runtime on its ISA under emulation (rpi: pi4, pi5, pi3, zero2); "
+                        "auto: the default board where the emulator can run here")
     _model_args(p)
     for name in targets.names():
         try:
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the checkpoint, if it moved since export")
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
+                   help="also run the board scripts on the board's ISA under emulation (rpi: pi4, pi5, pi3, zero2)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("train", help="train a BottleFit student with the authors' two-stage strategy")

@@ -17,6 +17,7 @@ from bottlefit.cli import main
 from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.split import check_split, split
 from bottlefit.models.checkpoint import untrained
+from bottlefit.parity.tolerances import DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,9 @@ def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r
         z = head.run(["bottleneck"], {"input": held.images[i : i + 1]})[0]
         assert z.shape == (1, 12, 29, 29)
         logits = tail.run(["logits"], {"bottleneck": z})[0]
-        assert np.abs(logits - ref[i : i + 1]).max() < 1e-4
+        # The fp32 logits tolerance parity gates on: a ResNet-152 tail amplifies ~1e-6 head differences by up to
+        # ~160x, so a fixed 1e-4 sat on the edge (1.00016e-4 measured on an AVX2 host; 4e-5 on another).
+        assert np.abs(logits - ref[i : i + 1]).max() <= DEFAULTS["fp32"]["logits.max_abs_error"]
 
 
 def test_manifest_records_what_was_built(exported, authors_r152: Path) -> None:

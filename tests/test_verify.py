@@ -4,6 +4,7 @@ artifact (naming the diverging layer) and refuses a tampered one."""
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from onnx import numpy_helper
 
 from bottlefit.cli import main
 from bottlefit.exporter.manifest import MANIFEST, read_manifest, sha256_file, write_json
+from bottlefit.runtimes.cpu import has_vnni, isa_label
 
 try:  # pytest's default (prepend) import mode puts tests/ itself on sys.path
     from test_int8_onnx import clone_export, export_r152_int8
@@ -29,6 +31,33 @@ def values(report: dict) -> dict[tuple[str, str], float]:
     return {(c["artifact"], c["metric"]): c["value"] for c in report["checks"]}
 
 
+def test_fidelity_and_host_execution_are_reported_apart(exported: Path) -> None:
+    report = json.loads((exported / "report.json").read_text())
+    assert report["format_version"] == 2
+    int8 = [c for c in report["checks"] if c["artifact"] == "head.int8.onnx"]
+    assert int8 and all(c["kind"] == "fidelity" and "spec semantics" in c["semantics"] for c in int8)
+    (host,) = [e for e in report["execution"] if e["artifact"] == "head.int8.onnx"]
+    assert host["where"] == "host" and host["gated"] is False and host["isa"].startswith(platform.machine())
+    assert host["status"] in ("agrees", "deviates") and 0.0 <= host["metrics"]["mismatch_fraction"] <= 1.0
+    manifest = read_manifest(exported)
+    assert manifest["parity"]["execution"] == report["execution"]
+    md = (exported / "report.md").read_text()
+    assert "## Fidelity (reference semantics" in md and "## Execution" in md
+
+
+def test_host_kernel_deviation_is_detected_and_labelled(exported: Path) -> None:
+    """On x86 without VNNI, ONNX Runtime's fused u8s8 kernels saturate: the host run deviates from the
+    artifact's reference semantics, the report says why and how to fix it, and the verdict does not change."""
+    if platform.machine() != "x86_64" or has_vnni():
+        pytest.skip(f"this host's int8 kernels do not saturate ({isa_label()}): nothing deviates to detect")
+    report = json.loads((exported / "report.json").read_text())
+    (host,) = [e for e in report["execution"] if e["artifact"] == "head.int8.onnx"]
+    assert host["status"] == "deviates" and host["metrics"]["max_abs_lsb"] > 2.0
+    assert host["metrics"]["sqnr_db_vs_reference"] < 30.0
+    assert "VPMADDUBSW" in host["note"] and "reduce_range" in host["note"] and "avx2" in host["isa"]
+    assert report["passed"] is True  # information, not a gate: no target of this export runs on this CPU
+
+
 def test_verify_dir_reproduces_the_export_verdict(exported: Path, tmp_path: Path, capsys) -> None:
     d = clone_export(exported, tmp_path / "onnx")
     before = json.loads((d / "report.json").read_text())
@@ -40,6 +69,7 @@ def test_verify_dir_reproduces_the_export_verdict(exported: Path, tmp_path: Path
     for key, v in b.items():
         assert a[key] == pytest.approx(v, abs=1e-6), key
     assert json.loads((d / "report.json").read_text())["checks"] == after["checks"]
+    assert read_manifest(d)["parity"]["checks"] == after["checks"]  # the manifest carries the new verdict
 
 
 def test_verify_root_verifies_every_target(exported: Path, tmp_path: Path, capsys) -> None:

@@ -20,7 +20,7 @@ from bottlefit.exporter.manifest import write_manifest
 from bottlefit.exporter.split import check_split, split
 from bottlefit.parity.tolerances import parse_overrides
 from bottlefit.parity.verify import Verdict, verify
-from bottlefit.targets import BuildContext, get_target
+from bottlefit.targets import BuildContext, Emulate, get_target
 
 
 class Progress:
@@ -69,6 +69,13 @@ def calibration_factory(args: argparse.Namespace, card: Any, log: Callable[[str]
     return make
 
 
+def parity_section(verdict: Verdict, tolerance: list[str] | None) -> dict[str, Any]:
+    """The manifest's record of the verdict: fidelity checks and every execution, each saying where it ran."""
+    report = verdict.to_dict()
+    return {"passed": verdict.passed, "images": verdict.images, "checks": report["checks"],
+            "execution": report["execution"], "tolerance_overrides": tolerance}
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished directory into place; an older export there is replaced only after success."""
     old = None
@@ -85,6 +92,7 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
     target = get_target(args.target)
     out_root = prepare_out_dir(Path(args.out))
     overrides = parse_overrides(getattr(args, "tolerance", None))
+    emulate = Emulate.parse(getattr(args, "emulate", None))
 
     target.validate(args)
     log(f"loading {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'untrained architecture'}")
@@ -109,11 +117,11 @@ def run_export(args: argparse.Namespace) -> tuple[Path, Verdict]:
         log("parity: running every artifact in its own runtime against PyTorch fp32")
         held = ctx.heldout
         verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
+        verdict.execution += target.execute(tmp, artifacts, emulate, log)
         verdict.write(tmp)
         sections: dict[str, Any] = {
             "split_check": {"max_abs_error": err},
-            "parity": {"passed": verdict.passed, "images": held.describe(),
-                       "checks": verdict.to_dict()["checks"], "tolerance_overrides": getattr(args, "tolerance", None)},
+            "parity": parity_section(verdict, getattr(args, "tolerance", None)),
             "options": {k: v for k, v in sorted(vars(args).items())
                         if k not in ("func", "checkpoint", "out", "quiet")
                         and isinstance(v, str | int | float | bool | None)},

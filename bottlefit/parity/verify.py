@@ -1,11 +1,20 @@
-"""Run every artifact in its own runtime against PyTorch fp32 on held-out images; the verdict and reports.
+"""Every artifact against PyTorch fp32 on held-out images: the verdict and its reports.
 
-report.json schema (format_version 1, stable):
-  {"format": "bottlefit-report", "format_version": 1, "passed": bool, "target": str,
+Two kinds of check, never mixed (shared/DESIGN.md §6):
+- **fidelity**: the artifact under its reference semantics (Q/DQ as the ONNX spec defines it, TFLite's reference
+  kernels; fp32 artifacts in their runtime), the same figures on any host. The tolerances gate here.
+- **execution**: the artifact in the runtime the target uses, on some CPU, compared with its own reference
+  semantics. On the target's instruction set (the board, or the board's ISA under emulation) it gates; on the
+  export host's own kernels it is information, unless the target runs on this ISA.
+
+report.json schema (format_version 2; version 1 had no "kind" and no "execution"):
+  {"format": "bottlefit-report", "format_version": 2, "passed": bool, "target": str,
    "images": {"source", "count", "sha256"},
-   "checks": [{"artifact", "metric", "value", "tolerance", "op", "passed"}],   # tolerance null: reported only
+   "checks": [{"artifact", "metric", "value", "tolerance", "op", "passed", "kind": "fidelity", "semantics"}],
+   "execution": [{"artifact", "runtime", "where": "host"|"emulated"|"board", "isa", "gated", "status":
+                  "agrees"|"deviates"|"failed"|"not run", "metrics": {...}, "note"}],
    "skipped": [{"artifact", "reason"}],
-   "diagnosis": {artifact: {"first_diverging_layer": str | null, "layers": [...]}}}
+   "diagnosis": {artifact: {"first_diverging_layer": str | null, "summary": str, "layers": [...]}}}
 """
 
 from __future__ import annotations
@@ -25,9 +34,17 @@ from bottlefit.exporter.split import SplitModel
 from bottlefit.parity import metrics
 from bottlefit.parity.tolerances import tolerances_for
 from bottlefit.runtimes import RuntimeUnavailable, get_runner
+from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
+from bottlefit.runtimes.execution import Execution
+from bottlefit.runtimes.head import output_lsb, reference_semantics, run_head
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+FORMAT_VERSION = 2
+# An execution agrees with the reference when it stays within this many output steps everywhere and keeps
+# this cosine: int8 kernels legitimately round differently by 1 LSB (fixed-point vs float requantization).
+AGREE_MAX_LSB = 2.0
+AGREE_COSINE = 0.999
 
 
 @dataclass
@@ -38,6 +55,50 @@ class Check:
     tolerance: float | None
     op: str | None
     passed: bool
+    kind: str = "fidelity"
+    semantics: str = ""
+
+
+def agreement(reference: np.ndarray, got: np.ndarray, lsb: float | None) -> dict[str, Any]:
+    """How an execution's outputs compare with the reference outputs of the same artifact."""
+    diff = np.abs(reference.astype(np.float64) - got.astype(np.float64))
+    sq = metrics.sqnr_db(reference, got)
+    out: dict[str, Any] = {
+        "max_abs_error": float(diff.max()) if diff.size else 0.0,
+        "cosine_vs_reference": metrics.cosine(reference, got),
+        "sqnr_db_vs_reference": None if math.isinf(sq) and sq > 0 else sq,
+        "mismatch_fraction": float(np.mean(diff > 0)) if diff.size else 0.0,
+    }
+    if lsb:
+        out["max_abs_lsb"] = float(diff.max() / lsb) if diff.size else 0.0
+    return out
+
+
+def agrees(m: dict[str, Any]) -> bool:
+    if "max_abs_lsb" in m:
+        return m["max_abs_lsb"] <= AGREE_MAX_LSB + 1e-6 and m["cosine_vs_reference"] >= AGREE_COSINE
+    return m["cosine_vs_reference"] >= AGREE_COSINE
+
+
+def _host_note(art: Artifact, status: str) -> str:
+    host = describe_host()
+    if status == "agrees":
+        return f"this host's {art.runtime} int8 kernels ({host['int8_dot']}) agree with the reference"
+    if art.runtime == "onnxruntime" and host["machine"] in ("x86_64", "AMD64") and not has_vnni():
+        return ("ONNX Runtime fuses Q/DQ into QLinearConv; its x86 u8s8 kernels on a CPU without AVX-512 VNNI / "
+                "AVX-VNNI sum pairs of products in int16 (VPMADDUBSW), which saturate. This is the build host, "
+                "not the artifact: TensorRT and ARM kernels do not saturate. For an x86 deployment without VNNI, "
+                "quantize with reduce_range (7-bit weights) or U8U8 activations and weights")
+    return (f"this host's {art.runtime} int8 kernels ({host['int8_dot']}) round differently from the reference; "
+            "judge the device by the target's own kernels (board or emulation)")
+
+
+def host_execution(art: Artifact, target_dir: Path, images: np.ndarray, reference: np.ndarray) -> Execution:
+    """The artifact on this host's own default kernels, against its reference outputs (information)."""
+    got = run_head(art, target_dir, images)
+    m = agreement(reference, got, output_lsb(art))
+    status = "agrees" if agrees(m) else "deviates"
+    return Execution(art.file, art.runtime, "host", isa_label(), False, status, m, _host_note(art, status))
 
 
 @dataclass
@@ -45,27 +106,33 @@ class Verdict:
     target: str
     images: dict[str, Any]
     checks: list[Check] = field(default_factory=list)
+    execution: list[Execution] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     diagnosis: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and all(e.passed for e in self.execution)
 
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:  # JSON has no inf/nan
-            return None if isinstance(v, float) and not math.isfinite(v) else v
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
 
         return {
             "format": "bottlefit-report",
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "passed": self.passed,
             "target": self.target,
             "images": self.images,
             "checks": [{k: clean(v) for k, v in asdict(c).items()} for c in self.checks],
+            "execution": [clean(e.to_dict()) for e in self.execution],
             "skipped": self.skipped,
             "diagnosis": self.diagnosis,
         }
@@ -74,15 +141,25 @@ class Verdict:
         lines = [f"# Parity report: {self.target}", "",
                  f"Verdict: **{'PASS' if self.passed else 'FAIL'}** on {self.images.get('count')} held-out images "
                  f"({self.images.get('source')}).", "",
-                 "| artifact | metric | value | tolerance | result |", "|---|---|---|---|---|"]
+                 "## Fidelity (reference semantics, the same on any host; gated)", "",
+                 "| artifact | semantics | metric | value | tolerance | result |", "|---|---|---|---|---|---|"]
         for c in self.checks:
             tol = "—" if c.tolerance is None else f"{c.op} {c.tolerance:g}"
             res = "—" if c.tolerance is None else ("pass" if c.passed else "**FAIL**")
-            lines.append(f"| {c.artifact} | {c.metric} | {c.value:.6g} | {tol} | {res} |")
+            lines.append(f"| {c.artifact} | {c.semantics} | {c.metric} | {c.value:.6g} | {tol} | {res} |")
+        if self.execution:
+            lines += ["", "## Execution (the target runtime's kernels on a CPU, vs the reference semantics)", "",
+                      "| artifact | runtime | where | ISA | status | gated | figures | note |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for e in self.execution:
+                figs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in e.metrics.items())
+                lines.append(f"| {e.artifact} | {e.runtime} | {e.where} | {e.isa} | {e.status} | "
+                             f"{'yes' if e.gated else 'no'} | {figs} | {e.note} |")
         for s in self.skipped:
             lines.append(f"\nSkipped {s['artifact']}: {s['reason']}")
         for art, d in self.diagnosis.items():
-            lines.append(f"\n{art}: first diverging head layer: `{d.get('first_diverging_layer')}`")
+            lines.append(f"\n{art}: {d['summary']}")
         return "\n".join(lines) + "\n"
 
     def write(self, target_dir: Path) -> None:
@@ -97,24 +174,18 @@ class Verdict:
             mark = "ok " if c.passed else "FAIL"
             tol = "" if c.tolerance is None else f" ({c.op} {c.tolerance:g})"
             rows.append(f"  {mark} {c.artifact:22s} {c.metric:28s} {c.value:.4g}{tol}")
+        for e in self.execution:
+            mark = ("ok " if e.status == "agrees" else "FAIL") if e.gated else "info"
+            rows.append(f"  {mark} {e.line()}")
         for art, d in self.diagnosis.items():
-            rows.append(f"  {art}: first diverging head layer: {d.get('first_diverging_layer')}")
+            rows.append(f"  {art}: {d['summary']}")
         return "\n".join(rows)
-
-
-def run_head(artifact: Artifact, target_dir: Path, x: np.ndarray, **runner_options: Any) -> np.ndarray:
-    """The artifact head's float NCHW outputs for float NCHW inputs (one image at a time: static batch 1)."""
-    runner = get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
-    ispec, ospec = artifact.inputs[0], artifact.outputs[0]
-    outs = []
-    for i in range(x.shape[0]):
-        res = runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
-        outs.append(wire.decode(ospec, res[ospec.name]))
-    return np.concatenate(outs)
 
 
 def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, target: str, images: np.ndarray,
            images_info: dict[str, Any], overrides: dict | None = None) -> Verdict:
+    """Fidelity of every head and tail artifact (gated), and the host-kernel execution of every int8 head
+    (information: no target here runs on the export host's ISA)."""
     overrides = overrides or {}
     verdict = Verdict(target, images_info)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -129,12 +200,18 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
             # Random weights leave near-ties between classes (margins ~1e-2 on logits ~1e2): any quantization
             # noise flips top-1, so agreement says nothing about the artifact. Reported, not gated.
             tols.pop("logits.top1_agreement", None)
+        int8 = art.precision == "int8"
+        # int8 results depend on the kernels: fidelity is judged under the artifact's reference semantics.
+        # fp32 results differ across CPUs only by summation order, far inside the fp32 tolerances.
+        semantics = reference_semantics(art.runtime) if int8 else f"{art.runtime} fp32 kernels"
         try:
             if art.role == "head":
-                got_z = run_head(art, target_dir, images)
+                got_z = run_head(art, target_dir, images, reference=int8)
                 with torch.no_grad():
                     got_logits = split.tail(split.transmit(torch.from_numpy(got_z))).numpy()
                 values = {f"bottleneck.{m}": fn(ref_z.numpy(), got_z) for m, fn in metrics.BOTTLENECK_METRICS.items()}
+                if int8:
+                    verdict.execution.append(host_execution(art, target_dir, images, got_z))
             else:
                 runner = get_runner(art.runtime, target_dir / art.file)
                 ispec, ospec = art.inputs[0], art.outputs[0]
@@ -151,13 +228,15 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
         for metric, value in values.items():
             tol = tols.get(metric)
             verdict.checks.append(Check(art.file, metric, float(value), tol.value if tol else None,
-                                        tol.op if tol else None, tol.ok(value) if tol else True))
+                                        tol.op if tol else None, tol.ok(value) if tol else True, "fidelity",
+                                        semantics))
         if any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head":
             verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)
     return verdict
 
 
 def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray, tols: dict) -> dict[str, Any]:
+    """Which head layer broke a bottleneck tolerance first, under the artifact's reference semantics."""
     min_cos = tols["bottleneck.cosine"].value if "bottleneck.cosine" in tols else 0.9999
     # A layer diverges when it breaks a bottleneck tolerance itself: cosine, or SQNR (which sees a coarse
     # scale long before cosine does).
@@ -177,9 +256,27 @@ def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndar
             r["through"] = split.head_module_path(r["through"])
     else:
         return {"first_diverging_layer": None, "layers": [],
-                "note": f"per-layer diagnosis needs an ONNX artifact with float input or a TFLite artifact; "
-                        f"{art.file} is {art.runtime}"}
+                "summary": f"no per-layer diagnosis: it needs an ONNX artifact with float input or a TFLite "
+                           f"artifact, and {art.file} is {art.runtime} with {art.inputs[0].dtype} input"}
     first = next((r for r in rows if r["cosine"] < min_cos
                   or (min_sqnr is not None and r["sqnr_db"] is not None and r["sqnr_db"] < min_sqnr)), None)
     return {"first_diverging_layer": first["module"] if first else None, "min_cosine": min_cos,
-            "min_sqnr_db": min_sqnr, "layers": rows}
+            "min_sqnr_db": min_sqnr, "layers": rows, "summary": _diagnosis_summary(art, rows, first, min_cos,
+                                                                                   min_sqnr)}
+
+
+def _diagnosis_summary(art: Artifact, rows: list[dict], first: dict | None, min_cos: float,
+                       min_sqnr: float | None) -> str:
+    gate = f"cosine >= {min_cos:g}" + (f" and SQNR >= {min_sqnr:g} dB" if min_sqnr is not None else "")
+    if first is not None:
+        sq = "" if first["sqnr_db"] is None else f", SQNR {first['sqnr_db']:.1f} dB"
+        return (f"first diverging head layer: {first['module']} (cosine {first['cosine']:.4f}{sq}; every layer "
+                f"before it keeps {gate})")
+    if not rows:
+        return (f"no layer of {art.file} could be matched to a PyTorch module (no named intermediate tensors of "
+                "the same shape), so no layer is blamed")
+    worst = min(rows, key=lambda r: (r["sqnr_db"] if r["sqnr_db"] is not None else math.inf, r["cosine"]))
+    sq = "" if worst["sqnr_db"] is None else f", SQNR {worst['sqnr_db']:.1f} dB"
+    return (f"no single head layer breaks {gate}: compared {len(rows)} layers of {art.file} with PyTorch's module "
+            f"outputs under {reference_semantics(art.runtime)}; the error builds up across layers (worst: "
+            f"{worst['module']}, cosine {worst['cosine']:.4f}{sq})")

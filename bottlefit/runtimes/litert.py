@@ -30,14 +30,19 @@ class LiteRTRunner:
 
     name = "litert"
 
-    def __init__(self, path: Path, num_threads: int = 1, xnnpack: bool = True) -> None:
+    def __init__(self, path: Path, num_threads: int = 1, xnnpack: bool = True, reference: bool = False) -> None:
         mod = interpreter_module()
         kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": int(num_threads)}
-        if not xnnpack:
+        if reference:
+            # TFLite's reference kernels: portable integer arithmetic, the same result on every ISA (the
+            # optimized and XNNPACK kernels round differently by up to 1 LSB, per CPU)
+            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_REF
+        elif not xnnpack:
             # the default op resolver applies XNNPACK; this one runs the built-in kernels alone
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.path = Path(path)
-        self.xnnpack = xnnpack
+        self.xnnpack = xnnpack and not reference
+        self.reference = reference
         self.interpreter = mod.Interpreter(**kwargs)
         self.interpreter.allocate_tensors()
         self._inputs = self.interpreter.get_input_details()

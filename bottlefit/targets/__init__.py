@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
+from bottlefit.runtimes.execution import Execution
 
 # name -> "module:attribute" of a Target instance; imported lazily.
 _TARGETS = {
@@ -55,6 +56,30 @@ class BuildContext:
         return self._heldout
 
 
+@dataclass(frozen=True)
+class Emulate:
+    """``--emulate``: run the target's own runtime on the target's ISA under emulation.
+
+    ``auto`` (default): the target's default boards where the emulator can run here, else each run is recorded
+    as not run with the reason; ``none``: no emulation; ``pi4,pi5``: those boards, and an emulator that cannot
+    run is an error."""
+
+    mode: str = "auto"  # auto | on | off
+    profiles: tuple[str, ...] = ()  # empty: the target's default boards
+
+    @classmethod
+    def parse(cls, text: str | None) -> Emulate:
+        text = (text or "auto").strip()
+        if text == "auto":
+            return cls()
+        if text == "none":
+            return cls("off")
+        profiles = tuple(p.strip() for p in text.split(",") if p.strip())
+        if not profiles:
+            raise UserError(f"--emulate {text!r}: give auto, none, or board profiles such as pi4,pi5")
+        return cls("on", profiles)
+
+
 class Target(Protocol):
     name: str
     summary: str
@@ -68,6 +93,11 @@ class Target(Protocol):
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
         """Write the artifacts into ``ctx.out_dir`` and describe them."""
+
+    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+                log: Callable[[str], None]) -> list[Execution]:
+        """Run the artifacts in the target's runtime on the target's ISA where this host can (emulation), and
+        say where that must happen instead (the board): the execution half of the verdict."""
 
 
 def names() -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -16,7 +15,8 @@ from onnx import numpy_helper
 from bottlefit.calibration.observers import MinMaxObserver
 from bottlefit.errors import UserError
 from bottlefit.exporter.qdq import QdqResult
-from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, onnx_specs, write_int8_onnx
+from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
+from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OUTPUT, onnx_specs, write_int8_onnx
 from tests.rpi import CALIB_COUNT, HELDOUT_COUNT, cosine, head, images, scratch, sqnr_db
 
 # measured on the random-BN ResNet-152 ver2 head: cosine 0.9999, SQNR ~37 dB
@@ -45,9 +45,9 @@ def test_int8_onnx_is_qdq_with_float_io_and_close_to_pytorch() -> None:
     assert ops[-1] == "DequantizeLinear"  # float out
     model = onnx.load_from_string(data)
     assert [n.op_type for n in model.graph.node if ONNX_INPUT in n.input] == ["QuantizeLinear"]  # float in
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    r = OnnxRuntimeRunner(res.path, reference=True)  # ONNX spec semantics: host-independent
     x = images("heldout", HELDOUT_COUNT)
-    got = np.concatenate([sess.run(None, {ONNX_INPUT: x[i : i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([r.infer({ONNX_INPUT: x[i : i + 1]})[ONNX_OUTPUT] for i in range(len(x))])
     with torch.no_grad():
         ref = head("r152v2")[0](torch.from_numpy(x).clone()).numpy()
     print(f"ORT int8 (qdq s8 asym): cosine {cosine(ref, got):.5f} sqnr {sqnr_db(ref, got):.1f} dB")

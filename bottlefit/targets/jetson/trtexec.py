@@ -236,6 +236,7 @@ def write_golden(
     outputs: Mapping[str, np.ndarray],
     tolerances: Mapping[str, Mapping[str, float]],
     output_scales: Mapping[str, float] | None = None,
+    made_with: str | None = None,
 ) -> Path:
     """Golden data the stdlib-only board verifier reads (format ``bottlefit-golden-1``):
 
@@ -261,6 +262,8 @@ def write_golden(
                 entry["scale"] = float(scales[name]) if name in scales else None
             doc[f"{kind}s"].append(entry)
     doc["tolerances"] = {p: {k: float(v) for k, v in t.items()} for p, t in tolerances.items()}
+    if made_with:
+        doc["made_with"] = made_with  # what computed the golden outputs (never a host kernel that deviates)
     path = golden / "golden.json"
     atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
     return path

@@ -8,6 +8,7 @@ import torch
 
 from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
+from bottlefit.runtimes.execution import Execution
 from bottlefit.targets import BuildContext
 
 
@@ -55,6 +56,11 @@ class OnnxTarget:
 
             arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", opset))
         return arts
+
+
+    def execute(self, target_dir: object, artifacts: list[Artifact], emulate: object, log: object) -> list[Execution]:
+        """No device of its own: the host-kernel runs parity records are all there is."""
+        return []
 
 
 TARGET = OnnxTarget()

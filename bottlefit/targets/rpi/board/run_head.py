@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Run the BottleFit head on the Raspberry Pi: one image (or .npy), or the golden inputs.
 
-Needs Python >= 3.9, numpy, and ai-edge-litert (falls back to tflite-runtime); Pillow only for image files.
-Prints the median latency of --runs invocations and writes the int8 bottleneck payload (the bytes that go on
-the wire, C order, in the model's layout) to --out.
+Needs Python >= 3.9 and numpy, plus the runtime of the head it runs: ai-edge-litert (or tflite-runtime) for
+head.int8.tflite, onnxruntime for head.int8.onnx; Pillow only for image files. Prints the median latency of
+--runs invocations and writes the head's output (the bytes that go on the wire, C order, in the model's
+layout) to --out.
 
   python3 run_head.py --image cat.jpg --out payload.bin
   python3 run_head.py --golden --runs 50
+  python3 run_head.py --golden --runtime onnxruntime
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RUNTIMES = ("litert", "onnxruntime")
+
+
+class MissingRuntime(Exception):
+    """The Python package this head needs is not installed on this board."""
 
 
 def load_interpreter(model, threads, xnnpack=True):
@@ -29,7 +36,7 @@ def load_interpreter(model, threads, xnnpack=True):
         try:
             from tflite_runtime import interpreter as tfl
         except ImportError:
-            sys.exit("error: install ai-edge-litert (pip install ai-edge-litert) or tflite-runtime")
+            raise MissingRuntime("install ai-edge-litert (pip install ai-edge-litert) or tflite-runtime") from None
     kwargs = {"model_path": model, "num_threads": threads}
     if not xnnpack:
         kwargs["experimental_op_resolver_type"] = tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -38,22 +45,74 @@ def load_interpreter(model, threads, xnnpack=True):
     return interp
 
 
-def read_golden(golden_json, model=None):
-    """(golden.json contents, its folder, the model path), or None after saying on stderr what is missing."""
+class Head:
+    """One head artifact in its runtime: ``run(x) -> y`` on arrays encoded as golden.json's specs say."""
+
+    def __init__(self, entry, model, threads=1, xnnpack=True):
+        self.entry, self.runtime = entry, entry["runtime"]
+        if self.runtime == "litert":
+            self.interp = load_interpreter(model, threads, xnnpack)
+            self.ind = self.interp.get_input_details()[0]
+            self.outd = self.interp.get_output_details()[0]
+            self.describe = "xnnpack %s" % ("on" if xnnpack else "off")
+        elif self.runtime == "onnxruntime":
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise MissingRuntime("install onnxruntime (pip install onnxruntime)") from None
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.log_severity_level = 3
+            self.sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+            self.describe = "onnxruntime %s" % ort.__version__
+        else:
+            raise MissingRuntime("unknown runtime %r in golden.json" % self.runtime)
+
+    def set_input(self, x):
+        self.x = np.ascontiguousarray(x)
+        if self.runtime == "litert":
+            self.interp.set_tensor(self.ind["index"], self.x)
+
+    def invoke(self):
+        if self.runtime == "litert":
+            self.interp.invoke()
+        else:
+            self.y = self.sess.run([self.entry["output"]["name"]], {self.entry["input"]["name"]: self.x})[0]
+
+    def output(self):
+        if self.runtime == "litert":
+            return self.interp.get_tensor(self.outd["index"])
+        return self.y
+
+    def run(self, x):
+        self.set_input(x)
+        self.invoke()
+        return self.output()
+
+
+def read_golden(golden_json, model=None, runtime=None):
+    """(golden.json contents, its folder, the model entry, the model path), or None after saying on stderr what
+    is missing. ``runtime`` picks the model entry (default: golden.json's default_runtime)."""
     if not os.path.isfile(golden_json):
         print("error: %s not found" % golden_json, file=sys.stderr)
         return None
     with open(golden_json) as f:
         meta = json.load(f)
     base = os.path.dirname(os.path.abspath(golden_json))
-    return meta, base, model or os.path.join(base, meta["model"])
+    want = runtime or meta.get("default_runtime")
+    entries = [e for e in meta["models"] if e["runtime"] == want] or meta["models"][:1]
+    if runtime and entries[0]["runtime"] != runtime:
+        print("error: %s has no %s model" % (golden_json, runtime), file=sys.stderr)
+        return None
+    entry = entries[0]
+    return meta, base, entry, model or os.path.join(base, entry["model"])
 
 
 def preprocess(path, pre, in_spec):
     """Image file -> the model's input array, exactly as the host preprocessed (resize, crop, normalize)."""
     if path.endswith(".npy"):
         x = np.load(path)
-        if x.dtype == np.dtype(in_spec["dtype"]):
+        if x.dtype == np.dtype(in_spec["dtype"]) and x.size == int(np.prod(in_spec["shape"])):
             return x.reshape(in_spec["shape"])  # already encoded for the model
         x = x.astype(np.float32)  # a float NCHW image, preprocessed elsewhere
     else:
@@ -87,47 +146,52 @@ def main(argv=None):
     src.add_argument("--image", help="image file (.jpg/.png; needs Pillow) or .npy")
     src.add_argument("--golden", action="store_true", help="run the golden inputs next to this script")
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
-    p.add_argument("--model", help="the .tflite head (default: the one golden.json names)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: golden.json's default)")
+    p.add_argument("--model", help="the head file (default: the one golden.json names for the runtime)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-xnnpack", action="store_true")
-    p.add_argument("--out", default="payload.bin", help="where to write the int8 payload bytes")
+    p.add_argument("--no-xnnpack", action="store_true", help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--out", default="payload.bin", help="where to write the output payload bytes")
     a = p.parse_args(argv)
 
-    golden = read_golden(a.golden_json, a.model)
+    golden = read_golden(a.golden_json, a.model, a.runtime)
     if golden is None:
         return 2
-    meta, base, model = golden
+    meta, base, entry, model = golden
     if not os.path.isfile(model):
         print("error: model %s not found" % model, file=sys.stderr)
         return 2
-    interp = load_interpreter(model, a.threads, not a.no_xnnpack)
-    ind, outd = interp.get_input_details()[0], interp.get_output_details()[0]
+    try:
+        head = Head(entry, model, a.threads, not a.no_xnnpack)
+    except MissingRuntime as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
     if a.golden:
-        xs = np.load(os.path.join(base, meta["inputs_file"]))
+        xs = np.load(os.path.join(base, entry["inputs_file"]))
         xs = [xs[i : i + 1] for i in range(len(xs))]
     else:
         if not os.path.isfile(a.image):
             print("error: %s not found" % a.image, file=sys.stderr)
             return 2
-        xs = [preprocess(a.image, meta["preprocess"], meta["input"])]
-    times, payload = [], b""
+        xs = [preprocess(a.image, meta["preprocess"], entry["input"])]
+    times, payload, y = [], b"", None
     for x in xs:
-        interp.set_tensor(ind["index"], x)
+        head.set_input(x)
         for _ in range(max(1, a.runs)):
             t0 = time.perf_counter()
-            interp.invoke()
+            head.invoke()
             times.append(time.perf_counter() - t0)
-        y = interp.get_tensor(outd["index"])
+        y = head.output()
         payload += np.ascontiguousarray(y).tobytes()
     with open(a.out, "wb") as f:
         f.write(payload)
     times.sort()
-    print("latency median %.3f ms over %d runs (%d thread(s), xnnpack %s)"
-          % (times[len(times) // 2] * 1e3, len(times), a.threads, "off" if a.no_xnnpack else "on"))
+    out = entry["output"]
+    print("latency median %.3f ms over %d runs (%s, %d thread(s), %s)"
+          % (times[len(times) // 2] * 1e3, len(times), os.path.basename(model), a.threads, head.describe))
     print("wrote %d bytes (%d image(s) x %s %s, scale %s, zero_point %s) to %s"
-          % (len(payload), len(xs), "x".join(str(d) for d in outd["shape"]), outd["dtype"].__name__,
-             outd["quantization"][0], outd["quantization"][1], a.out))
+          % (len(payload), len(xs), "x".join(str(d) for d in y.shape), y.dtype.name, out.get("scale"),
+             out.get("zero_point"), a.out))
     return 0
 
 

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""Verify the BottleFit head on the Raspberry Pi against the golden outputs made on the export host.
+"""Verify the BottleFit heads on the Raspberry Pi against the golden outputs made on the export host.
 
-Runs the .tflite on the golden inputs and compares with the golden outputs using the metrics and tolerances
-the host wrote into golden.json (max abs error in LSB of the output scale, cosine similarity).
-Prints PASS or FAIL per image and overall; exit 0 on pass, 1 on failure, 2 when a file is missing.
-Needs Python >= 3.9, numpy, and ai-edge-litert (falls back to tflite-runtime).
+Runs each head golden.json lists (head.int8.tflite in ai-edge-litert, head.int8.onnx in onnxruntime) on the
+golden inputs and compares with the golden outputs, which the host computed under each artifact's reference
+semantics (never with the host's own int8 kernels), using the tolerances in golden.json (max abs error in LSB
+of the output scale, cosine similarity). A head whose runtime is not installed is skipped and said so.
+Prints PASS or FAIL per image and overall (--json: one JSON object); exit 0 on pass, 1 on failure, 2 when a
+file is missing or no head could run.
+Needs Python >= 3.9, numpy, and ai-edge-litert (or tflite-runtime) and/or onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import sys
 
 import numpy as np
@@ -18,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run_head import load_interpreter, read_golden  # noqa: E402 - the bundle's own module, beside this file
+from run_head import RUNTIMES, Head, MissingRuntime, read_golden  # noqa: E402 - the bundle's own module
 
 
 def dequantize(y, spec):
@@ -34,45 +39,76 @@ def cosine(a, b):
     return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
+def check_model(meta, base, entry, model, threads, xnnpack, say):
+    """One head against its golden outputs: a result dict (status pass | fail | skip | missing)."""
+    res = {"model": entry["model"], "runtime": entry["runtime"], "images": []}
+    paths = [model, os.path.join(base, entry["inputs_file"]), os.path.join(base, entry["outputs_file"])]
+    missing = [q for q in paths if not os.path.isfile(q)]
+    if missing:
+        res.update(status="missing", reason="missing file(s): %s" % ", ".join(missing))
+        return res
+    try:
+        head = Head(entry, model, threads, xnnpack)
+    except MissingRuntime as e:
+        res.update(status="skip", reason=str(e))
+        return res
+    xs, golden = np.load(paths[1]), np.load(paths[2])
+    spec, tol = entry["output"], entry["tolerances"]
+    lsb = float(entry.get("lsb") or spec.get("scale") or 1.0)
+    names = meta.get("names") or [str(i) for i in range(len(xs))]
+    worst_lsb, worst_cos, mismatched, total = 0.0, 1.0, 0, 0
+    ok_all = True
+    for i in range(len(xs)):
+        got = dequantize(head.run(xs[i : i + 1]), spec)
+        want = dequantize(golden[i : i + 1], spec)
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        max_abs, cos = float(diff.max()), cosine(got, want)
+        mismatched += int(np.count_nonzero(diff))
+        total += diff.size
+        ok = max_abs <= tol["max_abs_lsb"] * lsb + 1e-12 and cos >= tol["cosine_min"]
+        ok_all = ok_all and ok
+        worst_lsb, worst_cos = max(worst_lsb, max_abs / lsb), min(worst_cos, cos)
+        res["images"].append({"name": names[i], "max_abs_lsb": max_abs / lsb, "cosine": cos, "passed": ok})
+        say("%s %s %s: max_abs %.4g (%.2f LSB, tol %.2f), cosine %.6f (min %.4f)"
+            % ("PASS" if ok else "FAIL", os.path.basename(model), names[i], max_abs, max_abs / lsb,
+               tol["max_abs_lsb"], cos, tol["cosine_min"]))
+    res.update(status="pass" if ok_all else "fail", max_abs_lsb=worst_lsb, cosine=worst_cos,
+               mismatch_fraction=mismatched / float(max(1, total)), kernels=head.describe)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
-    p.add_argument("--model", help="the .tflite head (default: the one golden.json names)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="check only this head (default: every head listed)")
+    p.add_argument("--model", help="with --runtime: the head file (default: the one golden.json names)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-xnnpack", action="store_true")
+    p.add_argument("--no-xnnpack", action="store_true", help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = p.parse_args(argv)
 
-    golden = read_golden(a.golden_json, a.model)
+    golden = read_golden(a.golden_json, a.model, a.runtime)
     if golden is None:
         return 2
-    meta, base, model = golden
-    paths = [model, os.path.join(base, meta["inputs_file"]), os.path.join(base, meta["outputs_file"])]
-    missing = [q for q in paths if not os.path.isfile(q)]
-    if missing:
-        print("error: missing file(s): %s" % ", ".join(missing), file=sys.stderr)
-        return 2
-
-    interp = load_interpreter(model, a.threads, not a.no_xnnpack)
-    ind, outd = interp.get_input_details()[0], interp.get_output_details()[0]
-    xs, golden = np.load(paths[1]), np.load(paths[2])
-    spec, tol = meta["output"], meta["tolerances"]
-    lsb = float(spec["scale"]) if spec.get("scale") else 1.0
-    ok_all = True
-    names = meta.get("names") or [str(i) for i in range(len(xs))]
-    for i in range(len(xs)):
-        interp.set_tensor(ind["index"], np.ascontiguousarray(xs[i : i + 1]))
-        interp.invoke()
-        got = dequantize(interp.get_tensor(outd["index"]), spec)
-        want = dequantize(golden[i : i + 1], spec)
-        max_abs = float(np.max(np.abs(got - want)))
-        cos = cosine(got, want)
-        ok = max_abs <= tol["max_abs_lsb"] * lsb + 1e-12 and cos >= tol["cosine_min"]
-        ok_all = ok_all and ok
-        print("%s %s: max_abs %.4g (%.2f LSB, tol %.2f), cosine %.6f (min %.4f)"
-              % ("PASS" if ok else "FAIL", names[i], max_abs, max_abs / lsb, tol["max_abs_lsb"], cos,
-                 tol["cosine_min"]))
-    print("PASS" if ok_all else "FAIL")
-    return 0 if ok_all else 1
+    meta, base = golden[0], golden[1]
+    chosen = [(golden[2], golden[3])] if a.runtime else [(e, os.path.join(base, e["model"])) for e in meta["models"]]
+    say = (lambda s: None) if a.json else print
+    results = [check_model(meta, base, e, m, a.threads, not a.no_xnnpack, say) for e, m in chosen]
+    for r in results:
+        if r["status"] in ("skip", "missing"):
+            (say if r["status"] == "skip" else (lambda s: print(s, file=sys.stderr)))(
+                "%s %s: %s" % ("SKIP" if r["status"] == "skip" else "error:", r["model"], r["reason"]))
+    ran = [r for r in results if r["status"] in ("pass", "fail")]
+    if any(r["status"] == "missing" for r in results) or not ran:
+        code = 2
+    else:
+        code = 0 if all(r["status"] == "pass" for r in ran) else 1
+    if a.json:
+        print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
+                          "numpy": np.__version__, "passed": code == 0, "results": results}))
+    else:
+        print("PASS" if code == 0 else "FAIL")
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""Run a head artifact image by image, encoding inputs and decoding outputs exactly as its wire contract says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bottlefit.exporter import wire
+from bottlefit.exporter.artifact import Artifact
+from bottlefit.runtimes import get_runner
+
+# What "reference semantics" means per runtime: the artifact's own definition, the same on every host.
+REFERENCE_SEMANTICS = {
+    "onnxruntime": "ONNX spec semantics (ONNX Runtime, graph optimizations off: DequantizeLinear -> fp32 op -> "
+                   "QuantizeLinear)",
+    "litert": "TFLite reference kernels (BUILTIN_REF: portable integer arithmetic)",
+    "torch": "PyTorch eager",
+}
+
+
+def reference_semantics(runtime: str) -> str:
+    return REFERENCE_SEMANTICS.get(runtime, f"{runtime} on the target")
+
+
+def run_head(artifact: Artifact, target_dir: Path, x: np.ndarray, *, reference: bool = False,
+             **runner_options: Any) -> np.ndarray:
+    """The artifact head's float NCHW outputs for float NCHW inputs (one image at a time: static batch 1).
+
+    ``reference=True`` runs the artifact under its reference semantics (host-independent); otherwise the
+    runtime's default kernels on this host's CPU run it."""
+    if reference:
+        runner_options["reference"] = True
+    runner = get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
+    return run_runner(runner, artifact, x)
+
+
+def run_runner(runner: Any, artifact: Artifact, x: np.ndarray) -> np.ndarray:
+    ispec, ospec = artifact.inputs[0], artifact.outputs[0]
+    outs = []
+    for i in range(x.shape[0]):
+        res = runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
+        outs.append(wire.decode(ospec, res[ospec.name]))
+    return np.concatenate(outs)
+
+
+def output_lsb(artifact: Artifact) -> float | None:
+    """The size of one step of the head's int8 output, in float units (None for float heads)."""
+    spec = artifact.outputs[0] if artifact.outputs else None
+    if spec is not None and spec.scale:
+        return float(spec.scale)
+    for rec in (artifact.quantization.get("output"), {"scale": artifact.extra.get("output_scale")}):
+        if isinstance(rec, dict) and rec.get("scale"):
+            return float(rec["scale"])
+    return None
