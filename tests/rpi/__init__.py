@@ -95,3 +95,27 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     ref64 = ref.astype(np.float64)
     return float(10 * np.log10((ref64**2).sum() / ((ref64 - got.astype(np.float64)) ** 2).sum()))
+
+
+@functools.cache
+def rpi_bundle() -> tuple[Path, list]:
+    """The rpi target built for real from the r152v2 head (12 calibration, 4 held-out photos): (folder, artifacts)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from bottlefit.calibration.dataset import CalibrationSet
+    from bottlefit.exporter.split import Head
+    from bottlefit.targets import BuildContext
+    from bottlefit.targets.rpi import TARGET
+
+    h, card = head("r152v2")
+    out = scratch("target")
+    ctx = BuildContext(
+        split=SimpleNamespace(head=Head(h), card=card),
+        out_dir=out,
+        options=argparse.Namespace(layout="nhwc", allow_float_ops=False, observer="minmax"),
+        calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
+        heldout_factory=lambda: CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
+        log=lambda s: None,
+    )
+    return out, TARGET.build(ctx)

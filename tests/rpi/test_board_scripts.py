@@ -1,38 +1,19 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from bottlefit.calibration.dataset import CalibrationSet
-from bottlefit.exporter.split import Head
-from bottlefit.targets import BuildContext
 from bottlefit.targets.rpi import TARGET
 from bottlefit.targets.rpi.tflite import inspect_tflite
-from tests.rpi import CALIB_COUNT, head, scratch
-
-
-@functools.cache
-def _build() -> tuple[Path, list]:
-    h, card = head("r152v2")
-    out = scratch("target")
-    ctx = BuildContext(
-        split=SimpleNamespace(head=Head(h), card=card),
-        out_dir=out,
-        options=argparse.Namespace(layout="nhwc", allow_float_ops=False, observer="minmax"),
-        calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
-        heldout_factory=lambda: CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
-        log=lambda s: None,
-    )
-    return out, TARGET.build(ctx)
+from tests.rpi import head, rpi_bundle
 
 
 def _script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,7 +31,7 @@ def test_unknown_layout_is_argparse_exit_2() -> None:
 
 
 def test_build_writes_artifacts_with_the_wire_contract() -> None:
-    out, arts = _build()
+    out, arts = rpi_bundle()
     by_file = {a.file: a for a in arts}
     assert {"head.int8.tflite", "head.fp32.tflite", "head.int8.onnx"} <= set(by_file)
     assert all(a.role == "aux" and a.parity is False for f, a in by_file.items() if f.startswith("board/"))
@@ -81,7 +62,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
 def test_verify_on_board_passes_on_real_golden_data() -> None:
     # The TFLite head only: this x86 host is not a Pi, and its ONNX Runtime int8 kernels may saturate where the
     # Pi's do not (tests/rpi/test_emulated.py runs every head on the Pi's own ISA).
-    out, _ = _build()
+    out, _ = rpi_bundle()
     r = _script("verify_on_board.py", out, "--runtime", "litert")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1] == "PASS"
@@ -93,7 +74,7 @@ def test_verify_on_board_passes_on_real_golden_data() -> None:
 
 
 def test_verify_on_board_fails_on_perturbed_outputs_and_exit_2_on_missing(tmp_path: Path) -> None:
-    out, _ = _build()
+    out, _ = rpi_bundle()
     bundle = tmp_path / "b"
     shutil.copytree(out, bundle)
     y = np.load(bundle / "board" / "golden_outputs.npy")
@@ -107,7 +88,7 @@ def test_verify_on_board_fails_on_perturbed_outputs_and_exit_2_on_missing(tmp_pa
 
 
 def test_run_head_writes_the_golden_payload(tmp_path: Path) -> None:
-    out, _ = _build()
+    out, _ = rpi_bundle()
     payload = tmp_path / "p.bin"
     r = _script("run_head.py", out, "--golden", "--runs", "2", "--out", str(payload))
     assert r.returncode == 0, r.stderr
@@ -121,7 +102,7 @@ def test_run_head_writes_the_golden_payload(tmp_path: Path) -> None:
 
 
 def test_run_head_on_a_float_npy_image(tmp_path: Path) -> None:
-    out, _ = _build()
+    out, _ = rpi_bundle()
     _, card = head("r152v2")
     x = CalibrationSet.builtin(card, part="heldout", count=1, log=lambda s: None).images[:1]
     np.save(tmp_path / "img.npy", np.array(x))
@@ -132,7 +113,7 @@ def test_run_head_on_a_float_npy_image(tmp_path: Path) -> None:
 
 
 def test_run_head_runs_the_onnx_head_and_says_when_a_runtime_is_missing(tmp_path: Path) -> None:
-    out, _ = _build()
+    out, _ = rpi_bundle()
     payload = tmp_path / "p.bin"
     r = _script("run_head.py", out, "--golden", "--runtime", "onnxruntime", "--runs", "1", "--out", str(payload))
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,68 @@
+"""The rpi bundle's own board scripts on the Pi's instruction set: arm64 user-mode emulation, real wheels.
+
+Every head in the bundle (head.int8.tflite in ai-edge-litert, head.int8.onnx in onnxruntime, both aarch64 builds)
+runs in the board's verify_on_board.py under an emulated Cortex-A72 (Pi 4) and Cortex-A76 (Pi 5), against golden
+outputs made under reference semantics; the verdict is recorded as emulated, with the CPU model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
+from bottlefit.targets import Emulate
+from bottlefit.targets.rpi import TARGET
+from tests.rpi import rpi_bundle
+
+
+@pytest.fixture(scope="module")
+def sysroot():  # noqa: ANN201 - the emulation's own type
+    try:
+        return ensure_sysroot()
+    except EmulationUnavailable as e:
+        pytest.skip(f"arm64 emulation unavailable here: {e}")
+
+
+@pytest.mark.parametrize("profile", ["pi4", "pi5"])
+def test_board_verifier_passes_every_head_on_the_emulated_pi(sysroot, profile: str) -> None:
+    out, _ = rpi_bundle()
+    cp = run_python(sysroot, get_core(profile), out / "board" / "verify_on_board.py", ["--json"], cwd=out / "board")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    doc = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert doc["machine"] == "aarch64" and doc["python"].startswith("3.11") and doc["passed"] is True
+    by_model = {r["model"]: r for r in doc["results"]}
+    assert set(by_model) == {"../head.int8.tflite", "../head.int8.onnx"}
+    for r in by_model.values():
+        assert r["status"] == "pass" and len(r["images"]) == 4
+        assert r["max_abs_lsb"] <= 2.0 and r["cosine"] >= 0.999
+    # ONNX Runtime's aarch64 int8 kernels compute the Q/DQ graph exactly as the ONNX spec defines it
+    assert by_model["../head.int8.onnx"]["max_abs_lsb"] == 0.0
+
+
+def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
+    out, arts = rpi_bundle()
+    lines: list[str] = []
+    runs = TARGET.execute(out, arts, Emulate.parse("pi4,pi5"), lines.append)
+    assert {(e.artifact, e.isa.split()[1]) for e in runs} == {
+        (f, cpu) for f in ("head.int8.tflite", "head.int8.onnx") for cpu in ("cortex-a72", "cortex-a76")}
+    for e in runs:
+        assert e.where == "emulated" and e.gated and e.status == "agrees" and e.passed
+        assert "qemu-user" in e.isa and "on board" not in e.isa and e.metrics["images"] == 4
+    assert any("cortex-a76" in line for line in lines)
+
+
+def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -> None:
+    out, arts = rpi_bundle()
+    bundle = tmp_path / "rpi"
+    shutil.copytree(out, bundle)
+    golden = bundle / "board" / "golden_onnx_outputs.npy"
+    y = np.load(golden)
+    np.save(golden, y + np.float32(0.5) * np.abs(y).max())  # golden no longer what the graph computes
+    runs = {e.artifact: e for e in TARGET.execute(bundle, arts, Emulate.parse("pi4"), lambda m: None)}
+    assert runs["head.int8.onnx"].status == "deviates" and not runs["head.int8.onnx"].passed
+    assert runs["head.int8.tflite"].status == "agrees"
