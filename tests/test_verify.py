@@ -117,3 +117,18 @@ def test_tampered_file_is_refused(exported: Path, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and str(p) in err and "sha256" in err
+
+
+def test_diagnosis_says_what_was_compared_when_no_layer_stands_out() -> None:
+    from bottlefit.exporter.artifact import Artifact
+    from bottlefit.parity.verify import diagnosis_summary
+
+    art = Artifact("head.int8.onnx", "head", "onnxruntime", "int8")
+    rows = [{"module": "bottleneck.encoder.0", "cosine": 0.9995, "sqnr_db": 31.0},
+            {"module": "bottleneck.encoder.4", "cosine": 0.9991, "sqnr_db": 27.5}]
+    text = diagnosis_summary(art, rows, None, 0.999, 25.0)
+    assert "None" not in text and "compared 2 layers" in text and "spec semantics" in text
+    assert "worst: bottleneck.encoder.4, cosine 0.9991, SQNR 27.5 dB" in text
+    assert "None" not in diagnosis_summary(art, [], None, 0.999, None)
+    first = diagnosis_summary(art, rows, rows[1], 0.9993, None)
+    assert first.startswith("first diverging head layer: bottleneck.encoder.4 (cosine 0.9991")

@@ -229,7 +229,9 @@ def run_python(sysroot: Sysroot, core: Core, script: Path, args: Sequence[str] =
     text; a non-zero exit is returned, not raised). ``env`` adds to / overrides the guest's minimal environment
     (PATH, HOME, LANG=C.UTF-8, PYTHONPATH=site, PYTHONNOUSERSITE, PYTHONDONTWRITEBYTECODE, QEMU_CPU).
     EmulationUnavailable only when qemu itself cannot start; subprocess.TimeoutExpired after ``timeout`` s."""
-    return _run_guest(sysroot, core, [str(script), *map(str, args)], cwd=cwd, timeout=timeout, env=env)
+    # absolute: a relative script path would be read again relative to ``cwd``
+    return _run_guest(sysroot, core, [str(Path(script).resolve()), *map(str, args)], cwd=cwd, timeout=timeout,
+                      env=env)
 
 
 def guest_machine(sysroot: Sysroot, core: Core) -> str:

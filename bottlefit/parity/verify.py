@@ -261,11 +261,11 @@ def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndar
     first = next((r for r in rows if r["cosine"] < min_cos
                   or (min_sqnr is not None and r["sqnr_db"] is not None and r["sqnr_db"] < min_sqnr)), None)
     return {"first_diverging_layer": first["module"] if first else None, "min_cosine": min_cos,
-            "min_sqnr_db": min_sqnr, "layers": rows, "summary": _diagnosis_summary(art, rows, first, min_cos,
+            "min_sqnr_db": min_sqnr, "layers": rows, "summary": diagnosis_summary(art, rows, first, min_cos,
                                                                                    min_sqnr)}
 
 
-def _diagnosis_summary(art: Artifact, rows: list[dict], first: dict | None, min_cos: float,
+def diagnosis_summary(art: Artifact, rows: list[dict], first: dict | None, min_cos: float,
                        min_sqnr: float | None) -> str:
     gate = f"cosine >= {min_cos:g}" + (f" and SQNR >= {min_sqnr:g} dB" if min_sqnr is not None else "")
     if first is not None:

@@ -118,6 +118,15 @@ def test_exit_code_is_returned(sysroot: Sysroot, tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
 
 
+def test_relative_script_with_cwd(sysroot: Sysroot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a relative script path means the caller's working directory, not cwd's (the demo's out/demo/... bundle)
+    (tmp_path / "board").mkdir()
+    (tmp_path / "board" / "hi.py").write_text("print('hi')\n")
+    monkeypatch.chdir(tmp_path)
+    proc = run_python(sysroot, get_core("pi4"), Path("board/hi.py"), cwd=Path("board"))
+    assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
+
+
 def test_args_env_and_cwd_reach_the_guest(sysroot: Sysroot, tmp_path: Path) -> None:
     script = tmp_path / "echo.py"
     script.write_text("import json, os, sys\n"
