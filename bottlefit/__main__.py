@@ -1,5 +1,3 @@
-import sys
+from bottlefit.cli import console
 
-from bottlefit.cli import main
-
-sys.exit(main())
+console()

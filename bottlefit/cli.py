@@ -1,17 +1,30 @@
-"""The ``bottlefit`` command. Thin: parse, call one function per subcommand, map errors to exit codes.
+"""The ``bottlefit`` command. Thin: parse flags into typed options once, call the pipeline, map errors to exit codes.
 
-Exit codes: 0 success; 1 a parity/verification failure; 2 bad input or usage (one line, no traceback).
+Exit codes (bottlefit.errors): 0 success; 1 a verification failed; 2 bad input or usage (one line naming the file
+or flag and the fix); 3 this machine's environment (a runtime, emulator or GPU missing) or an internal error.
+Third-party chatter (converter and runtime logs, deprecation warnings) is hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from bottlefit import __version__
-from bottlefit.errors import UserError, VerificationError
+from bottlefit.errors import (
+    EXIT_ENVIRONMENT,
+    EnvironmentProblem,
+    UserError,
+    VerificationError,
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -24,44 +37,86 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for untrained weights and calibration choice")
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from bottlefit.exporter.source import load_from_args
-    from bottlefit.models.inspect import describe, render
+def model_source(args: argparse.Namespace) -> Any:
+    from bottlefit.pipeline.options import ModelSource
 
-    d = describe(load_from_args(args))
+    return ModelSource(checkpoint=Path(args.checkpoint) if args.checkpoint else None, arch=args.arch,
+                       bottleneck_channel=args.bottleneck_channel, bottleneck_ver=args.bottleneck_ver, bq=args.bq,
+                       untrained=args.untrained, seed=args.seed)
+
+
+def export_request(args: argparse.Namespace) -> Any:
+    """``bottlefit export``'s flags as the pipeline's typed request (every value checked here, once)."""
+    from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
+    from bottlefit.targets import Emulate, get_target, options_from
+
+    target = get_target(args.target)
+    return ExportRequest(
+        model=model_source(args), target=args.target, out=Path(args.out),
+        target_options=options_from(target.options_type, vars(args)),
+        calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
+                                       seed=args.seed),
+        parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
+                             emulate=Emulate.parse(args.emulate)),
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from bottlefit.pipeline.inspect import describe, render
+    from bottlefit.pipeline.source import load
+
+    d = describe(load(model_source(args)))
     print(json.dumps(d, indent=2) if args.json else render(d))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bottlefit.exporter.export import run_export
+    from bottlefit.pipeline.export import Progress, export
 
-    final, verdict = run_export(args)
-    print(verdict.summary())
-    print(f"{'PASS' if verdict.passed else 'FAIL'}: {final}")
-    return 0 if verdict.passed else 1
+    result = export(export_request(args), Progress(args.quiet))
+    print(result.verdict.summary())
+    print(f"{'PASS' if result.verdict.passed else 'FAIL'}: {result.path}")
+    return 0 if result.verdict.passed else 1
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from bottlefit.parity.verify_dir import run_verify
+    from bottlefit.pipeline.options import VerifyRequest
+    from bottlefit.pipeline.verify import verify_all
+    from bottlefit.targets import Emulate
 
-    return run_verify(args)
+    request = VerifyRequest(Path(args.dir), images=args.images,
+                            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                            tolerance=tuple(args.tolerance) if args.tolerance is not None else None,
+                            emulate=Emulate.parse(args.emulate))
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    results = verify_all(request, log)
+    if args.json:
+        reports = [v.to_dict() for _, v in results]
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        for d, v in results:
+            print(f"{d}:")
+            print(v.summary())
+            print(f"{'PASS' if v.passed else 'FAIL'}: {d}")
+    return 0 if all(v.passed for _, v in results) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bottlefit import targets
 
-    parser = argparse.ArgumentParser(prog="bottlefit", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show third-party logs and warnings, and tracebacks")
+    parser = argparse.ArgumentParser(prog="bottlefit", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"bottlefit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="show a checkpoint's card, bottleneck and head/tail sizes")
+    p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's card, bottleneck and head/tail sizes")
     p.add_argument("checkpoint", nargs="?")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export", help="split a checkpoint and build verified artifacts for a target")
+    p = sub.add_parser("export", parents=[common], help="split a checkpoint and build verified artifacts for a target")
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--target", required=True, choices=targets.names())
     p.add_argument("--out", required=True, help="output root; artifacts go to OUT/<target>/")
@@ -74,19 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-count", type=int, help="use N held-out images for parity")
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE",
                    help="override a parity tolerance, e.g. bottleneck.cosine=0.99 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="run the target's own runtime on its ISA under emulation (rpi: pi4, pi5, pi3, zero2); "
                         "auto: the default board where the emulator can run here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     _model_args(p)
     for name in targets.names():
-        try:
-            targets.get_target(name).add_arguments(p)
-        except UserError:
-            continue  # reported when that target is asked for
+        targets.get_target(name).add_arguments(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("verify", help="re-run parity on an exported directory (exit 1 when a check fails)")
+    p = sub.add_parser("verify", parents=[common],
+                       help="re-run the verdict on an exported directory (exit 1 when a check fails)")
     p.add_argument("dir", help="OUT/<target> written by export, or OUT itself to verify every target in it")
     p.add_argument("--images", help="held-out images (default: those recorded in the manifest)")
     p.add_argument("--checkpoint", help="the checkpoint, if it moved since export")
@@ -96,39 +149,78 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the board scripts on the board's ISA under emulation (rpi: pi4, pi5, pi3, zero2)")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("train", help="train a BottleFit student with the authors' two-stage strategy")
+    p = sub.add_parser("train", parents=[common],
+                       help="train a BottleFit student with the authors' two-stage strategy")
     from bottlefit.training.cli import add_train_arguments, run_train
 
     add_train_arguments(p)
     p.set_defaults(func=run_train)
 
-    # Subcommands that live with their stage: each module offers register(subparsers).
-    for extra in ("bottlefit.demo", "bottlefit.targets.jetson.cli"):
-        try:
-            module = __import__(extra, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != extra:  # a missing optional subcommand is fine; a broken one is not
-                raise
-            continue
-        module.register(sub)
+    from bottlefit import demo
+    from bottlefit.targets.jetson import cli as jetson_cli
+
+    demo.register(sub, common)
+    jetson_cli.register(sub, common)
     return parser
+
+
+def _quiet_third_party() -> None:
+    """Hide the chatter of the libraries below us (their own loggers and warnings), not our lines or errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "absl", "tensorflow", "jax", "litert_torch", "ai_edge_torch", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_third_party()
     try:
         return int(args.func(args))
     except UserError as e:
         print(f"bottlefit: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except VerificationError as e:
         print(f"bottlefit: verification failed: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
+    except EnvironmentProblem as e:
+        print(f"bottlefit: cannot run here: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("bottlefit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours or a library failure we did not anticipate: never exit 1 ("parity")
+        if args.verbose:
+            traceback.print_exc()
+        where = "" if args.verbose else " (run again with --verbose for the traceback)"
+        print(f"bottlefit: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def console() -> None:
+    """The ``bottlefit`` console script: without --verbose, what native libraries print straight to file
+    descriptor 2 (TFLite's delegate notices, absl's pre-init lines, flatbuffer op counts) goes to a scratch file
+    instead of the terminal; our own lines and errors still reach it."""
+    argv = sys.argv[1:]
+    if "--verbose" not in argv:
+        _hide_native_stderr()
+    sys.exit(main(argv))
+
+
+def _hide_native_stderr() -> None:
+    import tempfile
+
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    scratch = tempfile.TemporaryFile(prefix="bottlefit-native-", suffix=".log")
+    os.dup2(scratch.fileno(), 2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="replace")
+    _hide_native_stderr.scratch = scratch  # type: ignore[attr-defined]  # kept open for the process' life
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

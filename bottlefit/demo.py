@@ -29,12 +29,13 @@ from bottlefit.models import build
 from bottlefit.models.checkpoint import load
 
 ARCH = "mini_resnet"
-TARGETS = (("onnx", ["--int8"]), ("jetson", ["--profile", "orin"]), ("rpi", []))
+TARGETS = ("onnx", "jetson", "rpi")
 N_TRAIN, N_VAL = 4000, 1000
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a small BottleFit model on built-in data, export every target, verify")
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo", parents=[common],
+                       help="train a small BottleFit model on built-in data, export every target, verify")
     p.add_argument("--workdir", default="out/demo", help="where the checkpoints and artifacts go (default: out/demo)")
     p.add_argument("--retrain", action="store_true", help="ignore the cached checkpoint")
     p.add_argument("--stage-epochs", type=int, default=4, help="epochs of each BottleFit stage (default: 4)")
@@ -90,9 +91,17 @@ def _npz(path: Path, x: torch.Tensor) -> Path:
     return path
 
 
+def _target_options(target: str) -> Any:
+    from bottlefit.targets.jetson import JetsonOptions
+    from bottlefit.targets.onnx import OnnxOptions
+    from bottlefit.targets.rpi import RpiOptions
+
+    return {"onnx": OnnxOptions(int8=True), "jetson": JetsonOptions(profile="orin"), "rpi": RpiOptions()}[target]
+
+
 def _int8_heads(out: Path) -> list[tuple[str, Path, Artifact]]:
     heads = []
-    for target, _ in TARGETS:
+    for target in TARGETS:
         d = out / target
         m = read_manifest(d)
         for a in (Artifact.from_dict(x) for x in m["artifacts"]):
@@ -157,9 +166,11 @@ def _where_lines(target_dir: Path) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from bottlefit.cli import main as cli_main
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ModelSource, ParityOptions
     from bottlefit.runtimes import get_runner
     from bottlefit.runtimes.head import run_head
+    from bottlefit.targets import Emulate
     from bottlefit.training import evaluate, mnist_splits
 
     t0 = time.perf_counter()
@@ -180,14 +191,13 @@ def run_demo(args: argparse.Namespace) -> int:
     held = _npz(work / "heldout.npz", x_val[:200])
     out = work / "export"
     verdicts = {}
-    emulate = _emulation_profiles()
-    for target, extra in TARGETS:
+    emulate = Emulate.parse(_emulation_profiles())
+    for target in TARGETS:
         _log(f"exporting --target {target}")
-        rc = cli_main(["export", str(best), "--target", target, "--out", str(out), "--calib", str(calib),
-                       "--images", str(held), "--quiet", "--emulate", emulate, *extra])
-        verdicts[target] = rc
-        if rc == 2:
-            return 2
+        result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
+                                      CalibrationOptions(source=str(calib)),
+                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
+        verdicts[target] = result.verdict.passed
     sm = split(lm.model, lm.card)
     rows = []
     for target, d, a in _int8_heads(out):
@@ -228,9 +238,9 @@ def run_demo(args: argparse.Namespace) -> int:
           "median of 40 runs)")
     print()
     print("  What was verified where:")
-    for target, rc in verdicts.items():
-        print(f"  parity {target:7s} {'PASS' if rc == 0 else 'FAIL'}  ({out / target / 'report.md'})")
+    for target, passed in verdicts.items():
+        print(f"  parity {target:7s} {'PASS' if passed else 'FAIL'}  ({out / target / 'report.md'})")
         for line in _where_lines(out / target):
             print(f"    {line}")
     print(f"  wall time {time.perf_counter() - t0:.0f} s")
-    return 0 if all(rc == 0 for rc in verdicts.values()) else 1
+    return 0 if all(verdicts.values()) else 1

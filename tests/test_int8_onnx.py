@@ -8,8 +8,6 @@ default, SQNR raised to >= 25 dB: a good min/max head measures ~31 dB) and repor
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,33 +25,6 @@ from bottlefit.exporter.split import split
 from bottlefit.parity.metrics import cosine
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
 
-UNTRAINED_INT8_TOLERANCES = ["--tolerance", "head.int8.onnx:logits.top1_agreement=0",
-                             "--tolerance", "head.int8.onnx:bottleneck.sqnr_db=25"]
-_EXPORTS: dict[str, Path] = {}
-
-
-def export_r152_int8(factory: pytest.TempPathFactory, ckpt: Path) -> Path:
-    """OUT/onnx of `bottlefit export CKPT --target onnx --int8` (built-in calibration), made once per session:
-    test_verify.py reuses it (and copies before changing anything)."""
-    if "r152" not in _EXPORTS:
-        out = factory.mktemp("int8-r152")
-        rc = main(["export", str(ckpt), "--target", "onnx", "--int8", "--out", str(out), "--parity-count", "4",
-                   "--quiet", *UNTRAINED_INT8_TOLERANCES])
-        assert rc == 0
-        _EXPORTS["r152"] = out
-    return _EXPORTS["r152"] / "onnx"
-
-
-def clone_export(src: Path, dst: Path) -> Path:
-    """A private copy of an export dir; the 240 MB tail is hard-linked (never written by the tests)."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.stat().st_size > 10 << 20:
-            os.link(f, dst / f.name)
-        else:
-            shutil.copy2(f, dst / f.name)
-    return dst
-
 
 def qdq_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -61,11 +32,6 @@ def qdq_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def inits_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
-@pytest.fixture(scope="module")
-def r152_int8(tmp_path_factory: pytest.TempPathFactory, authors_r152: Path) -> Path:
-    return export_r152_int8(tmp_path_factory, authors_r152)
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +55,14 @@ def ort_outputs(path: Path, images: np.ndarray) -> np.ndarray:
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 
-def test_export_int8_builtin_set_passes_parity(r152_int8: Path) -> None:
-    report = json.loads((r152_int8 / "report.json").read_text())
+def test_export_int8_builtin_set_passes_parity(r152_int8_export: Path) -> None:
+    report = json.loads((r152_int8_export / "report.json").read_text())
     assert report["passed"] is True
     checks = {c["metric"]: c for c in report["checks"] if c["artifact"] == "head.int8.onnx"}
     assert checks["bottleneck.cosine"]["value"] >= 0.98 and checks["bottleneck.cosine"]["tolerance"] == 0.98
     assert checks["bottleneck.sqnr_db"]["value"] >= 25.0
     assert 0.0 <= checks["logits.top1_agreement"]["value"] <= 1.0
-    manifest = json.loads((r152_int8 / "manifest.json").read_text())
+    manifest = json.loads((r152_int8_export / "manifest.json").read_text())
     art = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")
     assert (art["role"], art["runtime"], art["precision"]) == ("head", "onnxruntime", "int8")
     q = art["quantization"]
@@ -107,8 +73,8 @@ def test_export_int8_builtin_set_passes_parity(r152_int8: Path) -> None:
     assert art["outputs"][0]["shape"] == [1, 12, 29, 29]
 
 
-def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8: Path) -> None:
-    model = onnx.load(str(r152_int8 / "head.int8.onnx"))
+def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8_export: Path) -> None:
+    model = onnx.load(str(r152_int8_export / "head.int8.onnx"))
     ops = [n.op_type for n in model.graph.node]
     assert "BatchNormalization" not in ops and ops.count("QuantizeLinear") >= 4
     # Float in, float out: the graph ends in DequantizeLinear.
@@ -118,7 +84,7 @@ def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8: Path) -> None:
     dw = next(n for n in model.graph.node if n.name == "/encoder/encoder.4/Conv")
     assert next(a.i for a in dw.attribute if a.name == "group") == 64
     inits = inits_of(model)
-    manifest = json.loads((r152_int8 / "manifest.json").read_text())
+    manifest = json.loads((r152_int8_export / "manifest.json").read_text())
     q = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")["quantization"]
     written = {n.input[0].removesuffix("_QuantizeLinear_Input"): (float(inits[n.input[1]]), int(inits[n.input[2]]))
                for n in model.graph.node if n.op_type == "QuantizeLinear"}

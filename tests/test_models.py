@@ -96,3 +96,28 @@ def test_bq_is_per_image() -> None:
     assert abs(float(qs[0].scale) * 10 - float(qs[1].scale)) < 1e-6
     model, card = build("custom_densenet169", {"bottleneck_channel": 3, "bq": True})
     assert card.bottleneck.quantizer == "bq8" and card.bottleneck.dtype == "uint8"
+
+
+def test_registry_describes_every_builtin_architecture() -> None:
+    from bottlefit.models import get, names
+    from bottlefit.models.small import MINI_INPUT, MINI_TEACHER, TEACHERS
+
+    assert names() == ["custom_densenet169", "custom_densenet201", "custom_resnet152", "mini_resnet"]
+    mini = get("mini_resnet")
+    assert (mini.teacher, mini.input_shape, mini.resize) == (MINI_TEACHER, MINI_INPUT, 32)
+    assert mini.teacher in TEACHERS
+    _, card = build("mini_resnet")
+    assert card.input_shape == MINI_INPUT and card.num_classes == 10 and card.bottleneck.shape == (4, 5, 5)
+
+
+def test_architecture_modules_do_not_import_the_registry() -> None:
+    # Registration happens on the registry's side only: no import circle between them.
+    import ast
+    import importlib
+
+    for mod in ("bottlefit.models.small", "bottlefit.models.resnet", "bottlefit.models.densenet"):
+        tree = ast.parse(open(importlib.import_module(mod).__file__, encoding="utf-8").read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not any("registry" in (m or "") for m in imported), mod

@@ -15,16 +15,12 @@ from onnx import numpy_helper
 from bottlefit.cli import main
 from bottlefit.exporter.manifest import MANIFEST, read_manifest, sha256_file, write_json
 from bottlefit.runtimes.cpu import has_vnni, isa_label
-
-try:  # pytest's default (prepend) import mode puts tests/ itself on sys.path
-    from test_int8_onnx import clone_export, export_r152_int8
-except ImportError:  # pragma: no cover - importlib mode
-    from tests.test_int8_onnx import clone_export, export_r152_int8
+from tests.helpers import clone_export
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, authors_r152: Path) -> Path:
-    return export_r152_int8(tmp_path_factory, authors_r152)
+def exported(r152_int8_export: Path) -> Path:
+    return r152_int8_export
 
 
 def values(report: dict) -> dict[tuple[str, str], float]:

@@ -1,6 +1,6 @@
 """Calibration: preprocessed calibration sets and the range observers that turn them into int8 parameters."""
 
-from bottlefit.calibration.dataset import CalibrationSet, decode_rgb, load_image, preprocess
+from bottlefit.calibration.dataset import CalibrationSet, decode_rgb, load_image
 from bottlefit.calibration.observers import (
     OBSERVERS,
     EntropyObserver,
@@ -9,9 +9,10 @@ from bottlefit.calibration.observers import (
     MseObserver,
     Observer,
     PercentileObserver,
-    collect_ranges,
+    calibrate_two_pass,
     make_observer,
 )
+from bottlefit.calibration.preprocessing import preprocess
 
 __all__ = [
     "OBSERVERS",
@@ -22,7 +23,7 @@ __all__ = [
     "MseObserver",
     "Observer",
     "PercentileObserver",
-    "collect_ranges",
+    "calibrate_two_pass",
     "decode_rgb",
     "load_image",
     "make_observer",

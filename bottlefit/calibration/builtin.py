@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bottlefit.calibration.dataset import preprocess
+from bottlefit.calibration.preprocessing import preprocess
 from bottlefit.errors import UserError
 from bottlefit.models.card import ModelCard
 

@@ -1,8 +1,8 @@
 """Calibration sets: images preprocessed exactly as the model card says, as one float32 NCHW array.
 
-Preprocessing mirrors torchvision's ImageNet eval transform (the one the checkpoints were evaluated with):
-decode to RGB → resize the shorter side to ``card.resize`` (bilinear, antialiased, rounded back to uint8 like
-a PIL image) → center crop to ``card.input_shape[1:]`` → /255 → (x - mean) / std.
+Preprocessing (``preprocessing.py``) mirrors torchvision's ImageNet eval transform (the one the checkpoints
+were evaluated with): decode to RGB → resize the shorter side to ``card.resize`` (bilinear, antialiased,
+rounded back to uint8 like a PIL image) → center crop to ``card.input_shape[1:]`` → /255 → (x - mean) / std.
 """
 
 from __future__ import annotations
@@ -14,31 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
+from bottlefit.calibration.preprocessing import preprocess
 from bottlefit.errors import UserError
 from bottlefit.models.card import ModelCard
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Log = Callable[[str], object]
-
-
-def preprocess(rgb: np.ndarray, card: ModelCard) -> np.ndarray:
-    """HxWx3 uint8 RGB → (3, H, W) float32, normalized as the card says."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
-    # torch cannot wrap a read-only array (the cached built-in photos are): copy only then.
-    t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)
-    # uint8 in, uint8 out: the same rounding a PIL-based torchvision pipeline applies after Resize.
-    t = TF.resize(t, [card.resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    t = TF.center_crop(t, [int(card.input_shape[1]), int(card.input_shape[2])])
-    x = t.to(torch.float32) / 255.0
-    mean = torch.tensor(card.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(card.std, dtype=torch.float32).view(-1, 1, 1)
-    return ((x - mean) / std).numpy().astype(np.float32, copy=False)
 
 
 def decode_rgb(path: str | Path) -> np.ndarray:

@@ -9,14 +9,14 @@ Histogram observers (percentile, entropy, mse) keep one signed histogram of ``2 
 because the edges are symmetric about 0. Memory stays bounded whatever the number of batches. When a batch
 exceeds ``R``, ``R`` doubles (as often as needed) and adjacent bin pairs merge: an exact re-bin, no
 interpolation, at the cost of resolution. To get TensorRT's exact histogram (range = the final max) call
-``prime(lo, hi)`` with the range from a first min/max pass before the first ``update``; ``collect_ranges``
-does that two-pass calibration automatically.
+``prime(lo, hi)`` with the range from a first min/max pass before the first ``update``; ``calibrate_two_pass``
+does that two-pass calibration for any source of tensors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -356,118 +356,39 @@ def make_observer(name: str, **kw: Any) -> Observer:
     return cls(**kw)
 
 
-INPUT = "input"
-OUTPUT = "output"
-LEAVES = "leaves"
+Feed = Callable[[str, ArrayLike], None]
 
 
-def _tensors_of(out: object) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(out, torch.Tensor):
-        return [("", out)]
-    if isinstance(out, (tuple, list)):
-        return [(f":{j}", t) for j, t in enumerate(out) if isinstance(t, torch.Tensor)]
-    return []
+def calibrate_two_pass(observer: str, run_pass: Callable[[Feed], None], **observer_kw: Any) -> dict[str, Observer]:
+    """TensorRT's two-pass calibration: one ``observer`` (by name, ``observer_kw`` to its constructor) per key.
 
-
-def _run_pass(
-    module: torch.nn.Module,
-    batches: Iterable[ArrayLike],
-    targets: dict[str, torch.nn.Module],
-    want_input: bool,
-    want_output: bool,
-    observe: Callable[[str, torch.Tensor], None],
-) -> None:
-    calls: dict[str, int] = {}
-
-    def hook_for(path: str) -> Callable[..., None]:
-        def hook(_mod: torch.nn.Module, _inp: object, out: object) -> None:
-            # A module called twice in one forward (torchvision ResNet's shared ReLU) produces distinct
-            # tensors: key the later calls "path#1", "path#2" so they are not merged into one range.
-            n = calls.get(path, 0)
-            calls[path] = n + 1
-            key = path if n == 0 else f"{path}#{n}"
-            for suffix, t in _tensors_of(out):
-                observe(key + suffix, t)  # observed now, before any later in-place op can mutate it
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(p)) for p, m in targets.items()]
-    try:
-        for b in batches:
-            x = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(b))
-            calls.clear()
-            if want_input:
-                observe(INPUT, x)
-            out = module(x)
-            if want_output:
-                for suffix, t in _tensors_of(out):
-                    observe(OUTPUT + suffix, t)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def collect_ranges(
-    module: torch.nn.Module,
-    batches: Iterable[ArrayLike],
-    observer: str = "minmax",
-    tensors: Sequence[str] = (INPUT, LEAVES, OUTPUT),
-    **observer_kw: Any,
-) -> dict[str, Observer]:
-    """Run ``module`` (eval mode, no grad) over calibration batches and observe the named activations.
-
-    ``tensors`` picks what to observe: ``"input"`` (the module's input, key "input"), ``"leaves"`` (the
-    output of every leaf module, keyed by module path), ``"output"`` (the final output, key "output"), and
-    any module path (its output, e.g. "bottleneck.encoder"). Tuple outputs get ":0", ":1" suffixes; a
-    module called k times per forward gets "path", "path#1", ... Histogram observers are calibrated in two
-    passes, as TensorRT does: min/max first to fix each histogram's range, then the histogram.
-    The module's train/eval mode is restored afterwards.
+    ``run_pass(feed)`` runs the calibration data once and calls ``feed(key, tensor)`` for every tensor to
+    observe. Histogram observers need the data twice: a first pass into min/max observers fixes each
+    histogram's range (``HistogramObserver.prime``), then the second fills the histograms, so each spans
+    exactly the final |max|. Other observers take a single pass. Keys keep first-seen order. An unknown
+    observer name is a UserError before ``run_pass`` is called.
     """
-    if isinstance(batches, Iterable) and iter(batches) is batches:
-        batches = list(batches)  # a one-shot iterator, but histogram calibration reads the data twice
-    named = dict(module.named_modules())
-    targets: dict[str, torch.nn.Module] = {}
-    want_input = want_output = False
-    for t in tensors:
-        if t == INPUT:
-            want_input = True
-        elif t == OUTPUT:
-            want_output = True
-        elif t == LEAVES:
-            targets.update({p: m for p, m in named.items() if p and not any(True for _ in m.children())})
-        elif t in named and t:
-            targets[t] = named[t]
-        else:
-            raise UserError(
-                f"cannot observe {t!r}: not 'input', 'leaves', 'output' or a module path of "
-                f"{type(module).__name__}; pick one of those"
-            )
-
-    make_observer(observer, **observer_kw)  # validate the name before any forward pass
+    make_observer(observer, **observer_kw)  # validate the name and arguments before any pass
     observers: dict[str, Observer] = {}
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            if issubclass(OBSERVERS[observer], HistogramObserver):
-                first: dict[str, Observer] = {}
+    if issubclass(OBSERVERS[observer], HistogramObserver):
+        first: dict[str, Observer] = {}
 
-                def observe_minmax(key: str, t: torch.Tensor) -> None:
-                    first.setdefault(key, MinMaxObserver()).update(t)
+        def feed_minmax(key: str, x: ArrayLike) -> None:
+            if key not in first:
+                first[key] = MinMaxObserver()
+            first[key].update(x)
 
-                _run_pass(module, batches, targets, want_input, want_output, observe_minmax)
-                for key, mm in first.items():
-                    obs = make_observer(observer, **observer_kw)
-                    assert isinstance(obs, HistogramObserver)
-                    obs.prime(*mm.range())
-                    observers[key] = obs
+        run_pass(feed_minmax)
+        for key, mm in first.items():
+            obs = make_observer(observer, **observer_kw)
+            assert isinstance(obs, HistogramObserver)
+            obs.prime(*mm.range())
+            observers[key] = obs
 
-            def observe(key: str, t: torch.Tensor) -> None:
-                if key not in observers:
-                    observers[key] = make_observer(observer, **observer_kw)
-                observers[key].update(t)
+    def feed(key: str, x: ArrayLike) -> None:
+        if key not in observers:
+            observers[key] = make_observer(observer, **observer_kw)
+        observers[key].update(x)
 
-            _run_pass(module, batches, targets, want_input, want_output, observe)
-    finally:
-        module.train(was_training)
+    run_pass(feed)
     return observers

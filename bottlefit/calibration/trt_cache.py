@@ -13,12 +13,12 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
+from bottlefit.files import atomic_write_text
 
 _HEADER = re.compile(r"TRT-(\d+)-([A-Za-z0-9_]+)")
 _HEX = re.compile(r"[0-9a-fA-F]{1,8}")
@@ -37,18 +37,6 @@ def scale_to_hex(scale: float) -> str:
 def hex_to_scale(text: str) -> float:
     (value,) = struct.unpack(">f", struct.pack(">I", int(text, 16)))
     return value
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same directory + os.replace: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def format_cache(trt_version_code: int, scales: Mapping[str, float], algorithm: str = "EntropyCalibration2") -> str:
@@ -73,9 +61,7 @@ def write_cache(
     algorithm: str = "EntropyCalibration2",
 ) -> Path:
     """Write the cache atomically. Lines follow ``scales``' order (pass ONNX topological order)."""
-    path = Path(path)
-    atomic_write_bytes(path, format_cache(trt_version_code, scales, algorithm).encode("utf-8"))
-    return path
+    return atomic_write_text(path, format_cache(trt_version_code, scales, algorithm))
 
 
 def read_cache(path: str | os.PathLike[str]) -> tuple[int, str, dict[str, float]]:

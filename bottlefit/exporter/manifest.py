@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
+from bottlefit.files import atomic_write_text
 from bottlefit.models.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
@@ -30,10 +30,7 @@ def package_versions() -> dict[str, str]:
 
 def write_json(path: Path, data: Any) -> Path:
     """Atomic JSON write with stable key order, so equal content gives equal bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dict[str, Any],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from bottlefit.errors import UserError, VerificationError
+from bottlefit.files import atomic_write_bytes
 
 # The legacy (TorchScript) exporter writes exactly the opset asked for; the dynamo exporter in torch 2.14
 # silently writes 18 (shared/STACK.md). TensorRT 8.2 (Jetson Nano) parses nothing newer than 13.
@@ -71,15 +71,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
-    """Atomically write one self-contained file (no external data)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        onnx.save_model(model, str(tmp), save_as_external_data=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Atomically write one self-contained file (no external data: the whole proto, serialized in memory)."""
+    return atomic_write_bytes(path, model.SerializeToString())
 
 
 def ort_run(path: Path | bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

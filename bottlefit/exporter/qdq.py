@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from bottlefit.calibration.observers import OBSERVERS, HistogramObserver, MinMaxObserver, Observer, make_observer
+from bottlefit.calibration.observers import Observer, calibrate_two_pass, make_observer
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter.onnx import module_of, save_onnx
 
@@ -77,8 +77,13 @@ class QdqResult:
         """TensorRT's per-tensor amax (= 127 * scale), same keys and order as ``activation_scales``."""
         return {k: float(np.float32(127.0) * np.float32(s)) for k, s in self.activation_scales.items()}
 
-    def quantization_record(self) -> dict[str, Any]:
-        """The artifact's ``quantization`` section for the manifest."""
+    def quantization_record(self, module_path: Callable[[str], str] | None = None,
+                            calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The artifact's ``quantization`` section for the manifest, the same keys for every target.
+
+        ``module_path`` maps a module path inside the head (``encoder.4``) to the model's (``bottleneck.encoder.4``)
+        for readers of the manifest; ``calibration`` describes the calibration set (source, count, sha256)."""
+        modules = {t: module_path(m) if module_path else m for t, m in self.tensor_modules.items()}
         return {
             "format": "qdq",
             "observer": self.observer,
@@ -90,9 +95,12 @@ class QdqResult:
             "activation_order": list(self.activation_scales),
             "activation_scales": dict(self.activation_scales),
             "activation_zero_points": dict(self.activation_zero_points),
-            "tensor_modules": dict(self.tensor_modules),
+            "tensor_modules": modules,
             "rewritten_nodes": list(self.rewritten_nodes),
             "calibration_count": self.calibration_count,
+            "output": {"dtype": self.activation_dtype, "scale": self.output_scale,
+                       "zero_point": self.output_zero_point},
+            **({"calibration": calibration} if calibration is not None else {}),
         }
 
 
@@ -184,10 +192,10 @@ def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: st
                         observer_kwargs: dict[str, Any] | None = None) -> dict[str, Observer]:
     """Our observers over every float activation of ``model`` (fp32), one image at a time (static batch).
 
-    Histogram observers get two passes, as ``collect_ranges`` does: min/max first to fix each histogram's range.
+    Histogram observers get two passes (``calibrate_two_pass``): min/max first to fix each histogram's range.
     """
     kw = observer_kwargs or {}
-    make_observer(observer, **kw)  # an unknown name fails here, before any work
+    make_observer(observer, **kw)  # an unknown name fails here, before the session is built
     if images.ndim != 4 or images.dtype != np.float32 or len(images) == 0:
         raise UserError(f"calibration images must be a non-empty float32 NCHW array, got {images.shape} "
                         f"{images.dtype}")
@@ -209,16 +217,7 @@ def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: st
             for n, arr in zip(run_names, sess.run(run_names, {input_name: x}), strict=True):
                 update(n, arr)
 
-    observers: dict[str, Observer] = {}
-    if issubclass(OBSERVERS[observer], HistogramObserver):
-        first: dict[str, Observer] = {}
-        run_all(lambda n, a: first.setdefault(n, MinMaxObserver()).update(a))
-        for n, mm in first.items():
-            obs = make_observer(observer, **kw)
-            assert isinstance(obs, HistogramObserver)
-            obs.prime(*mm.range())
-            observers[n] = obs
-    run_all(lambda n, a: observers.setdefault(n, make_observer(observer, **kw)).update(a))
+    observers = calibrate_two_pass(observer, run_all, **kw)
     return {n: observers[n] for n in [input_name, *names] if n in observers}
 
 

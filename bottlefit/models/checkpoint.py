@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import pickle
 import re
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from bottlefit.errors import UserError
+from bottlefit.files import atomic_write_bytes
 from bottlefit.models import registry
 from bottlefit.models.card import ModelCard
 
@@ -73,7 +73,8 @@ def read_untrusted(path: Path) -> Any:
             ) from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint (the file is not a torch.save pickle); "
                         "is it the right file and complete?") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any parser failure (IndexError, struct.error, ...) is
+        # the file's fault, never a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]}); is the file complete?") from None
 
@@ -236,12 +237,6 @@ def save(path: str | os.PathLike[str], model: nn.Module, card: ModelCard, **extr
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "card": card.to_dict(),
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

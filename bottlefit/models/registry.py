@@ -44,18 +44,17 @@ def get(name: str) -> Architecture:
     return _ARCHS[name]
 
 
-_builtin_loaded = False
+def builtin_architectures() -> list[Architecture]:
+    """The architectures BottleFit ships: the authors' three and the small demo variant.
 
-
-def _load_builtin() -> None:
-    global _builtin_loaded
-    if _builtin_loaded:
-        return
-    _builtin_loaded = True
+    The architecture modules only define models; this is the one place that imports them (lazily: they import
+    torchvision) and describes them, so nothing in them imports the registry.
+    """
+    from bottlefit.models import small
     from bottlefit.models.densenet import custom_densenet169, custom_densenet201
     from bottlefit.models.resnet import custom_resnet152
 
-    register(
+    archs = [
         Architecture(
             "custom_resnet152",
             custom_resnet152,
@@ -63,9 +62,9 @@ def _load_builtin() -> None:
             {"bottleneck_channel": 12, "bottleneck_ver": "2", "bq": False, "num_classes": 1000},
             "resnet152",
         )
-    )
+    ]
     for name, fn in (("custom_densenet169", custom_densenet169), ("custom_densenet201", custom_densenet201)):
-        register(
+        archs.append(
             Architecture(
                 name,
                 fn,
@@ -74,8 +73,30 @@ def _load_builtin() -> None:
                 name.removeprefix("custom_"),
             )
         )
-    # Small variants registered by other modules (e.g. the demo) import themselves here.
-    import bottlefit.models.small  # noqa: F401
+    archs.append(
+        Architecture(
+            "mini_resnet",
+            small.mini_resnet,
+            "bottleneck.encoder",
+            {"bottleneck_channel": 4, "bq": False, "num_classes": 10},
+            small.MINI_TEACHER,
+            input_shape=small.MINI_INPUT,
+            resize=small.MINI_RESIZE,
+        )
+    )
+    return archs
+
+
+_builtin_loaded = False
+
+
+def _load_builtin() -> None:
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    _builtin_loaded = True
+    for arch in builtin_architectures():
+        register(arch)
 
 
 _VER_IDX = {"1": 4, "2": 7}

@@ -24,12 +24,12 @@ from collections import OrderedDict
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from bottlefit.models import registry
 from bottlefit.models.bottleneck import make_bottleneck
 from bottlefit.models.resnet import CustomResNet
 
 MINI_WIDTHS = (16, 32, 64, 128)
 MINI_INPUT = (3, 32, 32)
+MINI_RESIZE = 32  # eval preprocessing resizes the shorter side to the input size: the centre crop keeps it all
 MINI_TEACHER = "mini_resnet_teacher"
 
 
@@ -108,15 +108,3 @@ def mini_resnet(bottleneck_channel: int = 4, bq: bool = False, num_classes: int 
 
 # Teachers that are not torchvision models, by the name an Architecture's ``teacher`` field uses.
 TEACHERS = {MINI_TEACHER: build_teacher}
-
-registry.register(
-    registry.Architecture(
-        "mini_resnet",
-        mini_resnet,
-        "bottleneck.encoder",
-        {"bottleneck_channel": 4, "bq": False, "num_classes": 10},
-        MINI_TEACHER,
-        input_shape=MINI_INPUT,
-        resize=32,
-    )
-)

@@ -154,8 +154,8 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
     reference module the last tensor in execution order whose shape matches is kept (a PAD before a conv is
     named after the conv but has another shape, so it drops out).
     """
+    from bottlefit.exporter.head_rewrite import RewrittenHead, rewrite_head
     from bottlefit.runtimes.litert import interpreter_module
-    from bottlefit.targets.rpi.head_rewrite import RewrittenHead, rewrite_head
 
     data = Path(tflite_path).read_bytes()
     mod = interpreter_module()

@@ -27,16 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.manifest import write_json
 from bottlefit.exporter.split import SplitModel
 from bottlefit.parity import metrics
 from bottlefit.parity.tolerances import tolerances_for
-from bottlefit.runtimes import RuntimeUnavailable, get_runner
+from bottlefit.runtimes import RuntimeUnavailable
 from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
 from bottlefit.runtimes.execution import Execution
-from bottlefit.runtimes.head import output_lsb, reference_semantics, run_head
+from bottlefit.runtimes.head import output_lsb, reference_semantics, run_head, run_tail
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -213,12 +212,7 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
                 if int8:
                     verdict.execution.append(host_execution(art, target_dir, images, got_z))
             else:
-                runner = get_runner(art.runtime, target_dir / art.file)
-                ispec, ospec = art.inputs[0], art.outputs[0]
-                zt = split.transmit(ref_z).numpy()
-                got_logits = np.concatenate([
-                    wire.decode(ospec, runner.infer({ispec.name: wire.encode(ispec, zt[i : i + 1])})[ospec.name])
-                    for i in range(zt.shape[0])])
+                got_logits = run_tail(art, target_dir, split.transmit(ref_z).numpy())
                 values = {}
         except RuntimeUnavailable as e:
             verdict.skipped.append({"artifact": art.file, "reason": str(e)})

@@ -1,4 +1,4 @@
-"""One small runner per runtime, behind one contract: named arrays in, named arrays out.
+"""One small runner per runtime, behind one contract (:class:`Runner`): named arrays in, named arrays out.
 
 Heavy runtimes are imported only when their runner is asked for, so the rest works without them.
 """
@@ -7,33 +7,29 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from bottlefit.errors import UserError
+from bottlefit.runtimes.base import IOSpec, Runner, RuntimeUnavailable
+
+__all__ = ["IOSpec", "Runner", "RuntimeUnavailable", "RUNTIMES", "get_runner"]
 
 _RUNNERS = {
-    "torch": "bottlefit.runtimes.torch_runner:TorchRunner",
     "onnxruntime": "bottlefit.runtimes.onnxruntime:OnnxRuntimeRunner",
     "litert": "bottlefit.runtimes.litert:LiteRTRunner",
     "tensorrt": "bottlefit.runtimes.tensorrt:TensorRTRunner",
 }
-
-
-class Runner(Protocol):
-    name: str
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-class RuntimeUnavailable(UserError):
-    """The runtime's Python package (or its hardware) is not present here."""
+RUNTIMES: tuple[str, ...] = tuple(sorted(_RUNNERS))
 
 
 def get_runner(runtime: str, path: Path, **options: Any) -> Runner:
+    """The runner for ``runtime`` with ``path`` loaded; ``options`` are that runner's constructor options.
+
+    Raises UserError for an unknown runtime or a missing file, RuntimeUnavailable where the runtime is not
+    installed here."""
     if runtime not in _RUNNERS:
-        raise UserError(f"unknown runtime {runtime!r}; known: {', '.join(sorted(_RUNNERS))}")
+        raise UserError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     mod_name, cls_name = _RUNNERS[runtime].split(":")
     module = importlib.import_module(mod_name)
-    return getattr(module, cls_name)(Path(path), **options)
+    runner: Runner = getattr(module, cls_name)(Path(path), **options)
+    return runner

@@ -1,4 +1,5 @@
-"""Run a head artifact image by image, encoding inputs and decoding outputs exactly as its wire contract says."""
+"""Run a head (or tail) artifact image by image, encoding inputs and decoding outputs exactly as its wire contract
+says."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact
-from bottlefit.runtimes import get_runner
+from bottlefit.runtimes import Runner, get_runner
 
 # What "reference semantics" means per runtime: the artifact's own definition, the same on every host.
 REFERENCE_SEMANTICS = {
@@ -36,7 +37,19 @@ def run_head(artifact: Artifact, target_dir: Path, x: np.ndarray, *, reference: 
     return run_runner(runner, artifact, x)
 
 
-def run_runner(runner: Any, artifact: Artifact, x: np.ndarray) -> np.ndarray:
+def run_tail(artifact: Artifact, target_dir: Path, z: np.ndarray, *, reference: bool = False,
+             **runner_options: Any) -> np.ndarray:
+    """The artifact tail's float outputs (logits) for the float bottleneck ``z`` (NCHW, as the head's wire decode
+    gives it; one sample at a time: static batch 1). Options as for :func:`run_head`."""
+    if reference:
+        runner_options["reference"] = True
+    runner = get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
+    return run_runner(runner, artifact, z)
+
+
+def run_runner(runner: Runner, artifact: Artifact, x: np.ndarray) -> np.ndarray:
+    """``artifact`` (a head or a tail) already loaded in ``runner``, sample by sample along axis 0: each float
+    sample is encoded as the artifact's first input spec says, its first output decoded back to float."""
     ispec, ospec = artifact.inputs[0], artifact.outputs[0]
     outs = []
     for i in range(x.shape[0]):

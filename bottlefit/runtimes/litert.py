@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.runtimes import RuntimeUnavailable
+from bottlefit.runtimes.base import IOSpec, Runner, RuntimeUnavailable
 
 
 def interpreter_module() -> Any:
@@ -24,15 +24,21 @@ def interpreter_module() -> Any:
     return interpreter
 
 
-class LiteRTRunner:
-    """Named arrays in, named arrays out. Names are the .tflite tensor names (what the exporter records in the
-    TensorSpecs); an input may also be given by its signature name (e.g. ``args_0``)."""
+def _spec(detail: dict[str, Any]) -> IOSpec:
+    # "shape" is what the tensors are allocated for (this runner never resizes them): that is what it accepts
+    return IOSpec(str(detail["name"]), tuple(int(d) for d in detail["shape"]), np.dtype(detail["dtype"]))
+
+
+class LiteRTRunner(Runner):
+    """Names are the .tflite tensor names (what the exporter records in the TensorSpecs); an input may also be
+    given by its signature name (e.g. ``args_0``)."""
 
     name = "litert"
 
     def __init__(self, path: Path, num_threads: int = 1, xnnpack: bool = True, reference: bool = False) -> None:
         mod = interpreter_module()
-        kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": int(num_threads)}
+        super().__init__(path)
+        kwargs: dict[str, Any] = {"model_path": str(self.path), "num_threads": int(num_threads)}
         if reference:
             # TFLite's reference kernels: portable integer arithmetic, the same result on every ISA (the
             # optimized and XNNPACK kernels round differently by up to 1 LSB, per CPU)
@@ -40,45 +46,35 @@ class LiteRTRunner:
         elif not xnnpack:
             # the default op resolver applies XNNPACK; this one runs the built-in kernels alone
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        self.path = Path(path)
         self.xnnpack = xnnpack and not reference
         self.reference = reference
         self.interpreter = mod.Interpreter(**kwargs)
         self.interpreter.allocate_tensors()
-        self._inputs = self.interpreter.get_input_details()
-        self._outputs = self.interpreter.get_output_details()
-        self.input_names = [str(d["name"]) for d in self._inputs]
-        self.output_names = [str(d["name"]) for d in self._outputs]
+        self._in_details = self.interpreter.get_input_details()
+        self._out_details = self.interpreter.get_output_details()
+        self._inputs = {s.name: s for s in map(_spec, self._in_details)}
+        self._outputs = {s.name: s for s in map(_spec, self._out_details)}
         # signature name -> tensor name, so callers may use either
         self._alias: dict[str, str] = {}
-        by_index = {int(d["index"]): str(d["name"]) for d in self._inputs}
+        by_index = {int(d["index"]): str(d["name"]) for d in self._in_details}
         for key in self.interpreter.get_signature_list():
             details = self.interpreter.get_signature_runner(key).get_input_details()
             for alias, d in details.items():
                 if int(d["index"]) in by_index:
                     self._alias[alias] = by_index[int(d["index"])]
 
-    def _input_value(self, inputs: dict[str, np.ndarray], detail: dict[str, Any]) -> np.ndarray:
-        name = str(detail["name"])
-        value = inputs.get(name)
-        if value is None:
-            for alias, target in self._alias.items():
-                if target == name and alias in inputs:
-                    value = inputs[alias]
-        if value is None:
-            raise KeyError(f"{self.path.name}: missing input {name!r} (have {sorted(inputs)})")
-        arr = np.asarray(value)
-        want = np.dtype(detail["dtype"])
-        if arr.dtype != want:
-            raise TypeError(f"{self.path.name}: input {name!r} must be {want.name}, got {arr.dtype.name}")
-        if tuple(arr.shape) != tuple(int(s) for s in detail["shape"]):
-            raise ValueError(f"{self.path.name}: input {name!r} must have shape {tuple(detail['shape'])}, "
-                             f"got {tuple(arr.shape)}")
-        return np.ascontiguousarray(arr)
+    def input_specs(self) -> dict[str, IOSpec]:
+        return dict(self._inputs)
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for d in self._inputs:
-            self.interpreter.set_tensor(d["index"], self._input_value(inputs, d))
+    def output_specs(self) -> dict[str, IOSpec]:
+        return dict(self._outputs)
+
+    def _resolve_alias(self, name: str) -> str:
+        return name if name in self._inputs else self._alias.get(name, name)
+
+    def infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for d in self._in_details:
+            self.interpreter.set_tensor(d["index"], inputs[str(d["name"])])
         self.interpreter.invoke()
         # get_tensor copies: the interpreter reuses its buffers on the next invoke
-        return {str(d["name"]): self.interpreter.get_tensor(d["index"]) for d in self._outputs}
+        return {str(d["name"]): self.interpreter.get_tensor(d["index"]) for d in self._out_details}

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.runtimes.execution import Execution
+
+T = TypeVar("T")
 
 # name -> "module:attribute" of a Target instance; imported lazily.
 _TARGETS = {
@@ -27,14 +29,19 @@ _TARGETS = {
 
 @dataclass
 class BuildContext:
-    """What a target gets to build from. ``calibration`` is made on first use (it costs image decoding)."""
+    """What a target gets to build from. ``calibration`` is made on first use (it costs image decoding).
+
+    ``options`` is the target's own typed options object (``Target.options_type``); ``observer`` and
+    ``tolerance_overrides`` are the export's calibration and parity choices the target's artifacts depend on."""
 
     split: Any  # bottlefit.exporter.split.SplitModel
-    out_dir: Path  # a fresh temporary directory; the exporter renames it into place when all succeeded
-    options: argparse.Namespace
+    out_dir: Path  # a fresh temporary directory; the pipeline renames it into place when all succeeded
+    options: Any
     calibration_factory: Callable[[], Any] | None = None  # -> bottlefit.calibration.CalibrationSet
     heldout_factory: Callable[[], Any] | None = None  # -> the CalibrationSet parity judges on
     log: Callable[[str], None] = print
+    observer: str = "minmax"
+    tolerance_overrides: dict[tuple[str | None, str], float] = field(default_factory=dict)
     _calibration: Any = field(default=None, repr=False)
     _heldout: Any = field(default=None, repr=False)
 
@@ -47,6 +54,11 @@ class BuildContext:
         return self._calibration
 
     @property
+    def calibration_used(self) -> Any | None:
+        """The calibration set if the build asked for one (the manifest records it), else None."""
+        return self._calibration
+
+    @property
     def heldout(self) -> Any:
         """The held-out images parity judges on (never calibration images); golden data comes from these."""
         if self._heldout is None:
@@ -54,6 +66,13 @@ class BuildContext:
                 raise UserError("no held-out images: pass --images PATH")
             self._heldout = self.heldout_factory()
         return self._heldout
+
+
+def options_from(cls: type[T], values: Mapping[str, Any]) -> T:
+    """A target's options dataclass from parsed command-line values (a plain mapping): the fields it names, where
+    given; the dataclass's defaults elsewhere. Called once, at the CLI edge."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
 @dataclass(frozen=True)
@@ -74,22 +93,27 @@ class Emulate:
             return cls()
         if text == "none":
             return cls("off")
+        from bottlefit.emulation.arm64 import get_core
+
         profiles = tuple(p.strip() for p in text.split(",") if p.strip())
         if not profiles:
             raise UserError(f"--emulate {text!r}: give auto, none, or board profiles such as pi4,pi5")
+        for p in profiles:
+            get_core(p)  # an unknown board is refused here, before any work
         return cls("on", profiles)
 
 
 class Target(Protocol):
     name: str
     summary: str
+    options_type: type  # the dataclass of this target's options; ``options_type()`` are the defaults
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this target's own options to ``bottlefit export``."""
+        """Add this target's own flags to ``bottlefit export`` (their dests are ``options_type``'s fields)."""
 
-    def validate(self, options: argparse.Namespace) -> None:
-        """Refuse (UserError) what this target cannot honour, before any work starts (the model is not loaded
-        yet, so a bad flag costs nothing)."""
+    def validate(self, options: Any) -> None:
+        """Refuse (UserError, or EnvironmentProblem for what this machine lacks) what this target cannot honour,
+        before any work starts (the model is not loaded yet, so a bad flag costs nothing)."""
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
         """Write the artifacts into ``ctx.out_dir`` and describe them."""

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,109 +225,202 @@ def train(config: TrainConfig, log: Log = print, data: DataSplits | None = None)
         env.close()
 
 
-def _train(config: TrainConfig, log: Log, data: DataSplits | None, env: DistEnv) -> Path:
-    arch = registry.get(config.student)
+def _epochs_left(stage: StageConfig, resume: _Resume | None) -> int:
+    """Epochs of ``stage`` still to run: all of them afresh, none for a stage the resumed run finished."""
+    if resume is None or stage.index > resume.stage:
+        return stage.num_epochs
+    if stage.index < resume.stage:
+        return 0
+    return max(0, stage.num_epochs - resume.epoch - 1)
+
+
+def _needs_teacher(stages: Sequence[StageConfig], resume: _Resume | None) -> bool:
+    """A fresh run always loads the teacher (the student's kept tail is copied from it); a resumed one only
+    when an epoch left to run distills from it (stage 1, or stage 2 with the kd criterion)."""
+    return resume is None or any(
+        _epochs_left(s, resume) > 0 and (s.index == 1 or s.criterion == "kd") for s in stages)
+
+
+@dataclass
+class _Run:
+    """Everything one training run shares across its stages and epochs."""
+
+    config: TrainConfig
+    env: DistEnv
+    log: Log
+    arch: registry.Architecture
+    student: nn.Module
+    card: ModelCard
+    teacher: nn.Module | None
+    resume: _Resume | None
+    loader: DataLoader
+    sampler: DistributedSampler
+    val: DataLoader
+    progress: bool  # a progress bar on rank 0's terminal
+    history: list[dict[str, Any]]
+    best_value: float | None
+
+    @property
+    def best_path(self) -> Path:
+        return self.config.output_dir / BEST
+
+
+@dataclass
+class _StageRun:
+    """One stage, switched to: its frozen modules set, its trainable graph, optimizer and scheduler."""
+
+    stage: StageConfig
+    runner: Stage1 | Stage2
+    model: nn.Module  # the trainable graph, wrapped in DDP under torchrun
+    opt: torch.optim.Optimizer
+    sched: Any
+
+
+def _build_student(config: TrainConfig, env: DistEnv) -> tuple[nn.Module, ModelCard]:
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     student, card = registry.build(config.student, config.student_params, weights="checkpoint")
     student.to(env.device)
-    if data is None:
-        if config.data_root is None:
-            raise UserError(f"{config.source}: no training data: pass --data DIR (data.root) with train/ and val/")
-        data = image_folder_splits(config.data_root, card, config.augment)
+    return student, card
 
+
+def _training_data(config: TrainConfig, card: ModelCard, data: DataSplits | None) -> DataSplits:
+    if data is not None:
+        return data
+    if config.data_root is None:
+        raise UserError(f"{config.source}: no training data: pass --data DIR (data.root) with train/ and val/")
+    return image_folder_splits(config.data_root, card, config.augment)
+
+
+def _load_teacher(config: TrainConfig, env: DistEnv, log: Log, student: nn.Module, card: ModelCard,
+                  resume: _Resume | None) -> nn.Module | None:
+    """The teacher, when an epoch left needs it; a fresh run also copies its kept tail into the student."""
+    if not _needs_teacher(config.stages, resume):
+        return None
+    teacher = prepare_teacher(config.student, config.teacher, card.num_classes, config.teacher_weights,
+                              config.source).to(env.device)
+    if resume is None:
+        n = init_student_from_teacher(student, teacher)
+        if env.is_main:
+            log(f"student {config.student}: {n} tensors of the kept tail copied from the teacher")
+    return teacher
+
+
+def _start_run(config: TrainConfig, log: Log, data: DataSplits | None, env: DistEnv) -> _Run:
+    """Student, data, resumed state and teacher, in the order that keeps the RNG stream of a fresh run."""
+    arch = registry.get(config.student)
+    student, card = _build_student(config, env)
+    data = _training_data(config, card, data)
     resume = _read_resume(config.resume, config, card) if config.resume is not None else None
     if resume is not None:
         student.load_state_dict(resume.model, strict=True)
-    history: list[dict[str, Any]] = list(resume.history) if resume else []
-    best_value: float | None = resume.best_value if resume else None
-    out = config.output_dir
-    best_path = out / BEST
-
-    def remaining(stage: StageConfig) -> int:
-        if resume is None or stage.index > resume.stage:
-            return stage.num_epochs
-        if stage.index < resume.stage:
-            return 0
-        return max(0, stage.num_epochs - resume.epoch - 1)
-
-    need_teacher = resume is None or any(
-        remaining(s) > 0 and (s.index == 1 or s.criterion == "kd") for s in config.stages)
-    teacher = None
-    if need_teacher:
-        teacher = prepare_teacher(config.student, config.teacher, card.num_classes, config.teacher_weights,
-                                  config.source).to(env.device)
-        if resume is None:
-            n = init_student_from_teacher(student, teacher)
-            if env.is_main:
-                log(f"student {config.student}: {n} tensors of the kept tail copied from the teacher")
+    teacher = _load_teacher(config, env, log, student, card, resume)
     if resume is not None and resume.rng is not None:
         torch.set_rng_state(resume.rng)
     if env.is_main and resume is not None:
         log(f"resuming from {config.resume}: stage {resume.stage}, epoch {resume.epoch + 1} done")
-
-    progress = env.is_main and sys.stderr.isatty()
     loader, sampler = _train_loader(data.train, config, env)
     val = eval_loader(data.val, config.val_batch_size, env,
                       0 if isinstance(data.val, torch.utils.data.TensorDataset) else config.num_workers)
+    return _Run(config, env, log, arch, student, card, teacher, resume, loader, sampler, val,
+                progress=env.is_main and sys.stderr.isatty(), history=list(resume.history) if resume else [],
+                best_value=resume.best_value if resume else None)
+
+
+def _switch_stage(run: _Run, stage: StageConfig) -> _StageRun:
+    """Freeze what ``stage`` freezes, build its loss graph, optimizer and scheduler (resumed ones restored)."""
+    key = f"train.stage{stage.index}"
+    set_frozen(run.student, frozen_modules(stage, run.student, run.arch.encoder_path))
+    runner: Stage1 | Stage2 = (Stage1(run.student, run.teacher, run.card.input_shape) if stage.index == 1
+                               else Stage2(run.student, run.teacher if stage.criterion == "kd" else None, stage))
+    graph = runner.trainable()
+    model = DistributedDataParallel(graph) if run.env.world_size > 1 else graph
+    opt = make_optimizer(graph, stage.optimizer, f"{key}.optimizer", run.config.source)
+    sched = make_scheduler(opt, stage.scheduler, f"{key}.scheduler", run.config.source)
+    if run.resume is not None and run.resume.stage == stage.index:
+        opt.load_state_dict(run.resume.optimizer)
+        _load_scheduler_state(sched, run.resume.scheduler)
+    return _StageRun(stage, runner, model, opt, sched)
+
+
+def _train_one_epoch(run: _Run, sr: _StageRun, epoch: int) -> float:
+    """One pass over the training shard, then one scheduler step; the mean batch loss over all ranks."""
+    run.sampler.set_epoch(sr.stage.index * 100_000 + epoch)
+    run.student.train()  # frozen modules too: their BN statistics keep updating, as upstream
+    loss_sum, batches = 0.0, 0
+    for x, y in tqdm(run.loader, desc=f"stage {sr.stage.index} epoch {epoch + 1}", disable=not run.progress,
+                     leave=False):
+        x, y = x.to(run.env.device), y.to(run.env.device)
+        sr.opt.zero_grad(set_to_none=True)
+        loss = sr.runner.loss(sr.model, x, y)
+        loss.backward()
+        sr.opt.step()
+        loss_sum += float(loss.detach())
+        batches += 1
+    sr.sched.step()  # per epoch (upstream scheduling_step 0)
+    loss_sum, batches = run.env.sum([loss_sum, float(batches)])
+    return loss_sum / max(batches, 1.0)
+
+
+def _validate(run: _Run) -> Metrics:
+    """Top-1 of the full student on the validation set, with rank 0's weights and BN statistics everywhere."""
+    run.env.broadcast_state(run.student)
+    return evaluate(run.student, run.val, env=run.env)
+
+
+def _track_best(run: _Run, top1: float) -> bool:
+    """Whether ``top1`` beats every epoch so far (over both stages); if so it becomes the best."""
+    improved = run.best_value is None or top1 > run.best_value
+    if improved:
+        run.best_value = top1
+    return improved
+
+
+def _save_checkpoints(run: _Run, sr: _StageRun, epoch: int, improved: bool) -> None:
+    """Rank 0 only: ``best.pt`` when the epoch improved, ``last.pt`` (the full training state) always."""
+    if not run.env.is_main:
+        return
+    if improved:
+        checkpoint.save(run.best_path, run.student, run.card, best_value=run.best_value, epoch=epoch,
+                        stage=sr.stage.index, history=run.history)
+    state = {"stage": sr.stage.index, "epoch": epoch, "optimizer": sr.opt.state_dict(),
+             "scheduler": _scheduler_state(sr.sched), "best_value": run.best_value, "rng": torch.get_rng_state()}
+    checkpoint.save(run.config.output_dir / LAST, run.student, run.card, train_state=state, history=run.history,
+                    config=run.config.tree)
+
+
+def _run_epoch(run: _Run, sr: _StageRun, epoch: int) -> None:
+    lr = float(sr.opt.param_groups[0]["lr"])  # before the epoch's scheduler step
+    loss = _train_one_epoch(run, sr, epoch)
+    metrics = _validate(run)
+    improved = _track_best(run, metrics.top1)
+    record = {"stage": sr.stage.index, "epoch": epoch, "num_epochs": sr.stage.num_epochs, "loss": loss,
+              "top1": metrics.top1, "correct": metrics.correct, "total": metrics.total, "lr": lr, "best": improved}
+    run.history.append(record)
+    _save_checkpoints(run, sr, epoch, improved)
+    _emit(run.config, run.env, run.log, record)
+    run.env.barrier()  # nobody starts the next epoch (or returns) before the files are written
+
+
+def _run_stage(run: _Run, stage: StageConfig) -> None:
+    todo = _epochs_left(stage, run.resume)
+    if todo == 0:
+        return
+    sr = _switch_stage(run, stage)
+    for epoch in range(stage.num_epochs - todo, stage.num_epochs):
+        _run_epoch(run, sr, epoch)
+    sr.runner.close()
+
+
+def _train(config: TrainConfig, log: Log, data: DataSplits | None, env: DistEnv) -> Path:
+    run = _start_run(config, log, data, env)
     for stage in config.stages:
-        todo = remaining(stage)
-        if todo == 0:
-            continue
-        first = stage.num_epochs - todo
-        key = f"train.stage{stage.index}"
-        set_frozen(student, frozen_modules(stage, student, arch.encoder_path))
-        runner: Stage1 | Stage2 = (Stage1(student, teacher, card.input_shape) if stage.index == 1
-                                   else Stage2(student, teacher if stage.criterion == "kd" else None, stage))
-        graph = runner.trainable()
-        model = DistributedDataParallel(graph) if env.world_size > 1 else graph
-        opt = make_optimizer(graph, stage.optimizer, f"{key}.optimizer", config.source)
-        sched = make_scheduler(opt, stage.scheduler, f"{key}.scheduler", config.source)
-        if resume is not None and resume.stage == stage.index:
-            opt.load_state_dict(resume.optimizer)
-            _load_scheduler_state(sched, resume.scheduler)
-        for epoch in range(first, stage.num_epochs):
-            sampler.set_epoch(stage.index * 100_000 + epoch)
-            lr = float(opt.param_groups[0]["lr"])
-            student.train()  # frozen modules too: their BN statistics keep updating, as upstream
-            loss_sum, batches = 0.0, 0
-            for x, y in tqdm(loader, desc=f"stage {stage.index} epoch {epoch + 1}", disable=not progress,
-                             leave=False):
-                x, y = x.to(env.device), y.to(env.device)
-                opt.zero_grad(set_to_none=True)
-                loss = runner.loss(model, x, y)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach())
-                batches += 1
-            sched.step()  # per epoch (upstream scheduling_step 0)
-            loss_sum, batches = env.sum([loss_sum, float(batches)])
-            env.broadcast_state(student)
-            metrics = evaluate(student, val, env=env)
-            improved = best_value is None or metrics.top1 > best_value
-            if improved:
-                best_value = metrics.top1
-            record = {"stage": stage.index, "epoch": epoch, "num_epochs": stage.num_epochs,
-                      "loss": loss_sum / max(batches, 1.0), "top1": metrics.top1, "correct": metrics.correct,
-                      "total": metrics.total, "lr": lr, "best": improved}
-            history.append(record)
-            if env.is_main:
-                if improved:
-                    checkpoint.save(best_path, student, card, best_value=best_value, epoch=epoch,
-                                    stage=stage.index, history=history)
-                state = {"stage": stage.index, "epoch": epoch, "optimizer": opt.state_dict(),
-                         "scheduler": _scheduler_state(sched), "best_value": best_value,
-                         "rng": torch.get_rng_state()}
-                checkpoint.save(out / LAST, student, card, train_state=state, history=history,
-                                config=config.tree)
-            _emit(config, env, log, record)
-            env.barrier()  # nobody starts the next epoch (or returns) before the files are written
-        runner.close()
-    for p in student.parameters():
+        _run_stage(run, stage)
+    for p in run.student.parameters():
         p.requires_grad_(True)
-    if not best_path.is_file():
+    if not run.best_path.is_file():
         raise UserError(f"{config.source}: nothing was trained (train.stage1/stage2.num_epochs are 0) and "
-                        f"{best_path} does not exist")
-    return best_path
+                        f"{run.best_path} does not exist")
+    return run.best_path
 
 
 def train_teacher(arch: str, data: DataSplits, out_path: str | Path, epochs: int = 3, lr: float = 1e-3,

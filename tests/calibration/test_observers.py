@@ -1,6 +1,8 @@
-"""Observers against hand-computed ranges, and collect_ranges over a small real module."""
+"""Observers against hand-computed ranges, and two-pass calibration over a small real module."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,9 +14,10 @@ from bottlefit.calibration import (
     MinMaxObserver,
     MseObserver,
     PercentileObserver,
-    collect_ranges,
+    calibrate_two_pass,
     make_observer,
 )
+from bottlefit.calibration.observers import Feed
 from bottlefit.errors import UserError
 
 
@@ -183,46 +186,49 @@ def test_make_observer_registry() -> None:
         make_observer("kl")
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()  # called twice, like torchvision ResNet's shared ReLU
-        self.pool = nn.AdaptiveAvgPool2d(1)
+def batches_through(model: nn.Module, data: list[np.ndarray], passes: list[int]) -> Callable[[Feed], None]:
+    """A ``run_pass`` feeding "input" and every child's output; counts its calls in ``passes``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.conv(self.relu(x)) - 0.5))
+    def run_pass(feed: Feed) -> None:
+        passes.append(1)
+        for b in data:
+            x = torch.from_numpy(b)
+            feed("input", x)
+            with torch.no_grad():
+                for name, child in model.named_children():
+                    x = child(x)
+                    feed(name, x)
+
+    return run_pass
 
 
-def test_collect_ranges_minmax_keys_and_values() -> None:
+def test_calibrate_two_pass_minmax_is_one_exact_pass() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(4, 2))
-    model.train()
-    batches = [np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32) for i in range(3)]
-    obs = collect_ranges(model, batches, "minmax")
-    assert set(obs) == {"input", "0.conv", "0.relu", "0.relu#1", "0.pool", "1", "2", "output"}
-    x = torch.from_numpy(np.concatenate(batches))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    data = [np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32) for i in range(3)]
+    passes: list[int] = []
+    obs = calibrate_two_pass("minmax", batches_through(model, data, passes))
+    assert len(passes) == 1
+    assert list(obs) == ["input", "0", "1", "2"]  # first-seen order
+    assert all(type(o) is MinMaxObserver for o in obs.values())
+    x = torch.from_numpy(np.concatenate(data))
     with torch.no_grad():
-        r0 = torch.relu(x)
-        conv = model[0].conv(r0)
-        r1 = torch.relu(conv - 0.5)
+        conv = model[0](x)
         out = model(x)
     assert obs["input"].range() == (float(x.min()), float(x.max()))
-    assert obs["0.relu"].range() == (0.0, float(r0.max()))
-    assert obs["0.conv"].range() == pytest.approx((float(conv.min()), float(conv.max())), abs=1e-6)
-    assert obs["0.relu#1"].range() == pytest.approx((0.0, float(r1.max())), abs=1e-6)
-    assert obs["output"].range() == pytest.approx((float(out.min()), float(out.max())), abs=1e-6)
-    assert obs["2"].range() == obs["output"].range()
-    assert model.training  # mode restored
+    assert obs["0"].range() == pytest.approx((float(conv.min()), float(conv.max())), abs=1e-6)
+    assert obs["1"].range() == pytest.approx((0.0, float(conv.max())), abs=1e-6)
+    assert obs["2"].range() == pytest.approx((float(out.min()), float(out.max())), abs=1e-6)
 
 
-def test_collect_ranges_module_path_and_two_pass_histograms() -> None:
+def test_calibrate_two_pass_primes_histograms_from_a_minmax_pass() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
     rngs = [np.random.default_rng(i) for i in range(3)]
     data = [r.standard_normal((2, 3, 4, 4)).astype(np.float32) * (i + 1) for i, r in enumerate(rngs)]
-    obs = collect_ranges(model, iter(data), "entropy", tensors=("0",))  # a one-shot iterator is fine
-    assert set(obs) == {"0"}
+    passes: list[int] = []
+    obs = calibrate_two_pass("entropy", batches_through(model, data, passes))
+    assert len(passes) == 2
     e = obs["0"]
     assert isinstance(e, EntropyObserver)
     with torch.no_grad():
@@ -231,12 +237,25 @@ def test_collect_ranges_module_path_and_two_pass_histograms() -> None:
     # Primed by the min/max pass: the histogram spans exactly the final |max|, as TensorRT's does.
     assert e.R == pytest.approx(amax, rel=1e-6)
     assert int(e.hist.sum()) == y.numel()
-    pct = collect_ranges(model, data, "percentile", tensors=("output",), percentile=100.0)
-    assert pct["output"].amax() == pytest.approx(float(torch.relu(y).max()), rel=1e-5)
-    with pytest.raises(UserError, match="nope"):
-        collect_ranges(model, data, "minmax", tensors=("nope",))
+    # Unprimed, the same batches grow R by doubling past the final |max|.
+    grown = EntropyObserver()
+    with torch.no_grad():
+        for b in data:
+            grown.update(model[0](torch.from_numpy(b)))
+    assert grown.R > e.R
+    pct = calibrate_two_pass("percentile", batches_through(model, data, []), percentile=100.0)
+    assert isinstance(pct["1"], PercentileObserver)
+    assert pct["1"].amax() == pytest.approx(float(torch.relu(y).max()), rel=1e-5)
+
+
+def test_calibrate_two_pass_rejects_bad_observers_before_any_pass() -> None:
+    passes: list[int] = []
+    run_pass = batches_through(nn.Sequential(nn.ReLU()), [np.zeros((1, 3), np.float32)], passes)
     with pytest.raises(UserError, match="choose one of"):
-        collect_ranges(model, data, "bogus")
+        calibrate_two_pass("bogus", run_pass)
+    with pytest.raises(ValueError, match="percentile"):
+        calibrate_two_pass("percentile", run_pass, percentile=0.0)
+    assert passes == []
 
 
 def test_entropy_is_not_collapsed_by_the_zeros_of_a_relu() -> None:

@@ -1,9 +1,11 @@
 """Engine build and TensorRT runner. The real builds need TensorRT and a CUDA GPU (a Jetson, or an NVIDIA
-TensorRT container) and skip elsewhere; what runs everywhere is the refusal path and the request checks."""
+TensorRT container) and skip elsewhere; what runs everywhere is the refusal path, the request checks, the config
+plan; the build itself runs only where TensorRT and a GPU exist (no stand-in runtime)."""
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,14 @@ from bottlefit.calibration.trt_cache import write_cache
 from bottlefit.errors import UserError
 from bottlefit.runtimes import RuntimeUnavailable, get_runner
 from bottlefit.runtimes.tensorrt import UNAVAILABLE, TensorRTRunner
-from bottlefit.targets.jetson.engine import build_engine
+from bottlefit.targets.jetson.engine import (
+    ConfigPlan,
+    build_engine,
+    load_calibration_cache,
+    local_trt_code,
+    plan_config,
+    warn_if_not_the_board,
+)
 from bottlefit.targets.jetson.profiles import Profile, get_profile, trt_version_code
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -96,6 +105,35 @@ def test_requests_are_checked_before_tensorrt_is_needed(tmp_path: Path) -> None:
         build_engine(onnx_path, tmp_path / "e", get_profile("orin"), "int4")
 
 
+# ------------------------------------------- the build plan, without TensorRT (pure functions)
+
+
+def test_config_plans_per_precision(tmp_path: Path) -> None:
+    orin, nx = get_profile("orin"), get_profile("xavier-nx")
+    cache = tmp_path / "c.cache"
+    assert plan_config(orin, "fp16", False, None, 512) == ConfigPlan(512 << 20, set_flags=("FP16",))
+    assert plan_config(orin, "int8", True, cache, 1) == ConfigPlan(1 << 20, set_flags=("INT8",))  # Q/DQ wins
+    assert plan_config(orin, "int8", False, str(cache), 1) == ConfigPlan(1 << 20, ("INT8",), calib_cache=cache)
+    assert plan_config(orin, "fp32", False, None, 1) == ConfigPlan(1 << 20, clear_flags=("TF32",))  # Ampere
+    assert plan_config(nx, "fp32", False, cache, 1) == ConfigPlan(1 << 20)
+
+
+def test_board_warning() -> None:
+    assert local_trt_code("8.5.2.2") == 8502
+    with pytest.warns(UserWarning, match="TensorRT 8.6.1 for xavier-nx"):
+        warn_if_not_the_board("8.6.1", get_profile("xavier-nx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_not_the_board("8.5.2.2", get_profile("xavier-nx"))  # another patch release is the same board
+
+
+def test_calibration_cache_header_must_match_this_tensorrt(tmp_path: Path) -> None:
+    cache = write_cache(tmp_path / "head.calib.cache", 8502, {"x": 4.0 / 127})
+    assert load_calibration_cache(cache, 8502) == cache.read_bytes()
+    with pytest.raises(UserError, match="cache header is for TensorRT 8502, this TensorRT is 8601"):
+        load_calibration_cache(cache, 8601)
+
+
 # ----------------------------------------------------------------- needs TensorRT and a CUDA GPU
 
 
@@ -133,7 +171,7 @@ def test_float_engine_matches_onnxruntime(trt: Any, tmp_path: Path, precision: s
     onnx_path = conv_model(tmp_path / "head.onnx")
     engine = build_engine(onnx_path, tmp_path / f"head.{precision}.engine", _local_profile(trt), precision)
     runner = TensorRTRunner(engine)
-    assert runner.inputs == ["x"] and runner.outputs == ["y"]
+    assert runner.input_names == ["x"] and runner.output_names == ["y"]
     x = _input()
     y = runner.infer({"x": x})["y"]
     np.testing.assert_allclose(y.astype(np.float32), _reference(onnx_path, x), atol=atol, rtol=atol)

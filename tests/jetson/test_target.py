@@ -10,7 +10,6 @@ tolerance stays at parity's default.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -30,7 +29,7 @@ from bottlefit.cli import main
 from bottlefit.errors import UserError
 from bottlefit.exporter.manifest import check_hashes
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
-from bottlefit.targets.jetson import TARGET, lint_or_fail
+from bottlefit.targets.jetson import TARGET, JetsonOptions, lint_or_fail
 from bottlefit.targets.jetson.lint import lint_onnx
 from bottlefit.targets.jetson.profiles import get_profile
 from bottlefit.targets.jetson.trtexec import write_export_output
@@ -262,16 +261,17 @@ def test_nano_default_is_fp16_and_forced_int8(bundles: dict[str, tuple[Path, int
     assert (fp16 / "head.qdq.onnx").is_file() and (fp16 / "head.calib.cache").is_file()
     # fp16 golden outputs are PyTorch fp32, int8 golden outputs are the Q/DQ graph in ONNX Runtime.
     assert _arts(fp16)["golden/output.bottleneck.bin"]["extra"]["reference"] == "PyTorch fp32 head"
-    assert _arts(forced)["golden/output.bottleneck.bin"]["extra"]["reference"] == "ONNX Runtime on head.qdq.onnx"
+    assert _arts(forced)["golden/output.bottleneck.bin"]["extra"]["reference"] == (
+        "head.qdq.onnx under ONNX spec semantics (ONNX Runtime, graph optimizations off)")
+    golden = json.loads((forced / "golden" / "golden.json").read_text())
+    assert golden["made_with"] == _arts(forced)["golden/output.bottleneck.bin"]["extra"]["reference"]
 
 
 # ------------------------------------------------------------------------------------------ refusals
 
 
-def _opts(**kw: Any) -> argparse.Namespace:
-    base = {"profile": "orin", "jetpack": None, "precision": None, "force": False, "opset": None, "calib": None,
-            "int8_output": False, "build_engine": False}
-    return argparse.Namespace(**{**base, **kw})
+def _opts(**kw: Any) -> JetsonOptions:
+    return JetsonOptions(**{"profile": "orin", **kw})
 
 
 @pytest.mark.parametrize(
@@ -285,7 +285,6 @@ def _opts(**kw: Any) -> argparse.Namespace:
         ({"profile": "orin", "jetpack": "6.0"}, "TensorRT 8.6.2"),
         ({"profile": "nano", "int8_output": True, "precision": "int8", "force": True}, "raw bytes"),
         ({"profile": "orin", "precision": "fp16", "int8_output": True}, "needs an int8 engine"),
-        ({"calib": "/nonexistent"}, "/nonexistent: calibration data not found"),
     ],
 )
 def test_validate_refuses(kw: dict[str, Any], message: str) -> None:
@@ -375,7 +374,9 @@ def test_build_engine_option_needs_tensorrt(tmp_path: Path, capsys: pytest.Captu
     rc = main(["export", *D169, "--target", "jetson", "--profile", "orin", "--build-engine", "--out",
                str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "TensorRT is not installed here" in err
+    # this machine lacks TensorRT: an environment problem (3), not the user's input (2)
+    assert rc == 3 and err.count("\n") == 1 and err.startswith("bottlefit: cannot run here: ")
+    assert "TensorRT is not installed here" in err and not (tmp_path / "jetson").exists()
 
 
 @pytest.mark.skipif(not HAVE_TRT, reason=NO_TRT)

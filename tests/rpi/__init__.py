@@ -27,12 +27,16 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
 CALIB_COUNT = 12
 HELDOUT_COUNT = 6
 
-_TMP = Path(tempfile.mkdtemp(prefix="bottlefit-rpi-tests-"))
-atexit.register(shutil.rmtree, _TMP, True)
+@functools.cache
+def _scratch_root() -> Path:
+    """One scratch folder for the session's cached builds, made on first use (not at import) and removed at exit."""
+    root = Path(tempfile.mkdtemp(prefix="bottlefit-rpi-tests-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def scratch(name: str) -> Path:
-    d = _TMP / name
+    d = _scratch_root() / name
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -72,7 +76,7 @@ def images(part: str, count: int) -> np.ndarray:
 
 @functools.cache
 def rewritten(key: str) -> Any:
-    from bottlefit.targets.rpi.head_rewrite import rewrite_head
+    from bottlefit.exporter.head_rewrite import rewrite_head
 
     h, card = head(key)
     return rewrite_head(h, card.bottleneck.module, torch.from_numpy(images("heldout", HELDOUT_COUNT)))
@@ -100,20 +104,19 @@ def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
 @functools.cache
 def rpi_bundle() -> tuple[Path, list]:
     """The rpi target built for real from the r152v2 head (12 calibration, 4 held-out photos): (folder, artifacts)."""
-    import argparse
     from types import SimpleNamespace
 
     from bottlefit.calibration.dataset import CalibrationSet
     from bottlefit.exporter.split import Head
     from bottlefit.targets import BuildContext
-    from bottlefit.targets.rpi import TARGET
+    from bottlefit.targets.rpi import TARGET, RpiOptions
 
     h, card = head("r152v2")
     out = scratch("target")
     ctx = BuildContext(
         split=SimpleNamespace(head=Head(h), card=card),
         out_dir=out,
-        options=argparse.Namespace(layout="nhwc", allow_float_ops=False, observer="minmax"),
+        options=RpiOptions(),
         calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
         heldout_factory=lambda: CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
         log=lambda s: None,

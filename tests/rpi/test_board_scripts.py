@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from bottlefit.calibration.dataset import CalibrationSet
-from bottlefit.targets.rpi import TARGET
+from bottlefit.targets import options_from
+from bottlefit.targets.rpi import TARGET, RpiOptions
 from bottlefit.targets.rpi.tflite import inspect_tflite
 from tests.rpi import head, rpi_bundle
 
@@ -24,7 +25,8 @@ def _script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess[str
 def test_unknown_layout_is_argparse_exit_2() -> None:
     p = argparse.ArgumentParser()
     TARGET.add_arguments(p)
-    assert p.parse_args([]).layout == "nhwc"
+    assert options_from(RpiOptions, vars(p.parse_args([]))) == RpiOptions(layout="nhwc", allow_float_ops=False)
+    assert options_from(RpiOptions, vars(p.parse_args(["--layout", "nchw"]))).layout == "nchw"
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--layout", "chw"])
     assert e.value.code == 2

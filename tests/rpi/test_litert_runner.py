@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.runtimes import get_runner
 from bottlefit.runtimes.litert import LiteRTRunner
@@ -50,7 +51,7 @@ def test_wire_round_trip_through_bytes_equals_decode() -> None:
 def test_wrong_dtype_and_missing_input_are_refused() -> None:
     path, info = int8_tflite("r152v2")
     r = LiteRTRunner(path)
-    with pytest.raises(TypeError, match="int8"):
+    with pytest.raises(UserError, match="int8"):
         r.infer({"args_0": np.zeros(info.inputs[0].shape, np.float32)})
-    with pytest.raises(KeyError):
+    with pytest.raises(UserError, match="missing"):
         r.infer({})

@@ -11,8 +11,8 @@ from torch import nn
 
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
+from bottlefit.exporter.head_rewrite import RewrittenHead
 from bottlefit.runtimes.litert import LiteRTRunner
-from bottlefit.targets.rpi.head_rewrite import RewrittenHead
 from bottlefit.targets.rpi.tflite import export_tflite
 from tests.rpi import CALIB_COUNT, HEADS, HELDOUT_COUNT, cosine, head, images, int8_tflite, rewritten, scratch, sqnr_db
 

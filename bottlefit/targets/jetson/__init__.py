@@ -78,17 +78,29 @@ def default_opset(profile: Profile) -> int:
     return min(PREFERRED_OPSET, profile.max_opset)
 
 
-def resolve(options: argparse.Namespace) -> Request:
-    """The request from ``bottlefit export``'s options, or UserError with the reason it cannot be built."""
-    name = getattr(options, "profile", None)
-    if not name:
+@dataclass(frozen=True)
+class JetsonOptions:
+    """``--target jetson``: the board and how its engine is built. Defaults come from the profile table."""
+
+    profile: str | None = None  # nano | xavier-nx | orin (required)
+    jetpack: str | None = None  # default: the profile's newest supported
+    precision: str | None = None  # default: the profile's (fp16 on nano)
+    force: bool = False  # build what the profile advises against (int8 on nano)
+    build_engine: bool = False  # also build head.engine here (needs tensorrt and a GPU)
+    int8_output: bool = False  # the head emits int8 codes (1 byte/element on the wire)
+    opset: int | None = None  # default: 13, or the profile's maximum if lower
+
+
+def resolve(options: JetsonOptions) -> Request:
+    """The request from the target's options, or UserError with the reason it cannot be built."""
+    if not options.profile:
         raise UserError(f"--target jetson needs --profile {{{','.join(names())}}}")
-    profile = get_profile(name, getattr(options, "jetpack", None))
-    precision = getattr(options, "precision", None) or profile.default_precision
+    profile = get_profile(options.profile, options.jetpack)
+    precision = options.precision or profile.default_precision
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of: {', '.join(PRECISIONS)}")
-    force = bool(getattr(options, "force", False))
-    opset = getattr(options, "opset", None) or default_opset(profile)
+    force = options.force
+    opset = options.opset or default_opset(profile)
     check_opset(opset)
     if opset > profile.max_opset:
         # Not forceable: the board's parser cannot read a newer opset at all.
@@ -99,7 +111,7 @@ def resolve(options: argparse.Namespace) -> Request:
     reasons = check_request(profile, precision, opset, force=force)
     if reasons and not force:
         raise UserError("; ".join(reasons))
-    int8_output = bool(getattr(options, "int8_output", False))
+    int8_output = options.int8_output
     if int8_output:
         if precision != "int8":
             raise UserError(f"--int8-output needs an int8 engine; --precision is {precision}")
@@ -189,6 +201,7 @@ class JetsonTarget:
     name = "jetson"
     summary = "NVIDIA Jetson (TensorRT): head.onnx, symmetric int8 head.qdq.onnx, TensorRT calibration cache, " \
               "build recipe and golden I/O for the board"
+    options_type = JetsonOptions
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         # No argparse choices: an unknown profile is refused by validate() as one line and exit 2.
@@ -205,14 +218,10 @@ class JetsonTarget:
         parser.add_argument("--int8-output", action="store_true",
                             help="jetson target: the head emits int8 codes (1 byte/element on the wire)")
 
-    def validate(self, options: argparse.Namespace) -> None:
+    def validate(self, options: JetsonOptions) -> None:
         resolve(options)
-        calib = getattr(options, "calib", None)
-        if calib and not Path(calib).exists():
-            # Checked before the export work starts; CalibrationSet would say the same, later.
-            raise UserError(f"{calib}: calibration data not found; pass a folder of images or a .npz file")
-        if getattr(options, "build_engine", False):
-            # Refused before the export work starts: exit 2 with the reason where TensorRT cannot run.
+        if options.build_engine:
+            # Refused before the export work starts (exit 3): this machine cannot run TensorRT.
             from bottlefit.runtimes import RuntimeUnavailable
             from bottlefit.runtimes.tensorrt import import_tensorrt
 
@@ -223,10 +232,9 @@ class JetsonTarget:
     def build(self, ctx: BuildContext) -> list[Artifact]:
         from bottlefit.calibration.trt_cache import write_cache
         from bottlefit.exporter.qdq import quantize_head
-        from bottlefit.parity.tolerances import parse_overrides
         from bottlefit.targets.jetson.trtexec import DEFAULT_FILES, render_build_script, write_golden
 
-        opts = ctx.options
+        opts: JetsonOptions = ctx.options
         req = resolve(opts)
         p = req.profile
         sm, card = ctx.split, ctx.split.card
@@ -243,7 +251,7 @@ class JetsonTarget:
 
         # 2. Symmetric int8 Q/DQ head from our calibration ranges.
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
-        observer = getattr(opts, "observer", None) or "minmax"
+        observer = ctx.observer
         ctx.log(f"quantizing {QDQ_ONNX}: symmetric int8, per-channel weights, {observer} over {len(images)} images")
         q = quantize_head(out / HEAD_ONNX, out / QDQ_ONNX, images, sm.head, observer,
                           symmetric=True, per_channel=True, output_int8=req.int8_output)
@@ -277,8 +285,7 @@ class JetsonTarget:
             with torch.no_grad():
                 gz = sm.head(torch.from_numpy(gx.copy())).numpy()
             golden_ref = "PyTorch fp32 head"
-        overrides = parse_overrides(getattr(opts, "tolerance", None))
-        write_golden(out / GOLDEN_DIR, {INPUT_NAME: gx}, {OUTPUT_NAME: gz}, golden_tolerances(overrides),
+        write_golden(out / GOLDEN_DIR, {INPUT_NAME: gx}, {OUTPUT_NAME: gz}, golden_tolerances(ctx.tolerance_overrides),
                      output_scales={OUTPUT_NAME: q.output_scale}, made_with=golden_ref)
         ctx.log(f"golden I/O: 1 held-out image ({held.names[0]}), reference = {golden_ref}")
 
@@ -295,7 +302,7 @@ class JetsonTarget:
         board = {"profile": p.name, "jetpack": p.jetpack[0], "trt_version": p.trt_version}
         arts = [
             Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec],
-                     quantization=q.quantization_record(),
+                     quantization=q.quantization_record(sm.head_module_path, ctx.calibration.describe()),
                      extra={"opset": req.opset, "jetson": info, "lint_warnings": qdq_warnings,
                             "route": "qdq", "output_scale": q.output_scale}),
             Artifact(HEAD_ONNX, "head", "onnxruntime", "fp32", [in_spec],
@@ -313,7 +320,7 @@ class JetsonTarget:
             *[Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
                        parity=False) for f in golden_files],
         ]
-        if getattr(opts, "build_engine", False):
+        if opts.build_engine:
             arts.append(self._engine(ctx, req, in_spec, out_spec, out))
         (out / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
         arts.append(Artifact(README, "aux", "none", req.precision, parity=False))

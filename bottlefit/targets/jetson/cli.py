@@ -20,12 +20,13 @@ from bottlefit.exporter.artifact import Artifact
 _METRIC_OPS = {"max_abs_error": "<=", "mean_abs_error": "<=", "cosine": ">=", "sqnr_db": ">="}
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any, common: Any) -> None:
     from bottlefit.targets.jetson.trtexec import ROUTES
 
-    p = subparsers.add_parser("jetson", help="Jetson bundle tools (TensorRT engine build and check)")
+    p = subparsers.add_parser("jetson", parents=[common], help="Jetson bundle tools (TensorRT engine build and check)")
     jsub = p.add_subparsers(dest="jetson_command", required=True)
-    b = jsub.add_parser("build", help="build head.engine from an export's jetson/ folder and verify it")
+    b = jsub.add_parser("build", parents=[common],
+                        help="build head.engine from an export's jetson/ folder and verify it")
     b.add_argument("dir", help="the OUT/jetson folder written by `bottlefit export --target jetson`")
     b.add_argument("--route", choices=list(ROUTES),
                    help="qdq: Q/DQ ONNX; cache: head.onnx + calibration cache; fp16/fp32 (default: the bundle's first)")
@@ -121,7 +122,7 @@ def run_build(args: argparse.Namespace) -> int:
     if r.calib:
         check_bundle_cache(target_dir, manifest, profile)
     check_hashes(target_dir, manifest)
-    trt = import_tensorrt()  # exit 2 with the reason where TensorRT is missing
+    trt = import_tensorrt()  # exit 3 with the reason where TensorRT is missing
 
     onnx_file = QDQ_ONNX if r.onnx_key == "qdq_onnx" else HEAD_ONNX
     engine = target_dir / engine_path(route)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.calibration.trt_cache import atomic_write_bytes
 from bottlefit.errors import UserError
+from bottlefit.files import atomic_write_bytes
 from bottlefit.targets.jetson.profiles import Profile, check_request
 
 TRTEXEC_DEFAULT = "/usr/src/tensorrt/bin/trtexec"  # JetPack's install path; trtexec is not on PATH there

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from bottlefit.runtimes.execution import Execution
 from bottlefit.targets import BuildContext
+
+MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) arrived in opset 13
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """``--target onnx``: the opset of head.onnx/tail.onnx, and whether to add the int8 head."""
+
+    opset: int = DEFAULT_OPSET
+    int8: bool = False
 
 
 def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
@@ -37,28 +51,27 @@ def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
 class OnnxTarget:
     name = "onnx"
     summary = "fp32 head.onnx + tail.onnx for ONNX Runtime; --int8 adds head.int8.onnx (Q/DQ)"
+    options_type = OnnxOptions
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--int8", action="store_true", help="onnx target: also write head.int8.onnx")
 
-    def validate(self, options: argparse.Namespace) -> None:
-        check_opset(options.opset or DEFAULT_OPSET)
-        if getattr(options, "int8", False):
-            from bottlefit.targets.onnx.int8 import validate  # refuse a bad --observer before any work
-
-            validate(options)
+    def validate(self, options: OnnxOptions) -> None:
+        check_opset(options.opset)
+        if options.int8 and options.opset < MIN_QDQ_OPSET:
+            raise UserError(f"--int8 needs --opset {MIN_QDQ_OPSET} or newer (per-channel Q/DQ); "
+                            f"got --opset {options.opset}")
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
-        opset = ctx.options.opset or DEFAULT_OPSET
-        arts = fp32_pair(ctx, opset)
-        if getattr(ctx.options, "int8", False):
+        options: OnnxOptions = ctx.options
+        arts = fp32_pair(ctx, options.opset)
+        if options.int8:
             from bottlefit.targets.onnx.int8 import build_int8_head
 
-            arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", opset))
+            arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", options.opset))
         return arts
 
-
-    def execute(self, target_dir: object, artifacts: list[Artifact], emulate: object, log: object) -> list[Execution]:
+    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:
         """No device of its own: the host-kernel runs parity records are all there is."""
         return []
 

@@ -13,9 +13,11 @@ the torch-level head_rewrite is for the TFLite heads only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,10 @@ import torch
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.head_rewrite import rewrite_head
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.exporter.split import SplitModel
 from bottlefit.runtimes.execution import Execution
-from bottlefit.targets.rpi.head_rewrite import rewrite_head
-from bottlefit.targets.rpi.tflite import OBSERVERS
 
 BOARD_DIR = Path(__file__).parent / "board"
 ONNX_INT8_FILE = "head.int8.onnx"
@@ -74,40 +75,43 @@ def onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str
             [n.op_type for n in model.graph.node])
 
 
+@dataclass(frozen=True)
+class RpiOptions:
+    """``--target rpi``: the layout of the .tflite heads' I/O, and whether a float island is acceptable."""
+
+    layout: str = "nhwc"  # nhwc: no transposes in the graph; nchw: the PyTorch layout
+    allow_float_ops: bool = False  # accept an int8 head that keeps float ops instead of failing
+
+
 class RpiTarget:
     name = "rpi"
     summary = "Raspberry Pi (64-bit OS): full-int8 TFLite for ai-edge-litert/XNNPACK, int8 ONNX for ONNX Runtime"
+    options_type = RpiOptions
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
-                            help="I/O layout of the .tflite heads (nhwc: no transposes in the graph)")
+        parser.add_argument("--layout", choices=("nhwc", "nchw"),
+                            help="rpi target: I/O layout of the .tflite heads (default nhwc: no transposes)")
         parser.add_argument("--allow-float-ops", action="store_true",
-                            help="accept an int8 head that keeps float ops instead of failing")
-        if "--observer" not in parser._option_string_actions:  # another part of the command may own it
-            parser.add_argument("--observer", choices=OBSERVERS, default="minmax",
-                                help="activation range observer for calibration (default: min/max)")
+                            help="rpi target: accept an int8 head that keeps float ops instead of failing")
 
-    def validate(self, options: argparse.Namespace) -> None:
-        from bottlefit.targets import Emulate
-        from bottlefit.targets.rpi.emulated import check_profiles
+    def validate(self, options: RpiOptions) -> None:
         from bottlefit.targets.rpi.tflite import require_litert_torch
 
         require_litert_torch()
-        check_profiles(Emulate.parse(getattr(options, "emulate", None)))
-        if getattr(options, "layout", "nhwc") not in ("nhwc", "nchw"):
+        if options.layout not in ("nhwc", "nchw"):
             raise UserError(f"--layout {options.layout!r}: choose nhwc or nchw")
 
     def build(self, ctx: Any) -> list[Artifact]:
         from bottlefit.targets.rpi.tflite import export_tflite
 
-        opts = ctx.options
-        layout = str(getattr(opts, "layout", "nhwc")).upper()
-        observer = getattr(opts, "observer", None) or "minmax"
-        allow_float = bool(getattr(opts, "allow_float_ops", False))
+        opts: RpiOptions = ctx.options
+        layout = opts.layout.upper()
+        observer = ctx.observer
+        allow_float = opts.allow_float_ops
         card = ctx.split.card
         out = Path(ctx.out_dir)
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
-        calib = {"count": len(images), "sha256": ctx.calibration.sha256, "source": ctx.calibration.source}
+        calib = ctx.calibration.describe()
 
         proof = torch.from_numpy(images[: min(4, len(images))])
         rw = rewrite_head(ctx.split.head.encoder, card.bottleneck.module, proof)
@@ -132,13 +136,8 @@ class RpiTarget:
         if ox.rewritten_nodes:
             ctx.log(f"rpi: {', '.join(ox.rewritten_nodes)} (BatchNorm after the max-pool) -> 1x1 depthwise conv")
         ox_in, ox_out, ox_ops = onnx_specs(ox.path)
-        ox_quant = ox.quantization_record()
-        # model paths ("bottleneck.encoder.4") as the onnx target records them; the mapping needs only .card
-        ox_quant["tensor_modules"] = {t: SplitModel.head_module_path(ctx.split, m)
-                                      for t, m in ox.tensor_modules.items()}
-        ox_quant["output"] = {"dtype": ox.activation_dtype, "scale": ox.output_scale,
-                              "zero_point": ox.output_zero_point}
-        ox_quant["calibration"] = calib
+        # model paths ("bottleneck.encoder.4"); the mapping needs only the split's card
+        ox_quant = ox.quantization_record(functools.partial(SplitModel.head_module_path, ctx.split), calib)
 
         arts = [
             Artifact("head.int8.tflite", "head", "litert", "int8", i8.inputs, i8.outputs,

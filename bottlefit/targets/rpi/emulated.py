@@ -19,15 +19,6 @@ DEFAULT_PROFILES = ("pi4",)  # the paper's board
 VERIFY_TIMEOUT_S = 900
 
 
-def check_profiles(emulate: Any) -> None:
-    """Refuse an unknown board profile before any work starts."""
-    if emulate.mode == "on":
-        from bottlefit.emulation.arm64 import get_core
-
-        for p in emulate.profiles:
-            get_core(p)
-
-
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from torch import nn
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import TensorSpec
-from bottlefit.targets.rpi.head_rewrite import RewrittenHead
+from bottlefit.exporter.head_rewrite import RewrittenHead
+from bottlefit.files import atomic_write_bytes
 
 INSTALL_HINT = "pip install 'bottlefit[rpi]'"
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
@@ -174,18 +174,6 @@ def convert_bytes(
         return bytes(edge.model_content())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, then rename: a reader never sees a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---------------------------------------------------------------- reading the .tflite back
 
 
@@ -292,5 +280,5 @@ def export_tflite(
             raise UserError(f"{path.name}: the int8 head keeps {len(info.float_ops)} float op(s): {listed}; "
                             "pass --allow-float-ops to accept a partly-float head")
         log(f"warning: {path.name}: {len(info.float_ops)} float op(s) kept (--allow-float-ops): {listed}")
-    write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return info

@@ -108,7 +108,16 @@ def read_export_output(path):
         for t in tokens:
             if not _TOKEN_RE.match(t):
                 raise Unreadable("{}:{}: value {!r} is not a number".format(path, i + 3, t[:20]))
-        out[m_name.group(1)] = (shape, [float(t) for t in tokens])
+        name = m_name.group(1)
+        count = 1
+        for d in shape:
+            count *= d
+        if len(tokens) != count:  # a truncated values line would otherwise be compared over what is left
+            raise Unreadable("{}:{}: {} values for dimensions {} ({} expected)".format(
+                path, i + 3, len(tokens), dims or "scalar", count))
+        if name in out:
+            raise Unreadable("{}:{}: tensor {!r} appears twice".format(path, i + 1, name))
+        out[name] = (shape, [float(t) for t in tokens])
         i += 4
     if i >= len(lines) or lines[i].strip() != "]":
         raise Unreadable("{}: missing the closing ']' (truncated?)".format(path))

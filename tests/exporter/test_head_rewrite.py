@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bottlefit.targets.rpi.head_rewrite import bn_as_depthwise, fold_conv_bn, rewrite_head
+from bottlefit.exporter.head_rewrite import bn_as_depthwise, fold_conv_bn, rewrite_head
 from tests.rpi import HEADS, head, images, randomize_bn, rewritten
 
 

@@ -3,35 +3,19 @@ manifest so that ``bottlefit verify`` can rebuild the same PyTorch reference."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
 from bottlefit.models import checkpoint
 from bottlefit.models.checkpoint import LoadedModel
-
-DEFAULT_UNTRAINED = "custom_resnet152"
-
-
-def arch_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if getattr(args, "bottleneck_channel", None) is not None:
-        params["bottleneck_channel"] = args.bottleneck_channel
-    if getattr(args, "bottleneck_ver", None) is not None:
-        params["bottleneck_ver"] = str(args.bottleneck_ver)
-    if getattr(args, "bq", False):
-        params["bq"] = True
-    return params
+from bottlefit.pipeline.options import DEFAULT_UNTRAINED, ModelSource
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    if args.checkpoint is None:
-        if not getattr(args, "untrained", False):
-            raise UserError("no checkpoint given: pass CHECKPOINT, or --untrained to export the architecture "
-                            "with random weights")
-        return checkpoint.untrained(args.arch or DEFAULT_UNTRAINED, arch_params(args), seed=args.seed)
-    return checkpoint.load(args.checkpoint, args.arch, arch_params(args) or None)
+def load(source: ModelSource) -> LoadedModel:
+    if source.checkpoint is None:
+        return checkpoint.untrained(source.arch or DEFAULT_UNTRAINED, source.params(), seed=source.seed)
+    return checkpoint.load(source.checkpoint, source.arch, source.params() or None)
 
 
 def describe(lm: LoadedModel) -> dict[str, Any]:
@@ -41,7 +25,7 @@ def describe(lm: LoadedModel) -> dict[str, Any]:
             "sha256": lm.sha256, "arch": lm.card.arch, "params": lm.card.params, **lm.meta}
 
 
-def reload(source: dict[str, Any], override: str | None = None) -> LoadedModel:
+def reload(source: dict[str, Any], override: str | Path | None = None) -> LoadedModel:
     """The same model the manifest was made from; a checkpoint whose bytes changed is refused."""
     if source["kind"] == "untrained":
         return checkpoint.untrained(source["arch"], source["params"], seed=source["seed"])

@@ -1,0 +1,155 @@
+"""``bottlefit export``: load -> split -> build the target's artifacts -> verify -> manifest, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bottlefit.errors import UserError
+from bottlefit.exporter import wire
+from bottlefit.exporter.manifest import write_manifest
+from bottlefit.exporter.split import check_split, split
+from bottlefit.parity.verify import Verdict, verify
+from bottlefit.pipeline import source
+from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
+from bottlefit.targets import BuildContext, get_target
+
+Log = Callable[[str], None]
+
+
+class Progress:
+    """One line per step on stderr, with its wall time: CI logs stay readable, a person sees it move."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportResult:
+    path: Path  # OUT/<target>
+    verdict: Verdict
+
+
+def prepare_out_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; pass --out a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output directory ({e.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: output directory is not writable; choose another --out")
+    return out
+
+
+def heldout_images(card: Any, options: ParityOptions, log: Log) -> Any:
+    from bottlefit.calibration.dataset import CalibrationSet
+
+    if options.images:
+        return CalibrationSet.from_path(options.images, card, count=options.count, seed=0, log=log)
+    return CalibrationSet.builtin(card, part="heldout", count=options.count, log=log)
+
+
+def calibration_images(card: Any, options: CalibrationOptions, log: Log) -> Any:
+    from bottlefit.calibration.dataset import CalibrationSet
+
+    if options.source:
+        cs = CalibrationSet.from_path(options.source, card, count=options.count, seed=options.seed, log=log)
+    else:
+        cs = CalibrationSet.builtin(card, part="calibration", count=options.count, seed=options.seed, log=log)
+    log(f"calibration set: {len(cs)} images from {cs.source} (sha256 {cs.sha256[:12]}…)")
+    return cs
+
+
+def parity_section(verdict: Verdict, tolerance: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """The manifest's record of the verdict: fidelity checks and every execution, each saying where it ran."""
+    report = verdict.to_dict()
+    return {"passed": verdict.passed, "images": verdict.images, "checks": report["checks"],
+            "execution": report["execution"], "tolerance_overrides": list(tolerance) if tolerance else None}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an older export there is replaced only after success."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
+    """Build, verify and record one target's artifacts under ``request.out/<target>``; nothing half-written is
+    left behind when any step fails."""
+    log = log or Progress()
+    target = get_target(request.target)
+    options = request.target_options if request.target_options is not None else target.options_type()
+    if not isinstance(options, target.options_type):
+        raise UserError(f"target {target.name!r} takes {target.options_type.__name__}, "
+                        f"not {type(options).__name__}")
+    out_root = prepare_out_dir(Path(request.out))
+    overrides = request.parity.overrides()
+    target.validate(options)
+
+    ckpt = request.model.checkpoint
+    log(f"loading {f'checkpoint {ckpt}' if ckpt else 'untrained architecture'}")
+    lm = source.load(request.model)
+    card = lm.card
+    if card.weights == "untrained":
+        log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
+            "not accuracy")
+    sm = split(lm.model, card)
+    err = check_split(sm, torch.randn(2, *card.input_shape, generator=torch.Generator().manual_seed(0)))
+    log(f"split at {card.bottleneck.module}: bottleneck {card.bottleneck.shape}; "
+        f"max |tail(head(x)) - model(x)| = {err:.3g}")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
+    try:
+        ctx = BuildContext(sm, tmp, options, lambda: calibration_images(card, request.calibration, log),
+                           lambda: heldout_images(card, request.parity, log), log,
+                           observer=request.calibration.observer, tolerance_overrides=overrides)
+        artifacts = target.build(ctx)
+        log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
+            "can run)")
+        held = ctx.heldout
+        verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
+        verdict.execution += target.execute(tmp, artifacts, request.parity.emulate, log)
+        verdict.write(tmp)
+        sections: dict[str, Any] = {
+            "split_check": {"max_abs_error": err},
+            "parity": parity_section(verdict, request.parity.tolerance),
+            "options": {"target": _plain(asdict(options)), "calibration": _plain(asdict(request.calibration)),
+                        "model": _plain(asdict(request.model) | {"checkpoint": None})},
+        }
+        if ctx.calibration_used is not None:
+            sections["calibration"] = ctx.calibration_used.describe()
+        sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
+                            if a.role == "head" and a.outputs}
+        write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
+        final = out_root / target.name
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
+    return ExportResult(final, verdict)
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe option values for the manifest (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(d.items())}

@@ -1,0 +1,107 @@
+"""What an export or a verification is asked to do, as typed objects: the CLI parses its flags into these once,
+and a library user builds them directly (README: "From Python")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bottlefit.errors import UserError
+from bottlefit.targets import Emulate
+
+DEFAULT_UNTRAINED = "custom_resnet152"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: a checkpoint, or an architecture with random weights (``untrained``).
+
+    ``arch`` and the bottleneck fields name the architecture of checkpoints that do not (bare state_dicts)."""
+
+    checkpoint: Path | None = None
+    arch: str | None = None
+    bottleneck_channel: int | None = None
+    bottleneck_ver: str | None = None
+    bq: bool = False
+    untrained: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None and not self.untrained:
+            raise UserError("no checkpoint given: pass CHECKPOINT, or --untrained to export the architecture "
+                            "with random weights")
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.bottleneck_channel is not None:
+            out["bottleneck_channel"] = self.bottleneck_channel
+        if self.bottleneck_ver is not None:
+            out["bottleneck_ver"] = str(self.bottleneck_ver)
+        if self.bq:
+            out["bq"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """The images int8 ranges come from (``source``: a folder, ImageFolder tree or .npz; None = the built-in
+    photos), how many (a seeded choice), and the range observer."""
+
+    source: str | None = None
+    count: int | None = None
+    observer: str = "minmax"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from bottlefit.calibration.observers import make_observer
+
+        make_observer(self.observer)  # UserError naming the choices
+        if self.source and not Path(self.source).exists():
+            raise UserError(f"{self.source}: calibration data not found; pass a folder of images or a .npz file")
+        if self.count is not None and self.count < 1:
+            raise UserError(f"--calib-count {self.count}: give a positive number of images")
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """The held-out images parity judges on (None = the built-in held-out photos), tolerance overrides
+    (``[ARTIFACT:]METRIC=VALUE``) and emulation of the target's device."""
+
+    images: str | None = None
+    count: int | None = None
+    tolerance: tuple[str, ...] = ()
+    emulate: Emulate = field(default_factory=Emulate)
+
+    def __post_init__(self) -> None:
+        self.overrides()  # a malformed --tolerance is refused before any work
+
+    def overrides(self) -> dict[tuple[str | None, str], float]:
+        from bottlefit.parity.tolerances import parse_overrides
+
+        return parse_overrides(list(self.tolerance))
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One ``bottlefit export``: a model, a target with its own options (``Target.options_type``; None = its
+    defaults), where to write, and the calibration and parity choices."""
+
+    model: ModelSource
+    target: str
+    out: Path
+    target_options: Any = None
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    parity: ParityOptions = field(default_factory=ParityOptions)
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """One ``bottlefit verify``: OUT/<target> or OUT; other held-out images, a moved checkpoint, new tolerances
+    (None = those recorded at export), and emulation."""
+
+    path: Path
+    images: str | None = None
+    checkpoint: Path | None = None
+    tolerance: tuple[str, ...] | None = None
+    emulate: Emulate = field(default_factory=Emulate)
