@@ -25,12 +25,12 @@ import torch
 
 from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.exporter import wire
+from bottlefit.exporter.head_rewrite import rewrite_head
 from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.qdq import quantize_head
 from bottlefit.models.checkpoint import untrained
 from bottlefit.runtimes.litert import LiteRTRunner
 from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OPSET, ONNX_OUTPUT
-from bottlefit.exporter.head_rewrite import rewrite_head
 from bottlefit.targets.rpi.tflite import export_tflite
 
 # name -> quantize_head options (QDQ, per-channel int8 weights in all of them)

@@ -17,13 +17,13 @@ import torch
 
 from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.cli import main
-from bottlefit.exporter import source
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.head_rewrite import RewrittenHead
 from bottlefit.exporter.manifest import MANIFEST, read_manifest, sha256_file, write_json
 from bottlefit.exporter.split import split
 from bottlefit.parity.tolerances import tolerances_for
 from bottlefit.parity.verify import diagnose
+from bottlefit.pipeline import source
 
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("litert_torch")

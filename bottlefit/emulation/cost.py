@@ -1,0 +1,300 @@
+"""A board's cost without the board: guest instructions retired per inference under qemu arm64 user-mode emulation.
+
+A proxy for the board's time, not cycles: it counts what the Pi's own kernels execute on the Pi's instruction set
+(the NEON / dot-product paths the runtimes pick for the emulated core), nearly deterministically, so CI can track
+it. ``instructions_per_inference()`` runs a small guest script that loads one head artifact in its runtime (LiteRT
+with XNNPACK on or off, or ONNX Runtime), one warm-up inference, then ``runs`` timed ones, twice: with ``runs`` and
+with 0; the difference divided by ``runs`` is the cost of one inference (start-up, imports and model loading
+cancel out).
+
+Counting needs ``qemu-aarch64`` from the package qemu-user (the -static build cannot load plugins) and a TCG plugin
+(``plugin/insn_count.c``) built here against ``include/qemu/qemu-plugin.h`` of the installed qemu's Debian source
+package, fetched with ``apt-get source --download-only`` through a private apt directory (deb-src lines of its own;
+the machine's apt configuration is not touched). Cached under ``cache_dir()``:
+
+* ``qemu-plugin-h/<source version>/qemu-plugin.h``: the header (one download of ~24 MB per qemu version);
+* ``insn-plugin-<key>/insn_count.so``: the plugin, keyed by the C source, the header, the compiler and glib's flags;
+* ``cost-guest-<key>.py``: the guest script, keyed by its text.
+
+Every missing tool is one EmulationUnavailable line naming the package to install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bottlefit.emulation.arm64 import Core, EmulationUnavailable, Sysroot, cache_dir, core_root
+
+QEMU_PLUGIN_CAPABLE = "qemu-aarch64"
+QEMU_PACKAGE = "qemu-user"
+PLUGIN_SOURCE = Path(__file__).parent / "plugin" / "insn_count.c"
+HEADER = "qemu-plugin.h"
+DEBIAN_ARCHIVE = ("deb-src http://deb.debian.org/debian {suite} main\n"
+                  "deb-src http://deb.debian.org/debian {suite}-updates main\n"
+                  "deb-src http://deb.debian.org/debian-security {suite}-security main\n")
+STEP_TIMEOUT = 900.0
+RUNTIMES = ("litert", "onnxruntime")
+
+# The guest side: load one head in its runtime, one warm-up inference, then RUNS more. Standard library + numpy +
+# the runtime's wheel only; inputs are seeded random data of the model's own dtype and shape.
+GUEST = '''\
+import sys
+
+import numpy as np
+
+model, runtime, xnnpack, threads, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), \\
+    int(sys.argv[5])
+rng = np.random.default_rng(0)
+
+
+def data(shape, dtype):
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max + 1, size=shape, dtype=dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+if runtime == "litert":
+    from ai_edge_litert import interpreter as tfl
+
+    kw = {} if xnnpack else {"experimental_op_resolver_type": tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    interp = tfl.Interpreter(model_path=model, num_threads=threads, **kw)
+    interp.allocate_tensors()
+    d = interp.get_input_details()[0]
+    interp.set_tensor(d["index"], data(d["shape"], d["dtype"]))
+    step = interp.invoke
+else:
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = threads, 1, 3
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+    i = sess.get_inputs()[0]
+    dtype = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}[i.type]
+    feed = {i.name: data([int(s) if isinstance(s, int) else 1 for s in i.shape], dtype)}
+
+    def step():
+        sess.run(None, feed)
+
+step()
+for _ in range(runs):
+    step()
+print("ok", runs)
+'''
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """The built counting plugin and the qemu that loads it."""
+
+    so: Path
+    qemu: str  # path of qemu-aarch64 (qemu-user)
+    qemu_source_version: str  # Debian source version of the qemu the header came from
+
+
+def qemu_plugin_path() -> str:
+    """qemu-aarch64 (qemu-user) on PATH, or EmulationUnavailable naming the package."""
+    path = shutil.which(QEMU_PLUGIN_CAPABLE)
+    if path is None:
+        raise EmulationUnavailable(f"{QEMU_PLUGIN_CAPABLE} is not on PATH: install it with `apt-get install "
+                                   f"{QEMU_PACKAGE}` as root (qemu-aarch64-static cannot load the counting plugin)")
+    return path
+
+
+def qemu_source_version() -> str:
+    """Debian source version of the installed qemu-user ("1:7.2+dfsg-7+deb12u18")."""
+    if shutil.which("dpkg-query") is None:
+        raise EmulationUnavailable("dpkg-query is not on PATH: the counting plugin is built against Debian's qemu "
+                                   "source package, so it needs a Debian/Ubuntu host with qemu-user installed by apt")
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${source:Package} ${source:Version}", QEMU_PACKAGE],
+                          capture_output=True, text=True)
+    name, _, version = proc.stdout.strip().partition(" ")
+    if proc.returncode != 0 or not version:
+        raise EmulationUnavailable(f"{QEMU_PACKAGE} is not installed by apt: `apt-get install {QEMU_PACKAGE}` as "
+                                   "root")
+    return version
+
+
+def ensure_plugin() -> Plugin:
+    """The instruction-counting plugin, built once per (C source, qemu version, compiler, glib flags)."""
+    qemu = qemu_plugin_path()
+    version = qemu_source_version()
+    for tool, package in (("gcc", "gcc"), ("pkg-config", "pkg-config")):
+        if shutil.which(tool) is None:
+            raise EmulationUnavailable(f"{tool} is not on PATH (needed to build the counting plugin): install it "
+                                       f"with `apt-get install {package}` as root")
+    glib = subprocess.run(["pkg-config", "--cflags", "glib-2.0"], capture_output=True, text=True)
+    if glib.returncode != 0:
+        raise EmulationUnavailable("glib-2.0's headers are missing (qemu-plugin.h includes glib.h): install them "
+                                   "with `apt-get install libglib2.0-dev` as root")
+    header = ensure_header(version)
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.partition("\n")[0]
+    source = PLUGIN_SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, header.read_bytes(), gcc.encode(), glib.stdout.encode()])).hexdigest()
+    folder = cache_dir() / f"insn-plugin-{key[:16]}"
+    so = folder / "insn_count.so"
+    if so.is_file():
+        return Plugin(so, qemu, version)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".insn-plugin.building-", dir=cache_dir()))
+    try:
+        _step("gcc (counting plugin)", ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-I", str(header.parent),
+                                        *glib.stdout.split(), "-o", str(building / "insn_count.so"),
+                                        str(PLUGIN_SOURCE)], "check gcc and libglib2.0-dev")
+        os.chmod(building, 0o755)
+        try:
+            os.rename(building, folder)
+        except OSError:
+            if not so.is_file():
+                raise
+            shutil.rmtree(building)  # another process built the same plugin first
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return Plugin(so, qemu, version)
+
+
+def ensure_header(version: str) -> Path:
+    """``include/qemu/qemu-plugin.h`` of Debian's qemu source ``version``, cached; fetched with apt-get source
+    through a private apt directory (its own sources.list with deb-src lines, lists and cache)."""
+    final = cache_dir() / "qemu-plugin-h" / version.replace(":", "_") / HEADER
+    if final.is_file():
+        return final
+    for tool, package in (("apt-get", "apt"), ("tar", "tar"), ("xz", "xz-utils")):
+        if shutil.which(tool) is None:
+            raise EmulationUnavailable(f"{tool} is not on PATH (needed to fetch qemu's {HEADER} from Debian's "
+                                       f"source package): install `{package}`, or use a Debian/Ubuntu host")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".qemu-src-", dir=final.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        apt = tmp / "apt"
+        for sub in ("lists/partial", "cache/archives/partial"):
+            (apt / sub).mkdir(parents=True)
+        (apt / "sources.list").write_text(DEBIAN_ARCHIVE.format(suite=_debian_suite()))
+        opts = ["-o", f"Dir::Etc::SourceList={apt / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/nonexistent",
+                "-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::Cache={apt / 'cache'}",
+                "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "Debug::NoLocking=1", "-q"]
+        _step("apt-get update (deb-src, private)", ["apt-get", *opts, "update"],
+              "check that deb.debian.org is reachable")
+        src = tmp / "src"
+        src.mkdir()
+        _step(f"apt-get source qemu={version}", ["apt-get", *opts, "source", "--download-only", f"qemu={version}"],
+              "check that this qemu version is still in Debian's archive (or upgrade qemu-user)", cwd=src)
+        origs = sorted(src.glob("qemu_*.orig.tar.*"))
+        debs = sorted(src.glob("qemu_*.debian.tar.*"))
+        if not origs:
+            raise EmulationUnavailable(f"apt-get source qemu={version} gave no .orig tarball in {src}")
+        for deb in debs:  # a Debian patch to the plugin API would make the orig header the wrong one
+            with tarfile.open(deb) as tf:
+                for m in tf.getmembers():
+                    f = tf.extractfile(m) if m.isfile() and "/patches/" in m.name else None
+                    if f is not None and re.search(rb"^\+\+\+ \S*include/qemu/qemu-plugin\.h", f.read(), re.M):
+                        raise EmulationUnavailable(f"Debian's qemu {version} patches {HEADER} ({m.name}): "
+                                                   "bottlefit.emulation.cost takes it from the orig tarball only")
+        _step(f"tar (extract {HEADER})", ["tar", "-xf", str(origs[0]), "-C", str(src), "--wildcards",
+                                          f"*/include/qemu/{HEADER}"], "rerun; the download may be truncated")
+        found = sorted(src.glob(f"*/include/qemu/{HEADER}"))
+        if not found:
+            raise EmulationUnavailable(f"no include/qemu/{HEADER} in {origs[0].name}: qemu {version} predates TCG "
+                                       "plugins (qemu >= 4.2 has them)")
+        shutil.copyfile(found[0], tmp / HEADER)
+        os.replace(tmp / HEADER, final)
+    return final
+
+
+def guest_script() -> Path:
+    """The guest script, written once into the cache (named by its hash)."""
+    path = cache_dir() / f"cost-guest-{hashlib.sha256(GUEST.encode()).hexdigest()[:12]}.py"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cost-guest-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(GUEST)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return path
+
+
+def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
+                       threads: int = 1, runs: int = 0, plugin: Plugin | None = None, timeout: float = 900) -> int:
+    """Guest instructions of one whole guest process: start, load ``model``, 1 + ``runs`` inferences, exit."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+    plugin = plugin or ensure_plugin()
+    with tempfile.TemporaryDirectory(prefix="bottlefit-cost-") as tmp:
+        out = Path(tmp) / "count.txt"
+        cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
+               str(sysroot.python()), "-X", "utf8", str(guest_script()), str(Path(model).resolve()), runtime,
+               "1" if xnnpack else "0", str(threads), str(runs)]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
+               "QEMU_CPU": core.cpu, "PYTHONPATH": str(sysroot.site), "PYTHONNOUSERSITE": "1",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(threads)}
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace", timeout=timeout)
+        except OSError as e:
+            raise EmulationUnavailable(f"{plugin.qemu} could not start ({e.strerror or e}): reinstall it with "
+                                       f"`apt-get install {QEMU_PACKAGE}`") from None
+        if proc.returncode != 0 or not out.is_file():
+            last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            raise EmulationUnavailable(f"counting {Path(model).name} ({runtime}) on {core.cpu} failed (exit "
+                                       f"{proc.returncode}): {last[-1] if last else 'no output'}")
+        m = re.match(r"insns (\d+)", out.read_text())
+        if m is None:
+            raise EmulationUnavailable(f"the counting plugin wrote no count ({out.read_text()[:80]!r})")
+        return int(m.group(1))
+
+
+def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
+                               threads: int = 1, runs: int = 10, repeats: int = 1) -> float:
+    """Guest instructions of one inference of ``model`` on ``core``: (count with ``runs`` − count with 0) / runs,
+    each process after one warm-up inference; with ``repeats`` > 1, the median of that many such differences."""
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    plugin = ensure_plugin()
+    values = []
+    for _ in range(max(1, repeats)):
+        n = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=runs,
+                               plugin=plugin)
+        base = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=0,
+                                  plugin=plugin)
+        values.append((n - base) / runs)
+    return float(statistics.median(values))
+
+
+def _debian_suite() -> str:
+    """This host's Debian codename (bookworm), from /etc/os-release."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        text = ""
+    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.M)
+    if m is None:
+        raise EmulationUnavailable("no VERSION_CODENAME in /etc/os-release: the counting plugin's header comes from "
+                                   "Debian's qemu source package, so it needs a Debian host")
+    return m.group(1)
+
+
+def _step(name: str, cmd: Sequence[str], fix: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace", timeout=STEP_TIMEOUT,
+                              cwd=cwd)
+    except FileNotFoundError:
+        raise EmulationUnavailable(f"{name}: {cmd[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise EmulationUnavailable(f"{name} took over {STEP_TIMEOUT:.0f} s: {fix}") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise EmulationUnavailable(f"{name} failed (exit {proc.returncode}: {lines[-1] if lines else ''}): {fix}")
+    return proc

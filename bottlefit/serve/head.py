@@ -1,0 +1,68 @@
+"""A head artifact run in its runtime to a contract's codes, and the codec tables fitted on its calibration codes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bottlefit.exporter import wire
+from bottlefit.models.card import ModelCard
+from bottlefit.runtimes import get_runner
+from bottlefit.serve.codecs import CodecTables, fit_tables, to_symbols
+from bottlefit.serve.contract import TargetExport, WireContract
+
+
+class HeadCodes:
+    """One head artifact loaded in its runtime: float NCHW images -> the contract's codes, one image at a time."""
+
+    def __init__(self, target: TargetExport, contract: WireContract, **runner_options: Any) -> None:
+        self.target, self.contract = target, contract
+        self.artifact = target.artifact(contract.head)
+        self.runner = get_runner(self.artifact.runtime, target.path / self.artifact.file, **runner_options)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 -> (N, *contract.shape) codes (or floats for a float head)."""
+        ispec, ospec = self.artifact.inputs[0], self.artifact.outputs[0]
+        out = []
+        for i in range(x.shape[0]):
+            res = self.runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
+            out.append(self.contract.codes(res[ospec.name]))
+        return np.stack(out)
+
+    @property
+    def last_ms(self) -> float:
+        return float(self.runner.last_inference_ms or 0.0)
+
+
+def calibration_symbols(target: TargetExport, contract: WireContract, part: str = "calibration") -> np.ndarray:
+    """The contract's symbols (N, C, H, W uint8) on the built-in ``part`` images, under the head's reference
+    semantics (the same codes on any host)."""
+    from bottlefit.calibration.builtin import builtin_arrays
+
+    images, _ = builtin_arrays(ModelCard.from_dict(target.card), part)
+    codes = HeadCodes(target, contract, reference=True)(np.asarray(images, dtype=np.float32))
+    return np.stack([to_symbols(contract, c) for c in codes])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BOTTLEFIT_CACHE", Path.home() / ".cache" / "bottlefit")) / "codecs"
+
+
+def load_tables(target: TargetExport, contract: WireContract) -> CodecTables:
+    """The contract's codec tables: shipped with the export (``codec/<contract id>.npz``), else cached here, else
+    fitted now on the built-in calibration photos and cached."""
+    for path in (target.path / "codec" / f"{contract.contract_id}.npz",
+                 cache_dir() / f"{contract.contract_id}.npz"):
+        if path.is_file():
+            t = CodecTables.load(path)
+            if t.contract_id == contract.contract_id:
+                return t
+    tables = fit_tables(contract, calibration_symbols(target, contract))
+    try:
+        tables.save(cache_dir() / f"{contract.contract_id}.npz")
+    except OSError:
+        pass
+    return tables
