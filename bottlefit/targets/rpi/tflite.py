@@ -170,6 +170,9 @@ def convert_bytes(
         for i in range(len(images)):
             prepared(_to_layout(images[i : i + 1], layout))
         quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
+        # the graph computes inference already (BN in eval form, no dropout); the flag is what the converter
+        # checks (exported modules refuse .eval()), and a training-mode warning would be false
+        quantized.training = False
         edge = litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         return bytes(edge.model_content())
 

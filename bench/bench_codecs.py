@@ -1,0 +1,87 @@
+"""Coded bottleneck payload per codec (bottlefit.serve.codecs) vs raw int8 and vs the empirical entropy.
+
+For each export, the int8 head's codes on the built-in held-out photos (21 crops; the tables are fitted on the
+disjoint built-in calibration photos) under the head's reference semantics. Bytes are per image, payload only
+(the frame header, the same for every codec, is given apart); entropy = the order-0 entropy of the symbols over
+all held-out images (global histogram, and per channel). Encode/decode times are medians on this host.
+
+    .venv/bin/python bench/bench_codecs.py [OUT ...]     # default: builds untrained mini_resnet and R152 v2 (12 ch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bottlefit.serve import codecs
+from bottlefit.serve.contract import find_targets
+from bottlefit.serve.head import calibration_symbols, load_tables
+
+
+def _export(root: Path, name: str, **model: object) -> Path:
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+    from bottlefit.targets.onnx import OnnxOptions
+
+    out = root / name
+    export(ExportRequest(ModelSource(untrained=True, **model), "onnx", out, OnnxOptions(int8=True),  # type: ignore[arg-type]
+                         parity=ParityOptions(emulate=Emulate.parse("none"))))
+    return out
+
+
+def bench(out: Path) -> None:
+    for target in find_targets(out):
+        for contract in (c for c in target.contracts if c.quantized):
+            tables = load_tables(target, contract)
+            sym = calibration_symbols(target, contract, "heldout")
+            codes = [codecs.from_symbols(contract, s) for s in sym]
+            n = int(np.prod(contract.shape))
+            hdr = codecs.read_header(codecs.encode_frame(contract, codes[0], "raw")).size
+            h0 = codecs.entropy_bits(sym) / 8 / len(sym)
+            hc = codecs.entropy_bits(sym, per_channel=True) / 8 / len(sym)
+            print(f"\n{target.card['arch']} {target.path.name}/{contract.head}: {contract.dtype}"
+                  f"{list(contract.shape)} = {n} B raw; {len(sym)} held-out images; frame header {hdr} B")
+            print(f"  empirical entropy: order-0 {h0:8.1f} B ({h0 / n:.3f}x raw), per channel {hc:8.1f} B "
+                  f"({hc / n:.3f}x raw)")
+            for codec in codecs.CODECS:
+                sizes, enc_ms, dec_ms = [], [], []
+                for c in codes:
+                    t0 = time.perf_counter()
+                    f = codecs.encode_frame(contract, c, codec, tables)
+                    t1 = time.perf_counter()
+                    _, back = codecs.decode_frame(f, {contract.contract_id: contract}, lambda _, t=tables: t)
+                    t2 = time.perf_counter()
+                    assert np.array_equal(back, c)
+                    sizes.append(len(f) - hdr)
+                    enc_ms.append((t1 - t0) * 1e3)
+                    dec_ms.append((t2 - t1) * 1e3)
+                m = float(np.mean(sizes))
+                print(f"  {codec:8s} {m:8.1f} B  {m / n:.3f}x raw  {m / h0:.3f}x entropy   encode "
+                      f"{statistics.median(enc_ms):6.2f} ms  decode {statistics.median(dec_ms):6.2f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outs", nargs="*", type=Path)
+    args = ap.parse_args()
+    outs = args.outs
+    tmp = None
+    if not outs:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-codecs-")
+        root = Path(tmp.name)
+        outs = [_export(root, "mini", arch="mini_resnet", bottleneck_channel=4),
+                _export(root, "r152", arch="custom_resnet152", bottleneck_channel=12, bottleneck_ver="2")]
+    for out in outs:
+        bench(out)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The device side: run the head artifact in its runtime, code the bottleneck, send it over the Open Inference
+Protocol (REST, binary tensor extension), get the logits. Standard library transport; works with ``bottlefit
+serve`` (every wire) and with Triton (``--wire fp32``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bottlefit.errors import UserError
+from bottlefit.serve import codecs
+from bottlefit.serve.contract import TargetExport, WireContract, find_targets
+from bottlefit.serve.head import HeadCodes, load_tables
+
+WIRES = ("fp32", "int8", *codecs.CODECS)
+HEADER_LEN = "Inference-Header-Content-Length"
+_V2 = {"int8": "INT8", "uint8": "UINT8"}
+
+
+class RequestFailed(Exception):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireContract]:
+    """The head to run: ``head`` by file name, else the first int8 head (TFLite before ONNX), else a float one."""
+    targets = find_targets(out)
+    contracts = [(t, c) for t in targets for c in t.contracts]
+    if head is not None:
+        for t, c in contracts:
+            if c.head == head:
+                return t, c
+        raise UserError(f"{out}: no head {head!r}; heads: {', '.join(c.head for _, c in contracts)}")
+    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != "litert"))
+    if not order:
+        raise UserError(f"{out}: no head artifact in the manifest")
+    return order[0]
+
+
+def build_request(contract: WireContract, codes: np.ndarray, wire: str, input_name: str,
+                  tables: codecs.CodecTables | None) -> tuple[bytes, int, int]:
+    """(body, header length, coded bytes) for one image (batch 1)."""
+    if wire == "fp32":
+        blob = contract.dequantize(codes[None]).astype("<f4").tobytes() if contract.quantized \
+            else np.ascontiguousarray(codes[None], dtype="<f4").tobytes()
+        shape, dtype, params = [1, *contract.nchw_shape], "FP32", {}
+    elif wire == "int8":
+        if not contract.quantized:
+            raise UserError(f"head {contract.head} emits floats: use --wire fp32")
+        blob = np.ascontiguousarray(codes).tobytes()
+        shape, dtype = [1, *contract.shape], _V2[contract.dtype]
+        params = {"scale": contract.scale, "zero_point": contract.zero_point, "layout": contract.layout,
+                  "contract_id": contract.contract_id}
+    else:
+        frame = codecs.encode_frame(contract, codes, wire, tables)
+        blob = len(frame).to_bytes(4, "little") + frame
+        shape, dtype, params = [1], "BYTES", {"codec": wire}
+        params["contract_id"] = contract.contract_id
+    header = {"inputs": [{"name": input_name, "shape": shape, "datatype": dtype,
+                          "parameters": {**params, "binary_data_size": len(blob)}}],
+              "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    hb = json.dumps(header).encode()
+    coded = len(blob) - (4 if dtype == "BYTES" else 0)
+    return hb + blob, len(hb), coded
+
+
+def post(url: str, body: bytes, header_len: int, timeout_s: float) -> tuple[dict[str, Any], bytes]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        HEADER_LEN: str(header_len), "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            data = r.read()
+            n = r.headers.get(HEADER_LEN)
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", "")
+        except (ValueError, AttributeError):
+            msg = ""
+        raise RequestFailed(f"HTTP {e.code}: {msg or e.reason}", retryable=e.code >= 500 or e.code == 429) from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise RequestFailed(f"cannot reach {url}: {getattr(e, 'reason', e)}", retryable=True) from None
+    hl = int(n) if n is not None else len(data)
+    return json.loads(data[:hl]), data[hl:]
+
+
+def logits_of(resp: dict[str, Any], binary: bytes) -> np.ndarray:
+    out = resp["outputs"][0]
+    if "data" in out:
+        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    return np.frombuffer(binary[: out["parameters"]["binary_data_size"]], dtype="<f4").reshape(out["shape"])
+
+
+@dataclass
+class ImageResult:
+    image: str
+    ok: bool
+    head_ms: float = 0.0
+    coded_bytes: int = 0
+    transfer_ms: float = 0.0
+    server_ms: float = 0.0
+    round_trip_ms: float = 0.0
+    attempts: int = 0
+    topk: list[tuple[int, float]] = field(default_factory=list)
+    logits: np.ndarray | None = None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "logits"}
+        d["topk"] = [{"class": c, "logit": s} for c, s in self.topk]
+        return d
+
+    def line(self) -> str:
+        if not self.ok:
+            tries = f" after {self.attempts} attempt(s)" if self.attempts else ""
+            return f"{self.image}: FAILED{tries}: {self.error}"
+        top = " ".join(f"{c}:{s:.3f}" for c, s in self.topk)
+        return (f"{self.image}: head {self.head_ms:.2f} ms  {self.coded_bytes} B  transfer {self.transfer_ms:.2f} ms"
+                f"  server {self.server_ms:.2f} ms  round trip {self.round_trip_ms:.2f} ms  top-k {top}")
+
+
+class Client:
+    def __init__(self, out: Path, server: str, *, model: str | None = None, wire: str = "int8",
+                 head: str | None = None, reference: bool = False, retries: int = 3, backoff_s: float = 0.2,
+                 timeout_s: float = 10.0, topk: int = 5) -> None:
+        if wire not in WIRES:
+            raise UserError(f"--wire {wire!r}: choose one of {', '.join(WIRES)}")
+        self.target, self.contract = pick_head(Path(out), head)
+        opts = {"reference": True} if reference and self.contract.runtime in ("onnxruntime", "litert") else {}
+        self.head = HeadCodes(self.target, self.contract, **opts)
+        self.wire, self.retries, self.backoff_s, self.timeout_s, self.k = wire, retries, backoff_s, timeout_s, topk
+        self.tables = load_tables(self.target, self.contract) if wire in ("entropy", "context") else None
+        arch = self.target.card.get("arch", "bottlefit")
+        self.model = model or f"{arch}_tail"
+        self.url = f"{server.rstrip('/')}/v2/models/{self.model}/infer"
+        self.input_name = "bottleneck"
+
+    def run_one(self, name: str, x: np.ndarray) -> ImageResult:
+        res = ImageResult(name, ok=False)
+        try:
+            codes = self.head(x[None])[0]
+            res.head_ms = self.head.last_ms
+            body, hl, res.coded_bytes = build_request(self.contract, codes, self.wire, self.input_name, self.tables)
+        except (UserError, ValueError) as e:
+            res.error = str(e)
+            return res
+        for attempt in range(1, self.retries + 2):
+            res.attempts = attempt
+            t0 = time.perf_counter()
+            try:
+                resp, binary = post(self.url, body, hl, self.timeout_s)
+            except RequestFailed as e:
+                res.error = str(e)
+                if not e.retryable or attempt > self.retries:
+                    return res
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                continue
+            res.round_trip_ms = (time.perf_counter() - t0) * 1e3
+            logits = logits_of(resp, binary)[0]
+            srv = (resp.get("parameters") or {}).get("server_ms")
+            res.server_ms = float(srv) if srv is not None else 0.0
+            res.transfer_ms = max(0.0, res.round_trip_ms - res.server_ms)
+            order = np.argsort(-logits)[: self.k]
+            res.topk = [(int(i), float(logits[i])) for i in order]
+            res.logits, res.ok, res.error = logits, True, ""
+            return res
+        return res
+
+    def run(self, images: list[str]) -> Iterator[ImageResult]:
+        from bottlefit.calibration.dataset import load_image
+        from bottlefit.models.card import ModelCard
+
+        card = ModelCard.from_dict(self.target.card)
+        for path in images:
+            try:
+                x = load_image(path, card)
+            except UserError as e:
+                yield ImageResult(str(path), ok=False, error=str(e))
+                continue
+            yield self.run_one(str(path), x)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mini_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mini_resnet export (onnx target, int8 Q/DQ head): seconds to build."""
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+    from bottlefit.targets.onnx import OnnxOptions
+
+    root = tmp_path_factory.mktemp("serve")
+    os.environ["BOTTLEFIT_CACHE"] = str(root / "cache")
+    out = root / "out"
+    export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), "onnx", out,
+                         OnnxOptions(int8=True), parity=ParityOptions(emulate=Emulate.parse("none"))))
+    return out
+
+
+@pytest.fixture(scope="session")
+def served(mini_export: Path) -> Iterator[object]:
+    from bottlefit.serve.server import ServeOptions, Server
+
+    server = Server(mini_export, ServeOptions(http_port=0, grpc_port=0, max_request_bytes=256 << 10)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def heldout_codes(mini_export: Path) -> tuple[object, object, np.ndarray]:
+    """(target, int8 contract, codes of the built-in held-out photos under the head's reference semantics)."""
+    from bottlefit.calibration.builtin import builtin_arrays
+    from bottlefit.models.card import ModelCard
+    from bottlefit.serve.contract import find_targets
+    from bottlefit.serve.head import HeadCodes
+
+    target = find_targets(mini_export)[0]
+    contract = next(c for c in target.contracts if c.quantized)
+    images, _ = builtin_arrays(ModelCard.from_dict(target.card), "heldout")
+    codes = HeadCodes(target, contract, reference=True)(np.asarray(images, dtype=np.float32))
+    return target, contract, codes

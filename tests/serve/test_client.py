@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bottlefit.cli import main
+from bottlefit.serve.client import Client
+
+
+def _images(tmp_path: Path, n: int = 3) -> list[str]:
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_run_head_matches_in_process_split(served, mini_export: Path, tmp_path: Path, capsys) -> None:
+    from bottlefit.calibration.dataset import load_image
+    from bottlefit.models.card import ModelCard
+    from bottlefit.runtimes.head import run_tail
+
+    images = _images(tmp_path)
+    for wire in ("fp32", "int8", "context"):
+        client = Client(mini_export / "onnx", served.http_url, wire=wire, reference=True)
+        results = list(client.run(images))
+        assert all(r.ok for r in results), [r.error for r in results]
+        card = ModelCard.from_dict(client.target.card)
+        for r, path in zip(results, images, strict=True):
+            codes = client.head(load_image(path, card)[None])
+            want = run_tail(client.target.tail(), client.target.path, client.contract.dequantize(codes))[0]
+            assert np.array_equal(r.logits, want)
+            assert r.coded_bytes > 0 and r.round_trip_ms > 0 and len(r.topk) == 5
+    rc = main(["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--json",
+               "--wire", "zstd", "--reference"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(lines) == 3 and all(x["ok"] and x["topk"] for x in lines)
+
+
+def test_failed_images_are_reported_not_dropped(mini_export: Path, tmp_path: Path, capsys) -> None:
+    images = _images(tmp_path, 2)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    # nothing listens on port 9 of 127.0.0.1: each image is retried with backoff, then reported as failed
+    rc = main(["run-head", str(mini_export / "onnx"), *images, str(bad), "--server", "http://127.0.0.1:9",
+               "--retries", "2", "--timeout", "1"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert out.out.count("FAILED after 3 attempt(s)") == 2 and "broken.png: FAILED" in out.out
+    assert "3 of 3 image(s) failed" in out.err

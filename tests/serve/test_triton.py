@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from bottlefit.runtimes.head import run_tail
+from bottlefit.serve.contract import find_targets
+from bottlefit.serve.triton import write_triton_repository
+
+
+def test_repository_matches_triton_schema_and_runs(mini_export: Path, tmp_path: Path) -> None:
+    model_dir = write_triton_repository(mini_export / "onnx" / "manifest.json", tmp_path / "repo", max_batch_size=8)
+    assert model_dir == tmp_path / "repo" / "mini_resnet_tail"
+    # Triton's own ModelConfig message (model_config.proto, as tritonclient ships it): unknown fields, wrong types
+    # or enum names fail to parse
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "mini_resnet_tail" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
+    assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == \
+        [("bottleneck", "TYPE_FP32", [4, 5, 5])]  # dims without the batch dimension
+    assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output] == \
+        [("logits", "TYPE_FP32", [10])]
+    assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert max(cfg.dynamic_batching.preferred_batch_size) <= cfg.max_batch_size
+
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].name == "bottleneck" and not isinstance(sess.get_inputs()[0].shape[0], int)
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 5)).astype(np.float32)
+    t = find_targets(mini_export)[0]
+    np.testing.assert_allclose(sess.run(None, {"bottleneck": x})[0], run_tail(t.tail(), t.path, x), rtol=0, atol=1e-5)
