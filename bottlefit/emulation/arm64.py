@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bottlefit.errors import UserError
+from bottlefit.errors import EnvironmentProblem, UserError
 
 QEMU = "qemu-aarch64-static"
 INSTALL = "apt-get install qemu-user-static debootstrap"
@@ -66,7 +66,7 @@ MARKER = "sysroot.json"
 STEP_TIMEOUT = 1800.0  # seconds for one build step (debootstrap and pip download fetch from the network)
 
 
-class EmulationUnavailable(UserError):
+class EmulationUnavailable(EnvironmentProblem):
     """qemu-user-static / debootstrap missing, or not root to build the sysroot: one line naming what to install
     (``apt-get install qemu-user-static debootstrap`` as root) or what to do."""
 

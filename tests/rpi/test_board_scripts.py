@@ -13,6 +13,7 @@ import pytest
 from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.targets import options_from
 from bottlefit.targets.rpi import TARGET, RpiOptions
+from bottlefit.targets.rpi.profiles import PROFILES
 from bottlefit.targets.rpi.tflite import inspect_tflite
 from tests.rpi import head, rpi_bundle
 
@@ -49,7 +50,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
     ox = by_file["head.int8.onnx"]
     assert ox.runtime == "onnxruntime" and ox.inputs[0].dtype == "float32"
     golden = json.loads((out / "board" / "golden.json").read_text())
-    assert golden["format_version"] == 2 and golden["default_runtime"] == "litert"
+    assert golden["format_version"] == 2 and golden["default_runtime"] == PROFILES["pi4"].runtime
     models = {m["runtime"]: m for m in golden["models"]}
     assert models["litert"]["output"] == i8.outputs[0].to_dict() and models["litert"]["lsb"] == i8.outputs[0].scale
     assert models["onnxruntime"]["model"] == "../head.int8.onnx"
@@ -58,6 +59,8 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
     assert "BUILTIN_REF" in models["litert"]["made_with"] and "spec" in models["onnxruntime"]["made_with"]
     ys = np.load(out / "board" / models["onnxruntime"]["outputs_file"])
     assert ys.shape == (4, 12, 29, 29) and ys.dtype == np.float32
+    assert models["onnxruntime"]["wire"] == {"dtype": "int8", "scale": ox.quantization["output"]["scale"],
+                                             "zero_point": ox.quantization["output"]["zero_point"]}
     assert not list(out.rglob("*.tmp"))
 
 
@@ -92,7 +95,7 @@ def test_verify_on_board_fails_on_perturbed_outputs_and_exit_2_on_missing(tmp_pa
 def test_run_head_writes_the_golden_payload(tmp_path: Path) -> None:
     out, _ = rpi_bundle()
     payload = tmp_path / "p.bin"
-    r = _script("run_head.py", out, "--golden", "--runs", "2", "--out", str(payload))
+    r = _script("run_head.py", out, "--golden", "--runtime", "litert", "--runs", "2", "--out", str(payload))
     assert r.returncode == 0, r.stderr
     assert "latency median" in r.stdout
     golden = np.load(out / "board" / "golden_outputs.npy")
@@ -119,7 +122,8 @@ def test_run_head_runs_the_onnx_head_and_says_when_a_runtime_is_missing(tmp_path
     payload = tmp_path / "p.bin"
     r = _script("run_head.py", out, "--golden", "--runtime", "onnxruntime", "--runs", "1", "--out", str(payload))
     assert r.returncode == 0, r.stderr
-    assert len(payload.read_bytes()) == 4 * 12 * 29 * 29 * 4  # float32 out: the graph ends in DequantizeLinear
+    # the graph ends in DequantizeLinear (float out); the payload is still the int8 codes, 1 byte per element
+    assert len(payload.read_bytes()) == 4 * 12 * 29 * 29
     bundle = tmp_path / "b"
     shutil.copytree(out, bundle)
     meta = json.loads((bundle / "board" / "golden.json").read_text())

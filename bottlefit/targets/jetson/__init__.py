@@ -205,8 +205,10 @@ class JetsonTarget:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         # No argparse choices: an unknown profile is refused by validate() as one line and exit 2.
-        parser.add_argument("--profile", metavar="{" + ",".join(names()) + "}",
-                            help="jetson target: the board (required for --target jetson)")
+        # One flag for every target's board (the rpi target reads it too): each target checks its own names.
+        parser.add_argument("--profile", metavar="BOARD",
+                            help="the board: jetson " + "|".join(names()) + " (required for --target jetson); "
+                                 "rpi pi4|pi5|pi3|zero2 (default pi4)")
         parser.add_argument("--jetpack", metavar="VERSION",
                             help="jetson target: the board's JetPack (default: the profile's newest supported)")
         parser.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",

@@ -32,6 +32,7 @@ from bottlefit.exporter.head_rewrite import rewrite_head
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.exporter.split import SplitModel
 from bottlefit.runtimes.execution import Execution
+from bottlefit.targets.rpi.profiles import get_profile
 
 BOARD_DIR = Path(__file__).parent / "board"
 ONNX_INT8_FILE = "head.int8.onnx"
@@ -81,6 +82,17 @@ class RpiOptions:
 
     layout: str = "nhwc"  # nhwc: no transposes in the graph; nchw: the PyTorch layout
     allow_float_ops: bool = False  # accept an int8 head that keeps float ops instead of failing
+    # the board (bottlefit.targets.rpi.profiles; None: pi4). ``--profile`` is one flag shared with the jetson target
+    profile: str | None = None
+
+
+def _wire_codes(art: Artifact) -> dict[str, Any] | None:
+    """The int8 codes a head puts on the wire when its graph ends in DequantizeLinear (float out): dtype, scale,
+    zero point of that last quantization. None when the head emits the codes itself (the .tflite)."""
+    out = art.quantization.get("output")
+    if art.outputs and art.outputs[0].dtype == "float32" and isinstance(out, dict) and out.get("scale"):
+        return {"dtype": out["dtype"], "scale": out["scale"], "zero_point": out["zero_point"]}
+    return None
 
 
 class RpiTarget:
@@ -100,6 +112,7 @@ class RpiTarget:
         require_litert_torch()
         if options.layout not in ("nhwc", "nchw"):
             raise UserError(f"--layout {options.layout!r}: choose nhwc or nchw")
+        get_profile(options.profile)
 
     def build(self, ctx: Any) -> list[Artifact]:
         from bottlefit.targets.rpi.tflite import export_tflite
@@ -109,6 +122,8 @@ class RpiTarget:
         observer = ctx.observer
         allow_float = opts.allow_float_ops
         card = ctx.split.card
+        profile = get_profile(opts.profile)
+        ctx.log(f"rpi: board profile {profile.describe()}")
         out = Path(ctx.out_dir)
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
         calib = ctx.calibration.describe()
@@ -151,10 +166,14 @@ class RpiTarget:
             Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
                      extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
         ]
-        arts += self._board_bundle(out, card, arts, ctx.heldout)
+        # the manifest records the board's choice and why (the measured costs) with the head it picks
+        for a in arts:
+            a.extra["board_profile"] = profile.record() if a.file == profile.model else profile.name
+        arts += self._board_bundle(out, card, arts, ctx.heldout, profile)
         return arts
 
-    def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any) -> list[Artifact]:
+    def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
+                      profile: Any = None) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
         from bottlefit.runtimes.head import output_lsb, reference_semantics
@@ -179,14 +198,18 @@ class RpiTarget:
             np.save(board / f"{stem}_outputs.npy", np.concatenate(ys))
             files += [f"{stem}_inputs.npy", f"{stem}_outputs.npy"]
             models.append({"model": f"../{art.file}", "runtime": art.runtime, "input": in_spec.to_dict(),
-                           "output": out_spec.to_dict(), "lsb": output_lsb(art),
+                           "output": out_spec.to_dict(), "lsb": output_lsb(art), "wire": _wire_codes(art),
                            "inputs_file": f"{stem}_inputs.npy", "outputs_file": f"{stem}_outputs.npy",
                            "made_with": f"{reference_semantics(art.runtime)} on the export host",
                            "tolerances": dict(GOLDEN_TOLERANCES)})
         golden = {
             "format": "bottlefit-golden",
             "format_version": 2,
-            "default_runtime": "litert",
+            "default_runtime": (profile or get_profile(None)).runtime,
+            # the board profile's choice: run_head.py / verify_on_board.py use its delegate and threads by default
+            "default_delegate": (profile or get_profile(None)).delegate,
+            "default_threads": (profile or get_profile(None)).threads,
+            "profile": (profile or get_profile(None)).record(),
             "models": models,
             "names": list(heldout.names[:GOLDEN_COUNT]),
             "preprocess": {"resize": int(card.resize), "crop": [int(card.input_shape[1]), int(card.input_shape[2])],

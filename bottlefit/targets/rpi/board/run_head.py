@@ -9,6 +9,10 @@ layout) to --out.
   python3 run_head.py --image cat.jpg --out payload.bin
   python3 run_head.py --golden --runs 50
   python3 run_head.py --golden --runtime onnxruntime
+
+Defaults (head, delegate, threads) are the board profile's that the export chose by measured cost (golden.json's
+"profile", "default_runtime", "default_delegate", "default_threads"); --runtime, --xnnpack/--no-xnnpack and
+--threads override them.
 """
 
 from __future__ import annotations
@@ -90,6 +94,18 @@ class Head:
         return self.output()
 
 
+def wire_codes(y, entry):
+    """What goes on the wire: the head's int8 codes. A Q/DQ head ends in DequantizeLinear (float out); its codes are
+    recovered exactly with the output's scale and zero point (golden.json "wire"), so the payload stays 1 byte
+    per element whichever runtime ran the head."""
+    w = entry.get("wire")
+    if not w or y.dtype == np.dtype(w["dtype"]):
+        return y
+    lo, hi = (-128, 127) if w["dtype"] == "int8" else (0, 255)
+    q = np.round(y.astype(np.float32) / np.float32(w["scale"])) + w["zero_point"]
+    return np.clip(q, lo, hi).astype(w["dtype"])
+
+
 def read_golden(golden_json, model=None, runtime=None):
     """(golden.json contents, its folder, the model entry, the model path), or None after saying on stderr what
     is missing. ``runtime`` picks the model entry (default: golden.json's default_runtime)."""
@@ -140,6 +156,18 @@ def preprocess(path, pre, in_spec):
     return np.ascontiguousarray(x.astype(in_spec["dtype"])).reshape(in_spec["shape"])
 
 
+def defaults(meta, runtime=None, threads=None, xnnpack=None):
+    """(threads, xnnpack) from the flags, else the board profile's choice in golden.json, else (1, True). The
+    profile's delegate applies only to its own runtime's head."""
+    if threads is None:
+        threads = int(meta.get("default_threads") or 1)
+    if xnnpack is None:
+        delegate = meta.get("default_delegate")
+        same = runtime in (None, meta.get("default_runtime"))
+        xnnpack = not (same and delegate == "builtin")
+    return threads, xnnpack
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -149,9 +177,13 @@ def main(argv=None):
     p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: golden.json's default)")
     p.add_argument("--model", help="the head file (default: the one golden.json names for the runtime)")
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-xnnpack", action="store_true", help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--threads", type=int, help="default: the board profile's (golden.json default_threads)")
+    p.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
+                   help="litert: XNNPACK (default: the board profile's delegate)")
+    p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                   help="litert: the built-in kernels instead of XNNPACK")
     p.add_argument("--out", default="payload.bin", help="where to write the output payload bytes")
+    p.add_argument("--json", action="store_true", help="print one JSON object (latency in ms) instead of lines")
     a = p.parse_args(argv)
 
     golden = read_golden(a.golden_json, a.model, a.runtime)
@@ -161,8 +193,9 @@ def main(argv=None):
     if not os.path.isfile(model):
         print("error: model %s not found" % model, file=sys.stderr)
         return 2
+    threads, xnnpack = defaults(meta, a.runtime, a.threads, a.xnnpack)
     try:
-        head = Head(entry, model, a.threads, not a.no_xnnpack)
+        head = Head(entry, model, threads, xnnpack)
     except MissingRuntime as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
@@ -181,17 +214,26 @@ def main(argv=None):
             t0 = time.perf_counter()
             head.invoke()
             times.append(time.perf_counter() - t0)
-        y = head.output()
+        y = wire_codes(head.output(), entry)
         payload += np.ascontiguousarray(y).tobytes()
     with open(a.out, "wb") as f:
         f.write(payload)
     times.sort()
     out = entry["output"]
-    print("latency median %.3f ms over %d runs (%s, %d thread(s), %s)"
-          % (times[len(times) // 2] * 1e3, len(times), os.path.basename(model), a.threads, head.describe))
+    ms = [t * 1e3 for t in times]
+    if a.json:
+        print(json.dumps({"model": os.path.basename(model), "runtime": entry["runtime"], "kernels": head.describe,
+                          "threads": threads, "profile": (meta.get("profile") or {}).get("name"), "runs": len(ms),
+                          "median_ms": ms[len(ms) // 2], "min_ms": ms[0], "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+                          "mean_ms": sum(ms) / len(ms), "out": a.out, "bytes": len(payload)}))
+        return 0
+    print("latency median %.3f ms, min %.3f ms, p90 %.3f ms over %d runs (%s, %d thread(s), %s)"
+          % (ms[len(ms) // 2], ms[0], ms[int(0.9 * (len(ms) - 1))], len(ms), os.path.basename(model), threads,
+             head.describe))
+    wire = entry.get("wire") or out
     print("wrote %d bytes (%d image(s) x %s %s, scale %s, zero_point %s) to %s"
-          % (len(payload), len(xs), "x".join(str(d) for d in y.shape), y.dtype.name, out.get("scale"),
-             out.get("zero_point"), a.out))
+          % (len(payload), len(xs), "x".join(str(d) for d in y.shape), y.dtype.name, wire.get("scale"),
+             wire.get("zero_point"), a.out))
     return 0
 
 

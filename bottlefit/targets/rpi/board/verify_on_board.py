@@ -23,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run_head import RUNTIMES, Head, MissingRuntime, read_golden  # noqa: E402 - the bundle's own module
+from run_head import RUNTIMES, Head, MissingRuntime, defaults, read_golden  # noqa: E402 - the bundle's own module
 
 
 def dequantize(y, spec):
@@ -82,8 +82,11 @@ def main(argv=None):
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
     p.add_argument("--runtime", choices=RUNTIMES, help="check only this head (default: every head listed)")
     p.add_argument("--model", help="with --runtime: the head file (default: the one golden.json names)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-xnnpack", action="store_true", help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--threads", type=int, default=1, help="default 1 (int8 results do not depend on it)")
+    p.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
+                   help="litert: XNNPACK (default: the board profile's delegate)")
+    p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                   help="litert: the built-in kernels instead of XNNPACK")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = p.parse_args(argv)
 
@@ -93,7 +96,10 @@ def main(argv=None):
     meta, base = golden[0], golden[1]
     chosen = [(golden[2], golden[3])] if a.runtime else [(e, os.path.join(base, e["model"])) for e in meta["models"]]
     say = (lambda s: None) if a.json else print
-    results = [check_model(meta, base, e, m, a.threads, not a.no_xnnpack, say) for e, m in chosen]
+    results = []
+    for e, m in chosen:
+        threads, xnnpack = defaults(meta, e["runtime"], a.threads, a.xnnpack)
+        results.append(check_model(meta, base, e, m, threads, xnnpack, say))
     for r in results:
         if r["status"] in ("skip", "missing"):
             (say if r["status"] == "skip" else (lambda s: print(s, file=sys.stderr)))(
@@ -105,6 +111,7 @@ def main(argv=None):
         code = 0 if all(r["status"] == "pass" for r in ran) else 1
     if a.json:
         print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
+                          "profile": (meta.get("profile") or {}).get("name"),
                           "numpy": np.__version__, "passed": code == 0, "results": results}))
     else:
         print("PASS" if code == 0 else "FAIL")

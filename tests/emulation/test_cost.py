@@ -1,0 +1,57 @@
+"""Guest instructions per inference under qemu-user with the counting plugin: real qemu, real ONNX Runtime (aarch64
+wheel), tiny one-conv models; skipped with EmulationUnavailable's line where the tools are missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core
+
+
+def _conv(path: Path, cout: int) -> Path:
+    """A 3x3 conv 16 -> cout on 32x32: 2x the channels out = 2x the MACs."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((cout, 16, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 32, 32])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tools() -> tuple:
+    from bottlefit.emulation.cost import ensure_plugin
+
+    try:
+        return ensure_sysroot(), ensure_plugin()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_count_is_positive_scales_with_work_and_repeats(tools: tuple, tmp_path: Path) -> None:
+    from bottlefit.emulation.cost import instructions_per_inference
+
+    sysroot, _ = tools
+    core = get_core("pi4")
+    small = instructions_per_inference(sysroot, core, _conv(tmp_path / "c32.onnx", 32), "onnxruntime", runs=4)
+    again = instructions_per_inference(sysroot, core, tmp_path / "c32.onnx", "onnxruntime", runs=4)
+    big = instructions_per_inference(sysroot, core, _conv(tmp_path / "c64.onnx", 64), "onnxruntime", runs=4)
+    assert small > 1e5  # 4.7 M MACs cannot take fewer
+    assert abs(again - small) <= 0.10 * small, (small, again)
+    assert 1.3 * small < big < 2.6 * small, (small, big)  # measured 2.04 M vs 3.54 M on cortex-a72
+
+
+def test_missing_qemu_is_one_line_naming_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bottlefit.emulation import cost
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(EmulationUnavailable) as e:
+        cost.qemu_plugin_path()
+    assert "apt-get install qemu-user" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,56 @@
+"""rpi board profiles as data: the default head is the cheapest measured int8 head, the choice reaches the CLI
+options, the manifest's record and golden.json."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bottlefit.errors import UserError
+from bottlefit.targets import options_from
+from bottlefit.targets.jetson import TARGET as JETSON
+from bottlefit.targets.rpi import TARGET, RpiOptions
+from bottlefit.targets.rpi.profiles import DEFAULT, PROFILES, REFERENCE, get_profile
+
+
+def test_every_profile_defaults_to_its_cheapest_measured_int8_head() -> None:
+    assert set(PROFILES) == {"pi4", "pi5", "pi3", "zero2"}
+    assert {p.core for p in PROFILES.values()} == {"cortex-a72", "cortex-a76", "cortex-a53"}
+    for p in PROFILES.values():
+        int8 = {k: v for k, v in p.costs.items() if "int8" in k}
+        assert p.costs[p.default_key] == min(int8.values()) and REFERENCE in p.costs
+        assert p.ratio() is not None and p.ratio() < 1.0  # cheaper than fp32 TFLite on its own core
+        assert p.dotprod == (p.core == "cortex-a76")
+        rec = p.record()
+        assert rec["cost_command"].startswith("PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py")
+        assert rec["why"] and rec["costs_minstr_per_inference"] == p.costs
+    # the Pi 4 finding: int8 + XNNPACK costs more than fp32 on the A72, and is not the default there
+    pi4 = PROFILES["pi4"]
+    assert pi4.ratio("head.int8.tflite/xnnpack") > 1.5 and pi4.default_key != "head.int8.tflite/xnnpack"
+
+
+def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
+    p = argparse.ArgumentParser()
+    JETSON.add_arguments(p)
+    TARGET.add_arguments(p)
+    assert options_from(RpiOptions, vars(p.parse_args([]))).profile is None
+    assert get_profile(None).name == DEFAULT == "pi4"
+    opts = options_from(RpiOptions, vars(p.parse_args(["--profile", "pi5"])))
+    assert opts.profile == "pi5"
+    with pytest.raises(UserError, match="choose one of pi4, pi5, pi3, zero2"):
+        get_profile("orin")
+
+
+def test_bundle_records_the_profile_choice_and_why() -> None:
+    import json
+
+    from tests.rpi import rpi_bundle
+
+    out, arts = rpi_bundle()  # RpiOptions(): profile None -> pi4
+    pi4 = PROFILES["pi4"]
+    golden = json.loads((out / "board" / "golden.json").read_text())
+    assert golden["default_runtime"] == pi4.runtime and golden["default_delegate"] == pi4.delegate
+    assert golden["profile"]["name"] == "pi4" and golden["profile"]["costs_minstr_per_inference"] == pi4.costs
+    chosen = next(a for a in arts if a.file == pi4.model)
+    assert chosen.extra["board_profile"]["why"] == pi4.why
