@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bottlefit.exporter.head_rewrite import bn_as_depthwise, fold_conv_bn, rewrite_head
-from tests.rpi import HEADS, head, images, randomize_bn, rewritten
+from tests.targets.rpi import HEADS, head, images, randomize_bn, rewritten
 
 
 @pytest.mark.parametrize("key", list(HEADS))

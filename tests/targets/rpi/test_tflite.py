@@ -14,7 +14,18 @@ from bottlefit.exporter import wire
 from bottlefit.exporter.head_rewrite import RewrittenHead
 from bottlefit.runtimes.litert import LiteRTRunner
 from bottlefit.targets.rpi.tflite import export_tflite
-from tests.rpi import CALIB_COUNT, HEADS, HELDOUT_COUNT, cosine, head, images, int8_tflite, rewritten, scratch, sqnr_db
+from tests.targets.rpi import (
+    CALIB_COUNT,
+    HEADS,
+    HELDOUT_COUNT,
+    cosine,
+    head,
+    images,
+    int8_tflite,
+    rewritten,
+    scratch,
+    sqnr_db,
+)
 
 # measured (random-BN heads, 12 calibration / 6 held-out photos): cosine 0.99985-0.99996, SQNR 35-41 dB
 COSINE_MIN = 0.995

@@ -17,7 +17,7 @@ from bottlefit.errors import UserError
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
 from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OUTPUT, onnx_specs, write_int8_onnx
-from tests.rpi import CALIB_COUNT, HELDOUT_COUNT, cosine, head, images, scratch, sqnr_db
+from tests.targets.rpi import CALIB_COUNT, HELDOUT_COUNT, cosine, head, images, scratch, sqnr_db
 
 # measured on the random-BN ResNet-152 ver2 head: cosine 0.9999, SQNR ~37 dB
 COSINE_MIN = 0.998

@@ -15,7 +15,7 @@ from bottlefit.targets import options_from
 from bottlefit.targets.rpi import TARGET, RpiOptions
 from bottlefit.targets.rpi.profiles import PROFILES
 from bottlefit.targets.rpi.tflite import inspect_tflite
-from tests.rpi import head, rpi_bundle
+from tests.targets.rpi import head, rpi_bundle
 
 
 def _script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +66,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
 
 def test_verify_on_board_passes_on_real_golden_data() -> None:
     # The TFLite head only: this x86 host is not a Pi, and its ONNX Runtime int8 kernels may saturate where the
-    # Pi's do not (tests/rpi/test_emulated.py runs every head on the Pi's own ISA).
+    # Pi's do not (tests/targets/rpi/test_emulated.py runs every head on the Pi's own ISA).
     out, _ = rpi_bundle()
     r = _script("verify_on_board.py", out, "--runtime", "litert")
     assert r.returncode == 0, r.stdout + r.stderr

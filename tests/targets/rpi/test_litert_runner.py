@@ -7,7 +7,7 @@ from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.runtimes import get_runner
 from bottlefit.runtimes.litert import LiteRTRunner
-from tests.rpi import HELDOUT_COUNT, images, int8_tflite
+from tests.targets.rpi import HELDOUT_COUNT, images, int8_tflite
 
 
 def _encoded(info, n: int = 2) -> list[np.ndarray]:

@@ -45,7 +45,7 @@ def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
 def test_bundle_records_the_profile_choice_and_why() -> None:
     import json
 
-    from tests.rpi import rpi_bundle
+    from tests.targets.rpi import rpi_bundle
 
     out, arts = rpi_bundle()  # RpiOptions(): profile None -> pi4
     pi4 = PROFILES["pi4"]

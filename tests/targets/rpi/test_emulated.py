@@ -17,7 +17,7 @@ import pytest
 from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
 from bottlefit.targets import Emulate
 from bottlefit.targets.rpi import TARGET
-from tests.rpi import rpi_bundle
+from tests.targets.rpi import rpi_bundle
 
 
 @pytest.fixture(scope="module")
