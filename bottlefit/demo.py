@@ -165,12 +165,44 @@ def _where_lines(target_dir: Path) -> list[str]:
     return lines
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def _export_all(best: Path, calib: Path, held: Path, out: Path) -> dict[str, bool]:
+    """Every target from the trained checkpoint, through the pipeline itself (no command line in between)."""
     from bottlefit.pipeline.export import export
     from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+
+    verdicts = {}
+    emulate = Emulate.parse(_emulation_profiles())
+    for target in TARGETS:
+        _log(f"exporting --target {target}")
+        result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
+                                      CalibrationOptions(source=str(calib)),
+                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
+        verdicts[target] = result.verdict.passed
+    return verdicts
+
+
+def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> list[tuple[str, str, float, float, int]]:
+    """(artifact, precision, top-1 of head -> PyTorch tail, host ms, bytes) per head artifact. Accuracy under the
+    artifact's reference semantics: what the device computes, whatever this CPU is."""
     from bottlefit.runtimes import get_runner
     from bottlefit.runtimes.head import run_head
-    from bottlefit.targets import Emulate
+
+    rows = []
+    for target, d, a in _int8_heads(out):
+        z = run_head(a, d, x_val.numpy(), reference=a.precision == "int8")
+        with torch.no_grad():
+            logits = sm.tail(torch.from_numpy(z)).numpy()
+        acc = 100.0 * float(np.mean(logits.argmax(1) == y_val))
+        runner = get_runner(a.runtime, d / a.file, num_threads=1)
+        ispec = a.inputs[0]
+        xin = wire.encode(ispec, x_val[:1].numpy())
+        ms = _median_ms(lambda v, r=runner, n=ispec.name: r.infer({n: v}), xin)
+        rows.append((f"{target}/{a.file}", a.precision, acc, ms, (d / a.file).stat().st_size))
+    return rows
+
+
+def run_demo(args: argparse.Namespace) -> int:
     from bottlefit.training import evaluate, mnist_splits
 
     t0 = time.perf_counter()
@@ -186,39 +218,17 @@ def run_demo(args: argparse.Namespace) -> int:
     student_top1 = evaluate(lm.model, data.val).top1
     x_val = torch.stack([data.val[i][0] for i in range(len(data.val))])
     y_val = np.array([int(data.val[i][1]) for i in range(len(data.val))])
-    x_cal = torch.stack([data.train[i][0] for i in range(256)])
-    calib = _npz(work / "calib.npz", x_cal)
+    calib = _npz(work / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
     held = _npz(work / "heldout.npz", x_val[:200])
     out = work / "export"
-    verdicts = {}
-    emulate = Emulate.parse(_emulation_profiles())
-    for target in TARGETS:
-        _log(f"exporting --target {target}")
-        result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
-                                      CalibrationOptions(source=str(calib)),
-                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
-        verdicts[target] = result.verdict.passed
+    verdicts = _export_all(best, calib, held, out)
     sm = split(lm.model, lm.card)
-    rows = []
-    for target, d, a in _int8_heads(out):
-        # accuracy under the artifact's reference semantics: what the device computes, whatever this CPU is
-        z = run_head(a, d, x_val.numpy(), reference=a.precision == "int8")
-        with torch.no_grad():
-            logits = sm.tail(torch.from_numpy(z)).numpy()
-        acc = 100.0 * float(np.mean(logits.argmax(1) == y_val))
-        runner = get_runner(a.runtime, d / a.file, num_threads=1)
-        ispec = a.inputs[0]
-        xin = wire.encode(ispec, x_val[:1].numpy())
-        ms = _median_ms(lambda v, r=runner, n=ispec.name: r.infer({n: v}), xin)
-        size = (d / a.file).stat().st_size
-        rows.append((f"{target}/{a.file}", a.precision, acc, ms, size))
+    rows = _head_rows(out, sm, x_val, y_val)
     with torch.no_grad():
         torch.set_num_threads(1)
         torch_ms = _median_ms(lambda v: sm.head(torch.from_numpy(v)), x_val[:1].numpy())
     b = lm.card.bottleneck
     jpeg = _jpeg_bytes(x_val[:200], lm.card)
-    head_params = sum(p.numel() for p in sm.head.parameters())
-    tail_params = sum(p.numel() for p in sm.tail.parameters())
 
     print()
     print(f"BottleFit demo: {ARCH} on {N_TRAIN} MNIST training digits, {len(y_val)} validation digits")
@@ -228,7 +238,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  bottleneck {'x'.join(map(str, b.shape))}: {b.elements} B int8 on the wire "
           f"({4 * b.elements} B fp32) vs {jpeg:.0f} B mean JPEG (q95) of the same 32x32 input "
           f"= {100 * (1 - b.elements / jpeg):.1f}% smaller")
-    print(f"  head {head_params:,} params, tail {tail_params:,} params")
+    print(f"  head {sum(p.numel() for p in sm.head.parameters()):,} params, "
+          f"tail {sum(p.numel() for p in sm.tail.parameters()):,} params")
     print()
     print(f"  {'int8/fp32 head artifact -> PyTorch tail':42s} {'prec':5s} {'top-1':>7s} {'host ms':>9s} {'size':>9s}")
     print(f"  {'PyTorch fp32 head (eager)':42s} {'fp32':5s} {student_top1:6.2f}% {torch_ms:7.3f}ms {'':>9s}")

@@ -374,6 +374,23 @@ def check_symmetric(model: onnx.ModelProto) -> None:
             raise VerificationError(f"{n.op_type} {n.name!r}: zero point is not 0")
 
 
+def _check_written(qmodel: onnx.ModelProto, params: dict[str, tuple[float, int]], output_name: str,
+                   symmetric: bool) -> tuple[dict[str, float], dict[str, int]]:
+    """The file must carry exactly our observers' parameters, not anything ORT derived on its own; the output
+    must be quantized; symmetric means every zero point 0. Returns the written (scales, zero points)."""
+    scales, zps = read_activation_params(qmodel)
+    for name, s in scales.items():
+        want = params.get(name)
+        if want is not None and (np.float32(want[0]) != np.float32(s) or want[1] != zps[name]):
+            raise VerificationError(f"{name}: written scale/zero point ({s}, {zps[name]}) differ from the "
+                                    f"observer's {want}")
+    if output_name not in scales:
+        raise VerificationError(f"the head output {output_name!r} was not quantized; check op_types")
+    if symmetric:
+        check_symmetric(qmodel)
+    return scales, zps
+
+
 def quantize_head(
     fp32_onnx: Path,
     out: Path,
@@ -413,17 +430,7 @@ def quantize_head(
     params = activation_params(model, observers, symmetric, act_dtype)
     qmodel = _write_qdq(model, out, params, symmetric, per_channel, op_types,
                         list(nodes_to_exclude) if nodes_to_exclude else None, act_dtype)
-    scales, zps = read_activation_params(qmodel)
-    # The file must carry exactly our observers' parameters, not anything ORT derived on its own.
-    for name, s in scales.items():
-        want = params.get(name)
-        if want is not None and (np.float32(want[0]) != np.float32(s) or want[1] != zps[name]):
-            raise VerificationError(f"{name}: written scale/zero point ({s}, {zps[name]}) differ from the "
-                                    f"observer's {want}")
-    if output_name not in scales:
-        raise VerificationError(f"the head output {output_name!r} was not quantized; check op_types")
-    if symmetric:
-        check_symmetric(qmodel)
+    scales, zps = _check_written(qmodel, params, output_name, symmetric)
     if output_int8:
         _strip_output_dq(qmodel, output_name)
     _finalize(qmodel)

@@ -7,8 +7,9 @@ the last node of a module then stands for the output of every module up to the n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -141,7 +142,7 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
     Which tensors: every 4-D tensor an operator writes that is float32 or quantized per tensor (non-zero scale),
     dequantized with its own scale/zero-point, NHWC -> NCHW (TFLite computes NHWC inside the graph; only the
     graph's own input/output follow the artifact's layout). Read with ``experimental_preserve_all_tensors`` and
-    the built-in kernels: XNNPACK would hide intermediates inside its delegate (it may differ by 1 LSB).
+    TFLite's reference kernels (the fidelity semantics): XNNPACK would hide intermediates inside its delegate.
 
     What a tensor stands for: litert-torch names a tensor after the rewritten-head children that made it
     (``…ReLU_1;;…Conv2d_0;1``: a conv, its folded BN and the fused ReLU); ``origin`` (the manifest's
@@ -159,8 +160,9 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
 
     data = Path(tflite_path).read_bytes()
     mod = interpreter_module()
+    # TFLite's reference kernels, as fidelity uses (XNNPACK would also hide intermediates inside its delegate)
     interp = mod.Interpreter(model_content=data, experimental_preserve_all_tensors=True,
-                             experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                             experimental_op_resolver_type=mod.OpResolverType.BUILTIN_REF)
     interp.allocate_tensors()
     if origin is None:
         rw = rewrite_head(split.head.encoder, split.card.bottleneck.module)  # deterministic: the export's map
@@ -180,9 +182,27 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
 
     tensors = {int(t["index"]): t for t in interp.get_tensor_details()}
     graph_io = {int(d["index"]) for d in interp.get_input_details() + interp.get_output_details()}
-    fused = _fused_activations(data)
     layout = (input_spec.layout or "NHWC").upper()
-    picked: dict[str, tuple[int, str, int]] = {}  # through -> (tensor index, module, op index)
+    picked = _pick_tensors(interp, tensors, graph_io, _fused_activations(data), leaves_of, ref, modules, layout)
+    got = _dequantized_outputs(interp, tensors, graph_io, picked, x, input_spec, layout)
+    rows = []
+    for through, (idx, module, _) in picked.items():
+        g, r = np.concatenate(got[idx]), ref[through]
+        sq = sqnr_db(r, g)
+        rows.append({"module": module, "through": through, "tensor": str(tensors[idx]["name"]),
+                     "cosine": cosine(r, g), "sqnr_db": sq if np.isfinite(sq) else None,
+                     "max_abs_error": float(np.max(np.abs(r - g)))})
+    return rows
+
+
+def _pick_tensors(interp: Any, tensors: dict[int, Any], graph_io: set[int], fused: dict[int, str],
+                  leaves_of: Callable[[list[str]], list[str]], ref: dict[str, np.ndarray],
+                  modules: dict[str, torch.nn.Module], layout: str) -> dict[str, tuple[int, str, int]]:
+    """reference module -> (tensor index, module that computed it, op index): per reference module the last
+    4-D activation in execution order whose shape matches (see first_divergence_tflite)."""
+    leaves = list(ref)
+    pos = {p: i for i, p in enumerate(leaves)}
+    picked: dict[str, tuple[int, str, int]] = {}
     for op in interp._get_ops_details():  # noqa: SLF001 - the interpreter's only per-op view
         for idx in (int(i) for i in op["outputs"] if i >= 0):
             t = tensors.get(idx)
@@ -208,7 +228,13 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
                 continue
             picked.pop(through, None)  # re-insert: dict order follows the last tensor's execution order
             picked[through] = (idx, covered[0], int(op["index"]))
+    return picked
 
+
+def _dequantized_outputs(interp: Any, tensors: dict[int, Any], graph_io: set[int],
+                         picked: dict[str, tuple[int, str, int]], x: np.ndarray, input_spec: TensorSpec,
+                         layout: str) -> dict[int, list[np.ndarray]]:
+    """Run every image; each picked tensor dequantized with its own scale/zero point, as float NCHW."""
     in_detail = next((d for d in interp.get_input_details() if str(d["name"]) == input_spec.name),
                      interp.get_input_details()[0])
     got: dict[int, list[np.ndarray]] = {idx: [] for idx, _, _ in picked.values()}
@@ -224,11 +250,4 @@ def first_divergence_tflite(tflite_path: Path, split: SplitModel, x: np.ndarray,
             if not (idx in graph_io and layout == "NCHW"):
                 v = v.transpose(0, 3, 1, 2)
             got[idx].append(np.ascontiguousarray(v, dtype=np.float32))
-    rows = []
-    for through, (idx, module, _) in picked.items():
-        g, r = np.concatenate(got[idx]), ref[through]
-        sq = sqnr_db(r, g)
-        rows.append({"module": module, "through": through, "tensor": str(tensors[idx]["name"]),
-                     "cosine": cosine(r, g), "sqnr_db": sq if np.isfinite(sq) else None,
-                     "max_abs_error": float(np.max(np.abs(r - g)))})
-    return rows
+    return got

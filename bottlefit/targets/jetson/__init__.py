@@ -232,38 +232,61 @@ class JetsonTarget:
                 raise RuntimeUnavailable("--build-engine: TensorRT is installed but no CUDA GPU is visible")
 
     def build(self, ctx: BuildContext) -> list[Artifact]:
-        from bottlefit.calibration.trt_cache import write_cache
-        from bottlefit.exporter.qdq import quantize_head
-        from bottlefit.targets.jetson.trtexec import DEFAULT_FILES, render_build_script, write_golden
+        req = resolve(ctx.options)
+        ctx.log(f"jetson: {req.profile.describe()}, precision {req.precision}, opset {req.opset}, "
+                f"routes {req.routes}")
+        head, in_spec, head_warnings = self._fp32_head(ctx, req)
+        qdq, q, out_spec = self._qdq_head(ctx, req, in_spec, head.output_shape)
+        arts = [qdq, self._head_artifact(req, head, in_spec, head_warnings), self._cache(ctx, req, q)]
+        arts += self._golden(ctx, req, in_spec, out_spec, q.output_scale)
+        arts += self._board_scripts(Path(ctx.out_dir), req)
+        if ctx.options.build_engine:
+            arts.append(self._engine(ctx, req, in_spec, out_spec, Path(ctx.out_dir)))
+        (Path(ctx.out_dir) / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
+        arts.append(Artifact(README, "aux", "none", req.precision, parity=False))
+        return arts
 
-        opts: JetsonOptions = ctx.options
-        req = resolve(opts)
-        p = req.profile
-        sm, card = ctx.split, ctx.split.card
-        out = Path(ctx.out_dir)
-        info = req.describe()
-        ctx.log(f"jetson: {p.describe()}, precision {req.precision}, opset {req.opset}, routes {req.routes}")
-
-        # 1. fp32 head only: parity runs the PyTorch tail, and the board never sees tail.onnx.
-        x = torch.randn(1, *card.input_shape, generator=torch.Generator().manual_seed(0))
+    def _fp32_head(self, ctx: BuildContext, req: Request) -> tuple[Any, TensorSpec, list[str]]:
+        """head.onnx (fp32) only: parity runs the PyTorch tail, and the board never sees tail.onnx."""
+        x = torch.randn(1, *ctx.split.card.input_shape, generator=torch.Generator().manual_seed(0))
         ctx.log(f"exporting {HEAD_ONNX} (opset {req.opset})")
-        h = export_onnx(sm.head, x, out / HEAD_ONNX, req.opset, INPUT_NAME, OUTPUT_NAME)
-        head_warnings = lint_or_fail(out / HEAD_ONNX, p, ctx.log)
-        in_spec = TensorSpec(INPUT_NAME, h.input_shape, "float32", "NCHW")
+        h = export_onnx(ctx.split.head, x, Path(ctx.out_dir) / HEAD_ONNX, req.opset, INPUT_NAME, OUTPUT_NAME)
+        warnings = lint_or_fail(Path(ctx.out_dir) / HEAD_ONNX, req.profile, ctx.log)
+        return h, TensorSpec(INPUT_NAME, h.input_shape, "float32", "NCHW"), warnings
 
-        # 2. Symmetric int8 Q/DQ head from our calibration ranges.
+    def _head_artifact(self, req: Request, h: Any, in_spec: TensorSpec, warnings: list[str]) -> Artifact:
+        return Artifact(HEAD_ONNX, "head", "onnxruntime", "fp32", [in_spec],
+                        [TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")],
+                        extra={"opset": req.opset, "jetson": req.describe(), "lint_warnings": warnings,
+                               "export_max_abs_error": h.max_abs_error})
+
+    def _qdq_head(self, ctx: BuildContext, req: Request, in_spec: TensorSpec,
+                  shape: tuple[int, ...]) -> tuple[Artifact, Any, TensorSpec]:
+        """head.qdq.onnx: symmetric int8 Q/DQ from our calibration ranges (every zero point 0)."""
+        from bottlefit.exporter.qdq import quantize_head
+
+        out = Path(ctx.out_dir)
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
-        observer = ctx.observer
-        ctx.log(f"quantizing {QDQ_ONNX}: symmetric int8, per-channel weights, {observer} over {len(images)} images")
-        q = quantize_head(out / HEAD_ONNX, out / QDQ_ONNX, images, sm.head, observer,
+        ctx.log(f"quantizing {QDQ_ONNX}: symmetric int8, per-channel weights, {ctx.observer} over {len(images)} "
+                "images")
+        q = quantize_head(out / HEAD_ONNX, out / QDQ_ONNX, images, ctx.split.head, ctx.observer,
                           symmetric=True, per_channel=True, output_int8=req.int8_output)
-        qdq_warnings = lint_or_fail(out / QDQ_ONNX, p, ctx.log)
+        warnings = lint_or_fail(out / QDQ_ONNX, req.profile, ctx.log)
         if req.int8_output:
-            out_spec = TensorSpec(OUTPUT_NAME, h.output_shape, "int8", "NCHW", q.output_scale, 0)
+            out_spec = TensorSpec(OUTPUT_NAME, shape, "int8", "NCHW", q.output_scale, 0)
         else:
-            out_spec = TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")
+            out_spec = TensorSpec(OUTPUT_NAME, shape, "float32", "NCHW")
+        art = Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec],
+                       quantization=q.quantization_record(ctx.split.head_module_path, ctx.calibration.describe()),
+                       extra={"opset": req.opset, "jetson": req.describe(), "lint_warnings": warnings,
+                              "route": "qdq", "output_scale": q.output_scale})
+        return art, q, out_spec
 
-        # 3. TensorRT's cache from the same scales, keyed by the tensor names of the shipped head.onnx.
+    def _cache(self, ctx: BuildContext, req: Request, q: Any) -> Artifact:
+        """TensorRT's native cache from the same scales, keyed by the tensor names of the shipped head.onnx."""
+        from bottlefit.calibration.trt_cache import write_cache
+
+        out, p = Path(ctx.out_dir), req.profile
         scales, uncovered = cache_scales(out / HEAD_ONNX, q.activation_scales)
         if uncovered:
             # Not an error for TensorRT: layers touching these tensors fall back to fp16/fp32.
@@ -271,27 +294,43 @@ class JetsonTarget:
         write_cache(out / CACHE, p.trt_code, scales)
         onnx_sha = sha256_file(out / HEAD_ONNX)
         ctx.log(f"wrote {CACHE}: TRT-{p.trt_code}, {len(scales)} tensors, bound to {HEAD_ONNX} {onnx_sha[:12]}…")
+        return Artifact(CACHE, "aux", "none", "int8",
+                        quantization={"format": "tensorrt-calibration-cache", "observer": ctx.observer,
+                                      "scales": scales, "uncovered": uncovered},
+                        extra={"binds": {"onnx": HEAD_ONNX, "onnx_sha256": onnx_sha}, "trt_code": p.trt_code,
+                               "jetson": req.describe()},
+                        parity=False)
 
-        # 4. Golden I/O. trtexec loads exactly one static batch (batch 1), so one held-out image.
-        held = ctx.heldout
+    def _golden(self, ctx: BuildContext, req: Request, in_spec: TensorSpec, out_spec: TensorSpec,
+                output_scale: float) -> list[Artifact]:
+        """Golden I/O: one held-out image (trtexec loads exactly one static batch). The int8 engine is compared
+        with what the Q/DQ graph means (ONNX spec semantics), never with this host's fused int8 kernels: on x86
+        without VNNI those saturate, and TensorRT does not."""
+        from bottlefit.runtimes.head import run_head
+        from bottlefit.targets.jetson.trtexec import write_golden
+
+        out, held = Path(ctx.out_dir), ctx.heldout
         gx = np.ascontiguousarray(held.images[:1], dtype=np.float32)
         if req.precision == "int8":
-            from bottlefit.runtimes.head import run_head
-
-            # The engine is compared with what the Q/DQ graph means (ONNX spec semantics), never with this
-            # host's fused int8 kernels: on x86 without VNNI those saturate, and TensorRT does not.
             qdq_art = Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec])
             gz = run_head(qdq_art, out, gx, reference=True)
             golden_ref = f"{QDQ_ONNX} under ONNX spec semantics (ONNX Runtime, graph optimizations off)"
         else:
             with torch.no_grad():
-                gz = sm.head(torch.from_numpy(gx.copy())).numpy()
+                gz = ctx.split.head(torch.from_numpy(gx.copy())).numpy()
             golden_ref = "PyTorch fp32 head"
         write_golden(out / GOLDEN_DIR, {INPUT_NAME: gx}, {OUTPUT_NAME: gz}, golden_tolerances(ctx.tolerance_overrides),
-                     output_scales={OUTPUT_NAME: q.output_scale}, made_with=golden_ref)
+                     output_scales={OUTPUT_NAME: output_scale}, made_with=golden_ref)
         ctx.log(f"golden I/O: 1 held-out image ({held.names[0]}), reference = {golden_ref}")
+        files = sorted(f"{GOLDEN_DIR}/{f.name}" for f in (out / GOLDEN_DIR).iterdir())
+        return [Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
+                         parity=False) for f in files]
 
-        # 5. Board recipe, verifier and README.
+    def _board_scripts(self, out: Path, req: Request) -> list[Artifact]:
+        """build_engine.sh (trtexec lines for the profile) and the board's stdlib-only verifier."""
+        from bottlefit.targets.jetson.trtexec import DEFAULT_FILES, render_build_script
+
+        p = req.profile
         files = dict(DEFAULT_FILES, inputs=[INPUT_NAME], golden_dir=GOLDEN_DIR)
         script = render_build_script(p, req.routes, files, workspace_mib=WORKSPACE_MIB,
                                      int8_output=req.int8_output, force=req.force)
@@ -299,34 +338,9 @@ class JetsonTarget:
         os.chmod(out / SCRIPT, 0o755)
         shutil.copyfile(BOARD_VERIFY, out / VERIFY)
         os.chmod(out / VERIFY, 0o755)
-        golden_files = sorted(f"{GOLDEN_DIR}/{f.name}" for f in (out / GOLDEN_DIR).iterdir())
-
         board = {"profile": p.name, "jetpack": p.jetpack[0], "trt_version": p.trt_version}
-        arts = [
-            Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec],
-                     quantization=q.quantization_record(sm.head_module_path, ctx.calibration.describe()),
-                     extra={"opset": req.opset, "jetson": info, "lint_warnings": qdq_warnings,
-                            "route": "qdq", "output_scale": q.output_scale}),
-            Artifact(HEAD_ONNX, "head", "onnxruntime", "fp32", [in_spec],
-                     [TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")],
-                     extra={"opset": req.opset, "jetson": info, "lint_warnings": head_warnings,
-                            "export_max_abs_error": h.max_abs_error}),
-            Artifact(CACHE, "aux", "none", "int8",
-                     quantization={"format": "tensorrt-calibration-cache", "observer": observer,
-                                   "scales": scales, "uncovered": uncovered},
-                     extra={"binds": {"onnx": HEAD_ONNX, "onnx_sha256": onnx_sha}, "trt_code": p.trt_code,
-                            "jetson": info},
-                     parity=False),
-            Artifact(SCRIPT, "aux", "none", req.precision, extra={**board, "routes": req.routes}, parity=False),
-            Artifact(VERIFY, "aux", "none", req.precision, extra={"python": p.board_python}, parity=False),
-            *[Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
-                       parity=False) for f in golden_files],
-        ]
-        if opts.build_engine:
-            arts.append(self._engine(ctx, req, in_spec, out_spec, out))
-        (out / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
-        arts.append(Artifact(README, "aux", "none", req.precision, parity=False))
-        return arts
+        return [Artifact(SCRIPT, "aux", "none", req.precision, extra={**board, "routes": req.routes}, parity=False),
+                Artifact(VERIFY, "aux", "none", req.precision, extra={"python": p.board_python}, parity=False)]
 
     def _engine(self, ctx: BuildContext, req: Request, in_spec: TensorSpec, out_spec: TensorSpec,
                 out: Path) -> Artifact:

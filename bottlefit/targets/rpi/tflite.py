@@ -200,17 +200,6 @@ class TFLiteInfo:
     float_ops: list[FloatOp] = field(default_factory=list)
 
 
-def _interpreter_module() -> Any:
-    try:
-        from ai_edge_litert import interpreter
-    except ImportError:
-        try:
-            from tflite_runtime import interpreter  # type: ignore[no-redef]
-        except ImportError as e:
-            raise UserError(f"no TFLite interpreter (ai-edge-litert) is installed: {INSTALL_HINT}") from e
-    return interpreter
-
-
 def _spec(d: dict[str, Any], layout: str) -> TensorSpec:
     dtype = np.dtype(d["dtype"]).name
     scale, zp = d["quantization"]
@@ -227,7 +216,10 @@ def _spec(d: dict[str, Any], layout: str) -> TensorSpec:
 
 def inspect_tflite(data: bytes, layout: str, rw: RewrittenHead | None = None) -> TFLiteInfo:
     """I/O specs, the op list, and every op that touches a float32 tensor (named by its PyTorch module)."""
-    mod = _interpreter_module()
+    from bottlefit.runtimes.litert import interpreter_module
+
+    # the one interpreter import (RuntimeUnavailable, exit 3, when none is installed), as parity's runner uses
+    mod = interpreter_module()
     # without the default delegate: with XNNPACK applied, the op list would show DELEGATE nodes instead
     interp = mod.Interpreter(
         model_content=data, experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
