@@ -70,3 +70,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.set_defaults(func=_cmd_run_head)
+
+    p = sub.add_parser("triton", parents=[common],
+                       help="write an NVIDIA Triton model repository for an export's ONNX tail (dynamic batch)")
+    p.add_argument("dir", help="OUT/onnx written by `bottlefit export --target onnx`")
+    p.add_argument("--repo", required=True, help="the model repository folder (created if missing)")
+    p.add_argument("--model-name", help="model name in the repository (default <arch>_tail)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_triton)
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bottlefit.serve.triton import write_triton_repository
+
+    model_dir = write_triton_repository(Path(args.dir), Path(args.repo), name=args.model_name,
+                                        max_batch_size=args.max_batch_size)
+    print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/model.onnx")
+    return 0
+

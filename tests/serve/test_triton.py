@@ -31,3 +31,14 @@ def test_repository_matches_triton_schema_and_runs(mini_export: Path, tmp_path: 
     x = np.random.default_rng(0).standard_normal((3, 4, 5, 5)).astype(np.float32)
     t = find_targets(mini_export)[0]
     np.testing.assert_allclose(sess.run(None, {"bottleneck": x})[0], run_tail(t.tail(), t.path, x), rtol=0, atol=1e-5)
+
+
+def test_triton_command_writes_the_repository(mini_export: Path, tmp_path: Path, capsys) -> None:
+    from bottlefit.cli import main
+
+    assert main(["triton", str(mini_export / "onnx"), "--repo", str(tmp_path / "repo"), "--max-batch-size", "4"]) == 0
+    model_dir = tmp_path / "repo" / "mini_resnet_tail"
+    assert f"wrote {model_dir}/config.pbtxt" in capsys.readouterr().out
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.max_batch_size == 4 and (model_dir / "1" / "model.onnx").is_file()
+    assert main(["triton", str(tmp_path), "--repo", str(tmp_path / "r2")]) == 2  # no export there: one line

@@ -1,0 +1,61 @@
+"""The command's contracts: exit codes by whose problem it is, and a console that shows only our own lines."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bottlefit.cli import main
+from bottlefit.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE, EXIT_VERIFICATION
+
+
+def test_exit_code_contract_is_stable() -> None:
+    assert (EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE, EXIT_ENVIRONMENT) == (0, 1, 2, 3)
+
+
+def test_internal_error_is_exit_3_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A bug of ours must never read as "verification failed" (1) or as the user's mistake (2)."""
+    import bottlefit.pipeline.inspect as inspect_mod
+
+    def broken(_lm: object) -> dict:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(inspect_mod, "describe", broken)
+    assert main(["inspect", "--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bottlefit: internal error: ZeroDivisionError: division by zero")
+    assert "Traceback" not in err and "--verbose" in err
+    assert main(["inspect", "--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2", "--verbose"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_error_is_exit_2(capsys) -> None:
+    assert main(["export", "--untrained", "--target", "rpi", "--out", "/tmp/x", "--emulate", "pi9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pi9" in err and "pi4" in err
+
+
+# Our own lines: progress "[  1.2s] ...", the verdict table, PASS/FAIL, and "bottlefit: ..." errors.
+OURS = re.compile(r"^(\[\s*\d+\.\ds\] |  (ok |FAIL|info) |PASS: |FAIL: |bottlefit: |  \S+: (first|no ))")
+
+
+def _export(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bottlefit", "export", "--untrained", "--arch", "mini_resnet",
+                           "--bottleneck-channel", "4", "--target", "rpi", "--out", str(tmp_path), "--emulate",
+                           "none", *extra], capture_output=True, text=True, timeout=600)
+
+
+def test_console_shows_only_our_lines_unless_verbose(tmp_path: Path) -> None:
+    quiet = _export(tmp_path / "q")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    lines = [ln for ln in (quiet.stdout + quiet.stderr).splitlines() if ln.strip()]
+    foreign = [ln for ln in lines if not OURS.match(ln)]
+    assert not foreign, foreign
+    verbose = _export(tmp_path / "v", "--verbose")
+    assert verbose.returncode == 0
+    # the converters' and runtimes' own chatter is there, only hidden
+    assert len([ln for ln in verbose.stderr.splitlines() if not OURS.match(ln)]) > 0
