@@ -27,3 +27,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def user_cache_dir() -> Path:
+    """Where bottlefit keeps what it can rebuild (the arm64 sysroot, codec tables): $BOTTLEFIT_CACHE, else
+    $XDG_CACHE_HOME/bottlefit, else ~/.cache/bottlefit."""
+    if path := os.environ.get("BOTTLEFIT_CACHE"):
+        return Path(path).expanduser()
+    if path := os.environ.get("XDG_CACHE_HOME"):
+        return Path(path).expanduser() / "bottlefit"
+    return Path.home() / ".cache" / "bottlefit"
+

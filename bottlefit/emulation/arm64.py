@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import EnvironmentProblem, UserError
+from bottlefit.files import user_cache_dir
 
 QEMU = "qemu-aarch64-static"
 INSTALL = "apt-get install qemu-user-static debootstrap"
@@ -136,11 +137,7 @@ def sysroot_key(suite: str, include: Sequence[str], wheels: Sequence[str], versi
 
 def cache_dir() -> Path:
     """$BOTTLEFIT_CACHE, else $XDG_CACHE_HOME/bottlefit, else ~/.cache/bottlefit."""
-    if path := os.environ.get("BOTTLEFIT_CACHE"):
-        return Path(path).expanduser()
-    if path := os.environ.get("XDG_CACHE_HOME"):
-        return Path(path).expanduser() / "bottlefit"
-    return Path.home() / ".cache" / "bottlefit"
+    return user_cache_dir()
 
 
 def qemu_path() -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bottlefit.exporter import wire
+from bottlefit.files import user_cache_dir
 from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
 from bottlefit.serve.codecs import CodecTables, fit_tables, to_symbols
@@ -48,7 +48,8 @@ def calibration_symbols(target: TargetExport, contract: WireContract, part: str 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BOTTLEFIT_CACHE", Path.home() / ".cache" / "bottlefit")) / "codecs"
+    """Codec tables fitted here, keyed by contract id (content-addressed: safe to share between runs)."""
+    return user_cache_dir() / "codecs"
 
 
 def load_tables(target: TargetExport, contract: WireContract) -> CodecTables:

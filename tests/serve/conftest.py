@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,6 @@ def mini_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bottlefit.targets.onnx import OnnxOptions
 
     root = tmp_path_factory.mktemp("serve")
-    os.environ["BOTTLEFIT_CACHE"] = str(root / "cache")
     out = root / "out"
     export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), "onnx", out,
                          OnnxOptions(int8=True), parity=ParityOptions(emulate=Emulate.parse("none"))))

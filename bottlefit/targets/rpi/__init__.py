@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ ONNX_OPSET = 13
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
-BOARD_FILES = ("run_head.py", "verify_on_board.py", "README.md")
+BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py", "README.md")
 GOLDEN_COUNT = 4
 # the heads the board bundle checks -> the stem of their golden files
 BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx"}
@@ -176,9 +177,11 @@ class RpiTarget:
                       profile: Any = None) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
+        from bottlefit.models.checkpoint import sha256_file
         from bottlefit.runtimes.head import output_lsb, reference_semantics
         from bottlefit.runtimes.litert import LiteRTRunner
         from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
+        from bottlefit.serve.contract import contract_id
 
         board = out / "board"
         board.mkdir(exist_ok=True)
@@ -199,6 +202,8 @@ class RpiTarget:
             files += [f"{stem}_inputs.npy", f"{stem}_outputs.npy"]
             models.append({"model": f"../{art.file}", "runtime": art.runtime, "input": in_spec.to_dict(),
                            "output": out_spec.to_dict(), "lsb": output_lsb(art), "wire": _wire_codes(art),
+                           # binds this head's payloads to this export (bottlefit serve refuses other exports')
+                           "contract_id": contract_id(card.to_dict(), sha256_file(out / art.file)),
                            "inputs_file": f"{stem}_inputs.npy", "outputs_file": f"{stem}_outputs.npy",
                            "made_with": f"{reference_semantics(art.runtime)} on the export host",
                            "tolerances": dict(GOLDEN_TOLERANCES)})
@@ -210,6 +215,9 @@ class RpiTarget:
             "default_delegate": (profile or get_profile(None)).delegate,
             "default_threads": (profile or get_profile(None)).threads,
             "profile": (profile or get_profile(None)).record(),
+            # the tail server's model (bottlefit serve / Triton) and input name, for board/client.py
+            "tail_model": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.arch}_tail"),
+            "tail_input": "bottleneck",
             "models": models,
             "names": list(heldout.names[:GOLDEN_COUNT]),
             "preprocess": {"resize": int(card.resize), "crop": [int(card.input_shape[1]), int(card.input_shape[2])],

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""The device side of split computing on the Raspberry Pi: run the head, send its int8 codes to the tail server.
+
+Python >= 3.9, numpy and the head's runtime (as run_head.py); the network part is the standard library only. It
+speaks the Open Inference Protocol (KServe v2) REST with the binary tensor extension, so the server is
+`bottlefit serve OUT` or NVIDIA Triton (send --fp32 to Triton: it takes the dequantized bottleneck).
+
+  python3 client.py --server http://edge:8000 --image cat.jpg
+  python3 client.py --server http://edge:8000 --golden --json
+
+Per image: head ms, payload bytes, round trip ms, server ms, top-k. Exit 0 when every image got logits, 1 when
+one failed (after retries), 2 on bad usage or missing files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from run_head import RUNTIMES, Head, MissingRuntime, preprocess, read_golden, wire_codes  # noqa: E402
+
+HEADER = "Inference-Header-Content-Length"
+V2_TYPES = {"int8": "INT8", "uint8": "UINT8", "float32": "FP32"}
+
+
+def request_body(entry, codes, fp32, input_name):
+    """(body, header length): one image as the KServe v2 binary extension wants it."""
+    w = entry.get("wire") or entry["output"]
+    if fp32:
+        x = (codes.astype(np.float32) - np.float32(w["zero_point"])) * np.float32(w["scale"])
+        if entry["output"].get("layout") == "NHWC" and x.ndim == 4:
+            x = x.transpose(0, 3, 1, 2)
+        blob, dtype, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), "FP32", {}
+        shape = list(x.shape)
+    else:
+        blob, dtype, shape = np.ascontiguousarray(codes).tobytes(), V2_TYPES[str(codes.dtype)], list(codes.shape)
+        params = {"scale": w["scale"], "zero_point": w["zero_point"], "layout": entry["output"].get("layout", "NCHW")}
+        if entry.get("contract_id"):
+            params["contract_id"] = entry["contract_id"]
+    params["binary_data_size"] = len(blob)
+    header = json.dumps({"inputs": [{"name": input_name, "shape": shape, "datatype": dtype, "parameters": params}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return header + blob, len(header)
+
+
+def post(url, body, header_len, timeout):
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={HEADER: str(header_len), "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        data, n = r.read(), r.headers.get(HEADER)
+    hl = int(n) if n is not None else len(data)
+    resp = json.loads(data[:hl].decode("utf-8"))
+    out = resp["outputs"][0]
+    if "data" in out:
+        return resp, np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    size = out["parameters"]["binary_data_size"]
+    return resp, np.frombuffer(data[hl:hl + size], dtype="<f4").reshape(out["shape"])
+
+
+def infer(url, body, header_len, timeout, retries):
+    """POST with retries and exponential backoff on connection errors and 5xx/429; 4xx is final."""
+    for attempt in range(retries + 1):
+        try:
+            return post(url, body, header_len, timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read().decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError):
+                msg = ""
+            if e.code < 500 and e.code != 429 or attempt == retries:
+                raise RuntimeError("HTTP %d: %s" % (e.code, msg or e.reason)) from None
+        except (urllib.error.URLError, OSError) as e:
+            if attempt == retries:
+                raise RuntimeError("cannot reach %s: %s" % (url, getattr(e, "reason", e))) from None
+        time.sleep(0.2 * 2 ** attempt)
+    raise RuntimeError("unreachable")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs="+", help="image files (.jpg/.png; needs Pillow) or .npy")
+    src.add_argument("--golden", action="store_true", help="send the golden inputs next to this script")
+    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--model", help="model name on the server (default: golden.json's tail_model)")
+    p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
+    p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: the board profile's)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--fp32", action="store_true", help="send the dequantized bottleneck (FP32: what Triton takes)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="one JSON line per image")
+    a = p.parse_args(argv)
+
+    golden = read_golden(a.golden_json, None, a.runtime)
+    if golden is None:
+        return 2
+    meta, base, entry, model = golden
+    if not os.path.isfile(model):
+        print("error: model %s not found" % model, file=sys.stderr)
+        return 2
+    try:
+        head = Head(entry, model, a.threads or int(meta.get("default_threads", 1)),
+                    meta.get("default_delegate", "xnnpack") != "builtin")
+    except MissingRuntime as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    if a.golden:
+        xs = np.load(os.path.join(base, entry["inputs_file"]))
+        items = [(n, xs[i:i + 1]) for i, n in enumerate(meta.get("names") or range(len(xs)))]
+    else:
+        missing = [f for f in a.image if not os.path.isfile(f)]
+        if missing:
+            print("error: %s not found" % ", ".join(missing), file=sys.stderr)
+            return 2
+        items = [(f, preprocess(f, meta["preprocess"], entry["input"])) for f in a.image]
+    url = "%s/v2/models/%s/infer" % (a.server.rstrip("/"), a.model or meta.get("tail_model", "bottlefit_tail"))
+    failed = 0
+    for i, (name, x) in enumerate(items):
+        t0 = time.perf_counter()
+        codes = wire_codes(head.run(x), entry)
+        head_ms = (time.perf_counter() - t0) * 1e3
+        body, hl = request_body(entry, codes, a.fp32, meta.get("tail_input", "bottleneck"))
+        t1 = time.perf_counter()
+        try:
+            resp, logits = infer(url, body, hl, a.timeout, a.retries)
+        except RuntimeError as e:  # reported, never silently dropped
+            failed += 1
+            print(json.dumps({"image": str(name), "error": str(e)}) if a.json else "FAIL %s: %s" % (name, e))
+            continue
+        rtt_ms = (time.perf_counter() - t1) * 1e3
+        server_ms = (resp.get("parameters") or {}).get("server_ms")
+        top = np.argsort(-logits[0])[: a.topk]
+        rec = {"image": str(name), "head_ms": head_ms, "payload_bytes": len(body) - hl, "round_trip_ms": rtt_ms,
+               "server_ms": server_ms, "topk": [[int(k), float(logits[0, k])] for k in top],
+               "logits": [float(v) for v in logits[0]]}
+        if a.json:
+            print(json.dumps(rec))
+        else:
+            print("[%d/%d] %s: head %.2f ms, %d B, round trip %.1f ms%s, top-%d %s"
+                  % (i + 1, len(items), name, head_ms, rec["payload_bytes"], rtt_ms,
+                     "" if server_ms is None else " (server %.1f ms)" % server_ms, a.topk,
+                     " ".join("%d:%.3g" % (k, v) for k, v in rec["topk"])))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The rpi bundle's own client (standard library + numpy): the head's int8 codes to `bottlefit serve` and back,
+on this host and on the Pi's own ISA under arm64 emulation, with the logits the tail gives for those codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bottlefit.exporter.artifact import Artifact
+from bottlefit.runtimes.head import run_tail
+
+
+@pytest.fixture(scope="module")
+def split_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mini_resnet export for onnx (the tail) and rpi (the heads and the board bundle), in one OUT."""
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+
+    out = tmp_path_factory.mktemp("split") / "out"
+    for target in ("onnx", "rpi"):
+        export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), target, out,
+                             parity=ParityOptions(emulate=Emulate.parse("none"))), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(split_export: Path) -> Iterator[object]:
+    from bottlefit.serve.server import ServeOptions, Server
+
+    s = Server(split_export, ServeOptions(http_port=0, grpc_port=0)).start()
+    yield s
+    s.stop()
+
+
+def _tail_logits(out: Path, codes: np.ndarray, wire: dict, layout: str) -> np.ndarray:
+    """What the tail gives for these codes, in process: dequantize exactly as the contract says."""
+    x = (codes.astype(np.float32) - np.float32(wire["zero_point"])) * np.float32(wire["scale"])
+    if layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    tail = next(Artifact.from_dict(a) for a in manifest["artifacts"] if a["file"] == "tail.onnx")
+    return run_tail(tail, out / "onnx", np.ascontiguousarray(x))
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_board_client_on_this_host(split_export: Path, server, tmp_path: Path) -> None:
+    board = split_export / "rpi" / "board"
+    args = ["--golden", "--runtime", "litert", "--threads", "1"]
+    cp = subprocess.run([sys.executable, str(board / "client.py"), "--server", server.http_url, "--json", *args],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    recs = _records(cp.stdout)
+    assert len(recs) == 4 and all(r["payload_bytes"] == 4 * 5 * 5 for r in recs)  # int8 codes: 1 byte each
+    # the same head on the same kernels writes these codes; the server's logits are the tail's for them
+    payload = tmp_path / "p.bin"
+    subprocess.run([sys.executable, str(board / "run_head.py"), *args, "--runs", "1", "--out", str(payload)],
+                   check=True, capture_output=True, timeout=120)
+    meta = json.loads((board / "golden.json").read_text())
+    entry = next(m for m in meta["models"] if m["runtime"] == "litert")
+    codes = np.frombuffer(payload.read_bytes(), dtype=np.int8).reshape(4, *entry["output"]["shape"][1:])
+    want = _tail_logits(split_export, codes, entry["output"], "NHWC")
+    np.testing.assert_allclose(np.array([r["logits"] for r in recs]), want, rtol=0, atol=1e-5)
+
+
+def test_board_client_refused_for_another_export(split_export: Path, server, tmp_path: Path) -> None:
+    bundle = tmp_path / "rpi"
+    subprocess.run(["cp", "-r", str(split_export / "rpi"), str(bundle)], check=True)
+    meta = json.loads((bundle / "board" / "golden.json").read_text())
+    for m in meta["models"]:
+        m["contract_id"] = "0" * 12
+    (bundle / "board" / "golden.json").write_text(json.dumps(meta))
+    cp = subprocess.run([sys.executable, str(bundle / "board" / "client.py"), "--server", server.http_url,
+                         "--golden", "--runtime", "litert", "--json", "--retries", "0"],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 1
+    errors = [r["error"] for r in _records(cp.stdout)]
+    assert len(errors) == 4 and all("HTTP 400" in e and "contract_id" in e for e in errors)
+
+
+def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: Path) -> None:
+    """The Pi's Python and aarch64 wheels (the profile's default head, ONNX Runtime int8) against the server on
+    this host's loopback: the codes are the reference codes exactly, and so are the logits."""
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
+
+    try:
+        sysroot = ensure_sysroot()
+    except EmulationUnavailable as e:
+        pytest.skip(f"arm64 emulation unavailable here: {e}")
+    board = split_export / "rpi" / "board"
+    cp = run_python(sysroot, get_core("pi4"), board / "client.py", ["--server", server.http_url, "--golden", "--json"],
+                    cwd=tmp_path, timeout=300)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    recs = _records(cp.stdout)
+    meta = json.loads((board / "golden.json").read_text())
+    entry = next(m for m in meta["models"] if m["runtime"] == meta["default_runtime"])
+    assert entry["runtime"] == "onnxruntime" and len(recs) == 4 and all(r["payload_bytes"] == 100 for r in recs)
+    w = entry["wire"]
+    ref = np.load(board / entry["outputs_file"])
+    codes = np.clip(np.round(ref / np.float32(w["scale"])) + w["zero_point"], -128, 127).astype(np.int8)
+    np.testing.assert_allclose(np.array([r["logits"] for r in recs]), _tail_logits(split_export, codes, w, "NCHW"),
+                               rtol=0, atol=1e-5)
