@@ -27,7 +27,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run_head import RUNTIMES, Head, MissingRuntime, preprocess, read_golden, wire_codes  # noqa: E402
+from run_head import RUNTIMES, open_head, preprocess, wire_codes  # noqa: E402 - the bundle's own module
 
 HEADER = "Inference-Header-Content-Length"
 V2_TYPES = {"int8": "INT8", "uint8": "UINT8", "float32": "FP32"}
@@ -103,19 +103,10 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     a = p.parse_args(argv)
 
-    golden = read_golden(a.golden_json, None, a.runtime)
-    if golden is None:
+    opened = open_head(a.golden_json, None, a.runtime, a.threads)
+    if opened == 2:
         return 2
-    meta, base, entry, model = golden
-    if not os.path.isfile(model):
-        print("error: model %s not found" % model, file=sys.stderr)
-        return 2
-    try:
-        head = Head(entry, model, a.threads or int(meta.get("default_threads", 1)),
-                    meta.get("default_delegate", "xnnpack") != "builtin")
-    except MissingRuntime as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
+    meta, base, entry, head, _ = opened
     if a.golden:
         xs = np.load(os.path.join(base, entry["inputs_file"]))
         items = [(n, xs[i:i + 1]) for i, n in enumerate(meta.get("names") or range(len(xs)))]

@@ -168,6 +168,24 @@ def defaults(meta, runtime=None, threads=None, xnnpack=None):
     return threads, xnnpack
 
 
+def open_head(golden_json, model=None, runtime=None, threads=None, xnnpack=None):
+    """(golden.json, its folder, the model entry, the Head, threads) with the board profile's defaults, or exit
+    code 2 after saying on stderr what is missing."""
+    golden = read_golden(golden_json, model, runtime)
+    if golden is None:
+        return 2
+    meta, base, entry, model = golden
+    if not os.path.isfile(model):
+        print("error: model %s not found" % model, file=sys.stderr)
+        return 2
+    threads, xnnpack = defaults(meta, runtime, threads, xnnpack)
+    try:
+        return meta, base, entry, Head(entry, model, threads, xnnpack), threads
+    except MissingRuntime as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -186,19 +204,11 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object (latency in ms) instead of lines")
     a = p.parse_args(argv)
 
-    golden = read_golden(a.golden_json, a.model, a.runtime)
-    if golden is None:
+    opened = open_head(a.golden_json, a.model, a.runtime, a.threads, a.xnnpack)
+    if opened == 2:
         return 2
-    meta, base, entry, model = golden
-    if not os.path.isfile(model):
-        print("error: model %s not found" % model, file=sys.stderr)
-        return 2
-    threads, xnnpack = defaults(meta, a.runtime, a.threads, a.xnnpack)
-    try:
-        head = Head(entry, model, threads, xnnpack)
-    except MissingRuntime as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
+    meta, base, entry, head, threads = opened
+    model = os.path.join(base, entry["model"]) if a.model is None else a.model
     if a.golden:
         xs = np.load(os.path.join(base, entry["inputs_file"]))
         xs = [xs[i : i + 1] for i in range(len(xs))]
