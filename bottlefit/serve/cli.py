@@ -8,8 +8,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+_SERVE_DEPS = ("starlette", "uvicorn", "grpc", "tritonclient", "zstandard", "constriction")
+
+
+def _require_serve_extra() -> None:
+    """The transport and codec libraries are an extra: say how to get them (exit 3), not a traceback."""
+    import importlib.util
+
+    from bottlefit.errors import EnvironmentProblem
+
+    missing = [m for m in _SERVE_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EnvironmentProblem(f"{', '.join(missing)} not installed: pip install 'bottlefit[serve]'")
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _require_serve_extra()
     from bottlefit.serve.server import ServeOptions, Server
 
     opts = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, max_batch=args.max_batch,
@@ -20,6 +34,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_head(args: argparse.Namespace) -> int:
+    _require_serve_extra()
     from bottlefit.serve.client import Client
 
     client = Client(Path(args.dir), args.server, model=args.model_name, wire=args.wire, head=args.head,
