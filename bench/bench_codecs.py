@@ -35,6 +35,27 @@ def _export(root: Path, name: str, **model: object) -> Path:
     return out
 
 
+def jpeg_bytes(card: dict, quality: int = 95) -> float:
+    """Mean JPEG size of the same held-out crops the model sees (8-bit RGB at its input size): what offloading
+    the input would send instead of the bottleneck."""
+    import io
+
+    from PIL import Image
+
+    from bottlefit.calibration.dataset import CalibrationSet
+    from bottlefit.models.card import ModelCard
+
+    mc = ModelCard.from_dict(card)
+    x = CalibrationSet.builtin(mc, part="heldout", log=lambda m: None).images
+    rgb = np.clip((x * np.array(mc.std).reshape(1, 3, 1, 1) + np.array(mc.mean).reshape(1, 3, 1, 1)) * 255, 0, 255)
+    sizes = []
+    for img in np.rint(rgb).astype(np.uint8).transpose(0, 2, 3, 1):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell())
+    return float(np.mean(sizes))
+
+
 def bench(out: Path) -> None:
     for target in find_targets(out):
         for contract in (c for c in target.contracts if c.quantized):
@@ -47,8 +68,9 @@ def bench(out: Path) -> None:
             hc = codecs.entropy_bits(sym, per_channel=True) / 8 / len(sym)
             print(f"\n{target.card['arch']} {target.path.name}/{contract.head}: {contract.dtype}"
                   f"{list(contract.shape)} = {n} B raw; {len(sym)} held-out images; frame header {hdr} B")
+            jpeg = jpeg_bytes(target.card)
             print(f"  empirical entropy: order-0 {h0:8.1f} B ({h0 / n:.3f}x raw), per channel {hc:8.1f} B "
-                  f"({hc / n:.3f}x raw)")
+                  f"({hc / n:.3f}x raw); JPEG q95 of the same crops {jpeg:8.1f} B (raw int8 = {n / jpeg:.3f}x)")
             for codec in codecs.CODECS:
                 sizes, enc_ms, dec_ms = [], [], []
                 for c in codes:
@@ -62,7 +84,7 @@ def bench(out: Path) -> None:
                     enc_ms.append((t1 - t0) * 1e3)
                     dec_ms.append((t2 - t1) * 1e3)
                 m = float(np.mean(sizes))
-                print(f"  {codec:8s} {m:8.1f} B  {m / n:.3f}x raw  {m / h0:.3f}x entropy   encode "
+                print(f"  {codec:8s} {m:8.1f} B  {m / n:.3f}x raw  {m / h0:.3f}x entropy  {m / jpeg:.3f}x JPEG  encode "
                       f"{statistics.median(enc_ms):6.2f} ms  decode {statistics.median(dec_ms):6.2f} ms")
 
 
