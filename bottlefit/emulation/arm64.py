@@ -236,7 +236,7 @@ def guest_machine(sysroot: Sysroot, core: Core) -> str:
     proc = _run_guest(sysroot, core, ["-c", "import platform; print(platform.machine())"], timeout=120)
     if proc.returncode != 0:
         raise UserError(f"the arm64 guest python failed on {core.cpu} (exit {proc.returncode}): "
-                        f"{_last_line(proc.stderr)}")
+                        f"{last_line(proc.stderr)}")
     return proc.stdout.strip()
 
 
@@ -324,7 +324,7 @@ def _precompile(sysroot: Sysroot, log: Callable[[str], None]) -> None:
     machine, _, magic = proc.stdout.strip().partition(" ")
     if proc.returncode != 0 or machine != "aarch64":
         raise EmulationUnavailable(f"arm64 sysroot: the guest python does not run (exit {proc.returncode}, machine "
-                                   f"{machine!r}: {_last_line(proc.stderr)}): rerun, or bump BUILD_VERSION's recipe")
+                                   f"{machine!r}: {last_line(proc.stderr)}): rerun, or bump BUILD_VERSION's recipe")
     targets = [str(sysroot.root / "usr" / "lib" / "python3.11"), str(sysroot.site)]
     log("arm64 sysroot: byte-compiling the guest's stdlib and wheels")
     if magic == importlib.util.MAGIC_NUMBER.hex():
@@ -345,11 +345,11 @@ def _step(name: str, cmd: Sequence[str], fix: str, timeout: float = STEP_TIMEOUT
         raise EmulationUnavailable(f"arm64 sysroot: {name} took over {timeout:.0f} s: {fix}") from None
     if proc.returncode != 0:
         raise EmulationUnavailable(f"arm64 sysroot: {name} failed (exit {proc.returncode}: "
-                                   f"{_last_line(proc.stderr) or _last_line(proc.stdout)}): {fix}")
+                                   f"{last_line(proc.stderr) or last_line(proc.stdout)}): {fix}")
     return proc
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from bottlefit.errors import UserError
 from bottlefit.serve import codecs
-from bottlefit.serve.contract import TargetExport, WireContract, find_targets
+from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import HeadCodes, load_tables
 
 WIRES = ("fp32", "int8", *codecs.CODECS)
@@ -138,8 +138,7 @@ class Client:
         self.head = HeadCodes(self.target, self.contract, **opts)
         self.wire, self.retries, self.backoff_s, self.timeout_s, self.k = wire, retries, backoff_s, timeout_s, topk
         self.tables = load_tables(self.target, self.contract) if wire in ("entropy", "context") else None
-        arch = self.target.card.get("arch", "bottlefit")
-        self.model = model or f"{arch}_tail"
+        self.model = model or tail_model_name(self.target.card)
         self.url = f"{server.rstrip('/')}/v2/models/{self.model}/infer"
         self.input_name = "bottleneck"
 

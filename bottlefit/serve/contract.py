@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest
 
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def tail_model_name(card: dict[str, Any]) -> str:
+    """The tail's model name on the protocol (and in a Triton repository): ``<arch>_tail``, in Triton's alphabet."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.get('arch', 'bottlefit')}_tail")
 
 
 def contract_id(card: dict[str, Any], head_sha256: str) -> str:

@@ -7,7 +7,6 @@ Transport-free: :mod:`bottlefit.serve.rest` and :mod:`bottlefit.serve.grpc` pars
 from __future__ import annotations
 
 import queue
-import re
 import struct
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from bottlefit import __version__
 from bottlefit.errors import UserError
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
-from bottlefit.serve.contract import TargetExport, WireContract, find_targets
+from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import load_tables
 from bottlefit.serve.triton import dynamic_batch_onnx
 
@@ -213,10 +212,6 @@ class Batcher:
         self.pool.shutdown(wait=True)
 
 
-def _model_name(card: dict[str, Any]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.get('arch', 'bottlefit')}_tail")
-
-
 class ServedModel:
     """The tail of one export, with the wire contracts of every head found beside it."""
 
@@ -229,7 +224,7 @@ class ServedModel:
         self.tail_target, self.tail_artifact = owner, owner.tail()
         assert self.tail_artifact is not None
         self.card = owner.card
-        self.name, self.version = name or _model_name(self.card), "1"
+        self.name, self.version = name or tail_model_name(self.card), "1"
         self.contracts: dict[str, WireContract] = {}
         self._owner: dict[str, TargetExport] = {}
         for t in self.targets:

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest
+from bottlefit.serve.contract import tail_model_name
 
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
 
@@ -85,8 +85,7 @@ def write_triton_repository(target: Path, out_dir: Path, *, name: str | None = N
     tail = next((a for a in check_hashes(target, manifest) if a.role == "tail" and a.runtime == "onnxruntime"), None)
     if tail is None:
         raise UserError(f"{target}: no ONNX tail in the manifest; Triton needs `bottlefit export --target onnx`")
-    arch = str(manifest.get("model_card", {}).get("arch", "bottlefit"))
-    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{arch}_tail")
+    name = name or tail_model_name(manifest.get("model_card", {}))
     model_dir = Path(out_dir) / name
     onnx_path = model_dir / "1" / "model.onnx"
     spec = tail.to_dict()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -174,14 +173,14 @@ class RpiTarget:
         return arts
 
     def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
-                      profile: Any = None) -> list[Artifact]:
+                      profile: Any) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
         from bottlefit.models.checkpoint import sha256_file
         from bottlefit.runtimes.head import output_lsb, reference_semantics
         from bottlefit.runtimes.litert import LiteRTRunner
         from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
-        from bottlefit.serve.contract import contract_id
+        from bottlefit.serve.contract import contract_id, tail_model_name
 
         board = out / "board"
         board.mkdir(exist_ok=True)
@@ -210,13 +209,13 @@ class RpiTarget:
         golden = {
             "format": "bottlefit-golden",
             "format_version": 2,
-            "default_runtime": (profile or get_profile(None)).runtime,
+            "default_runtime": profile.runtime,
             # the board profile's choice: run_head.py / verify_on_board.py use its delegate and threads by default
-            "default_delegate": (profile or get_profile(None)).delegate,
-            "default_threads": (profile or get_profile(None)).threads,
-            "profile": (profile or get_profile(None)).record(),
+            "default_delegate": profile.delegate,
+            "default_threads": profile.threads,
+            "profile": profile.record(),
             # the tail server's model (bottlefit serve / Triton) and input name, for board/client.py
-            "tail_model": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.arch}_tail"),
+            "tail_model": tail_model_name(card.to_dict()),
             "tail_input": "bottleneck",
             "models": models,
             "names": list(heldout.names[:GOLDEN_COUNT]),

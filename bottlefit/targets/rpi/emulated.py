@@ -19,16 +19,11 @@ DEFAULT_PROFILES = ("pi4",)  # the paper's board
 VERIFY_TIMEOUT_S = 900
 
 
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def execute(target_dir: Path, heads: Sequence[Artifact], emulate: Any,
             log: Callable[[str], object]) -> list[Execution]:
     if emulate.mode == "off" or not heads:
         return []
-    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, last_line, run_python
 
     cores = [get_core(p) for p in (emulate.profiles or DEFAULT_PROFILES)]
     try:
@@ -46,10 +41,10 @@ def execute(target_dir: Path, heads: Sequence[Artifact], emulate: Any,
         cp = run_python(sysroot, core, target_dir / "board" / "verify_on_board.py", ["--json"],
                         cwd=target_dir / "board", timeout=VERIFY_TIMEOUT_S)
         try:
-            doc = json.loads(_last_line(cp.stdout))
+            doc = json.loads(last_line(cp.stdout))
             results = {Path(r["model"]).name: r for r in doc["results"]}
         except (json.JSONDecodeError, KeyError, TypeError):
-            why = _last_line(cp.stderr) or _last_line(cp.stdout) or "no output"
+            why = last_line(cp.stderr) or last_line(cp.stdout) or "no output"
             out += [Execution(a.file, a.runtime, "emulated", isa, True, "failed", {},
                               f"verify_on_board.py exited {cp.returncode}: {why}") for a in heads]
             continue
