@@ -1,14 +1,24 @@
 """Device cost of every rpi head artifact on every Raspberry Pi profile: guest instructions per inference under
-arm64 emulation (bottlefit.emulation.cost, the board's own kernels on its own core) plus this host's milliseconds.
+arm64 emulation (bottlefit.emulation.cost, the board's own kernels on its own core) plus this host's milliseconds
+beside PyTorch eager.
 
 Exports the head with the rpi target (untrained, seeded weights: cost does not depend on the values, except through
 ReLU sparsity, which no kernel here exploits), then for each profile and each (artifact, delegate) counts
-(instructions with N runs - with 0 runs) / N, 1 thread, batch 1. Prints a markdown table with each cost's ratio
-to fp32 TFLite + XNNPACK on the same core, and --json FILE writes the figures (bottlefit/targets/rpi/profiles.py
-keeps them as data). --check FILE fails (exit 1) when a cost grew beyond --margin (default 10%) over FILE's.
+(instructions with N runs - with 0 runs) / N, 1 thread, batch 1. Delegates: "xnnpack" / "builtin" (LiteRT), "cpu"
+(ONNX Runtime, the file's int8 kernels) and "cpu-u8" (ONNX Runtime with session.qdqisint8allowed=0: its uint8
+kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the heads with the exact space-to-depth
+stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. The same artifacts are timed on this
+host, interleaved with the PyTorch eager head (1 thread, medians).
+
+Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
+to PyTorch eager); ``--out DIR`` writes pi_cost.md, pi_cost.json and pi_cost.png; ``--json FILE`` writes the
+figures (bottlefit/targets/rpi/profiles.py keeps them as data, bench/bench_pi_cost_baseline.json is the committed
+baseline). ``--check FILE`` exits 1 when a cost grew beyond ``--margin`` (default 10%) over FILE's: the regression
+check for CI (several minutes: every count is an emulated run).
 
     PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 --bottleneck-channel 12 \\
-        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--runs 3] [--json cost.json] [--check cost.json]
+        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--variants s2d] [--out DIR] \\
+        [--check bench/bench_pi_cost_baseline.json]
 """
 
 from __future__ import annotations
@@ -18,24 +28,29 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bottlefit.emulation.arm64 import ensure_sysroot, get_core
-from bottlefit.emulation.cost import instructions_per_inference
+from bottlefit.emulation.cost import instructions_per_inference, regressions
+from bottlefit.targets.rpi.profiles import ORT_CONFIG, REFERENCE
 
-COMBOS: tuple[tuple[str, str, bool], ...] = (  # (file, runtime, xnnpack)
-    ("head.fp32.tflite", "litert", True), ("head.fp32.tflite", "litert", False),
-    ("head.int8.tflite", "litert", True), ("head.int8.tflite", "litert", False),
-    ("head.int8.onnx", "onnxruntime", False),
+# (file, runtime, delegate)
+COMBOS: tuple[tuple[str, str, str], ...] = (
+    ("head.fp32.tflite", "litert", "xnnpack"), ("head.fp32.tflite", "litert", "builtin"),
+    ("head.int8.tflite", "litert", "xnnpack"), ("head.int8.tflite", "litert", "builtin"),
+    ("head.int8.onnx", "onnxruntime", "cpu"), ("head.int8.onnx", "onnxruntime", "cpu-u8"),
 )
-REFERENCE = "head.fp32.tflite/xnnpack"
+S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
+       "head.int8.onnx": "head.s2d.int8.onnx"}
+EAGER = "pytorch eager (fp32)"
 
 
-def key(file: str, runtime: str, xnnpack: bool) -> str:
-    return f"{file}/{'cpu' if runtime == 'onnxruntime' else 'xnnpack' if xnnpack else 'builtin'}"
+def key(file: str, delegate: str) -> str:
+    return f"{file}/{delegate}"
 
 
 def export_head(args: argparse.Namespace, out: Path) -> Path:
@@ -44,43 +59,140 @@ def export_head(args: argparse.Namespace, out: Path) -> Path:
     from bottlefit.targets import Emulate
     from bottlefit.targets.rpi import RpiOptions
 
-    params: dict[str, Any] = {"arch": args.arch, "bottleneck_channel": args.bottleneck_channel}
-    if args.bottleneck_ver:
-        params["bottleneck_ver"] = args.bottleneck_ver
-    result = export(ExportRequest(model=ModelSource(untrained=True, **params), target="rpi", out=out,
+    result = export(ExportRequest(model=ModelSource(untrained=True, **model_params(args)), target="rpi", out=out,
                                   target_options=RpiOptions(), parity=ParityOptions(emulate=Emulate("off"))))
     return Path(result.path)
 
 
-def host_ms(path: Path, runtime: str, xnnpack: bool, rounds: int) -> float:
-    """Median ms of one inference on this host, 1 thread."""
+def model_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {"arch": args.arch, "bottleneck_channel": args.bottleneck_channel}
+    if args.bottleneck_ver:
+        params["bottleneck_ver"] = args.bottleneck_ver
+    return params
+
+
+def torch_head(args: argparse.Namespace) -> tuple[Any, str, np.ndarray]:
+    """(the untrained PyTorch head, eval mode; its module path; 16 built-in calibration images, float32 NCHW)."""
+    from bottlefit.calibration.dataset import CalibrationSet
+    from bottlefit.models.checkpoint import untrained
+
+    params = model_params(args)
+    loaded = untrained(params.pop("arch"), params)
+    head = loaded.model.get_submodule(loaded.card.bottleneck.module).eval()
+    images = np.array(CalibrationSet.builtin(loaded.card, count=16, log=lambda s: None).images, dtype=np.float32)
+    return head, loaded.card.bottleneck.module, images
+
+
+def export_s2d(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None:
+    """The space-to-depth variants of the three heads, made the rpi target's way."""
+    import torch
+
+    from bottlefit.exporter.head_rewrite import rewrite_head
+    from bottlefit.targets.rpi import write_int8_onnx
+    from bottlefit.targets.rpi.tflite import export_tflite
+
+    rw = rewrite_head(head, prefix, torch.from_numpy(images[:2]), space_to_depth=True)
+    if not any("space-to-depth" in c for c in rw.changes):
+        raise SystemExit("--variants s2d: the head's first conv is not a stride-2 conv over few channels")
+    print(f"s2d rewrite: max abs error {rw.max_abs_error:.2e}; " + "; ".join(rw.changes), file=sys.stderr)
+    for int8 in (True, False):
+        info = export_tflite(rw, images, folder / S2D[f"head.{'int8' if int8 else 'fp32'}.tflite"], int8=int8,
+                             log=lambda s: None)
+        if int8 and info.float_ops:
+            raise SystemExit(f"s2d int8 TFLite head keeps float ops: {[f.describe() for f in info.float_ops]}")
+    write_int8_onnx(rw.module, images, folder / S2D["head.int8.onnx"])
+
+
+def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]:
+    """One inference of ``path`` on this host, 1 thread."""
     if runtime == "litert":
         from ai_edge_litert import interpreter as tfl
 
-        kw = {} if xnnpack else {"experimental_op_resolver_type": tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+        kw = ({} if delegate == "xnnpack"
+              else {"experimental_op_resolver_type": tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES})
         it = tfl.Interpreter(model_path=str(path), num_threads=1, **kw)
         it.allocate_tensors()
         d = it.get_input_details()[0]
         it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
-        step = it.invoke
-    else:
-        import onnxruntime as ort
+        return it.invoke
+    import onnxruntime as ort
 
-        o = ort.SessionOptions()
-        o.intra_op_num_threads, o.log_severity_level = 1, 3
-        s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
-        i = s.get_inputs()[0]
-        feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)}
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = 1, 1, 3
+    # interleaved rounds: an idle session's spinning threads would steal the core from the next runner
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for k, v in ORT_CONFIG[delegate].items():
+        o.add_session_config_entry(k, v)
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    i = s.get_inputs()[0]
+    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)}
+    return lambda: s.run(None, feed)
 
-        def step() -> None:
-            s.run(None, feed)
-    step()
-    ts = []
+
+def host_ms(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms per runner over ``rounds`` interleaved rounds (background load hits all alike)."""
+    for f in runners.values():
+        for _ in range(2):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
-        t = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
+        for k, f in runners.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+
+
+def table(doc: dict[str, Any]) -> str:
+    costs, ms = doc["costs_minstr"], doc["host_ms"]
+    profs = list(costs)
+    keys = list(dict.fromkeys(k for q in profs for k in costs[q]))
+    eager = ms.get(EAGER)
+    lines = ["| artifact / delegate | " + " | ".join(f"{q} ({get_core(q).cpu}) M instr (x fp32 TFLite)" for q in profs)
+             + " | host ms (x PyTorch eager) |", "|---" * (len(profs) + 2) + "|"]
+    for k in keys:
+        cells = [f"{costs[q][k]:.1f} ({costs[q][k] / costs[q][REFERENCE]:.2f}x)" if k in costs[q] else "-"
+                 for q in profs]
+        host = f"{ms[k]:.2f} ({ms[k] / eager:.2f}x)" if k in ms and eager else "-"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {host} |")
+    if eager:
+        lines.append(f"| {EAGER} | " + " | ".join("-" for _ in profs) + f" | {eager:.2f} (1.00x) |")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs, ms = doc["costs_minstr"], doc["host_ms"]
+    profs = list(costs)
+    keys = list(dict.fromkeys(k for q in profs for k in costs[q]))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / len(keys)
+    colors = plt.get_cmap("tab20").colors
+    for j, k in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(profs))]
+        ax.bar(xs, [costs[q].get(k, 0.0) for q in profs], width, label=k, color=colors[j % len(colors)],
+               hatch="//" if ".s2d." in k else None)
+    for i, q in enumerate(profs):  # the issue's bar: 0.55x fp32 TFLite + XNNPACK on that core
+        ax.hlines(0.55 * costs[q][REFERENCE], i - 0.45, i + 0.45, colors="k", linestyles="--")
+    ax.set_xticks(range(len(profs)), [f"{q}\n{get_core(q).cpu}" for q in profs])
+    ax.set_ylabel("M guest instructions / inference (qemu-user)")
+    ax.set_title("per board core (dashed: 0.55x fp32 TFLite+XNNPACK)")
+    ax.legend(fontsize=7, ncol=2)
+    hk = [k for k in ms if k != EAGER] + ([EAGER] if EAGER in ms else [])
+    bx.barh(range(len(hk)), [ms[k] for k in hk], color=["C1" if k == EAGER else "C0" for k in hk])
+    if EAGER in ms:
+        bx.axvline(0.2 * ms[EAGER], color="k", linestyle="--")
+    bx.set_yticks(range(len(hk)), hk, fontsize=7)
+    bx.set_xlabel("host ms / inference, 1 thread\n(dashed: 0.2x PyTorch eager)")
+    bx.set_title("this host")
+    fig.suptitle(f"{doc['arch']} v{doc['bottleneck_ver']} {doc['bottleneck_channel']} ch head, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,44 +202,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bottleneck-ver", default="2")
     p.add_argument("--bundle", type=Path, help="an existing rpi export folder instead of exporting")
     p.add_argument("--profiles", default="pi4,pi5,pi3")
+    p.add_argument("--variants", default="", help="comma-separated extra heads to measure: s2d")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=20, help="host timing rounds")
+    p.add_argument("--no-host", action="store_true", help="emulated costs only")
+    p.add_argument("--out", type=Path, help="folder for pi_cost.md, pi_cost.json, pi_cost.png")
     p.add_argument("--json", type=Path)
     p.add_argument("--check", type=Path, help="a previous --json: exit 1 on a cost regression beyond --margin")
     p.add_argument("--margin", type=float, default=0.10)
     a = p.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    if set(variants) - {"s2d"}:
+        p.error(f"--variants {a.variants!r}: only s2d is known")
 
     with tempfile.TemporaryDirectory(prefix="bench-pi-cost-") as tmp:
         bundle = a.bundle or export_head(a, Path(tmp) / "out")
+        combos = list(COMBOS)
+        head, prefix, images = torch_head(a) if (variants or not a.no_host) else (None, "", None)
+        if "s2d" in variants:
+            folder = Path(tmp) / "s2d"
+            folder.mkdir()
+            export_s2d(head, images, prefix, folder)
+            combos += [(str(folder / S2D[f]), r, d) for f, r, d in COMBOS if f in S2D]
+        name = {str(f): Path(f).name for f, _, _ in combos}
+        ms: dict[str, float] = {}
+        if not a.no_host:
+            import torch
+
+            torch.set_num_threads(1)
+            x = torch.from_numpy(images[:1])
+
+            def eager() -> object:
+                with torch.inference_mode():
+                    return head(x.clone())
+
+            runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos}
+            ms = host_ms({**runners, EAGER: eager}, a.rounds)
         sysroot = ensure_sysroot(log=lambda m: print(m, file=sys.stderr))
-        ms = {key(f, r, x): host_ms(bundle / f, r, x, a.rounds) for f, r, x in COMBOS}
         costs: dict[str, dict[str, float]] = {}
         for prof in a.profiles.split(","):
             core = get_core(prof)
             costs[prof] = {}
-            for f, r, x in COMBOS:
-                v = instructions_per_inference(sysroot, core, bundle / f, r, xnnpack=x, runs=a.runs) / 1e6
-                costs[prof][key(f, r, x)] = round(v, 2)
-                print(f"{prof} {key(f, r, x)}: {v:.2f} M", file=sys.stderr, flush=True)
+            for f, r, d in combos:
+                v = instructions_per_inference(sysroot, core, bundle / f, r, xnnpack=d == "xnnpack", runs=a.runs,
+                                               ort_config=ORT_CONFIG.get(d)) / 1e6
+                costs[prof][key(name[f], d)] = round(v, 2)
+                print(f"{prof} {key(name[f], d)}: {v:.2f} M", file=sys.stderr, flush=True)
 
-    profs = list(costs)
-    print("| artifact / delegate | " + " | ".join(f"{q} ({get_core(q).cpu}) M instr (x fp32)" for q in profs)
-          + " | host ms (x fp32) |")
-    print("|---" * (len(profs) + 2) + "|")
-    for f, r, x in COMBOS:
-        k = key(f, r, x)
-        cells = [f"{costs[q][k]:.1f} ({costs[q][k] / costs[q][REFERENCE]:.2f}x)" for q in profs]
-        print(f"| {k} | " + " | ".join(cells) + f" | {ms[k]:.2f} ({ms[k] / ms[REFERENCE]:.2f}x) |")
     doc = {"costs_minstr": costs, "host_ms": ms, "runs": a.runs, "arch": a.arch,
-           "bottleneck_channel": a.bottleneck_channel, "bottleneck_ver": a.bottleneck_ver}
+           "bottleneck_channel": a.bottleneck_channel, "bottleneck_ver": a.bottleneck_ver,
+           "unit": "M guest instructions per inference under qemu-user, 1 thread; host ms median, 1 thread"}
+    md = table(doc)
+    print(md)
     if a.json:
         a.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "pi_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (a.out / "pi_cost.md").write_text(md + "\n")
+        plot(doc, a.out / "pi_cost.png")
+        print(f"wrote {a.out / 'pi_cost.md'}, pi_cost.json, pi_cost.png", file=sys.stderr)
     if a.check:
-        old = json.loads(a.check.read_text())["costs_minstr"]
-        worse = [f"{q} {k}: {v:.1f} M > {old[q][k]:.1f} M x {1 + a.margin:.2f}" for q in costs for k, v in
-                 costs[q].items() if q in old and k in old[q] and v > old[q][k] * (1 + a.margin)]
+        worse = regressions(json.loads(a.check.read_text())["costs_minstr"], costs, a.margin)
         for w in worse:
             print(f"REGRESSION {w}", file=sys.stderr)
+        print(f"check against {a.check}: {len(worse)} regression(s) beyond +{a.margin:.0%}", file=sys.stderr)
         return 1 if worse else 0
     return 0
 

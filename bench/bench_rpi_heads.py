@@ -4,10 +4,12 @@ For ResNet-152 (ver2, 12 ch) and DenseNet-201 (12 ch) heads with UNTRAINED (seed
 does not depend on the weight values. Exports through the rpi target's own code, then times, batch 1:
 TFLite int8 and fp32 (XNNPACK on and off), ONNX Runtime fp32 and int8 (every variant in ORT_VARIANTS, written by
 the shared Q/DQ writer bottlefit.exporter.qdq.quantize_head; "qdq_s8" is the rpi target's head.int8.onnx),
-and PyTorch eager fp32 — with 1 and 2 threads. Repeats are interleaved (one call of each runner per round) so
-that background load hits all of them alike; medians and ratios vs PyTorch fp32 are printed.
+the heads with the exact space-to-depth stem (head_rewrite ``space_to_depth=True``: TFLite int8 and ONNX Runtime
+int8), and PyTorch eager fp32 — with 1 and 2 threads. Repeats are interleaved (one call of each runner per round)
+so that background load hits all of them alike; medians and ratios vs PyTorch fp32 are printed, and with --out
+written as a markdown table (rpi_heads.md). The Pi's own cost per core: bench/bench_pi_cost.py.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_rpi_heads.py [--rounds 60] [--threads 1 2]   (or after pip install -e .)
+    PYTHONPATH=. .venv/bin/python bench/bench_rpi_heads.py [--rounds 60] [--threads 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.qdq import quantize_head
 from bottlefit.models.checkpoint import untrained
 from bottlefit.runtimes.litert import LiteRTRunner
-from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OPSET, ONNX_OUTPUT
+from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OPSET, ONNX_OUTPUT, write_int8_onnx
 from bottlefit.targets.rpi.tflite import export_tflite
 
 # name -> quantize_head options (QDQ, per-channel int8 weights in all of them)
@@ -71,6 +73,17 @@ def runners(name: str, threads: int, tmp: Path, calib: int) -> dict[str, Callabl
         for xnn in (True, False):
             r = LiteRTRunner(p, num_threads=threads, xnnpack=xnn)
             out[f"tflite {prec} xnnpack {'on' if xnn else 'off'}"] = lambda r=r, feed=feed: r.infer(feed)
+    s2d = rewrite_head(head, loaded.card.bottleneck.module, space_to_depth=True)
+    if any("space-to-depth" in c for c in s2d.changes):
+        p = tmp / f"{name}.s2d.int8.tflite"
+        info = export_tflite(s2d, images, p, int8=True, log=lambda s: None)
+        feed = {info.inputs[0].name: wire.encode(info.inputs[0], x)}
+        for xnn in (True, False):
+            r = LiteRTRunner(p, num_threads=threads, xnnpack=xnn)
+            out[f"tflite int8 s2d xnnpack {'on' if xnn else 'off'}"] = lambda r=r, feed=feed: r.infer(feed)
+        q = write_int8_onnx(s2d.module, images, tmp / f"{name}.s2d.int8.onnx")
+        s = _ort(q.path, threads)
+        out["ort int8 s2d qdq_s8"] = lambda s=s: s.run(None, {ONNX_INPUT: x})
     # ONNX: the head itself (qdq.py rewrites the BatchNorm after the max-pool in the graph), as the rpi target does
     fp32 = export_onnx(head, torch.from_numpy(x).clone(), tmp / f"{name}.fp32.onnx", ONNX_OPSET, ONNX_INPUT,
                        ONNX_OUTPUT)
@@ -96,7 +109,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--calib", type=int, default=16, help="calibration images for the int8 exports")
+    ap.add_argument("--out", type=Path, help="folder for rpi_heads.md")
     a = ap.parse_args()
+    md: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in HEADS:
             for threads in a.threads:
@@ -114,8 +129,14 @@ def main() -> None:
                 base = med["pytorch fp32 eager"]
                 print(f"\n{name}, {threads} thread(s), median of {a.rounds} interleaved rounds (untrained weights)")
                 print(f"{'runtime':34s} {'ms':>8s} {'vs pytorch':>11s}")
+                md += [f"\n### {name}, {threads} thread(s), median of {a.rounds} interleaved rounds\n",
+                       "| runtime | ms | x PyTorch eager |", "|---|---|---|"]
                 for k, m in sorted(med.items(), key=lambda kv: kv[1]):
                     print(f"{k:34s} {m:8.3f} {m / base:10.2f}x")
+                    md.append(f"| {k} | {m:.3f} | {m / base:.2f}x |")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "rpi_heads.md").write_text("\n".join(md).lstrip() + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ A proxy for the board's time, not cycles: it counts what the Pi's own kernels ex
 it. ``instructions_per_inference()`` runs a small guest script that loads one head artifact in its runtime (LiteRT
 with XNNPACK on or off, or ONNX Runtime), one warm-up inference, then ``runs`` timed ones, twice: with ``runs`` and
 with 0; the difference divided by ``runs`` is the cost of one inference (start-up, imports and model loading
-cancel out).
+cancel out). ``ort_config`` passes ONNX Runtime session config entries to the guest session, so a board profile's
+kernel choice (bottlefit.targets.rpi.profiles.ORT_CONFIG) is what gets counted; ``regressions()`` compares a run
+with a baseline for CI (bench/bench_pi_cost.py --check).
 
 Counting needs ``qemu-aarch64`` from the package qemu-user (the -static build cannot load plugins) and a TCG plugin
 (``plugin/insn_count.c``) built here against ``include/qemu/qemu-plugin.h`` of the installed qemu's Debian source
@@ -29,7 +31,7 @@ import statistics
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,8 @@ import numpy as np
 
 model, runtime, xnnpack, threads, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), \\
     int(sys.argv[5])
+# ONNX Runtime session config entries, "key=value" (e.g. session.qdqisint8allowed=0)
+config = dict(a.split("=", 1) for a in sys.argv[6:])
 rng = np.random.default_rng(0)
 
 
@@ -80,6 +84,8 @@ else:
     o = ort.SessionOptions()
     o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = threads, 1, 3
     o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for k, v in config.items():
+        o.add_session_config_entry(k, v)
     sess = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
     i = sess.get_inputs()[0]
     dtype = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}[i.type]
@@ -228,8 +234,10 @@ def guest_script() -> Path:
 
 
 def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
-                       threads: int = 1, runs: int = 0, plugin: Plugin | None = None, timeout: float = 900) -> int:
-    """Guest instructions of one whole guest process: start, load ``model``, 1 + ``runs`` inferences, exit."""
+                       threads: int = 1, runs: int = 0, plugin: Plugin | None = None, timeout: float = 900,
+                       ort_config: Mapping[str, str] | None = None) -> int:
+    """Guest instructions of one whole guest process: start, load ``model``, 1 + ``runs`` inferences, exit.
+    ``ort_config``: ONNX Runtime session config entries (the board profile's, e.g. the kernels' activation type)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
     plugin = plugin or ensure_plugin()
@@ -237,7 +245,8 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
         out = Path(tmp) / "count.txt"
         cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
                str(sysroot.python()), "-X", "utf8", str(guest_script()), str(Path(model).resolve()), runtime,
-               "1" if xnnpack else "0", str(threads), str(runs)]
+               "1" if xnnpack else "0", str(threads), str(runs),
+               *(f"{k}={v}" for k, v in sorted((ort_config or {}).items()))]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
                "QEMU_CPU": core.cpu, "PYTHONPATH": str(sysroot.site), "PYTHONNOUSERSITE": "1",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(threads)}
@@ -257,7 +266,8 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
 
 
 def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
-                               threads: int = 1, runs: int = 10, repeats: int = 1) -> float:
+                               threads: int = 1, runs: int = 10, repeats: int = 1,
+                               ort_config: Mapping[str, str] | None = None) -> float:
     """Guest instructions of one inference of ``model`` on ``core``: (count with ``runs`` − count with 0) / runs,
     each process after one warm-up inference; with ``repeats`` > 1, the median of that many such differences."""
     if runs < 1:
@@ -266,11 +276,24 @@ def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtim
     values = []
     for _ in range(max(1, repeats)):
         n = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=runs,
-                               plugin=plugin)
+                               plugin=plugin, ort_config=ort_config)
         base = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=0,
-                                  plugin=plugin)
+                                  plugin=plugin, ort_config=ort_config)
         values.append((n - base) / runs)
     return float(statistics.median(values))
+
+
+def regressions(baseline: Mapping[str, Mapping[str, float]], measured: Mapping[str, Mapping[str, float]],
+                margin: float) -> list[str]:
+    """One line per cost in ``measured`` ({profile: {artifact/delegate: M instructions}}) above its ``baseline``
+    value by more than ``margin`` (0.10 = 10%); costs the baseline lacks are new, not regressions."""
+    out = []
+    for prof, costs in measured.items():
+        for key, value in costs.items():
+            old = baseline.get(prof, {}).get(key)
+            if old is not None and value > old * (1 + margin):
+                out.append(f"{prof} {key}: {value:.2f} M > {old:.2f} M x {1 + margin:.2f} ({value / old - 1:+.0%})")
+    return out
 
 
 def _debian_suite() -> str:

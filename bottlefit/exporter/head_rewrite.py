@@ -1,10 +1,16 @@
 """Make a BottleFit head fully int8-friendly before export, exactly.
 
-Two rewrites, both exact in real arithmetic (float32 rounding leaves ~1e-6):
+Rewrites, all exact in real arithmetic (float32 rounding leaves ~1e-6):
 - Conv2d followed by BatchNorm2d → one Conv2d with the BN folded into weight and bias;
 - a stand-alone BatchNorm2d (the one after the max-pool, which no conv precedes) → a 1x1 depthwise Conv2d with
   ``weight = gamma / sqrt(var + eps)`` and ``bias = beta - mean * weight``. Quantizers and converters take a
-  conv; a bare BN is left as a float island (litert-torch) or runs slower than fp32 (ORT), see shared/STACK.md.
+  conv; a bare BN is left as a float island (litert-torch) or runs slower than fp32 (ORT), see shared/STACK.md;
+- optional (``space_to_depth=True``): the stem, a stride-2 conv over few input channels (7x7 over RGB), → a 2x2
+  space-to-depth of its input and a stride-1 conv over 4x the channels (4x4 over 12: the 7x7 kernel zero-padded
+  to 8x8 and regrouped; ``SpaceToDepthConv``). It trades MACs (192 taps instead of 147) for kernel shape: XNNPACK's
+  int8 igemm pads each tap's 3 channels to its 8-channel block, and over 12 channels its Cortex-A72 cost halved,
+  while the MAC-bound kernels (ONNX Runtime, TFLite built-in) cost more (bottlefit/targets/rpi/profiles.py has
+  the figures). So it is a switch, used where a target measured it cheaper.
 
 The rewritten head is an ``nn.Sequential`` whose children are named "0", "1", …; ``origin`` maps each child
 name to the original PyTorch module paths it came from, so reports can name the layer the user knows.
@@ -17,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -39,7 +46,10 @@ class RewrittenHead:
         found: list[str] = []
         for part in tensor_name.split(";"):
             last = part.rsplit("/", 1)[-1]
-            m = re.search(r"_(\d+)$", last)
+            comps = part.split("/")
+            # the child of the rewritten Sequential; a nested module (SpaceToDepthConv's conv) is named after it
+            roots = [i for i, c in enumerate(comps[:-1]) if c.endswith("Sequential")]
+            m = re.search(r"_(\d+)$", comps[roots[-1] + 1] if roots else last)
             if m and "/" in part:
                 for p in self.origin_of(m.group(1)):
                     if p not in found:
@@ -83,11 +93,69 @@ def bn_as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
     return out.eval()
 
 
-def rewrite_head(head: nn.Module, prefix: str, proof_input: torch.Tensor | None = None) -> RewrittenHead:
+class SpaceToDepthConv(nn.Module):
+    """A stride-2 Conv2d (groups 1, zero padding) as the exact stride-1 conv over a 2x2 space-to-depth of its input.
+
+    With ``out[y] = sum_k w[k] in[2y + k - p]``: front-pad the kernel with ``f = p % 2`` zeros and round its length
+    up to even (``2A``), so the tap ``k' = k + f = 2a + b`` reads space-to-depth row ``y - P + a``, phase ``b``,
+    with ``P = (p + f) / 2``. The space-to-depth is ``F.pixel_unshuffle(x, 2)`` (channel ``c*4 + by*2 + bx``); the
+    new conv has ``4C`` input channels, an ``A x A`` kernel and ``P`` rows of zeros before; the rows after follow
+    from the input size (one for a 224 input and a 7x7, pad 3 conv), so a pad precedes the conv when they differ.
+    Needs an even input height and width (checked when called).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not space_to_depth_applies(conv):
+            raise ValueError(f"SpaceToDepthConv takes a stride-2, groups-1, zero-padded Conv2d, not {conv}")
+        w = conv.weight.detach().double()
+        o, c, kh, kw = w.shape
+        ph, pw = conv.padding  # type: ignore[misc]
+        fh, fw = ph % 2, pw % 2
+        ah, aw = (kh + fh + 1) // 2, (kw + fw + 1) // 2
+        w2 = torch.zeros(o, c, 2 * ah, 2 * aw, dtype=torch.float64)
+        w2[:, :, fh : fh + kh, fw : fw + kw] = w
+        w4 = w2.view(o, c, ah, 2, aw, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, ah, aw)
+        self.before = ((ph + fh) // 2, (pw + fw) // 2)
+        self.geometry = (conv.kernel_size, conv.padding)  # the original's: its output size is reproduced
+        self.conv = nn.Conv2d(4 * c, o, (ah, aw), 1, 0, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(w4.float())
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias.detach())
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if h % 2 or w % 2:
+            raise ValueError(f"SpaceToDepthConv needs an even input height and width, got {h}x{w}")
+        (kh, kw), (ph, pw) = self.geometry
+        ah, aw = self.conv.kernel_size
+        pads = []
+        for size, k, p, a, before in ((w, kw, pw, aw, self.before[1]), (h, kh, ph, ah, self.before[0])):
+            out = (size + 2 * p - k) // 2 + 1  # the original conv's output size
+            pads += [before, out - 1 - before + a - 1 - (size // 2 - 1)]  # rows after: may be <= 0 (F.pad crops)
+        x = F.pixel_unshuffle(x, 2)
+        if pads[0] == pads[1] == pads[2] == pads[3] and pads[0] >= 0:
+            return F.conv2d(x, self.conv.weight, self.conv.bias, 1, pads[0])
+        return self.conv(F.pad(x, pads))
+
+
+def space_to_depth_applies(conv: nn.Module, max_in_channels: int = 4) -> bool:
+    """Whether ``conv`` is a stem SpaceToDepthConv can take: stride 2, groups 1, zero padding, dilation 1, and few
+    input channels (the case where per-tap channel blocks waste lanes)."""
+    return (isinstance(conv, nn.Conv2d) and conv.stride == (2, 2) and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.in_channels <= max_in_channels)
+
+
+def rewrite_head(head: nn.Module, prefix: str, proof_input: torch.Tensor | None = None, *,
+                 space_to_depth: bool = False) -> RewrittenHead:
     """The rewritten copy of ``head`` (the original is not touched).
 
     ``prefix`` is the head's module path in the full model (``card.bottleneck.module``). With ``proof_input``
-    the result records the max abs error of rewritten vs original on it.
+    the result records the max abs error of rewritten vs original on it. ``space_to_depth``: the first conv, when
+    ``space_to_depth_applies``, becomes a ``SpaceToDepthConv`` (after its BatchNorm is folded).
     """
     if not isinstance(head, nn.Sequential):
         raise TypeError(f"expected the head as nn.Sequential, got {type(head).__name__}")
@@ -115,6 +183,12 @@ def rewrite_head(head: nn.Module, prefix: str, proof_input: torch.Tensor | None 
                 new.inplace = False  # in-place ops complicate export graphs and would mutate a caller's tensor
             paths = [path]
             i += 1
+        if space_to_depth and not layers and isinstance(new, nn.Conv2d) and space_to_depth_applies(new):
+            k, c = new.kernel_size, new.in_channels
+            new = SpaceToDepthConv(new)
+            a = new.conv.kernel_size
+            changes.append(f"{paths[0]}: {k[0]}x{k[1]} stride-2 conv over {c} channels -> 2x2 space-to-depth "
+                           f"+ {a[0]}x{a[1]} stride-1 conv over {4 * c} channels")
         origin[str(len(layers))] = paths
         layers.append(new)
     out = nn.Sequential(*layers).eval()

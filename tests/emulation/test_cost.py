@@ -55,3 +55,13 @@ def test_missing_qemu_is_one_line_naming_the_package(monkeypatch: pytest.MonkeyP
     with pytest.raises(EmulationUnavailable) as e:
         cost.qemu_plugin_path()
     assert "apt-get install qemu-user" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_regressions_flag_only_costs_beyond_the_margin() -> None:
+    from bottlefit.emulation.cost import regressions
+
+    base = {"pi4": {"a/cpu": 50.0, "b/xnnpack": 100.0}, "pi5": {"a/cpu": 20.0}}
+    now = {"pi4": {"a/cpu": 54.9, "b/xnnpack": 111.0, "new/cpu": 1e9}, "pi5": {"a/cpu": 10.0}, "pi3": {"a/cpu": 9e9}}
+    worse = regressions(base, now, 0.10)
+    assert worse == ["pi4 b/xnnpack: 111.00 M > 100.00 M x 1.10 (+11%)"]
+    assert regressions(base, now, 0.12) == []

@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from bottlefit.exporter.head_rewrite import bn_as_depthwise, fold_conv_bn, rewrite_head
+from bottlefit.exporter.head_rewrite import (
+    SpaceToDepthConv,
+    bn_as_depthwise,
+    fold_conv_bn,
+    rewrite_head,
+    space_to_depth_applies,
+)
 from tests.targets.rpi import HEADS, head, images, randomize_bn, rewritten
 
 
@@ -76,3 +82,62 @@ def test_rewrite_on_images_matches_torch_head() -> None:
     with torch.no_grad():
         ref, got = h(x.clone()).numpy(), rewritten("d201").module(x).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- space-to-depth stem (switchable)
+
+
+@pytest.mark.parametrize(("cin", "k", "pad", "h", "w"), [(3, 7, 3, 224, 224), (3, 3, 1, 32, 30), (2, 4, 1, 18, 22),
+                                                         (3, 5, 2, 16, 16), (1, 7, 0, 30, 30), (4, 2, 1, 10, 12)])
+def test_space_to_depth_conv_is_exact_for_any_geometry(cin: int, k: int, pad: int, h: int, w: int) -> None:
+    torch.manual_seed(k * 10 + pad)
+    conv = nn.Conv2d(cin, 6, k, stride=2, padding=pad, bias=True).eval()
+    s2d = SpaceToDepthConv(conv)
+    x = torch.randn(2, cin, h, w)
+    with torch.no_grad():
+        ref, got = conv(x), s2d(x)
+    assert got.shape == ref.shape
+    assert float((ref - got).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
+    a = (k + pad % 2 + 1) // 2
+    assert s2d.conv.in_channels == 4 * cin and s2d.conv.kernel_size == (a, a) and s2d.conv.stride == (1, 1)
+
+
+def test_space_to_depth_conv_refuses_what_it_cannot_take() -> None:
+    assert not space_to_depth_applies(nn.Conv2d(3, 8, 3, stride=1))
+    assert not space_to_depth_applies(nn.Conv2d(64, 8, 3, stride=2))  # many channels: no lanes to win
+    assert not space_to_depth_applies(nn.Conv2d(4, 8, 3, stride=2, groups=2))
+    with pytest.raises(ValueError, match="stride-2"):
+        SpaceToDepthConv(nn.Conv2d(3, 8, 3, stride=1))
+    with pytest.raises(ValueError, match="even input"):
+        SpaceToDepthConv(nn.Conv2d(3, 8, 3, stride=2, padding=1))(torch.zeros(1, 3, 9, 10))
+
+
+def test_rewrite_with_space_to_depth_is_exact_on_the_r152_head_and_off_by_default() -> None:
+    h, card = head("r152v2")
+    x = torch.from_numpy(images("heldout", 2))
+    rw = rewrite_head(h, card.bottleneck.module, x, space_to_depth=True)
+    assert rw.max_abs_error is not None and rw.max_abs_error < 1e-5
+    stem = rw.module.get_submodule("0")
+    assert isinstance(stem, SpaceToDepthConv) and stem.conv.weight.shape == (64, 12, 4, 4)
+    assert rw.origin["0"] == ["bottleneck.encoder.0", "bottleneck.encoder.1"]  # origins are unchanged
+    assert any("7x7 stride-2 conv over 3 channels -> 2x2 space-to-depth" in c for c in rw.changes)
+    assert not any(isinstance(m, SpaceToDepthConv) for m in rewritten("r152v2").module.modules())
+    # only the stem: the 2x2 stride-2 conv over 64 channels further down stays as it is
+    assert sum(isinstance(m, SpaceToDepthConv) for m in rw.module.modules()) == 1
+    nested = "torch.nn.modules.container.Sequential/bottlefit.SpaceToDepthConv_0/torch.nn.modules.conv.Conv2d_conv;"
+    assert rw.origin_of_tensor(nested) == ["bottleneck.encoder.0", "bottleneck.encoder.1"]
+
+
+def test_space_to_depth_int8_tflite_head_is_fully_int8() -> None:
+    """The rewritten stem converts and quantizes: no float island (litert-torch lowers pixel_unshuffle to
+    reshapes and transposes, which it keeps int8)."""
+    from bottlefit.targets.rpi.tflite import export_tflite
+    from tests.targets.rpi import CALIB_COUNT, scratch
+
+    h, card = head("r152v2")
+    rw = rewrite_head(h, card.bottleneck.module, space_to_depth=True)
+    path = scratch("s2d") / "head.int8.tflite"
+    info = export_tflite(rw, images("calibration", CALIB_COUNT), path, int8=True)
+    assert info.float_ops == [] and path.stat().st_size > 0
+    assert info.inputs[0].dtype == "int8" and info.inputs[0].shape == (1, 224, 224, 3)
+    assert info.outputs[0].shape == (1, 29, 29, 12) and info.ops.count("CONV_2D") == 2

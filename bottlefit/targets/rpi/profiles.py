@@ -8,7 +8,18 @@ reference every ratio is taken against. Made by ``COST_COMMAND`` (bench/bench_pi
 ai-edge-litert 2.3.0, onnxruntime 1.32.0, qemu 7.2.
 
 Keys of ``costs``: "<file>/<delegate>" where delegate is "xnnpack" or "builtin" for the .tflite heads (LiteRT with
-XNNPACK, or its built-in kernels) and "cpu" for head.int8.onnx (ONNX Runtime's CPU provider).
+XNNPACK, or its built-in kernels), and for head.int8.onnx (ONNX Runtime's CPU provider) "cpu" (its int8 (S8S8)
+kernels, as the file's types say) or "cpu-u8" (the session option ``session.qdqisint8allowed=0``: ONNX Runtime
+shifts the int8 activations to uint8 and runs its U8S8 kernels; the same file, outputs bit-identical on the
+emulated cores, measured). On cores without the dot product (A72, A53) the U8S8 GEMM retires 13% fewer
+instructions (ORT_CONFIG); on the A76 the S8S8 dot-product kernels are as cheap or cheaper.
+
+Where the cost goes (A72, head.int8.onnx, ONNX Runtime's profiler under emulation): the 7x7 stride-2 conv over 3
+input channels is 90% of it (118 M MACs of 121 M; an im2col GEMM with K = 147, padded to 160). An exact
+space-to-depth form of that conv (bottlefit.exporter.head_rewrite, ``space_to_depth=True``) halves XNNPACK's
+int8 cost on the A72 (135.9 -> 73.2 M: XNNPACK's igemm pads the 3 channels of each kernel tap to its 8-channel
+block) but costs the MAC-bound kernels more (192 taps instead of 147: ONNX Runtime 52.3 -> 64.4 M, built-in
+58.4 -> 65.2 M), so no profile uses it.
 """
 
 from __future__ import annotations
@@ -21,8 +32,12 @@ from bottlefit.errors import UserError
 DEFAULT = "pi4"  # the paper's board
 REFERENCE = "head.fp32.tflite/xnnpack"
 COST_COMMAND = ("PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 "
-                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3")
+                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d")
 COST_HEAD = "custom_resnet152 bottleneck_ver 2, 12 channels, untrained (seeded), 224x224, batch 1, 1 thread"
+
+
+# ONNX Runtime session config entries per head.int8.onnx "delegate" (see the module doc)
+ORT_CONFIG: dict[str, dict[str, str]] = {"cpu": {}, "cpu-u8": {"session.qdqisint8allowed": "0"}}
 
 
 @dataclass(frozen=True)
@@ -34,7 +49,7 @@ class RpiProfile:
     threads: int  # cores the board has: run_head.py's default thread count
     model: str  # the default head file
     runtime: str  # litert | onnxruntime
-    delegate: str  # xnnpack | builtin (litert), cpu (onnxruntime)
+    delegate: str  # xnnpack | builtin (litert), cpu | cpu-u8 (onnxruntime, ORT_CONFIG)
     costs: dict[str, float] = field(default_factory=dict)  # M guest instructions per inference, see module doc
     why: str = ""
 
@@ -45,6 +60,14 @@ class RpiProfile:
     @property
     def default_key(self) -> str:
         return f"{self.model}/{self.delegate}"
+
+    @property
+    def ort_session_config(self) -> dict[str, str]:
+        """Session config entries for head.int8.onnx on this core: those of its cheapest measured ONNX Runtime
+        delegate (they choose kernels, not results), whichever head is the default."""
+        ort = {k.partition("/")[2]: v for k, v in self.costs.items() if k.partition("/")[0].endswith(".onnx")}
+        best = min(ort, key=lambda d: ort[d]) if ort else "cpu"
+        return dict(ORT_CONFIG.get(best, {}))
 
     def ratio(self, key: str | None = None) -> float | None:
         """Cost of ``key`` (default: the profile's default) over fp32 TFLite + XNNPACK on this core."""
@@ -60,6 +83,7 @@ class RpiProfile:
         """What the manifest and golden.json record: the choice and why (the measured costs)."""
         return {"name": self.name, "board": self.board, "core": self.core, "features": list(self.features),
                 "threads": self.threads, "model": self.model, "runtime": self.runtime, "delegate": self.delegate,
+                "ort_session_config": self.ort_session_config,
                 "why": self.why, "ratio_vs_fp32_tflite": None if self.ratio() is None else round(self.ratio(), 3),
                 "costs_minstr_per_inference": dict(self.costs), "cost_head": COST_HEAD, "cost_command": COST_COMMAND,
                 "cost_unit": "millions of guest instructions per inference under qemu-user (not cycles)"}
@@ -68,13 +92,14 @@ class RpiProfile:
 _A53_A72 = ("fp", "asimd", "crc32")
 _A76 = ("fp", "asimd", "crc32", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc", "dcpop", "asimddp")
 
-# measured with bench/bench_pi_cost.py (COST_COMMAND), see the module doc
+# measured with bench/bench_pi_cost.py (COST_COMMAND), see the module doc; bench/bench_pi_cost_baseline.json holds
+# the same run (with the space-to-depth variants and host milliseconds) as the CI regression baseline
 _COST_A72 = {"head.int8.tflite/xnnpack": 135.89, "head.int8.tflite/builtin": 58.39, "head.fp32.tflite/xnnpack": 76.78,
-             "head.fp32.tflite/builtin": 56.46, "head.int8.onnx/cpu": 52.34}
-_COST_A76 = {"head.int8.tflite/xnnpack": 37.04, "head.int8.tflite/builtin": 32.90, "head.fp32.tflite/xnnpack": 74.14,
-             "head.fp32.tflite/builtin": 56.46, "head.int8.onnx/cpu": 23.58}
+             "head.fp32.tflite/builtin": 56.46, "head.int8.onnx/cpu": 52.35, "head.int8.onnx/cpu-u8": 45.65}
+_COST_A76 = {"head.int8.tflite/xnnpack": 37.04, "head.int8.tflite/builtin": 32.9, "head.fp32.tflite/xnnpack": 74.14,
+             "head.fp32.tflite/builtin": 56.45, "head.int8.onnx/cpu": 23.58, "head.int8.onnx/cpu-u8": 24.23}
 _COST_A53 = {"head.int8.tflite/xnnpack": 66.28, "head.int8.tflite/builtin": 68.31, "head.fp32.tflite/xnnpack": 73.16,
-             "head.fp32.tflite/builtin": 80.06, "head.int8.onnx/cpu": 52.34}
+             "head.fp32.tflite/builtin": 80.05, "head.int8.onnx/cpu": 52.34, "head.int8.onnx/cpu-u8": 45.65}
 
 PROFILES: dict[str, RpiProfile] = {}
 

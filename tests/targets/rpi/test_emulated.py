@@ -69,8 +69,8 @@ def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -
 
 
 def test_pi_payload_of_the_onnx_head_is_the_reference_codes(sysroot, tmp_path: Path) -> None:
-    """The default head of every profile is head.int8.onnx (float out): on the Pi's own ONNX Runtime kernels the
-    bytes run_head.py sends are exactly the int8 codes of the reference semantics."""
+    """The default head of every profile is head.int8.onnx (float out): on the Pi's own ONNX Runtime kernels (the
+    profile's choice of them) the bytes run_head.py sends are exactly the int8 codes of the reference semantics."""
     out, _ = rpi_bundle()
     meta = json.loads((out / "board" / "golden.json").read_text())
     entry = next(m for m in meta["models"] if m["runtime"] == "onnxruntime")
@@ -79,6 +79,11 @@ def test_pi_payload_of_the_onnx_head_is_the_reference_codes(sysroot, tmp_path: P
     codes = np.clip(np.round(ref / np.float32(w["scale"])) + w["zero_point"], -128, 127).astype(np.int8)
     payload = tmp_path / "p.bin"
     cp = run_python(sysroot, get_core("pi4"), out / "board" / "run_head.py",
-                    ["--golden", "--runtime", "onnxruntime", "--runs", "1", "--out", str(payload)], cwd=tmp_path)
+                    ["--golden", "--runtime", "onnxruntime", "--runs", "1", "--out", str(payload), "--json"],
+                    cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
     assert payload.read_bytes() == codes.tobytes()
+    # with the board profile's kernel choice (pi4: ONNX Runtime's uint8 kernels), and the same codes
+    config = meta["profile"]["ort_session_config"]
+    assert config == {"session.qdqisint8allowed": "0"}
+    assert json.loads(cp.stdout.strip().splitlines()[-1])["kernels"].endswith("(session.qdqisint8allowed=0)")

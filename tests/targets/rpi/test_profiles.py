@@ -11,7 +11,7 @@ from bottlefit.errors import UserError
 from bottlefit.targets import options_from
 from bottlefit.targets.jetson import TARGET as JETSON
 from bottlefit.targets.rpi import TARGET, RpiOptions
-from bottlefit.targets.rpi.profiles import DEFAULT, PROFILES, REFERENCE, get_profile
+from bottlefit.targets.rpi.profiles import DEFAULT, ORT_CONFIG, PROFILES, REFERENCE, get_profile
 
 
 def test_every_profile_defaults_to_its_cheapest_measured_int8_head() -> None:
@@ -28,6 +28,30 @@ def test_every_profile_defaults_to_its_cheapest_measured_int8_head() -> None:
     # the Pi 4 finding: int8 + XNNPACK costs more than fp32 on the A72, and is not the default there
     pi4 = PROFILES["pi4"]
     assert pi4.ratio("head.int8.tflite/xnnpack") > 1.5 and pi4.default_key != "head.int8.tflite/xnnpack"
+
+
+def test_onnxruntime_kernel_choice_per_core_is_the_measured_cheaper_one() -> None:
+    """Without the dot product (A72, A53) ONNX Runtime's uint8 kernels (session.qdqisint8allowed=0) retired fewer
+    instructions than its int8 ones on the same file; the A76's int8 dot-product kernels are not worse."""
+    for p in PROFILES.values():
+        s8, u8 = p.costs["head.int8.onnx/cpu"], p.costs["head.int8.onnx/cpu-u8"]
+        assert p.ort_session_config == ORT_CONFIG["cpu-u8" if u8 < s8 else "cpu"]
+        assert p.record()["ort_session_config"] == p.ort_session_config
+        if not p.dotprod:
+            assert u8 < 0.95 * s8 and p.ort_session_config == {"session.qdqisint8allowed": "0"}
+    assert PROFILES["pi4"].default_key == "head.int8.onnx/cpu-u8" and PROFILES["pi4"].runtime == "onnxruntime"
+
+
+def test_recorded_costs_are_the_committed_bench_baseline() -> None:
+    """profiles.py and bench/bench_pi_cost_baseline.json (the CI regression baseline) hold the same measurement."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "bench" / "bench_pi_cost_baseline.json"
+    base = json.loads(path.read_text())["costs_minstr"]
+    for name, p in PROFILES.items():
+        row = base[name if name in base else {"zero2": "pi3"}[name]]
+        assert {k: row[k] for k in p.costs} == p.costs, name
 
 
 def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
@@ -52,5 +76,24 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
     golden = json.loads((out / "board" / "golden.json").read_text())
     assert golden["default_runtime"] == pi4.runtime and golden["default_delegate"] == pi4.delegate
     assert golden["profile"]["name"] == "pi4" and golden["profile"]["costs_minstr_per_inference"] == pi4.costs
+    # the board scripts give ONNX Runtime the profile's kernel choice from here
+    assert golden["profile"]["ort_session_config"] == pi4.ort_session_config
     chosen = next(a for a in arts if a.file == pi4.model)
     assert chosen.extra["board_profile"]["why"] == pi4.why
+
+
+def test_board_scripts_refuse_a_malformed_ort_option_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    from tests.targets.rpi import rpi_bundle
+
+    out, _ = rpi_bundle()
+    for script in ("run_head.py", "verify_on_board.py"):
+        cp = subprocess.run([sys.executable, str(out / "board" / script), "--runtime", "onnxruntime",
+                             "--ort-option", "session.qdqisint8allowed", *(["--golden"] if script == "run_head.py"
+                                                                            else [])],
+                            cwd=out / "board", capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 2, (script, cp.stdout, cp.stderr)
+        assert cp.stderr.strip().splitlines() == [
+            "error: --ort-option 'session.qdqisint8allowed': write KEY=VALUE, e.g. session.qdqisint8allowed=0"]

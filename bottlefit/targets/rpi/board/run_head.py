@@ -12,7 +12,9 @@ layout) to --out.
 
 Defaults (head, delegate, threads) are the board profile's that the export chose by measured cost (golden.json's
 "profile", "default_runtime", "default_delegate", "default_threads"); --runtime, --xnnpack/--no-xnnpack and
---threads override them.
+--threads override them. ONNX Runtime gets the profile's session config entries ("profile" ->
+"ort_session_config", e.g. session.qdqisint8allowed=0: its uint8 kernels, cheaper on a Pi 4's and Pi 3's cores,
+same outputs); --ort-option KEY=VALUE adds to or overrides them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def load_interpreter(model, threads, xnnpack=True):
 class Head:
     """One head artifact in its runtime: ``run(x) -> y`` on arrays encoded as golden.json's specs say."""
 
-    def __init__(self, entry, model, threads=1, xnnpack=True):
+    def __init__(self, entry, model, threads=1, xnnpack=True, ort_config=None):
         self.entry, self.runtime = entry, entry["runtime"]
         if self.runtime == "litert":
             self.interp = load_interpreter(model, threads, xnnpack)
@@ -67,8 +69,12 @@ class Head:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.log_severity_level = 3
+            config = sorted((ort_config or {}).items())
+            for key, value in config:
+                opts.add_session_config_entry(key, str(value))
             self.sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-            self.describe = "onnxruntime %s" % ort.__version__
+            self.describe = "onnxruntime %s%s" % (
+                ort.__version__, " (%s)" % ", ".join("%s=%s" % kv for kv in config) if config else "")
         else:
             raise MissingRuntime("unknown runtime %r in golden.json" % self.runtime)
 
@@ -168,9 +174,21 @@ def defaults(meta, runtime=None, threads=None, xnnpack=None):
     return threads, xnnpack
 
 
-def open_head(golden_json, model=None, runtime=None, threads=None, xnnpack=None):
+def ort_config(meta, options=()):
+    """ONNX Runtime session config entries: the board profile's (golden.json "profile" -> "ort_session_config"),
+    then ``options`` ("KEY=VALUE" strings) over them. ValueError naming an option without "="."""
+    config = dict((meta.get("profile") or {}).get("ort_session_config") or {})
+    for opt in options or ():
+        key, eq, value = opt.partition("=")
+        if not eq or not key:
+            raise ValueError("--ort-option %r: write KEY=VALUE, e.g. session.qdqisint8allowed=0" % opt)
+        config[key] = value
+    return config
+
+
+def open_head(golden_json, model=None, runtime=None, threads=None, xnnpack=None, ort_options=()):
     """(golden.json, its folder, the model entry, the Head, threads) with the board profile's defaults, or exit
-    code 2 after saying on stderr what is missing."""
+    code 2 after saying on stderr what is missing or wrong."""
     golden = read_golden(golden_json, model, runtime)
     if golden is None:
         return 2
@@ -180,7 +198,12 @@ def open_head(golden_json, model=None, runtime=None, threads=None, xnnpack=None)
         return 2
     threads, xnnpack = defaults(meta, runtime, threads, xnnpack)
     try:
-        return meta, base, entry, Head(entry, model, threads, xnnpack), threads
+        config = ort_config(meta, ort_options)
+    except ValueError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    try:
+        return meta, base, entry, Head(entry, model, threads, xnnpack, config), threads
     except MissingRuntime as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
@@ -200,11 +223,13 @@ def main(argv=None):
                    help="litert: XNNPACK (default: the board profile's delegate)")
     p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
                    help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime: a session config entry over the board profile's (repeatable)")
     p.add_argument("--out", default="payload.bin", help="where to write the output payload bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object (latency in ms) instead of lines")
     a = p.parse_args(argv)
 
-    opened = open_head(a.golden_json, a.model, a.runtime, a.threads, a.xnnpack)
+    opened = open_head(a.golden_json, a.model, a.runtime, a.threads, a.xnnpack, a.ort_option)
     if opened == 2:
         return 2
     meta, base, entry, head, threads = opened

@@ -23,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run_head import RUNTIMES, Head, MissingRuntime, defaults, read_golden  # noqa: E402 - the bundle's own module
+from run_head import RUNTIMES, Head, MissingRuntime, defaults, ort_config, read_golden  # noqa: E402 - the bundle's own module
 
 
 def dequantize(y, spec):
@@ -39,8 +39,9 @@ def cosine(a, b):
     return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
-def check_model(meta, base, entry, model, threads, xnnpack, say):
-    """One head against its golden outputs: a result dict (status pass | fail | skip | missing)."""
+def check_model(meta, base, entry, model, threads, xnnpack, say, ort_options=()):
+    """One head against its golden outputs: a result dict (status pass | fail | skip | missing). ONNX Runtime
+    runs with the board profile's session config (its kernel choice), as run_head.py does."""
     res = {"model": entry["model"], "runtime": entry["runtime"], "images": []}
     paths = [model, os.path.join(base, entry["inputs_file"]), os.path.join(base, entry["outputs_file"])]
     missing = [q for q in paths if not os.path.isfile(q)]
@@ -48,7 +49,7 @@ def check_model(meta, base, entry, model, threads, xnnpack, say):
         res.update(status="missing", reason="missing file(s): %s" % ", ".join(missing))
         return res
     try:
-        head = Head(entry, model, threads, xnnpack)
+        head = Head(entry, model, threads, xnnpack, ort_config(meta, ort_options))
     except MissingRuntime as e:
         res.update(status="skip", reason=str(e))
         return res
@@ -87,8 +88,15 @@ def main(argv=None):
                    help="litert: XNNPACK (default: the board profile's delegate)")
     p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
                    help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime: a session config entry over the board profile's (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = p.parse_args(argv)
+    try:
+        ort_config(meta={}, options=a.ort_option)
+    except ValueError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
 
     golden = read_golden(a.golden_json, a.model, a.runtime)
     if golden is None:
@@ -99,7 +107,7 @@ def main(argv=None):
     results = []
     for e, m in chosen:
         threads, xnnpack = defaults(meta, e["runtime"], a.threads, a.xnnpack)
-        results.append(check_model(meta, base, e, m, threads, xnnpack, say))
+        results.append(check_model(meta, base, e, m, threads, xnnpack, say, a.ort_option))
     for r in results:
         if r["status"] in ("skip", "missing"):
             (say if r["status"] == "skip" else (lambda s: print(s, file=sys.stderr)))(
