@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub, common)
     jetson_cli.register(sub, common)
     serve_cli.register(sub, common)
+    from bottlefit.bench import cli as bench_cli
+
+    bench_cli.register(sub, common)
     return parser
 
 

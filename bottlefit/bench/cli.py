@@ -1,0 +1,138 @@
+"""``bottlefit bench split``: flags into :class:`~bottlefit.bench.split.BenchOptions`, the run, the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bottlefit.errors import UserError
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    from bottlefit.bench.links import PROFILES
+    from bottlefit.bench.split import DEVICES
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks: `bench split` (local vs. offload vs. split)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    s = bsub.add_parser("split", parents=[common],
+                        help="local vs. offloading (JPEG) vs. split over emulated links, side by side in one run")
+    s.add_argument("--out", required=True, help="report folder: split.{md,json}, split_*.png (and tradeoff.*)")
+    s.add_argument("--quick", action="store_true", help="few images, one repeat (CI)")
+    profiles = ", ".join(f"{k} ({v.rate_mbit:g} Mbit/s, RTT {v.rtt_ms:g} ms, loss {v.loss_pct:g}%%)"
+                         for k, v in PROFILES.items())
+    s.add_argument("--links", default="all", help=f"comma-separated link profiles or all: {profiles}")
+    s.add_argument("--link-model", default="auto", choices=["auto", "netns", "analytic"],
+                   help="netns: namespaces + veth + tc (root); analytic: loopback + RTT + bytes*8/rate; "
+                        "auto: netns where permitted")
+    s.add_argument("--images", type=int, help="images per link and mode (default 32; --quick 8)")
+    s.add_argument("--repeats", type=int, help="passes over the images (default 3; --quick 1)")
+    s.add_argument("--jpeg-quality", type=int, default=95, help="offloading's JPEG quality (default 95)")
+    s.add_argument("--wire", default="auto",
+                   help="split payload: int8, raw, zstd, entropy, context, fp32, or auto (least encode + decode + "
+                        "transfer time at the headline link, measured here)")
+    s.add_argument("--device", default="host", choices=sorted(DEVICES),
+                   help="device class: its compute = this host's x a stated factor (" +
+                        ", ".join(f"{d.name} x{d.factor:g}" for d in DEVICES.values()) + ")")
+    s.add_argument("--device-factor", type=float, help="override the device class's factor")
+    s.add_argument("--headline-link", help="the link of the headline line (default lte, else the first of --links)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--export", help="an export root holding onnx/ (tail.onnx, head.onnx) and its heads")
+    src.add_argument("--checkpoint", help="a checkpoint: exported for onnx (int8 head) into OUT/export first")
+    s.add_argument("--workdir", default="out/demo", help="the demo's work directory (default model; out/demo)")
+    s.add_argument("--head", help="head artifact file for the device (default: the int8 head, TFLite first)")
+    s.add_argument("--accuracy-images", type=int, help="images for top-1 per mode (default 1000; --quick 200)")
+    s.add_argument("--no-tradeoff", action="store_true", help="skip the compression-accuracy trade-off")
+    s.set_defaults(func=run_split)
+
+
+def options(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from bottlefit.bench.links import parse_links
+    from bottlefit.bench.split import DEVICES, BenchOptions
+    from bottlefit.serve.client import WIRES
+
+    if args.wire not in ("auto", *WIRES):
+        raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
+    for flag, v in (("--images", args.images), ("--repeats", args.repeats),
+                    ("--accuracy-images", args.accuracy_images)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} {v}: must be at least 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality {args.jpeg_quality}: must be 1..100")
+    device = DEVICES[args.device]
+    if args.device_factor is not None:
+        if not args.device_factor > 0:
+            raise UserError(f"--device-factor {args.device_factor}: must be > 0")
+        device = replace(device, factor=args.device_factor, basis=f"{device.basis}; factor set by --device-factor")
+    links = parse_links(args.links)
+    names = [p.name for p in links]
+    headline = (args.headline_link or ("lte" if "lte" in names else names[0])).lower()
+    if headline not in names:
+        raise UserError(f"--headline-link {args.headline_link!r} is not among --links ({', '.join(names)})")
+    if args.export is not None and not Path(args.export).is_dir():
+        raise UserError(f"--export {args.export}: no such directory")
+    return BenchOptions(
+        out=Path(args.out), links=links, quick=args.quick, link_model=args.link_model,
+        images=args.images or (8 if args.quick else 32), repeats=args.repeats or (1 if args.quick else 3),
+        jpeg_quality=args.jpeg_quality, wire=args.wire, device=device, headline_link=headline,
+        export=Path(args.export) if args.export else None,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None, workdir=Path(args.workdir), head=args.head,
+        accuracy_images=args.accuracy_images or (200 if args.quick else 1000))
+
+
+def _require_extras() -> None:
+    """The server side runs on the serve extra, the plots on matplotlib: say what to install (exit 3)."""
+    import importlib.util
+
+    from bottlefit.errors import EnvironmentProblem
+
+    missing = [m for m in ("starlette", "uvicorn", "grpc", "tritonclient", "zstandard", "constriction", "matplotlib")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EnvironmentProblem(f"{', '.join(missing)} not installed: pip install 'bottlefit[serve,demo]'")
+
+
+def run_split(args: argparse.Namespace) -> int:
+    opts = options(args)
+    _require_extras()
+    from bottlefit.bench.report import table, write_report
+    from bottlefit.bench.split import run_bench
+
+    t0 = time.perf_counter()
+    result = run_bench(opts, _log)
+    result["tradeoff"] = run_tradeoff_step(opts.out, quick=opts.quick, skip=args.no_tradeoff)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    paths = write_report(opts.out, result)
+    print(table(result))
+    print(f"links: {result['link_setup_text']}")
+    print(f"device: {result['device']['name']} x{result['device']['factor']:g} ({result['device']['basis']})")
+    print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
+    print(result["headline"])
+    failed = sum(r["failed"] for r in result["rows"])
+    if failed:
+        print(f"bottlefit bench split: {failed} request(s) failed (see the table)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_tradeoff_step(out: Path, *, quick: bool, skip: bool) -> dict[str, Any]:
+    """The compression-accuracy trade-off (bottlefit.bench.tradeoff), or why it did not run."""
+    if skip:
+        return {"skipped": "--no-tradeoff"}
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("bottlefit.bench.tradeoff") is None:
+        msg = "bottlefit.bench.tradeoff is not in this install; the trade-off plot is skipped"
+        _log(msg)
+        return {"skipped": msg}
+    tradeoff = importlib.import_module("bottlefit.bench.tradeoff")
+    _log("compression-accuracy trade-off (bottlefit.bench.tradeoff)")
+    return dict(tradeoff.run_tradeoff(out, quick=quick, log=_log))
