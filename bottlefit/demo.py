@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +48,29 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _train(work: Path, args: argparse.Namespace, data: Any) -> tuple[Path, float]:
+def train_model(work: Path, data: Any, *, stage_epochs: int, bottleneck_channel: int, retrain: bool = False,
+                log: Callable[[str], None] = _log) -> tuple[Path, float]:
+    """The demo's teacher and two-stage student, trained into ``work`` (cached there unless ``retrain``)."""
     from bottlefit.training import load_config, train, train_teacher
 
     teacher_path = work / "teacher.pt"
     meta_path = work / "teacher.json"
-    if teacher_path.is_file() and meta_path.is_file() and not args.retrain:
+    if teacher_path.is_file() and meta_path.is_file() and not retrain:
         teacher_top1 = float(json.loads(meta_path.read_text())["top1"])
-        _log(f"cached teacher {teacher_path} (top-1 {teacher_top1:.2f}%)")
+        log(f"cached teacher {teacher_path} (top-1 {teacher_top1:.2f}%)")
     else:
-        _log("training the teacher (mini ResNet, cross-entropy, 3 epochs)")
-        teacher_path, teacher_top1 = train_teacher(ARCH, data, teacher_path, epochs=3, log=_log)
+        log("training the teacher (mini ResNet, cross-entropy, 3 epochs)")
+        teacher_path, teacher_top1 = train_teacher(ARCH, data, teacher_path, epochs=3, log=log)
         meta_path.write_text(json.dumps({"top1": teacher_top1}))
     best = work / "student" / "best.pt"
-    if best.is_file() and not args.retrain:
-        _log(f"cached student {best}")
+    if best.is_file() and not retrain:
+        log(f"cached student {best}")
         return best, teacher_top1
-    e = args.stage_epochs
+    e = stage_epochs
     milestone = max(1, e * 3 // 4)
     config = load_config(None, {
         "models.student_model.name": ARCH,
-        "models.student_model.params": {"bottleneck_channel": args.bottleneck_channel},
+        "models.student_model.params": {"bottleneck_channel": bottleneck_channel},
         "models.teacher_model.weights": str(teacher_path),
         "data.augment": False,  # random crops destroy 28x28 digits
         "data.num_workers": 0,
@@ -81,12 +84,12 @@ def _train(work: Path, args: argparse.Namespace, data: Any) -> tuple[Path, float
         "train.stage2.optimizer.params.lr": 0.01,  # the authors' 1e-3 assumes ImageNet-pretrained tails
         "train.stage2.scheduler.params.milestones": [milestone],
     })
-    _log(f"training the BottleFit student: stage 1 (head distillation) and stage 2 (KD, frozen encoder), {e} "
-         "epochs each")
-    return train(config, log=_log, data=data), teacher_top1
+    log(f"training the BottleFit student: stage 1 (head distillation) and stage 2 (KD, frozen encoder), {e} "
+        "epochs each")
+    return train(config, log=log, data=data), teacher_top1
 
 
-def _npz(path: Path, x: torch.Tensor) -> Path:
+def write_npz(path: Path, x: torch.Tensor) -> Path:
     np.savez(path, images=x.numpy().astype(np.float32))
     return path
 
@@ -211,15 +214,16 @@ def run_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     _, card = build(ARCH, {"bottleneck_channel": args.bottleneck_channel})
     data = mnist_splits(card, n_train=N_TRAIN, n_val=N_VAL)
-    best, teacher_top1 = _train(work, args, data)
+    best, teacher_top1 = train_model(work, data, stage_epochs=args.stage_epochs,
+                                    bottleneck_channel=args.bottleneck_channel, retrain=args.retrain)
     lm = load(best)
     if lm.card.params.get("bottleneck_channel") != args.bottleneck_channel:
         raise UserError(f"{best}: cached for another --bottleneck-channel; pass --retrain")
     student_top1 = evaluate(lm.model, data.val).top1
     x_val = torch.stack([data.val[i][0] for i in range(len(data.val))])
     y_val = np.array([int(data.val[i][1]) for i in range(len(data.val))])
-    calib = _npz(work / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
-    held = _npz(work / "heldout.npz", x_val[:200])
+    calib = write_npz(work / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
+    held = write_npz(work / "heldout.npz", x_val[:200])
     out = work / "export"
     verdicts = _export_all(best, calib, held, out)
     sm = split(lm.model, lm.card)

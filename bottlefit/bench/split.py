@@ -9,7 +9,6 @@ runs every link with the modes interleaved image by image, and turns the records
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -119,10 +118,9 @@ def demo_model(workdir: Path, log: Log) -> Path:
     _, card = build(demo.ARCH, {"bottleneck_channel": 4})
     data = mnist_splits(card, n_train=demo.N_TRAIN, n_val=demo.N_VAL)
     log(f"model: no up-to-date demo export in {workdir}: training (cached there) and exporting for onnx")
-    args = argparse.Namespace(retrain=False, stage_epochs=4, bottleneck_channel=4)
-    best, _ = demo._train(workdir, args, data)
-    calib = demo._npz(workdir / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
-    held = demo._npz(workdir / "heldout.npz", torch.stack([data.val[i][0] for i in range(200)]))
+    best, _ = demo.train_model(workdir, data, stage_epochs=4, bottleneck_channel=4, log=log)
+    calib = demo.write_npz(workdir / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
+    held = demo.write_npz(workdir / "heldout.npz", torch.stack([data.val[i][0] for i in range(200)]))
     out = workdir / "bench-export"
     export(ExportRequest(ModelSource(checkpoint=best), "onnx", out, OnnxOptions(int8=True),
                          CalibrationOptions(source=str(calib)),
