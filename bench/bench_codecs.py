@@ -1,11 +1,18 @@
 """Coded bottleneck payload per codec (bottlefit.serve.codecs) vs raw int8 and vs the empirical entropy.
 
-For each export, the int8 head's codes on the built-in held-out photos (21 crops; the tables are fitted on the
-disjoint built-in calibration photos) under the head's reference semantics. Bytes are per image, payload only
-(the frame header, the same for every codec, is given apart); entropy = the order-0 entropy of the symbols over
-all held-out images (global histogram, and per channel). Encode/decode times are medians on this host.
+For each export, the int8 head's codes on the built-in held-out photos (21 crops; the tables, shipped in the export
+as codec/<contract id>.npz, are fitted on the disjoint built-in calibration photos) under the head's reference
+semantics. Bytes are per image, payload only (the frame header, the same for every codec, is given apart);
+entropy = the order-0 entropy of the symbols over all held-out images (global histogram, and per channel).
+Encode/decode times are medians on this host (the context codec encodes with the boards' pure-Python coder,
+bottlefit/serve/boardcodec.py, and decodes with constriction, as the server does).
 
-    .venv/bin/python bench/bench_codecs.py [OUT ...]     # default: builds untrained mini_resnet and R152 v2 (12 ch)
+``--pi pi4`` (or pi3, pi5, zero2) also times the board's context encoder on that Raspberry Pi core under qemu
+user-mode emulation, with the Pi OS Python and numpy (bottlefit.emulation.arm64; instructions are emulated,
+so the figure is an upper bound of the board's own time, and is printed beside this host's for the same
+images).
+
+    .venv/bin/python bench/bench_codecs.py [OUT ...] [--pi pi4]   # default: untrained mini_resnet and R152 v2 (12 ch)
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def _export(root: Path, name: str, **model: object) -> Path:
     from bottlefit.targets.onnx import OnnxOptions
 
     out = root / name
-    export(ExportRequest(ModelSource(untrained=True, **model), "onnx", out, OnnxOptions(int8=True),  # type: ignore[arg-type]
+    export(ExportRequest(ModelSource(untrained=True, **model), "onnx", out, OnnxOptions(int8=True, triton=False),  # type: ignore[arg-type]
                          parity=ParityOptions(emulate=Emulate.parse("none"))))
     return out
 
@@ -56,7 +63,42 @@ def jpeg_bytes(card: dict, quality: int = 95) -> float:
     return float(np.mean(sizes))
 
 
-def bench(out: Path) -> None:
+PI_SCRIPT = """
+import sys, time
+import numpy as np
+import boardcodec
+t = boardcodec.load(sys.argv[1])
+sym = np.load(sys.argv[2])
+ms = []
+for s in sym:
+    t0 = time.perf_counter()
+    boardcodec.encode(t, s)
+    ms.append((time.perf_counter() - t0) * 1e3)
+print(float(np.median(ms)))
+"""
+
+
+def pi_encode_ms(tables: codecs.CodecTables, sym: np.ndarray, profile: str) -> float:
+    """Median ms of the board's context encoder per image on the emulated Pi core ``profile``."""
+    import shutil
+
+    from bottlefit.emulation.arm64 import ensure_sysroot, get_core, run_python
+    from bottlefit.serve import boardcodec
+
+    with tempfile.TemporaryDirectory(prefix="bench-codecs-pi-") as d:
+        tmp = Path(d)
+        shutil.copyfile(boardcodec.__file__, tmp / "boardcodec.py")
+        (tmp / "run.py").write_text(PI_SCRIPT)
+        tables.save(tmp / "tables.npz")
+        np.save(tmp / "sym.npy", sym)
+        cp = run_python(ensure_sysroot(print), get_core(profile), tmp / "run.py", ["tables.npz", "sym.npy"], cwd=tmp,
+                        timeout=1800)
+        if cp.returncode != 0:
+            raise RuntimeError(f"emulated encode failed: {cp.stderr.strip()[-500:]}")
+        return float(cp.stdout.strip().splitlines()[-1])
+
+
+def bench(out: Path, pi: str | None = None) -> None:
     for target in find_targets(out):
         for contract in (c for c in target.contracts if c.quantized):
             tables = load_tables(target, contract)
@@ -86,11 +128,19 @@ def bench(out: Path) -> None:
                 m = float(np.mean(sizes))
                 print(f"  {codec:8s} {m:8.1f} B  {m / n:.3f}x raw  {m / h0:.3f}x entropy  {m / jpeg:.3f}x JPEG  encode "
                       f"{statistics.median(enc_ms):6.2f} ms  decode {statistics.median(dec_ms):6.2f} ms")
+                if codec == "context":
+                    host_ms = statistics.median(enc_ms)
+            if pi:
+                board = pi_encode_ms(tables, sym, pi)
+                print(f"  context encoder on the emulated {pi} core (qemu, Pi OS python + numpy): {board:8.1f} ms "
+                      f"per image = {board / host_ms:.1f}x this host's {host_ms:.1f} ms")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outs", nargs="*", type=Path)
+    ap.add_argument("--pi", metavar="BOARD", help="also time the board's context encoder on this emulated Pi core "
+                    "(pi4, pi5, pi3, zero2)")
     args = ap.parse_args()
     outs = args.outs
     tmp = None
@@ -100,7 +150,7 @@ def main() -> None:
         outs = [_export(root, "mini", arch="mini_resnet", bottleneck_channel=4),
                 _export(root, "r152", arch="custom_resnet152", bottleneck_channel=12, bottleneck_ver="2")]
     for out in outs:
-        bench(out)
+        bench(out, args.pi)
     if tmp is not None:
         tmp.cleanup()
 

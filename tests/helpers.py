@@ -14,10 +14,13 @@ from bottlefit.models.checkpoint import LoadedModel
 
 
 def clone_export(src: Path, dst: Path) -> Path:
-    """A private copy of an export dir; the 240 MB tail is hard-linked (never written by the tests)."""
+    """A private copy of an export dir (its codec/ and triton/ folders too); files over 10 MB (the 240 MB tail and
+    its Triton copy) are hard-linked (never written by the tests)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.stat().st_size > 10 << 20:
+        if f.is_dir():
+            clone_export(f, dst / f.name)
+        elif f.stat().st_size > 10 << 20:
             os.link(f, dst / f.name)
         else:
             shutil.copy2(f, dst / f.name)

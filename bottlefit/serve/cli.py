@@ -33,6 +33,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_bar(total: int, stream: Any) -> Any:
+    """A tqdm bar on ``stream`` when it is a terminal (never in a pipe or a log: the lines stay clean)."""
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+    from tqdm import tqdm
+
+    # every image redraws (mininterval 0): images take milliseconds to seconds, and the last one shows too
+    return tqdm(total=total, file=stream, unit="image", leave=False, dynamic_ncols=True, mininterval=0)
+
+
 def _cmd_run_head(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from bottlefit.serve.client import Client
@@ -44,12 +54,19 @@ def _cmd_run_head(args: argparse.Namespace) -> int:
               f"{client.contract.contract_id}, wire {client.wire} -> {client.url}", file=sys.stderr)
     failed = 0
     total = len(args.images)
+    bar = progress_bar(total, sys.stderr)
     for i, r in enumerate(client.run(args.images), 1):
         failed += not r.ok
-        if args.json:
-            print(json.dumps(r.to_dict()), flush=True)
+        line = json.dumps(r.to_dict()) if args.json else f"[{i}/{total}] {r.line()}"
+        if bar is not None:
+            bar.write(line, file=sys.stdout)  # above the bar, which redraws below it
+            sys.stdout.flush()
+            bar.set_postfix_str(f"{failed} failed" if failed else "", refresh=False)
+            bar.update(1)
         else:
-            print(f"[{i}/{total}] {r.line()}", flush=True)
+            print(line, flush=True)
+    if bar is not None:
+        bar.close()
     if failed:
         print(f"bottlefit run-head: {failed} of {total} image(s) failed (listed above)", file=sys.stderr)
     return 1 if failed else 0

@@ -5,9 +5,11 @@ Codecs (``CODECS``):
 - ``raw``: the codes as they are, C-order in the contract's layout;
 - ``zstd``: zstandard level 19 over the raw codes;
 - ``entropy``: range coding (constriction) with a per-channel categorical model fitted on the calibration set;
-- ``context``: range coding with a context-adaptive model: each symbol's distribution depends on its channel and
-  on its already-decoded left and upper neighbours (a bucket of their mean and of their difference). Symbols are
-  coded along anti-diagonals, so the decoder decodes one whole diagonal (every channel) per call.
+- ``context``: rANS with a context model (:mod:`bottlefit.serve.boardcodec`): each symbol is predicted from its
+  already-decoded spatial neighbours and the previous channels, and its residual's distribution depends on the
+  neighbours' error energy and on how near the prediction is to the zero point (which has its own probability).
+  The encoder is pure Python + numpy (the board bundles ship it); the decoder is constriction's AnsCoder, one
+  wavefront of every active channel per call.
 
 Frame (little-endian), one image::
 
@@ -20,9 +22,10 @@ that is not the contract's is refused with a :class:`CodecError` naming what dif
 
 from __future__ import annotations
 
-import hashlib
+import io
 import os
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,19 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
+from bottlefit.serve import boardcodec
 from bottlefit.serve.contract import WireContract
 
-MAGIC = b"BF"
-VERSION = 1
-CODECS = ("raw", "zstd", "entropy", "context")
+MAGIC = boardcodec.MAGIC
+VERSION = boardcodec.VERSION
+CODECS = boardcodec.CODECS
 _CODEC_ID = {name: i for i, name in enumerate(CODECS)}
-_DTYPES = ("int8", "uint8")
-_FIXED = struct.Struct("<2sBB6s4sIfhB")
-K_PRED = 8  # buckets of the neighbours' mean (per channel, calibration quantiles)
-K_GRAD = 3  # buckets of |left - up|
-N_CTX = 1 + K_PRED * K_GRAD  # context 0: no decoded neighbour yet
-_SMOOTH_CTX = 32.0  # pseudo-counts pulling a context's distribution towards its channel's marginal
+_DTYPES = boardcodec.DTYPES
+_FIXED = boardcodec.HEADER
 _FLOOR = 1e-3  # pseudo-count per symbol in the channel marginal
+_SMOOTH_CTX = 64.0  # pseudo-counts pulling a context's residual histogram towards its channel's
+_RESIDUAL_SCALE = 1 << 20  # integer weight of a whole residual histogram
+_IRLS_STEPS = 6  # least-absolute-deviation fit of the predictor by iteratively reweighted least squares
+_FIT_ROWS = 16384  # rows of one predictor fit
 
 
 class CodecError(ValueError):
@@ -84,92 +88,147 @@ def entropy_bits(sym: np.ndarray, per_channel: bool = False) -> float:
 # -- the fitted models
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CodecTables:
-    """Symbol statistics of one contract's codes on the calibration set (integer counts: bytes are reproducible)."""
+    """Symbol statistics of one contract's codes on the calibration set (integers only: the bytes are
+    reproducible, and the board computes the same frequencies). ``context``: the context model's arrays by
+    :data:`boardcodec.TABLE_KEYS`."""
 
     contract_id: str
     marginal_counts: np.ndarray  # (C, 256) int64
-    context_counts: np.ndarray  # (C, N_CTX, 256) int64
-    pred_edges: np.ndarray  # (C, K_PRED - 1) int64
-    grad_edges: np.ndarray  # (K_GRAD - 1,) int64
+    context: Mapping[str, np.ndarray]
 
     @property
     def table_id(self) -> bytes:
-        h = hashlib.sha256()
-        for a in (self.marginal_counts, self.context_counts, self.pred_edges, self.grad_edges):
-            h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
-        return h.digest()[:4]
+        return boardcodec.table_id(self.marginal_counts, self.context)
 
     def marginal(self) -> np.ndarray:
         m = self.marginal_counts.astype(np.float64) + _FLOOR
         return m / m.sum(axis=1, keepdims=True)
 
-    def conditional(self) -> np.ndarray:
-        m = self.marginal()[:, None, :]
-        n = self.context_counts.astype(np.float64)
-        p = (n + _SMOOTH_CTX * m) / (n.sum(axis=2, keepdims=True) + _SMOOTH_CTX)
-        return p
+    def cumulative(self) -> np.ndarray:
+        cum = self.__dict__.get("_cum")
+        if cum is None:
+            cum = boardcodec.cumulative(self.context)
+            object.__setattr__(self, "_cum", cum)
+        return cum
+
+    def to_bytes(self) -> bytes:
+        """An .npz (zip of .npy) with fixed timestamps: the same tables give the same bytes."""
+        arrays = {"contract_id": np.array(self.contract_id), "marginal_counts": self.marginal_counts,
+                  **{k: np.asarray(self.context[k], dtype=np.int64) for k in boardcodec.TABLE_KEYS}}
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, a in arrays.items():
+                npy = io.BytesIO()
+                np.lib.format.write_array(npy, np.asarray(a).copy(order="C"), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), npy.getvalue(),
+                           compress_type=zipfile.ZIP_DEFLATED)
+        return buf.getvalue()
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, contract_id=np.array(self.contract_id), marginal_counts=self.marginal_counts,
-                 context_counts=self.context_counts, pred_edges=self.pred_edges, grad_edges=self.grad_edges)
+        tmp.write_bytes(self.to_bytes())
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: Path) -> CodecTables:
-        with np.load(path, allow_pickle=False) as z:
-            return cls(str(z["contract_id"]), z["marginal_counts"], z["context_counts"], z["pred_edges"],
-                       z["grad_edges"])
+        """Raises CodecError for a file that is not a tables file of this version."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                cid = str(np.asarray(z["contract_id"]).reshape(-1)[0])
+                return cls(cid, np.asarray(z["marginal_counts"], dtype=np.int64),
+                           {k: np.asarray(z[k], dtype=np.int64) for k in boardcodec.TABLE_KEYS})
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise CodecError(f"{path}: not a codec tables file of this version ({e}); re-export") from None
 
 
-def _contexts(sym: np.ndarray, pred_edges: np.ndarray, grad_edges: np.ndarray) -> np.ndarray:
-    """The context of every symbol of ``sym`` (N, C, H, W), from its left and upper neighbours."""
-    s = sym.astype(np.int64)
-    n, c, h, w = s.shape
-    left = np.full_like(s, -1)
-    up = np.full_like(s, -1)
-    left[..., 1:] = s[..., :-1]
-    up[..., 1:, :] = s[..., :-1, :]
-    has_l, has_u = left >= 0, up >= 0
-    pred = np.where(has_l & has_u, (left + up) // 2, np.where(has_l, left, up))
-    grad = np.where(has_l & has_u, np.abs(left - up), 0)
-    pb = np.empty_like(s)
-    for ch in range(c):
-        pb[:, ch] = np.searchsorted(pred_edges[ch], pred[:, ch], side="right")
-    gb = np.searchsorted(grad_edges, grad, side="right")
-    return np.where(has_l | has_u, 1 + pb * K_GRAD + gb, 0)
+def _lad_fit(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least absolute deviations (IRLS on the normal equations, a tiny ridge for rank-deficient features) of y
+    on f: robust to the zero-point spike and to outliers. At most ``_FIT_ROWS`` rows (an even stride): the fit
+    runs in every export."""
+    step = -(-len(y) // _FIT_ROWS)
+    f, y = f[::step], y[::step]
+    wgt = np.ones_like(y)
+    b = np.zeros(f.shape[1])
+    for _ in range(_IRLS_STEPS + 1):
+        fw = f * wgt[:, None]
+        a = fw.T @ f
+        a[np.diag_indices_from(a)] += 1e-10 * max(float(np.trace(a)), 1.0)
+        b = np.linalg.solve(a, fw.T @ y)
+        wgt = 1.0 / np.maximum(np.abs(y - f @ b), 1.0)
+    return b
+
+
+def _quantile_edges(x: np.ndarray, n: int) -> np.ndarray:
+    return np.quantile(x, np.arange(1, n) / n, method="lower").astype(np.int64)
+
+
+def fit_context(sym: np.ndarray, zero_symbol: int) -> dict[str, np.ndarray]:
+    """The context model's integer tables from calibration symbols ``sym`` (N, C, H, W) uint8."""
+    bc = boardcodec
+    s = np.asarray(sym, dtype=np.int64)
+    n, c_count, h, w = s.shape
+    nb = bc.Neighbourhood(h, w, *np.divmod(np.arange(h * w), w))
+    s = s.reshape(n, c_count, h * w)
+    fill = np.median(s.transpose(1, 0, 2).reshape(c_count, -1), axis=1).astype(np.int64)
+    nf = bc.n_features(c_count - 1)
+    weights = np.zeros((c_count, bc.N_GRAD, nf), np.int64)
+    grad_edges = np.zeros((c_count, bc.N_GRAD - 1), np.int64)
+    for c in range(c_count):
+        fs, gs = zip(*(bc.features(s[i], c, nb, int(fill[c])) for i in range(n)), strict=True)
+        f, g, y = np.concatenate(fs).astype(np.float64), np.concatenate(gs), s[:, c].reshape(-1).astype(np.float64)
+        grad_edges[c] = _quantile_edges(g, bc.N_GRAD)
+        cls = np.searchsorted(grad_edges[c], g, side="right")
+        whole = _lad_fit(f, y)
+        for k in range(bc.N_GRAD):
+            m = cls == k
+            b = _lad_fit(f[m], y[m]) if m.sum() > 4 * f.shape[1] else whole
+            weights[c, k, : f.shape[1]] = np.rint(np.clip(b, -4096, 4096) * (1 << bc.FRAC)).astype(np.int64)
+    tables = {"zero_symbol": np.array(zero_symbol, np.int64), "fill": fill, "grad_edges": grad_edges,
+              "weights": weights, "energy_edges": np.zeros((c_count, bc.N_ENERGY - 1), np.int64)}
+    pred = np.zeros_like(s)
+    for i in range(n):
+        for c in range(c_count):
+            pred[i, c] = bc.prediction(tables, s[i], c, nb)
+    res = s - pred
+    energies = [np.concatenate([bc.energy(res[i], c, nb) for i in range(n)]) for c in range(c_count)]
+    tables["energy_edges"] = np.stack([_quantile_edges(e, bc.N_ENERGY) for e in energies])
+    n_res = c_count * bc.N_ENERGY * bc.N_NEAR
+    counts = np.zeros((n_res, 511), np.float64)
+    zero = np.zeros((c_count * bc.N_NEAR * bc.N_ZERO * bc.N_ZERO_ENERGY, 2), np.int64)
+    for i in range(n):
+        for c in range(c_count):
+            k, zk = bc.contexts(tables, s[i], res[i], c, nb, pred[i, c])
+            nz = s[i, c] != zero_symbol
+            np.add.at(counts, (k[nz], res[i, c][nz] + 255), 1)
+            np.add.at(zero, (zk, 0), (~nz).astype(np.int64))
+            np.add.at(zero, (zk, 1), 1)
+    per_channel = counts.reshape(c_count, -1, 511).sum(axis=1) + 1e-2
+    prior = np.repeat(per_channel / per_channel.sum(axis=1, keepdims=True), n_res // c_count, axis=0)
+    p = (counts + _SMOOTH_CTX * prior) / (counts.sum(axis=1, keepdims=True) + _SMOOTH_CTX)
+    tables["residual"] = (np.floor(p * _RESIDUAL_SCALE) + 1).astype(np.int64).reshape(
+        c_count, bc.N_ENERGY, bc.N_NEAR, 511)
+    tables["zero"] = zero.reshape(c_count, bc.N_NEAR, bc.N_ZERO, bc.N_ZERO_ENERGY, 2)
+    return tables
+
+
+def zero_symbol(contract: WireContract) -> int:
+    """The symbol of the contract's zero point (an exact 0.0 of the float bottleneck)."""
+    return int(contract.zero_point or 0) + (128 if contract.dtype == "int8" else 0)
 
 
 def fit_tables(contract: WireContract, sym: np.ndarray) -> CodecTables:
     """Fit both models on calibration symbols ``sym`` (N, C, H, W) uint8."""
     sym = np.asarray(sym, dtype=np.uint8)
-    n, c, h, w = sym.shape
+    c = sym.shape[1]
     marginal = np.stack([np.bincount(sym[:, ch].ravel(), minlength=256) for ch in range(c)]).astype(np.int64)
-    qs = np.arange(1, K_PRED) / K_PRED
-    pred_edges = np.stack([np.quantile(sym[:, ch], qs, method="lower") for ch in range(c)]).astype(np.int64)
-    s = sym.astype(np.int64)
-    grads = np.abs(s[..., 1:, 1:] - s[..., :-1, 1:]) if h > 1 and w > 1 else np.zeros(1, np.int64)
-    grad_edges = np.quantile(grads, np.arange(1, K_GRAD) / K_GRAD, method="lower").astype(np.int64)
-    ctx = _contexts(sym, pred_edges, grad_edges)
-    counts = np.zeros((c, N_CTX, 256), np.int64)
-    chan = np.broadcast_to(np.arange(c)[None, :, None, None], sym.shape)
-    np.add.at(counts, (chan.ravel(), ctx.ravel(), s.ravel()), 1)
-    return CodecTables(contract.contract_id, marginal, counts, pred_edges, grad_edges)
+    return CodecTables(contract.contract_id, marginal, fit_context(sym, zero_symbol(contract)))
 
 
 # -- coding
-
-
-def _diagonals(h: int, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for d in range(h + w - 1):
-        hs = np.arange(max(0, d - w + 1), min(h, d + 1))
-        out.append((hs, d - hs))
-    return out
 
 
 def _range_encode(symbols: np.ndarray, probs: np.ndarray) -> bytes:
@@ -192,16 +251,41 @@ def _encode_payload(codec: str, sym: np.ndarray, tables: CodecTables | None) -> 
     if codec == "entropy":
         probs = np.repeat(tables.marginal(), h * w, axis=0)
         return _range_encode(sym.ravel(), probs)
-    cond = tables.conditional()
-    ctx = _contexts(sym[None], tables.pred_edges, tables.grad_edges)[0]
-    chans, rows = [], []
-    for hs, ws in _diagonals(h, w):
-        chans.append(np.repeat(np.arange(c), hs.size))
-        rows.append((np.tile(hs, c), np.tile(ws, c)))
-    ch = np.concatenate(chans)
-    hh = np.concatenate([r[0] for r in rows])
-    ww = np.concatenate([r[1] for r in rows])
-    return _range_encode(sym[ch, hh, ww], cond[ch, ctx[ch, hh, ww]])
+    return boardcodec.encode(tables.context, sym)
+
+
+def _context_decode(payload: bytes, shape: tuple[int, int, int], tables: CodecTables) -> np.ndarray:
+    """The board's rANS stream, decoded by constriction one step (every active channel's wavefront) at a time."""
+    import constriction
+
+    bc, t = boardcodec, tables.context
+    c_count, h, w = shape
+    model = bc.Adaptive(t, tables.cumulative())
+    family = constriction.stream.model.Categorical(perfect=False)
+    dec = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+    sym = np.zeros((c_count, h * w), np.int64)
+    res = np.zeros((c_count, h * w), np.int64)
+    alphabet = np.arange(256)[None, :]
+    fronts = [bc.Neighbourhood(h, w, *bc.wavefront(h, w, d)) for d in range(2 * (h - 1) + w)]
+    for step in range(bc.steps(c_count, h, w)):
+        active = [(c, fronts[step - bc.LAG * c]) for c in range(c_count) if 0 <= step - bc.LAG * c < len(fronts)]
+        ps, ks, zks = [], [], []
+        for c, nb in active:
+            p = bc.prediction(t, sym, c, nb)
+            k, zk = bc.contexts(t, sym, res, c, nb, p)
+            ps.append(p)
+            ks.append(k)
+            zks.append(zk)
+        p, k, zk = (np.concatenate(v) for v in (ps, ks, zks))
+        _, freq = bc.quantized(t, model.rows(k), p[:, None], zk[:, None], alphabet)
+        got = np.asarray(dec.decode(family, freq.astype(np.float64)), dtype=np.int64)
+        model.update(k, p, got)
+        pos = 0
+        for (c, nb), pc in zip(active, ps, strict=True):
+            v = got[pos : pos + nb.size]
+            sym[c, nb.here], res[c, nb.here] = v, v - pc
+            pos += nb.size
+    return sym.reshape(shape).astype(np.uint8)
 
 
 def _decode_payload(codec: str, payload: bytes, shape: tuple[int, int, int], tables: CodecTables | None
@@ -225,23 +309,15 @@ def _decode_payload(codec: str, payload: bytes, shape: tuple[int, int, int], tab
     import constriction
 
     assert tables is not None
-    if len(payload) % 4 or not payload:
-        raise CodecError(f"range-coded stream of {len(payload)} bytes is not a whole number of 32-bit words")
+    if len(payload) % 4 or (not payload and codec == "entropy"):  # rANS of all-certain symbols may be empty
+        raise CodecError(f"{codec} stream of {len(payload)} bytes is not a whole number of 32-bit words")
     family = constriction.stream.model.Categorical(perfect=False)
     try:
         dec = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
         if codec == "entropy":
             probs = np.repeat(tables.marginal(), h * w, axis=0)
             return np.asarray(dec.decode(family, probs), dtype=np.uint8).reshape(shape)
-        cond = tables.conditional()
-        sym = np.zeros((1, c, h, w), np.uint8)
-        ch_all = np.arange(c)
-        for hs, ws in _diagonals(h, w):
-            ctx = _contexts(sym, tables.pred_edges, tables.grad_edges)[0]
-            chs = np.repeat(ch_all, hs.size)
-            hh, ww = np.tile(hs, c), np.tile(ws, c)
-            sym[0, chs, hh, ww] = np.asarray(dec.decode(family, cond[chs, ctx[chs, hh, ww]]), dtype=np.uint8)
-        return sym[0]
+        return _context_decode(payload, shape, tables)
     except (ValueError, RuntimeError, AssertionError) as e:
         raise CodecError(f"invalid {codec} stream ({e})") from None
 
@@ -262,10 +338,8 @@ def encode_frame(contract: WireContract, codes: np.ndarray, codec: str, tables: 
             raise ValueError(f"codec {codec!r} needs the tables fitted for contract {contract.contract_id}")
     sym = to_symbols(contract, codes)
     table_id = tables.table_id if codec in ("entropy", "context") and tables is not None else b"\0" * 4
-    head = _FIXED.pack(MAGIC, VERSION << 4 | _CODEC_ID[codec], _DTYPES.index(contract.dtype),
-                       bytes.fromhex(contract.contract_id), table_id, zlib.crc32(sym.tobytes()),
-                       float(contract.scale or 0.0), int(contract.zero_point or 0), len(contract.shape))
-    head += struct.pack(f"<{len(contract.shape)}H", *contract.shape)
+    head = boardcodec.pack_header(codec, contract.dtype, contract.contract_id, table_id, sym,
+                                  float(contract.scale or 0.0), int(contract.zero_point or 0), contract.shape)
     return head + _encode_payload(codec, sym, tables)
 
 

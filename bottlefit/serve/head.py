@@ -7,12 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.files import user_cache_dir
 from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
-from bottlefit.serve.codecs import CodecTables, fit_tables, to_symbols
+from bottlefit.serve.codecs import CodecError, CodecTables, fit_tables, to_symbols
 from bottlefit.serve.contract import TargetExport, WireContract
+
+TABLES_FORMAT = "ctx2"  # the cache's file names change with the tables' format
 
 
 class HeadCodes:
@@ -53,17 +56,26 @@ def cache_dir() -> Path:
 
 
 def load_tables(target: TargetExport, contract: WireContract) -> CodecTables:
-    """The contract's codec tables: shipped with the export (``codec/<contract id>.npz``), else cached here, else
-    fitted now on the built-in calibration photos and cached."""
-    for path in (target.path / "codec" / f"{contract.contract_id}.npz",
-                 cache_dir() / f"{contract.contract_id}.npz"):
-        if path.is_file():
-            t = CodecTables.load(path)
+    """The contract's codec tables: shipped with the export (``codec/<contract id>.npz``, written by ``bottlefit
+    export`` and hashed in its manifest), else (an export made before the tables shipped) cached here, else fitted
+    now on the built-in calibration photos and cached."""
+    shipped = target.path / "codec" / f"{contract.contract_id}.npz"
+    if shipped.is_file():
+        t = CodecTables.load(shipped)
+        if t.contract_id != contract.contract_id:
+            raise UserError(f"{shipped}: tables of contract {t.contract_id}, not {contract.contract_id}; re-export")
+        return t
+    cached = cache_dir() / f"{contract.contract_id}.{TABLES_FORMAT}.npz"
+    if cached.is_file():
+        try:
+            t = CodecTables.load(cached)
             if t.contract_id == contract.contract_id:
                 return t
+        except CodecError:
+            pass  # an older format in the cache: fit again
     tables = fit_tables(contract, calibration_symbols(target, contract))
     try:
-        tables.save(cache_dir() / f"{contract.contract_id}.npz")
+        tables.save(cached)
     except OSError:
         pass
     return tables

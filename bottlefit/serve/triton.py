@@ -86,12 +86,19 @@ def write_triton_repository(target: Path, out_dir: Path, *, name: str | None = N
     if tail is None:
         raise UserError(f"{target}: no ONNX tail in the manifest; Triton needs `bottlefit export --target onnx`")
     name = name or tail_model_name(manifest.get("model_card", {}))
-    model_dir = Path(out_dir) / name
+    return write_repository(target / tail.file, tail.to_dict(), Path(out_dir), name, max_batch_size,
+                            max_queue_delay_us)
+
+
+def write_repository(tail_onnx: Path, spec: dict[str, Any], out_dir: Path, name: str, max_batch_size: int = 16,
+                     max_queue_delay_us: int = 2000) -> Path:
+    """``out_dir/<name>/config.pbtxt`` and ``1/model.onnx`` for the ONNX tail ``tail_onnx`` (its artifact record
+    ``spec``: input/output names, types, shapes); returns ``out_dir/<name>``."""
+    model_dir = out_dir / name
     onnx_path = model_dir / "1" / "model.onnx"
-    spec = tail.to_dict()
-    if not dynamic_batch_onnx(target / tail.file, onnx_path):
+    if not dynamic_batch_onnx(tail_onnx, onnx_path):
         max_batch_size = 0  # the graph only runs batch 1: Triton then takes the full shape, batch included
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        onnx_path.write_bytes((target / tail.file).read_bytes())
+        onnx_path.write_bytes(tail_onnx.read_bytes())
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, spec, max_batch_size, max_queue_delay_us))
     return model_dir

@@ -32,7 +32,7 @@ def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r
     d, rc = exported
     assert rc == 0
     assert sorted(p.name for p in d.iterdir()) == ["head.onnx", "manifest.json", "report.json", "report.md",
-                                                    "tail.onnx"]
+                                                    "tail.onnx", "triton"]
     held = CalibrationSet.builtin(r152.card, part="heldout", count=4)
     head = ort.InferenceSession(str(d / "head.onnx"), providers=["CPUExecutionProvider"])
     tail = ort.InferenceSession(str(d / "tail.onnx"), providers=["CPUExecutionProvider"])

@@ -18,15 +18,16 @@ from bottlefit.runtimes.head import run_tail
 
 @pytest.fixture(scope="module")
 def split_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A mini_resnet export for onnx (the tail) and rpi (the heads and the board bundle), in one OUT."""
+    """A mini_resnet export for onnx (the tail), rpi and jetson (the heads and the board bundles), in one OUT."""
     from bottlefit.pipeline.export import export
     from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
     from bottlefit.targets import Emulate
+    from bottlefit.targets.jetson import JetsonOptions
 
     out = tmp_path_factory.mktemp("split") / "out"
-    for target in ("onnx", "rpi"):
+    for target, opts in (("onnx", None), ("rpi", None), ("jetson", JetsonOptions(profile="orin"))):
         export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), target, out,
-                             parity=ParityOptions(emulate=Emulate.parse("none"))), log=lambda m: None)
+                             opts, parity=ParityOptions(emulate=Emulate.parse("none"))), log=lambda m: None)
     return out
 
 
@@ -109,3 +110,54 @@ def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: P
     codes = np.clip(np.round(ref / np.float32(w["scale"])) + w["zero_point"], -128, 127).astype(np.int8)
     np.testing.assert_allclose(np.array([r["logits"] for r in recs]), _tail_logits(split_export, codes, w, "NCHW"),
                                rtol=0, atol=1e-5)
+
+
+def test_board_client_sends_context_frames(split_export: Path, server, tmp_path: Path) -> None:
+    """--codec context: the bundle's own coder (boardcodec.py, the export's tables) -> a BYTES frame that the server
+    decodes bit-exactly: the same logits as the int8 tensor of the same codes."""
+    board = split_export / "rpi" / "board"
+    args = ["--golden", "--runtime", "litert", "--threads", "1", "--json", "--server", server.http_url]
+    runs = {c: subprocess.run([sys.executable, str(board / "client.py"), *args, "--codec", c], capture_output=True,
+                              text=True, timeout=120) for c in ("none", "context")}
+    assert all(cp.returncode == 0 for cp in runs.values()), {c: cp.stderr for c, cp in runs.items()}
+    plain, coded = _records(runs["none"].stdout), _records(runs["context"].stdout)
+    assert len(coded) == 4 and all(r["payload_bytes"] > 0 and r["encode_ms"] >= 0 for r in coded)
+    np.testing.assert_array_equal(np.array([r["logits"] for r in coded]), np.array([r["logits"] for r in plain]))
+
+
+def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> None:
+    """The jetson bundle's client (Python 3.6, stdlib + numpy) with the golden engine output (what trtexec writes
+    for the golden input): int8 and context-coded, the logits the tail gives for those codes."""
+    d = split_export / "jetson"
+    meta = json.loads((d / "client.json").read_text())
+    y = np.fromfile(d / "golden" / "output.bottleneck.bin", dtype="<f4").reshape(1, *meta["shape"])
+    codes = np.clip(np.round(y / meta["scale"]) + meta["zero_point"], -128, 127).astype(np.int8)
+    want = _tail_logits(split_export, codes, meta, "NCHW")
+    sizes = {}
+    for codec in ("none", "context"):
+        cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
+                             "--bottleneck", str(d / "golden" / "output.bottleneck.bin"), "--codec", codec],
+                            capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        (rec,) = _records(cp.stdout)
+        sizes[codec] = rec["payload_bytes"]
+        np.testing.assert_allclose(np.array([rec["logits"]]), want, rtol=0, atol=1e-5)
+    assert sizes["none"] == 100 and sizes["context"] > 31  # int8: 1 byte per code; a frame: its 31-byte header
+    cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--golden"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "--engine" in cp.stderr  # the head runs in TensorRT: one line says so
+
+
+def test_board_clients_run_on_python36() -> None:
+    """vermin: the jetson client and the codec it ships run on JetPack 4's Python 3.6."""
+    import shutil
+
+    from bottlefit.targets.jetson import BOARD_CLIENT
+    from bottlefit.targets.rpi import CODEC_MODULE
+
+    vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
+    if not Path(vermin).exists():
+        pytest.skip("vermin is not installed (pip install vermin==1.9.2)")
+    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(BOARD_CLIENT), str(CODEC_MODULE)],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr

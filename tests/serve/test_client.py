@@ -53,3 +53,28 @@ def test_failed_images_are_reported_not_dropped(mini_export: Path, tmp_path: Pat
     assert rc == 1
     assert out.out.count("FAILED after 3 attempt(s)") == 2 and "broken.png: FAILED" in out.out
     assert "3 of 3 image(s) failed" in out.err
+
+
+def test_progress_bar_on_a_terminal_only(served, mini_export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """run-head draws a progress bar on stderr when stderr is a terminal, never in a pipe; the --json lines on
+    stdout stay one JSON object each either way."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    images = _images(tmp_path, 2)
+    args = ["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--json"]
+    assert main(args) == 0
+    piped = capsys.readouterr()
+    assert "2/2" not in piped.err and "\r" not in piped.err
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for lines in (piped.out, out):
+        recs = [json.loads(x) for x in lines.splitlines()]
+        assert len(recs) == 2 and all(r["ok"] for r in recs)
+    assert "2/2" in term.getvalue() and "image" in term.getvalue()  # tqdm's "n/total" with the unit

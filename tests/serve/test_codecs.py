@@ -72,3 +72,42 @@ def test_coders_beat_raw_and_track_entropy(heldout_codes) -> None:
     assert size["raw"] == codes[0].size
     assert size["entropy"] < size["raw"] and size["context"] < size["raw"]
     assert size["entropy"] < 1.6 * codecs.entropy_bits(sym) / 8 / len(sym) + 8
+
+
+def test_tables_ship_with_the_export(heldout_codes) -> None:
+    """The export writes codec/<contract id>.npz (hashed in the manifest; bytes reproducible) and load_tables
+    reads that file: a refit on the same calibration codes gives the same bytes."""
+    from bottlefit.serve.head import calibration_symbols
+
+    target, contract, _ = heldout_codes
+    rel = f"codec/{contract.contract_id}.npz"
+    art = next(a for a in target.artifacts if a.file == rel)
+    tables = load_tables(target, contract)
+    assert art.role == "aux" and art.extra["codec_tables"]["table_id"] == tables.table_id.hex()
+    assert (target.path / rel).read_bytes() == tables.to_bytes()
+    refit = codecs.fit_tables(contract, calibration_symbols(target, contract))
+    assert refit.to_bytes() == tables.to_bytes()
+
+
+def test_board_encoder_writes_what_constriction_writes() -> None:
+    """The board's pure-Python rANS encoder against constriction's own AnsCoder on the same integer frequencies
+    (random tables with zeros, long and short messages): the same 32-bit words, so the server's constriction
+    decoder reads the board's stream."""
+    import constriction
+
+    from bottlefit.serve import boardcodec
+
+    rng = np.random.default_rng(0)
+    family = constriction.stream.model.Categorical(perfect=False)
+    for n in (1, 7, 3000):
+        p = rng.dirichlet(np.full(256, 0.05), size=n)
+        f = np.floor(p * boardcodec.TOTAL).astype(np.int64)
+        f[np.arange(n), f.argmax(axis=1)] += boardcodec.TOTAL - f.sum(axis=1)  # rows sum to TOTAL exactly
+        s = np.array([rng.choice(256, p=row / row.sum()) for row in f])
+        left = np.cumsum(f, axis=1)[np.arange(n), s] - f[np.arange(n), s]
+        ours = boardcodec.ans_encode(left + s, f[np.arange(n), s] + 1)
+        enc = constriction.stream.stack.AnsCoder()
+        enc.encode_reverse(s.astype(np.int32), family, f.astype(np.float64))
+        assert ours == enc.get_compressed().astype("<u4").tobytes()
+        dec = constriction.stream.stack.AnsCoder(np.frombuffer(ours, dtype="<u4").astype(np.uint32))
+        assert np.array_equal(dec.decode(family, f.astype(np.float64)), s)

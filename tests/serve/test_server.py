@@ -106,6 +106,56 @@ def test_tritonclient_http_and_grpc(served, mini_export, heldout_codes) -> None:
     assert gs.execution_count >= 1 and gs.inference_stats.success.count >= 5
 
 
+def test_served_logits_agree_with_pytorch_fp32_within_tolerances(served, mini_export, heldout_codes) -> None:
+    """Parity end to end: the int8 head's codes of the held-out images, sent over REST (context-coded frames) and
+    gRPC (UINT8 codes), against the fp32 PyTorch model on the same images, judged by the artifact's tolerances
+    (bottlefit.parity.tolerances, as the manifest records them) and matching the export's own parity figures."""
+    import torch
+
+    from bottlefit.calibration.builtin import builtin_arrays
+    from bottlefit.exporter.split import split
+    from bottlefit.models.card import ModelCard
+    from bottlefit.parity import metrics
+    from bottlefit.parity.tolerances import tolerances_for
+    from bottlefit.pipeline import source
+    from bottlefit.pipeline.options import ModelSource
+
+    target, contract, codes = heldout_codes
+    tables = load_tables(target, contract)
+    lm = source.load(ModelSource(**{k: v for k, v in target.manifest["options"]["model"].items()
+                                    if k != "checkpoint"}))
+    images, _ = builtin_arrays(ModelCard.from_dict(target.card), "heldout")
+    sm = split(lm.model, lm.card)
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(images, dtype=np.float32))
+        ref_z, ref_logits = sm.head(x).numpy(), lm.model(x).numpy()
+    rest = []
+    for c in codes:
+        body, hl, _ = build_request(contract, c, "context", "bottleneck", tables)
+        status, resp, binary = _post(served, body, hl)
+        assert status == 200, resp
+        rest.append(logits_of(resp, binary)[0])
+    g = tgrpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    q = tgrpc.InferInput("bottleneck", list(codes.shape), "UINT8")
+    q.set_data_from_numpy(codes)
+    params = {"scale": contract.scale, "zero_point": contract.zero_point, "contract_id": contract.contract_id}
+    grpc_logits = g.infer(served.model.name, [q], parameters=params).as_numpy("logits")
+    np.testing.assert_array_equal(np.stack(rest), grpc_logits)
+
+    z = contract.dequantize(codes)
+    got = {"bottleneck.cosine": metrics.cosine(ref_z, z), "bottleneck.sqnr_db": metrics.sqnr_db(ref_z, z),
+           "logits.top1_agreement": metrics.top1_agreement(ref_logits, grpc_logits),
+           "logits.max_abs_error": metrics.max_abs_error(ref_logits, grpc_logits)}
+    recorded = {c["metric"]: c for c in target.manifest["parity"]["checks"] if c["artifact"] == contract.head}
+    tols = tolerances_for(contract.head, "int8", {})
+    for metric, tol in tols.items():  # top-1 included: the export does not gate it for untrained weights
+        assert tol.ok(got[metric]), (metric, got[metric], tol)
+        if recorded[metric]["tolerance"] is not None:
+            assert recorded[metric]["tolerance"] == tol.value
+    for metric, value in got.items():  # the served path is the path parity measured
+        assert value == pytest.approx(recorded[metric]["value"], rel=1e-4, abs=1e-5), metric
+
+
 def _json_body(inputs: list[dict[str, Any]], **extra: Any) -> bytes:
     return json.dumps({"inputs": inputs, **extra}).encode()
 

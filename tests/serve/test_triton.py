@@ -15,10 +15,23 @@ from bottlefit.serve.triton import write_triton_repository
 def test_repository_matches_triton_schema_and_runs(mini_export: Path, tmp_path: Path) -> None:
     model_dir = write_triton_repository(mini_export / "onnx" / "manifest.json", tmp_path / "repo", max_batch_size=8)
     assert model_dir == tmp_path / "repo" / "mini_resnet_tail"
+    _check_repository(mini_export, model_dir, 8)
+
+
+def test_export_writes_the_repository(mini_export: Path) -> None:
+    """`bottlefit export --target onnx` writes triton/<model>/ itself, hashed in the manifest like any artifact."""
+    target = find_targets(mini_export)[0]
+    files = {a.file: a for a in target.artifacts}
+    for f in ("triton/mini_resnet_tail/config.pbtxt", "triton/mini_resnet_tail/1/model.onnx"):
+        assert f in files and files[f].role == "aux" and len(files[f].sha256) == 64
+    _check_repository(mini_export, mini_export / "onnx" / "triton" / "mini_resnet_tail", 16)
+
+
+def _check_repository(mini_export: Path, model_dir: Path, max_batch: int) -> None:
     # Triton's own ModelConfig message (model_config.proto, as tritonclient ships it): unknown fields, wrong types
     # or enum names fail to parse
     cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert cfg.name == "mini_resnet_tail" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
+    assert cfg.name == "mini_resnet_tail" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == max_batch
     assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == \
         [("bottleneck", "TYPE_FP32", [4, 5, 5])]  # dims without the batch dimension
     assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output] == \

@@ -40,6 +40,7 @@ GOLDEN_DIR = "golden"
 ENGINE = "head.engine"
 INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
 BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
+BOARD_CLIENT = Path(__file__).with_name("board") / "client.py"
 # TENSORRT.md recommends opset 13 everywhere: the oldest parser (8.2) reads it and nothing here needs newer ops.
 PREFERRED_OPSET = 13
 WORKSPACE_MIB = 1024
@@ -240,6 +241,7 @@ class JetsonTarget:
         arts = [qdq, self._head_artifact(req, head, in_spec, head_warnings), self._cache(ctx, req, q)]
         arts += self._golden(ctx, req, in_spec, out_spec, q.output_scale)
         arts += self._board_scripts(Path(ctx.out_dir), req)
+        arts += self._board_client(ctx, arts)
         if ctx.options.build_engine:
             arts.append(self._engine(ctx, req, in_spec, out_spec, Path(ctx.out_dir)))
         (Path(ctx.out_dir) / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
@@ -325,6 +327,16 @@ class JetsonTarget:
         files = sorted(f"{GOLDEN_DIR}/{f.name}" for f in (out / GOLDEN_DIR).iterdir())
         return [Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
                          parity=False) for f in files]
+
+    def _board_client(self, ctx: BuildContext, arts: list[Artifact]) -> list[Artifact]:
+        """client.py (Python 3.6, stdlib + numpy: the bottleneck to `bottlefit serve` or Triton), its codec and
+        the int8 head's codec tables (bottlefit.serve.export)."""
+        from bottlefit.serve.export import write_board_client
+
+        golden = next((a.file for a in arts if a.file.startswith(f"{GOLDEN_DIR}/") and INPUT_NAME in a.file), None)
+        return write_board_client(Path(ctx.out_dir), self.name, ctx.split.card.to_dict(),
+                                  [a for a in arts if a.file == QDQ_ONNX], ctx.calibration.images, BOARD_CLIENT,
+                                  golden, ctx.log)
 
     def _board_scripts(self, out: Path, req: Request) -> list[Artifact]:
         """build_engine.sh (trtexec lines for the profile) and the board's stdlib-only verifier."""

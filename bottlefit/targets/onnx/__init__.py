@@ -20,10 +20,12 @@ MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) arrived 
 
 @dataclass(frozen=True)
 class OnnxOptions:
-    """``--target onnx``: the opset of head.onnx/tail.onnx, and whether to add the int8 head."""
+    """``--target onnx``: the opset of head.onnx/tail.onnx, whether to add the int8 head, and whether to write
+    the Triton model repository for the tail (``triton/``)."""
 
     opset: int = DEFAULT_OPSET
     int8: bool = False
+    triton: bool = True
 
 
 def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
@@ -48,6 +50,22 @@ def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
     ]
 
 
+def serving_files(ctx: BuildContext, arts: list[Artifact], triton: bool = True) -> list[Artifact]:
+    """Split serving's files beside the artifacts: codec tables of the int8 heads (fitted on this export's
+    calibration images) and the tail's Triton model repository."""
+    from bottlefit.serve.export import write_codec_tables, write_triton
+
+    card = ctx.split.card.to_dict()
+    extra = []
+    if any(a.role == "head" and a.precision == "int8" for a in arts):
+        extra += write_codec_tables(ctx.out_dir, "onnx", card, arts,
+                                    ctx.calibration.images, ctx.log)
+    tail = next((a for a in arts if a.role == "tail" and a.runtime == "onnxruntime"), None)
+    if triton and tail is not None:
+        extra += write_triton(ctx.out_dir, card, tail, log=ctx.log)
+    return extra
+
+
 class OnnxTarget:
     name = "onnx"
     summary = "fp32 head.onnx + tail.onnx for ONNX Runtime; --int8 adds head.int8.onnx (Q/DQ)"
@@ -55,6 +73,9 @@ class OnnxTarget:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--int8", action="store_true", help="onnx target: also write head.int8.onnx")
+        parser.add_argument("--no-triton", dest="triton", action="store_false",
+                            help="onnx target: skip triton/ (the tail's Triton model repository, a second copy of "
+                                 "tail.onnx with a dynamic batch dimension)")
 
     def validate(self, options: OnnxOptions) -> None:
         check_opset(options.opset)
@@ -69,7 +90,7 @@ class OnnxTarget:
             from bottlefit.targets.onnx.int8 import build_int8_head
 
             arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", options.opset))
-        return arts
+        return arts + serving_files(ctx, arts, triton=options.triton)
 
     def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:
         """No device of its own: the host-kernel runs parity records are all there is."""

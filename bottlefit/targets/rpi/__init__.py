@@ -6,7 +6,9 @@ Writes ``head.int8.tflite`` (full-integer, for ai-edge-litert + XNNPACK), ``head
 head.int8.onnx is written by the shared Q/DQ writer (bottlefit.exporter.qdq) from a temporary fp32 ONNX export
 of the head (not shipped): QDQ of all ops, per-channel int8 weights, asymmetric INT8 activations (ORT's QDQ
 guidance names S8S8 first for ARM; u8 and s8 were within ~7% of each other on x86, bench/bench_rpi_heads.py),
-float in and out. qdq.py rewrites the BatchNorm after the max-pool as a depthwise conv in the ONNX graph itself;
+float in and out; on cores without the dot product (Pi 4/3) the board profile runs it with ONNX Runtime's uint8
+kernels (session.qdqisint8allowed=0, profiles.ORT_CONFIG: 13% fewer instructions, same outputs).
+qdq.py rewrites the BatchNorm after the max-pool as a depthwise conv in the ONNX graph itself;
 the torch-level head_rewrite is for the TFLite heads only.
 """
 
@@ -41,6 +43,8 @@ ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
 BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py", "README.md")
+# the context codec's model and encoder, one source for the server and every board bundle
+CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
 GOLDEN_COUNT = 4
 # the heads the board bundle checks -> the stem of their golden files
 BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx"}
@@ -169,11 +173,19 @@ class RpiTarget:
         # the manifest records the board's choice and why (the measured costs) with the head it picks
         for a in arts:
             a.extra["board_profile"] = profile.record() if a.file == profile.model else profile.name
-        arts += self._board_bundle(out, card, arts, ctx.heldout, profile)
+        from bottlefit.serve.export import write_codec_tables
+
+        # the context codec's tables, fitted on this export's calibration codes: the server and board/client.py
+        # read them from here
+        tables = write_codec_tables(out, "rpi", card.to_dict(), [a for a in arts if a.file in BOARD_HEADS], images,
+                                    ctx.log)
+        codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
+        arts += tables
+        arts += self._board_bundle(out, card, arts, ctx.heldout, profile, codec_files)
         return arts
 
     def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
-                      profile: Any) -> list[Artifact]:
+                      profile: Any, codec_files: dict[str, str] | None = None) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
         from bottlefit.models.checkpoint import sha256_file
@@ -182,10 +194,12 @@ class RpiTarget:
         from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
         from bottlefit.serve.contract import contract_id, tail_model_name
 
+        codec_files = codec_files or {}
         board = out / "board"
         board.mkdir(exist_ok=True)
         for f in BOARD_FILES:
             shutil.copyfile(BOARD_DIR / f, board / f)
+        shutil.copyfile(CODEC_MODULE, board / CODEC_MODULE.name)  # client.py's context coder (stdlib + numpy)
         # The first few of the images parity judges on (never the calibration images).
         gx = heldout.images[:GOLDEN_COUNT]
         models, files = [], []
@@ -205,7 +219,9 @@ class RpiTarget:
                            "contract_id": contract_id(card.to_dict(), sha256_file(out / art.file)),
                            "inputs_file": f"{stem}_inputs.npy", "outputs_file": f"{stem}_outputs.npy",
                            "made_with": f"{reference_semantics(art.runtime)} on the export host",
-                           "tolerances": dict(GOLDEN_TOLERANCES)})
+                           "tolerances": dict(GOLDEN_TOLERANCES),
+                           # the context codec's tables for this head (bottlefit serve reads the same file)
+                           "codec_tables": f"../{codec_files[art.file]}" if art.file in codec_files else None})
         golden = {
             "format": "bottlefit-golden",
             "format_version": 2,
@@ -223,7 +239,7 @@ class RpiTarget:
                            "mean": list(card.mean), "std": list(card.std)},
         }
         (board / "golden.json").write_text(json.dumps(golden, indent=2) + "\n")
-        names = [f"board/{f}" for f in (*BOARD_FILES, "golden.json", *files)]
+        names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, "golden.json", *files)]
         return [Artifact(f, "aux", "none", "int8", parity=False) for f in names]
 
     def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:

@@ -1,0 +1,330 @@
+"""The ``context`` codec's model and its encoder, in the standard library and numpy only (Python >= 3.6).
+
+This one file is the single source of the context model: :mod:`bottlefit.serve.codecs` imports it on the host
+(the server decodes with constriction), and the rpi and jetson board bundles ship a verbatim copy that their
+``client.py`` encodes with, so a board needs nothing from this package. Everything that decides a symbol's
+probability is integer arithmetic on integer tables: the board (ARM) and the server (x86) compute the same
+frequencies bit for bit, whatever their float units do.
+
+The model, per image of C x H x W symbols (uint8; the contract's codes shifted to 0..255):
+
+- order: channel by channel, each channel along wavefronts ``d = 2h + w`` (left, up, up-left and up-right of a
+  symbol lie on earlier wavefronts); channel c runs ``LAG`` wavefronts behind channel c - 1, so at step
+  ``t = d + LAG * c`` every channel before c is already known at and around (h, w). A decoder decodes one step
+  (every active channel's wavefront) per call;
+- prediction: a fixed-point linear predictor per channel and gradient class, from the left/up/up-left/up-right
+  neighbours, the 5-neighbourhoods of the two previous channels and the same position of older ones (fitted
+  on the calibration codes by least absolute deviations);
+- the residual's distribution: an integer histogram per (channel, error-energy class of the neighbours' and
+  previous channels' residuals, distance of the prediction from the zero point);
+- the zero point itself (a spike: exact zeros of the float bottleneck) gets its own probability per (channel,
+  distance class, how many known neighbours are exactly zero).
+
+Frequencies are quantized to ``2**24 - 256`` per symbol and coded with rANS exactly as constriction's
+``stack.AnsCoder`` (32-bit words, 64-bit state, 24-bit precision) with ``Categorical(perfect=False)`` codes
+them when given these integer frequencies as float64: the board's pure-Python encoder writes the words that
+constriction decodes.
+"""
+
+import hashlib
+import struct
+import zlib
+
+import numpy as np
+
+PRECISION = 24
+TOTAL = (1 << PRECISION) - 256  # constriction adds 1 to each of the 256 symbols: 2**24 in all
+FRAC = 12  # fixed-point bits of the predictor's weights
+LAG = 3  # wavefronts between one channel and the next (the previous channel's down/right neighbours are known)
+N_GRAD = 4  # predictor classes (local gradient)
+N_ENERGY = 8  # residual classes (neighbours' error energy)
+N_NEAR = 3  # |prediction - zero point|: 0, 1, >= 2
+N_ZERO = 7  # known neighbours that are exactly the zero point: 0 .. 6+
+N_ZERO_ENERGY = 2  # error-energy classes of the zero point's probability
+ADAPT = 2048  # weight of a residual seen in this image (a calibration histogram weighs 2**20: 512 residuals)
+N_PREV_FULL = 2  # previous channels whose 5-neighbourhood feeds the predictor
+TABLE_KEYS = ("zero_symbol", "fill", "grad_edges", "weights", "energy_edges", "residual", "zero")
+
+
+def n_features(c):
+    """Predictor inputs of channel c: 4 causal neighbours, 5 per recent channel, 1 per older one, a constant."""
+    recent = min(c, N_PREV_FULL)
+    return 4 + 5 * recent + (c - recent) + 1
+
+
+def steps(c_count, h, w):
+    return 2 * (h - 1) + w + LAG * (c_count - 1)
+
+
+def wavefront(h, w, d):
+    """Positions (rows, cols) of wavefront d = 2 * row + col, rows ascending."""
+    hs = np.arange(max(0, (d - w + 2) // 2), min(h - 1, d // 2) + 1)
+    return hs, d - 2 * hs
+
+
+def order(c_count, h, w):
+    """(channel, row, col) of every symbol in coding order."""
+    cs, hs, ws = [], [], []
+    for t in range(steps(c_count, h, w)):
+        for c in range(c_count):
+            rows, cols = wavefront(h, w, t - LAG * c)
+            cs.append(np.full(rows.size, c, dtype=np.int64))
+            hs.append(rows)
+            ws.append(cols)
+    return np.concatenate(cs), np.concatenate(hs), np.concatenate(ws)
+
+
+OFFSETS = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, 0), (0, 1), (1, 0))
+LEFT, UP, UPLEFT, UPRIGHT, HERE, RIGHT, DOWN = OFFSETS
+
+
+class Neighbourhood:
+    """Flat indices of the neighbours of positions (rows, cols) in an H x W plane, clamped to the plane, and
+    whether each neighbour is inside it (computed once per set of positions, shared by every channel)."""
+
+    def __init__(self, h, w, rows, cols):
+        self.size = rows.size
+        self.here = rows * w + cols
+        self.idx, self.ok, self.inside = {}, {}, {}
+        for dh, dw in OFFSETS:
+            r, q = rows + dh, cols + dw
+            self.ok[dh, dw] = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+            self.inside[dh, dw] = bool(self.ok[dh, dw].all())
+            self.idx[dh, dw] = np.minimum(np.maximum(r, 0), h - 1) * w + np.minimum(np.maximum(q, 0), w - 1)
+
+    def at(self, plane, off, fill):
+        """plane (flat) at the neighbour ``off``; ``fill`` outside the image."""
+        if self.inside[off]:
+            return plane[self.idx[off]]
+        return np.where(self.ok[off], plane[self.idx[off]], fill)
+
+    def clamped(self, plane, off):
+        return plane[self.idx[off]]
+
+
+def features(sym, c, nb, fill):
+    """The predictor's inputs (n, n_features(c)) int64 and gradient g (n,) of channel c at the positions of
+    ``nb``, reading only what a decoder knows there. ``sym``: (C, H * W) int64."""
+    x = sym[c]
+    left, up = nb.at(x, LEFT, fill), nb.at(x, UP, fill)
+    upleft, upright = nb.at(x, UPLEFT, fill), nb.at(x, UPRIGHT, fill)
+    cols_ = [left, up, upleft, upright]
+    for cc in range(c):
+        if cc >= c - N_PREV_FULL:
+            for off in (HERE, RIGHT, DOWN, LEFT, UP):
+                cols_.append(nb.clamped(sym[cc], off))
+        else:
+            cols_.append(sym[cc][nb.here])
+    cols_.append(np.ones(nb.size, dtype=np.int64))
+    grad = np.abs(left - upleft) + np.abs(up - upleft) + np.abs(up - upright)
+    return np.stack(cols_, axis=1), grad
+
+
+def predict(feats, grad, weights_c, grad_edges_c):
+    """Fixed-point prediction in 0..255 (int64)."""
+    g = np.searchsorted(grad_edges_c, grad, side="right")
+    w = weights_c[g, : feats.shape[1]]
+    p = ((feats * w).sum(axis=1) + (1 << (FRAC - 1))) >> FRAC
+    return np.minimum(np.maximum(p, 0), 255)
+
+
+def energy(res, c, nb):
+    """Error energy of the known residuals around the positions: same channel and previous channels."""
+    a = np.abs(res[c])
+    e = 2 * nb.at(a, LEFT, 0) + 2 * nb.at(a, UP, 0) + nb.at(a, UPLEFT, 0) + nb.at(a, UPRIGHT, 0)
+    if c > 0:
+        e = e + 2 * np.abs(res[c - 1][nb.here]) + (6 * np.abs(res[:c, nb.here]).sum(axis=0)) // c
+    return e
+
+
+def zero_count(sym, c, nb, zsym):
+    """How many known neighbours (left, up, up-left, up-right, the two previous channels here) are the zero point."""
+    x = sym[c]
+    n = np.zeros(nb.size, dtype=np.int64)
+    for off in (LEFT, UP, UPLEFT, UPRIGHT):
+        n += nb.ok[off] & (x[nb.idx[off]] == zsym)
+    for cc in range(max(0, c - 2), c):
+        n += sym[cc][nb.here] == zsym
+    return n
+
+
+def prediction(tables, sym, c, nb):
+    """Channel c's predictions at the positions of ``nb`` (int64, 0..255). ``sym``: (C, H * W)."""
+    f, g = features(sym, c, nb, int(tables["fill"][c]))
+    return predict(f, g, tables["weights"][c], tables["grad_edges"][c])
+
+
+def contexts(tables, sym, res, c, nb, p):
+    """(residual-table row, zero-table row) of channel c's symbols at the positions of ``nb``, predicted ``p``.
+    ``sym``, ``res``: (C, H * W)."""
+    zsym = int(tables["zero_symbol"])
+    near = np.minimum(np.abs(p - zsym), N_NEAR - 1)
+    e = np.searchsorted(tables["energy_edges"][c], energy(res, c, nb), side="right")
+    k = (c * N_ENERGY + e) * N_NEAR + near
+    z = np.minimum(zero_count(sym, c, nb, zsym), N_ZERO - 1)
+    return k, ((c * N_NEAR + near) * N_ZERO + z) * N_ZERO_ENERGY + e * N_ZERO_ENERGY // N_ENERGY
+
+
+def cumulative(tables):
+    """Per residual-table row: 0 and the running sum of its 511 integer weights (512 entries)."""
+    r = tables["residual"].reshape(-1, 511)
+    return np.concatenate([np.zeros((r.shape[0], 1), dtype=np.int64), np.cumsum(r, axis=1)], axis=1)
+
+
+class Adaptive:
+    """The residual tables as coding goes: the calibration's weights plus ``ADAPT`` per residual already seen in
+    this image in the same context (counted per step, so a decoder that decodes a step at a time agrees)."""
+
+    def __init__(self, tables, cum=None):
+        self.cum = cumulative(tables) if cum is None else cum
+        self.seen = np.zeros((self.cum.shape[0], 511), dtype=np.int64)
+        self.zsym = int(tables["zero_symbol"])
+
+    def rows(self, k):
+        """Cumulative weights (n, 512) of rows ``k`` now."""
+        seen = self.seen[k]
+        run = np.concatenate([np.zeros((k.size, 1), dtype=np.int64), np.cumsum(seen, axis=1)], axis=1)
+        return self.cum[k] + ADAPT * run
+
+    def update(self, k, p, s):
+        nz = s != self.zsym
+        np.add.at(self.seen, (k[nz], s[nz] - p[nz] + 255), 1)
+
+
+def _zero_freq(tables, zk):
+    z = tables["zero"].reshape(-1, 2)
+    return (TOTAL * (z[zk, 0] + 1)) // (z[zk, 1] + 2)
+
+
+def quantized(tables, rows, p, zk, s):
+    """Left cumulative and frequency (before constriction's +1 per symbol) of symbols ``s``, given each symbol's
+    prediction ``p``, zero-table row ``zk`` and cumulative residual weights ``rows`` (n, 512). ``p`` and ``zk``
+    are (n,) with ``s`` (n,) (the encoder), or (n, 1) with ``s`` (1, 256) (the decoder: the whole alphabet)."""
+    zsym = int(tables["zero_symbol"])
+    ix = np.arange(rows.shape[0]).reshape(p.shape)
+    base = rows[ix, 255 - p]
+    w_zero = rows[ix, zsym - p + 256] - rows[ix, zsym - p + 255]
+    mass = rows[ix, 511 - p] - base - w_zero
+    fz = _zero_freq(tables, zk)
+    rest = TOTAL - fz
+
+    def cq(x):  # quantized cumulative of the non-zero symbols below x
+        cw = rows[ix, x - p + 255] - base
+        cw = np.where(x > zsym, cw - w_zero, cw)
+        return (rest * cw) // mass
+
+    lo = cq(s)
+    left = np.where(s > zsym, lo + fz, lo)
+    freq = np.where(s == zsym, fz, cq(s + 1) - lo)
+    return left, freq
+
+
+def prepare(tables, sym):
+    """Every symbol of one image (C, H, W) in coding order: (symbols, left cumulative, frequency), all int64."""
+    sym = np.asarray(sym, dtype=np.int64)
+    c_count, h, w = sym.shape
+    cc, hh, ww = order(c_count, h, w)
+    flat = sym.reshape(c_count, -1)
+    res = np.zeros_like(flat)
+    first = cc == 0
+    nb = Neighbourhood(h, w, hh[first], ww[first])  # every channel visits the positions in the same order
+    p = np.zeros(cc.size, dtype=np.int64)
+    k = np.zeros_like(p)
+    zk = np.zeros_like(p)
+    for c in range(c_count):  # channel by channel: everything a decoder knows is already in sym
+        m = cc == c
+        pc = prediction(tables, flat, c, nb)
+        res[c, nb.here] = flat[c, nb.here] - pc  # the same channel's residuals feed its contexts
+        p[m] = pc
+        k[m], zk[m] = contexts(tables, flat, res, c, nb, pc)
+    s = sym[cc, hh, ww]
+    left = np.zeros_like(s)
+    freq = np.zeros_like(s)
+    model = Adaptive(tables)
+    bounds = np.searchsorted(2 * hh + ww + LAG * cc, np.arange(steps(c_count, h, w) + 1))
+    for a, b in zip(bounds[:-1], bounds[1:]):  # noqa: B905 - Python 3.6 on the board
+        left[a:b], freq[a:b] = quantized(tables, model.rows(k[a:b]), p[a:b], zk[a:b], s[a:b])
+        model.update(k[a:b], p[a:b], s[a:b])
+    return s, left, freq
+
+
+def ans_encode(left, freq):
+    """rANS over (left cumulative, frequency) pairs in decoding order -> 32-bit words, exactly as constriction's
+    AnsCoder(encode_reverse) with Categorical(perfect=False) over these integer frequencies writes them."""
+    starts = left.tolist()  # plain ints: the state exceeds int64
+    freqs = freq.tolist()
+    words = []
+    x = 0
+    mask = 0xFFFFFFFF
+    for i in range(len(freqs) - 1, -1, -1):
+        f = freqs[i]
+        if (x >> (64 - PRECISION)) >= f:
+            words.append(x & mask)
+            x >>= 32
+        x = ((x // f) << PRECISION) | (starts[i] + x % f)
+    while x:
+        words.append(x & mask)
+        x >>= 32
+    return np.array(words, dtype="<u4").tobytes()
+
+
+def encode(tables, sym):
+    """One image's symbols (C, H, W) -> the coded stream (bytes)."""
+    s, left, freq = prepare(tables, sym)
+    return ans_encode(left + s, freq + 1)  # constriction's leak: one more count for every symbol
+
+
+def load(path):
+    """Tables from an .npz written by bottlefit (codec/<contract id>.npz; integer arrays only, no pickles): the
+    context model's arrays, ``marginal_counts`` and ``contract_id``."""
+    with np.load(path, allow_pickle=False) as z:
+        t = {k: np.asarray(z[k], dtype=np.int64) for k in TABLE_KEYS + ("marginal_counts",)}
+        t["contract_id"] = str(np.asarray(z["contract_id"]).reshape(-1)[0])
+    return t
+
+
+def table_id(marginal_counts, tables):
+    """4 bytes naming one fitted model (the frame carries it; a decoder with other tables refuses the frame)."""
+    h = hashlib.sha256()
+    for a in [marginal_counts] + [tables[k] for k in TABLE_KEYS]:
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.digest()[:4]
+
+
+# -- the frame (little-endian), one image:
+# b"BF" | u8 version<<4 | codec | u8 dtype (0 int8, 1 uint8) | 6 bytes contract id | 4 bytes model-table id
+# | u32 crc32 of the symbols | f32 scale | i16 zero_point | u8 ndim | u16 x ndim shape | payload
+
+MAGIC = b"BF"
+VERSION = 1
+CODECS = ("raw", "zstd", "entropy", "context")
+DTYPES = ("int8", "uint8")
+HEADER = struct.Struct("<2sBB6s4sIfhB")
+
+
+def pack_header(codec, dtype, contract_id, table, sym, scale, zero_point, shape):
+    """The frame header for symbols ``sym`` (C, H, W uint8) of codes of ``shape`` (the contract's layout)."""
+    head = HEADER.pack(MAGIC, VERSION << 4 | CODECS.index(codec), DTYPES.index(dtype), bytes.fromhex(contract_id),
+                       table, zlib.crc32(np.ascontiguousarray(sym, dtype=np.uint8).tobytes()) & 0xFFFFFFFF,
+                       float(scale), int(zero_point), len(shape))
+    return head + struct.pack("<" + "H" * len(shape), *shape)
+
+
+def symbols(codes, dtype, layout):
+    """One image's codes in the contract's layout (C,H,W or H,W,C; batch 1 allowed) -> uint8 symbols C,H,W."""
+    c = np.asarray(codes)
+    if c.ndim == 4:
+        c = c[0]
+    if layout == "NHWC":
+        c = c.transpose(2, 0, 1)
+    s = c.astype(np.int16) + (128 if dtype == "int8" else 0)
+    return np.ascontiguousarray(s.astype(np.uint8))
+
+
+def context_frame(tables, codes, dtype, layout, scale, zero_point):
+    """One image's codes -> a ``context`` frame (what the board sends; ``bottlefit serve`` decodes it)."""
+    sym = symbols(codes, dtype, layout)
+    shape = np.asarray(codes).shape[-3:]
+    tid = table_id(tables["marginal_counts"], tables)
+    return pack_header("context", dtype, tables["contract_id"], tid, sym, scale, zero_point, shape) + \
+        encode(tables, sym)

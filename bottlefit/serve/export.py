@@ -1,0 +1,103 @@
+"""What an export writes for split serving, beside its artifacts: the codec tables of every int8 head
+(``codec/<contract id>.npz``, fitted on the export's own calibration images) and, where the export has the ONNX
+tail, a Triton model repository for it (``triton/<model>/config.pbtxt`` + ``1/model.onnx``). Every file is
+returned as an aux :class:`Artifact`, so the manifest hashes it and ``bottlefit serve`` refuses a changed one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bottlefit.exporter import wire
+from bottlefit.exporter.artifact import Artifact
+from bottlefit.models.checkpoint import sha256_file
+from bottlefit.runtimes import get_runner
+from bottlefit.serve import codecs
+from bottlefit.serve.contract import head_contract, tail_model_name
+
+CODEC_DIR = "codec"
+TRITON_DIR = "triton"
+
+
+def codec_path(contract_id: str) -> str:
+    """Where a contract's tables live, relative to its target directory."""
+    return f"{CODEC_DIR}/{contract_id}.npz"
+
+
+def head_symbols(out_dir: Path, art: Artifact, contract: Any, images: np.ndarray) -> np.ndarray:
+    """The head's symbols (N, C, H, W) on ``images`` under its reference semantics (the same on any host)."""
+    runner = get_runner(art.runtime, out_dir / art.file, reference=True)
+    ispec, ospec = art.inputs[0], art.outputs[0]
+    sym = []
+    for i in range(images.shape[0]):
+        y = runner.infer({ispec.name: wire.encode(ispec, images[i : i + 1])})[ospec.name]
+        sym.append(codecs.to_symbols(contract, contract.codes(y)))
+    return np.stack(sym)
+
+
+def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],
+                       images: np.ndarray, log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
+    """``codec/<contract id>.npz`` for each int8 head in ``artifacts`` (already written under ``out_dir``)."""
+    out = []
+    for art in artifacts:
+        if art.role != "head" or art.precision != "int8" or not art.outputs:
+            continue
+        art.sha256 = sha256_file(out_dir / art.file)  # the contract id binds the tables to these bytes
+        contract = head_contract(target, card, art)
+        if contract is None or not contract.quantized:
+            continue
+        sym = head_symbols(out_dir, art, contract, np.ascontiguousarray(images, dtype=np.float32))
+        tables = codecs.fit_tables(contract, sym)
+        rel = codec_path(contract.contract_id)
+        tables.save(out_dir / rel)
+        log(f"{target}: codec tables for {art.file} (contract {contract.contract_id}, fitted on {len(sym)} "
+            f"calibration images) -> {rel}")
+        out.append(Artifact(rel, "aux", "none", "int8", parity=False,
+                            extra={"codec_tables": {"head": art.file, "contract_id": contract.contract_id,
+                                                    "table_id": tables.table_id.hex(), "images": len(sym)}}))
+    return out
+
+
+def write_triton(out_dir: Path, card: dict[str, Any], tail: Artifact, max_batch_size: int = 16,
+                 log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
+    """``triton/<model>/`` for the ONNX tail ``tail`` (already written under ``out_dir``)."""
+    from bottlefit.serve.triton import write_repository
+
+    name = tail_model_name(card)
+    model_dir = write_repository(out_dir / tail.file, tail.to_dict(), out_dir / TRITON_DIR, name, max_batch_size)
+    log(f"Triton model repository for the tail: {TRITON_DIR}/{name}/ (point tritonserver --model-repository "
+        f"at {TRITON_DIR}/)")
+    rel = model_dir.relative_to(out_dir)
+    return [Artifact(f"{rel.as_posix()}/{f}", "aux", "none", "fp32", parity=False)
+            for f in ("config.pbtxt", "1/model.onnx")]
+
+
+def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],
+                       images: np.ndarray, client: Path, golden_input: str | None = None,
+                       log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
+    """A board's client beside its int8 head: ``client.py`` (a copy of ``client``), ``boardcodec.py``, the head's
+    codec tables and ``client.json`` (the wire contract, the tail's name on the server, where the tables are)."""
+    import json
+    import shutil
+
+    tables = write_codec_tables(out_dir, target, card, artifacts, images, log)
+    if not tables:
+        return []
+    info = tables[0].extra["codec_tables"]
+    head = next(a for a in artifacts if a.file == info["head"])
+    contract = head_contract(target, card, head)
+    assert contract is not None
+    shutil.copyfile(client, out_dir / "client.py")
+    shutil.copyfile(Path(__file__).with_name("boardcodec.py"), out_dir / "boardcodec.py")
+    meta = {"format": "bottlefit-client", "format_version": 1, "head": head.file,
+            "head_input": head.inputs[0].name if head.inputs else "input", "golden_input": golden_input,
+            "contract_id": contract.contract_id, "dtype": contract.dtype, "shape": list(contract.shape),
+            "layout": contract.layout, "scale": contract.scale, "zero_point": contract.zero_point,
+            "head_outputs_codes": contract.head_outputs_codes,
+            "tail_model": tail_model_name(card), "tail_input": "bottleneck", "codec_tables": tables[0].file}
+    (out_dir / "client.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return tables + [Artifact(f, "aux", "none", "int8", parity=False)
+                     for f in ("client.py", "boardcodec.py", "client.json")]
