@@ -55,7 +55,7 @@ def export_request(args: argparse.Namespace) -> Any:
         model=model_source(args), target=args.target, out=Path(args.out),
         target_options=options_from(target.options_type, vars(args)),
         calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
-                                       seed=args.seed),
+                                       seed=args.seed, equalize=args.equalize),
         parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
                              emulate=Emulate.parse(args.emulate)),
     )
@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration images: a folder (recursive), an ImageFolder tree or a .npz "
                    "(default: the built-in photos)")
     p.add_argument("--calib-count", type=int, help="use N calibration images (seeded choice)")
-    p.add_argument("--observer", default="minmax", help="range observer: minmax, percentile, entropy, mse")
+    p.add_argument("--observer", default="minmax",
+                   help="range observer: minmax, percentile, entropy, mse, or search (per tensor, the candidate "
+                        "range with the least error of the layer reading it)")
+    p.add_argument("--equalize", action="store_true",
+                   help="equalize the bottleneck's channels across the split (scales folded into the encoder's "
+                        "last and the decoder's first layer) so one int8 grid serves every channel")
     p.add_argument("--images", help="held-out images for parity (default: the built-in held-out photos)")
     p.add_argument("--parity-count", type=int, help="use N held-out images for parity")
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE",

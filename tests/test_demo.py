@@ -37,8 +37,37 @@ def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None
     student = float(out.split("BottleFit student (fp32)")[1].split("top-1")[1].split("%")[0])
     assert teacher > 85.0 and student > 60.0  # one epoch per stage: learning, not converged
     best = work / "student" / "best.pt"
+    assert_int8_heads_agree_with_fp32(work, best)
     stamp = best.stat().st_mtime_ns
     assert main(["demo", "--workdir", str(work), "--stage-epochs", "1"]) == 0
     err = capsys.readouterr().err
     assert "cached teacher" in err and "cached student" in err
     assert best.stat().st_mtime_ns == stamp
+
+
+def assert_int8_heads_agree_with_fp32(work: Path, best: Path) -> None:
+    """Every int8 head -> fp32 tail picks the fp32 model's class on >= 99% of the 1,000 validation digits, under
+    the artifact's reference semantics. Measured: 99.4-99.5% for this 1-epoch-per-stage student; the default
+    4-epoch demo reaches issue 10's 99.5% (99.5% Q/DQ symmetric, 99.9% the others)."""
+    import numpy as np
+    import torch
+
+    from bottlefit.demo import N_TRAIN, N_VAL, _int8_heads
+    from bottlefit.exporter.split import split
+    from bottlefit.models.checkpoint import load
+    from bottlefit.runtimes.head import run_head
+    from bottlefit.training import mnist_splits
+
+    lm = load(best)
+    sm = split(lm.model, lm.card)
+    data = mnist_splits(lm.card, n_train=N_TRAIN, n_val=N_VAL)
+    x = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    with torch.no_grad():
+        ref = lm.model(x).argmax(1).numpy()
+    heads = [(t, d, a) for t, d, a in _int8_heads(work / "export") if a.precision == "int8"]
+    assert len(heads) == 4 and len(ref) == 1000
+    for target, d, a in heads:
+        z = run_head(a, d, x.numpy(), reference=True)
+        with torch.no_grad():
+            got = sm.tail(sm.transmit(torch.from_numpy(z))).argmax(1).numpy()
+        assert float(np.mean(got == ref)) >= 0.99, f"{target}/{a.file}: {np.mean(got == ref):.3f}"

@@ -11,6 +11,9 @@ exceeds ``R``, ``R`` doubles (as often as needed) and adjacent bin pairs merge: 
 interpolation, at the cost of resolution. To get TensorRT's exact histogram (range = the final max) call
 ``prime(lo, hi)`` with the range from a first min/max pass before the first ``update``; ``calibrate_two_pass``
 does that two-pass calibration for any source of tensors.
+
+``SearchObserver`` ("search") keeps one histogram and offers every method's range as a candidate;
+``bottlefit.calibration.search`` judges them per tensor; ``FixedObserver`` carries the winner.
 """
 
 from __future__ import annotations
@@ -337,16 +340,122 @@ class MseObserver(HistogramObserver):
         return min(float(cands[int(np.argmin(err))]), max(abs(self.min_val), abs(self.max_val)))
 
 
+# Candidate methods, in the order ties are broken (the first, simplest one wins a tie).
+PERCENTILES = (99.9, 99.99, 99.999)
+
+
+def _clone(src: HistogramObserver, obs: HistogramObserver) -> HistogramObserver:
+    """``obs`` with ``src``'s statistics: one histogram serves every method."""
+    obs.min_val, obs.max_val, obs.count = src.min_val, src.max_val, src.count
+    obs.R, obs.hist, obs._zeros = src.R, src.hist, src._zeros  # noqa: SLF001 — same class family
+    return obs
+
+
+class FixedObserver(Observer):
+    """A range decided elsewhere (a search): ``range()`` and ``amax()`` return it."""
+
+    def __init__(self, lo: float, hi: float, amax: float, method: str = "fixed") -> None:
+        super().__init__()
+        self.name = method
+        self.min_val, self.max_val, self.count = float(lo), float(hi), 1
+        self._amax = float(amax)
+
+    def range(self) -> tuple[float, float]:
+        return self.min_val, self.max_val
+
+    def amax(self) -> float:
+        return self._amax
+
+
+class SearchObserver(HistogramObserver):
+    """One histogram, every method's candidate range; alone it picks by the tensor's own error.
+
+    ``candidates(symmetric)`` -> {method: (lo, hi)}; symmetric candidates are (-amax, amax) clipped to the
+    observed range, as the other observers apply an amax. ``range()`` / ``amax()`` pick the candidate with the
+    least mean squared error of the tensor on its own grid (asymmetric / symmetric int8), from the histogram.
+    """
+
+    name = "search"
+
+    def __init__(self, bins: int = 2048) -> None:
+        super().__init__(bins)
+
+    def candidates(self, symmetric: bool) -> dict[str, tuple[float, float]]:
+        self._check()
+        out: dict[str, tuple[float, float]] = {"minmax": (self.min_val, self.max_val)}
+        if self.R == 0.0:
+            return out
+        views: dict[str, HistogramObserver] = {
+            **{f"percentile{p:g}": PercentileObserver(p, self.bins) for p in PERCENTILES},
+            "entropy": EntropyObserver(self.bins),
+            "mse": MseObserver(self.bins),
+        }
+        for name, view in views.items():
+            _clone(self, view)
+            if symmetric:
+                a = view.amax()
+                out[name] = (max(self.min_val, -a), min(self.max_val, a))
+            else:
+                out[name] = view.range()
+        return out
+
+    def _hist_centres(self) -> tuple[np.ndarray, np.ndarray]:
+        w = self.bin_width
+        centres = (np.arange(2 * self.bins) - self.bins + 0.5) * w
+        hist = self.hist.astype(np.float64)
+        hist[self.bins] += self._zeros
+        return centres, hist
+
+    def _pick(self, symmetric: bool) -> tuple[float, float]:
+        cands = self.candidates(symmetric)
+        if self.R == 0.0:
+            return cands["minmax"]
+        centres, hist = self._hist_centres()
+        best, best_err = "minmax", math.inf
+        for name, (lo, hi) in cands.items():
+            err = float((hist * (fake_quant(centres, lo, hi, symmetric) - centres) ** 2).sum())
+            if err < best_err:
+                best, best_err = name, err
+        return cands[best]
+
+    def range(self) -> tuple[float, float]:
+        return self._pick(symmetric=False)
+
+    def amax(self) -> float:
+        lo, hi = self._pick(symmetric=True)
+        return max(abs(lo), abs(hi))
+
+
+def grid(lo: float, hi: float, symmetric: bool, dtype: str = "int8") -> tuple[float, int, int, int]:
+    """(scale, zero point, qmin, qmax) of the int8 grid a range gives, exactly as the observers derive it."""
+    obs = FixedObserver(lo, hi, max(abs(lo), abs(hi)))
+    if symmetric:
+        return obs.symmetric(127), 0, -127, 127
+    scale, zp = obs.asymmetric(dtype)
+    qmin, qmax = QRANGES[dtype]
+    return scale, zp, qmin, qmax
+
+
+def fake_quant(x: Any, lo: float, hi: float, symmetric: bool, dtype: str = "int8") -> Any:
+    """Quantize-dequantize ``x`` (numpy or torch) on the grid of (lo, hi), round half to even as ONNX does."""
+    scale, zp, qmin, qmax = grid(lo, hi, symmetric, dtype)
+    if isinstance(x, torch.Tensor):
+        return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+    return (np.clip(np.rint(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "entropy": EntropyObserver,
     "mse": MseObserver,
+    "search": SearchObserver,
 }
 
 
 def make_observer(name: str, **kw: Any) -> Observer:
-    """An observer by name: minmax | percentile | entropy | mse; keyword arguments go to its constructor."""
+    """An observer by name: minmax | percentile | entropy | mse | search; keyword arguments go to its constructor."""
     try:
         cls = OBSERVERS[name]
     except KeyError:

@@ -13,7 +13,10 @@ How it works:
 2. ``observe_activations``: the prepared fp32 graph runs in ONNX Runtime over the calibration images with
    every intermediate tensor exposed, and OUR observers (``bottlefit.calibration.observers``) turn them into
    ranges. Running the graph itself, not hooks on PyTorch modules, makes the mapping to ONNX tensor names
-   exact whatever the exporter fused; ``head`` supplies the module paths for reporting.
+   exact whatever the exporter fused; ``head`` supplies the module paths for reporting. Observer ``search``
+   (``bottlefit.calibration.search``): every activation's candidate ranges (min/max, percentiles, entropy,
+   MSE) are judged by the output error of the conv that reads it, and the choice is recorded per tensor;
+   ``search_table`` hands the same ranges to the TFLite converter.
 3. ``quantize_static`` (QDQ format, per-channel int8 weights) writes the graph with our scale/zero point
    forced on every activation through ``TensorQuantOverrides``; ORT's own calibrators never run (the ranges
    reach it through its calibration cache).
@@ -34,6 +37,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from bottlefit.calibration.observers import Observer, calibrate_two_pass, make_observer
+from bottlefit.calibration.search import LayerProbe, SearchChoice, search
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter.onnx import module_of, save_onnx
 
@@ -72,6 +76,10 @@ class QdqResult:
     output_zero_point: int
     rewritten_nodes: list[str] = field(default_factory=list)  # BatchNormalization -> depthwise Conv
     calibration_count: int = 0
+    # observer "search": per tensor, the method chosen and every candidate's output SQNR
+    range_search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the head's bottleneck equalization (bottlefit.exporter.equalize), when the head carries one
+    equalization: dict[str, Any] | None = None
 
     def amax(self) -> dict[str, float]:
         """TensorRT's per-tensor amax (= 127 * scale), same keys and order as ``activation_scales``."""
@@ -98,6 +106,8 @@ class QdqResult:
             "tensor_modules": modules,
             "rewritten_nodes": list(self.rewritten_nodes),
             "calibration_count": self.calibration_count,
+            **({"range_search": dict(self.range_search)} if self.range_search else {}),
+            **({"equalization": self.equalization} if self.equalization is not None else {}),
             "output": {"dtype": self.activation_dtype, "scale": self.output_scale,
                        "zero_point": self.output_zero_point},
             **({"calibration": calibration} if calibration is not None else {}),
@@ -167,6 +177,46 @@ def prepare_fp32(fp32_onnx: Path | onnx.ModelProto) -> tuple[onnx.ModelProto, li
     return model, rewritten
 
 
+@dataclass(frozen=True)
+class RangeEntry:
+    """One activation's searched int8 parameters and its values on the first calibration image: another
+    converter's observer finds its tensor by value (``match_range``) and takes these parameters."""
+
+    name: str
+    sample: np.ndarray  # NCHW, the first calibration image
+    scale: float
+    zero_point: int
+    method: str
+
+
+def search_table(model: onnx.ModelProto, images: np.ndarray, symmetric: bool,
+                 activation_dtype: str = "int8") -> list[RangeEntry]:
+    """The range search of ``search_activations`` as a table other converters can read (``match_range``)."""
+    observers, kept = observe_and_sample(model, images, "search", keep=search_samples(model, images))
+    fixed, choices = search(observers, kept, symmetric, "int8" if symmetric else activation_dtype,
+                            layer_probes(model))
+    params, sources = _params_and_sources(model, fixed, symmetric, activation_dtype)
+    return [RangeEntry(n, kept[n][:1], float(np.float32(sc)), int(zp), choices[sources[n]].method
+                       if sources[n] in choices else "minmax")
+            for n, (sc, zp) in params.items() if n in kept]
+
+
+def match_range(table: list[RangeEntry], x: np.ndarray, rtol: float = 1e-3) -> RangeEntry | None:
+    """The table's entry whose sample is ``x`` (the same tensor of the same image, NCHW or NHWC), within
+    ``rtol`` of its magnitude; the closest when several match, None when none does."""
+    best: tuple[float, RangeEntry] | None = None
+    for e in table:
+        a = e.sample
+        cands = [x] if x.shape == a.shape else []
+        if x.ndim == 4 and x.transpose(0, 3, 1, 2).shape == a.shape:
+            cands.append(x.transpose(0, 3, 1, 2))
+        for c in cands:
+            d = float(np.max(np.abs(c - a))) if a.size else 0.0
+            if d <= rtol * max(1.0, float(np.max(np.abs(a)))) and (best is None or d < best[0]):
+                best = (d, e)
+    return best[1] if best else None
+
+
 def _float_activations(model: onnx.ModelProto) -> list[str]:
     """Graph inputs and node outputs that are float tensors, in topological (graph) order."""
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -194,6 +244,23 @@ def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: st
 
     Histogram observers get two passes (``calibrate_two_pass``): min/max first to fix each histogram's range.
     """
+    return observe_and_sample(model, images, observer, observer_kwargs)[0]
+
+
+def sample_indices(n: int, keep: int) -> list[int]:
+    """``keep`` calibration images spread evenly over ``n`` (all when keep >= n): the range search's samples."""
+    if keep <= 0:
+        return []
+    if keep >= n:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, keep)})
+
+
+def observe_and_sample(model: onnx.ModelProto, images: np.ndarray, observer: str = "minmax",
+                       observer_kwargs: dict[str, Any] | None = None,
+                       keep: int = 0) -> tuple[dict[str, Observer], dict[str, np.ndarray]]:
+    """``observe_activations``, and every activation's values on ``keep`` of the images (``sample_indices``),
+    stacked along the batch axis: what the range search judges candidates on."""
     kw = observer_kwargs or {}
     make_observer(observer, **kw)  # an unknown name fails here, before the session is built
     if images.ndim != 4 or images.dtype != np.float32 or len(images) == 0:
@@ -209,16 +276,75 @@ def observe_activations(model: onnx.ModelProto, images: np.ndarray, observer: st
             probe.graph.output.append(helper.make_empty_tensor_value_info(n))
     sess = _session(probe)
     run_names = [o.name for o in sess.get_outputs()]
+    keep_idx = set(sample_indices(len(images), keep))
+    kept: dict[str, list[np.ndarray]] = {}
 
     def run_all(update: Any) -> None:
+        kept.clear()  # the last pass's samples are kept (every pass computes the same values)
         for i in range(len(images)):
             x = np.ascontiguousarray(images[i : i + 1])
-            update(input_name, x)
-            for n, arr in zip(run_names, sess.run(run_names, {input_name: x}), strict=True):
+            outs = [x, *sess.run(run_names, {input_name: x})]
+            for n, arr in zip([input_name, *run_names], outs, strict=True):
                 update(n, arr)
+                if i in keep_idx:
+                    kept.setdefault(n, []).append(arr)
 
     observers = calibrate_two_pass(observer, run_all, **kw)
-    return {n: observers[n] for n in [input_name, *names] if n in observers}
+    order = [input_name, *names]
+    samples = {n: np.concatenate(kept[n]) for n in order if n in kept}
+    return {n: observers[n] for n in order if n in observers}, samples
+
+
+def layer_probes(model: onnx.ModelProto) -> dict[str, LayerProbe]:
+    """Activation -> the convolution that reads it, for tensors whose only reader is a 2-D Conv with constant
+    weights: the range search judges that tensor's candidate ranges by this layer's output."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out: dict[str, LayerProbe] = {}
+    for name, nodes in readers.items():
+        if len(nodes) != 1 or name in inits:
+            continue
+        n = nodes[0]
+        if n.op_type != "Conv" or n.input[0] != name or n.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        if w.ndim != 4 or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        pads = tuple(int(p) for p in _attr(n, "pads", [0, 0, 0, 0]))
+        out[name] = LayerProbe(w, tuple(int(v) for v in _attr(n, "strides", [1, 1])),  # type: ignore[arg-type]
+                               (pads[0], pads[1], pads[2], pads[3]),
+                               tuple(int(v) for v in _attr(n, "dilations", [1, 1])),  # type: ignore[arg-type]
+                               int(_attr(n, "group", 1)))
+    return out
+
+
+# The range search judges candidates on the activations of as many calibration images as fit this many values
+# (every image of a small head; ~12 of an R152 head); the histograms see every image regardless.
+SEARCH_BUDGET = 32_000_000
+
+
+def search_samples(model: onnx.ModelProto, images: np.ndarray, budget: int = SEARCH_BUDGET) -> int:
+    """How many calibration images the range search keeps every activation of (``SEARCH_BUDGET`` values)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    per_image = 0
+    for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            per_image += int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    return int(max(1, min(len(images), budget // max(1, per_image))))
+
+
+def search_activations(model: onnx.ModelProto, images: np.ndarray, symmetric: bool, activation_dtype: str = "int8",
+                       samples: int | None = None) -> tuple[dict[str, Observer], dict[str, SearchChoice]]:
+    """Per-tensor range search (``bottlefit.calibration.search``) over every float activation of ``model``:
+    one ``FixedObserver`` per tensor, and what was chosen and why. ``samples``: images judged on (default:
+    ``search_samples``)."""
+    keep = search_samples(model, images) if samples is None else samples
+    observers, kept = observe_and_sample(model, images, "search", keep=keep)
+    return search(observers, kept, symmetric, "int8" if symmetric else activation_dtype, layer_probes(model))
 
 
 def activation_params(model: onnx.ModelProto, observers: dict[str, Observer], symmetric: bool,
@@ -233,9 +359,17 @@ def activation_params(model: onnx.ModelProto, observers: dict[str, Observer], sy
     fuses conv+ReLU under one scale, and ONNX Runtime folds the Relu into the conv only then. Where the
     input has other readers the op's output takes the input's parameters instead, as ONNX Runtime writes it.
     """
+    return _params_and_sources(model, observers, symmetric, activation_dtype)[0]
+
+
+def _params_and_sources(model: onnx.ModelProto, observers: dict[str, Observer], symmetric: bool,
+                        activation_dtype: str) -> tuple[dict[str, tuple[float, int]], dict[str, str]]:
+    """``activation_params``, and for each tensor the tensor whose observer decided its parameters."""
     params: dict[str, tuple[float, int]] = {}
+    src: dict[str, str] = {}
     for name, obs in observers.items():
         params[name] = (obs.symmetric(127), 0) if symmetric else obs.asymmetric(activation_dtype)
+        src[name] = name
     consumers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -244,10 +378,12 @@ def activation_params(model: onnx.ModelProto, observers: dict[str, Observer], sy
     for n in reversed(model.graph.node):  # reverse topological: chains pass the last output's parameters back
         if n.op_type in shared and consumers.get(n.input[0]) == 1 and n.output[0] in params and n.input[0] in params:
             params[n.input[0]] = params[n.output[0]]
+            src[n.input[0]] = src[n.output[0]]
     for n in model.graph.node:
         if n.op_type in _SAME_AS_INPUT and n.input[0] in params and n.output[0] in params:
             params[n.output[0]] = params[n.input[0]]
-    return params
+            src[n.output[0]] = src[n.input[0]]
+    return params, src
 
 
 def tensor_modules(model: onnx.ModelProto, head: torch.nn.Module | None = None) -> dict[str, str]:
@@ -426,8 +562,13 @@ def quantize_head(
     inits = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inits)
     output_name = model.graph.output[0].name
-    observers = observe_activations(model, np.asarray(calibration_images), observer, observer_kwargs)
-    params = activation_params(model, observers, symmetric, act_dtype)
+    images = np.asarray(calibration_images)
+    choices: dict[str, SearchChoice] = {}
+    if observer == "search":
+        observers, choices = search_activations(model, images, symmetric, act_dtype)
+    else:
+        observers = observe_activations(model, images, observer, observer_kwargs)
+    params, sources = _params_and_sources(model, observers, symmetric, act_dtype)
     qmodel = _write_qdq(model, out, params, symmetric, per_channel, op_types,
                         list(nodes_to_exclude) if nodes_to_exclude else None, act_dtype)
     scales, zps = _check_written(qmodel, params, output_name, symmetric)
@@ -453,4 +594,8 @@ def quantize_head(
         output_zero_point=zps[output_name],
         rewritten_nodes=rewritten,
         calibration_count=int(len(calibration_images)),
+        # per quantized tensor, the search that decided it (a Relu's input takes its output's, see activation_params)
+        range_search={t: choices[sources[t]].to_dict() | ({"same_as": sources[t]} if sources[t] != t else {})
+                      for t in scales if sources.get(t) in choices},
+        equalization=getattr(head, "equalization", None),
     )

@@ -114,13 +114,25 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
         log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
             "not accuracy")
     sm = split(lm.model, card)
+    calib_set: Any = None
+    equalization: dict[str, Any] | None = None
+    if request.calibration.equalize:
+        from bottlefit.exporter.equalize import equalize_split
+
+        calib_set = calibration_images(card, request.calibration, log)
+        sm, eq = equalize_split(sm, calib_set.images)
+        equalization = eq.to_dict()
+        log(f"equalized the bottleneck's {len(eq.scales)} channels ({eq.encoder_layer} x s, {eq.decoder_layer} / s)")
+    # against the ORIGINAL model: proves an equalization's fold too
     err = check_split(sm, torch.randn(2, *card.input_shape, generator=torch.Generator().manual_seed(0)))
     log(f"split at {card.bottleneck.module}: bottleneck {card.bottleneck.shape}; "
         f"max |tail(head(x)) - model(x)| = {err:.3g}")
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
     try:
-        ctx = BuildContext(sm, tmp, options, lambda: calibration_images(card, request.calibration, log),
+        ctx = BuildContext(sm, tmp, options,
+                           (lambda: calib_set) if calib_set is not None
+                           else (lambda: calibration_images(card, request.calibration, log)),
                            lambda: heldout_images(card, request.parity, log), log,
                            observer=request.calibration.observer, tolerance_overrides=overrides)
         artifacts = target.build(ctx)
@@ -138,6 +150,8 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
         }
         if ctx.calibration_used is not None:
             sections["calibration"] = ctx.calibration_used.describe()
+        if equalization is not None:
+            sections["equalization"] = equalization
         sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
                             if a.role == "head" and a.outputs}
         write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)

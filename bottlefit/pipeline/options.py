@@ -46,12 +46,15 @@ class ModelSource:
 @dataclass(frozen=True)
 class CalibrationOptions:
     """The images int8 ranges come from (``source``: a folder, ImageFolder tree or .npz; None = the built-in
-    photos), how many (a seeded choice), and the range observer."""
+    photos), how many (a seeded choice), the range observer (``search``: per-tensor range search, the same
+    recipe for every scheme), and ``equalize``: bottleneck channel equalization across the split
+    (``bottlefit.exporter.equalize``; head, tail and wire change together)."""
 
     source: str | None = None
     count: int | None = None
     observer: str = "minmax"
     seed: int = 0
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         from bottlefit.calibration.observers import make_observer

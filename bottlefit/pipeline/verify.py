@@ -57,8 +57,13 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
     tolerance = request.tolerance if request.tolerance is not None else manifest["parity"].get("tolerance_overrides")
     overrides = parse_overrides(list(tolerance or []))
     target = get_target(manifest["target"])
-    verdict = verify(split(lm.model, lm.card), artifacts, target_dir, manifest["target"], held.images,
-                     held.describe(), overrides)
+    sm = split(lm.model, lm.card)
+    if manifest.get("equalization"):
+        # the artifacts were made from the equalized split: re-apply the recorded scales (no data needed)
+        from bottlefit.exporter.equalize import apply_equalization
+
+        sm = apply_equalization(sm, manifest["equalization"])
+    verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides)
     verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
     verdict.write(target_dir)
     manifest["parity"] = parity_section(verdict, tolerance)

@@ -163,7 +163,11 @@ class RpiTarget:
                      quantization={"method": "pt2e-static", "observer": observer,
                                    "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor affine",
                                    "float_ops": len(i8.float_ops),
-                                   "float_op_list": [f.describe() for f in i8.float_ops], "calibration": calib},
+                                   "float_op_list": [f.describe() for f in i8.float_ops], "calibration": calib,
+                                   # observer "search": which activations took the Q/DQ heads' searched ranges
+                                   **({"range_search": i8.ranges} if i8.ranges else {}),
+                                   **({"equalization": ctx.split.head.equalization}
+                                      if getattr(ctx.split.head, "equalization", None) else {})},
                      extra={"layout": layout, "ops": i8.ops, "rewrite": rewrite, "converter": "litert-torch"}),
             Artifact("head.fp32.tflite", "head", "litert", "fp32", f32.inputs, f32.outputs,
                      extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),

@@ -5,7 +5,10 @@ int8 scheme: per-channel symmetric int8 weights, per-tensor affine int8 activati
 the board to do). Activation ranges come from OUR calibration images and OUR observer choice: the PT2E
 activation observer is a min/max observer that also feeds a BottleFit range observer and, when it derives
 qparams, uses that observer's range (for "minmax" both are the same numbers). litert-torch's default
-(histogram) clipped the bottleneck range (shared/STACK.md).
+(histogram) clipped the bottleneck range (shared/STACK.md). Observer "search" is one recipe with the Q/DQ heads:
+the per-tensor range search runs on the ONNX export of the module converted here (``search_table``), and each
+PT2E observer takes the searched asymmetric int8 parameters of the tensor whose values it saw on the first
+calibration image (``bottlefit.exporter.qdq.match_range``); a tensor found nowhere keeps its own search.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from bottlefit.exporter.head_rewrite import RewrittenHead
 from bottlefit.files import atomic_write_bytes
 
 INSTALL_HINT = "pip install 'bottlefit[rpi]'"
-OBSERVERS = ("minmax", "percentile", "entropy", "mse")
+OBSERVERS = ("minmax", "percentile", "entropy", "mse", "search")
 
 
 # ---------------------------------------------------------------- range observers (ours)
@@ -99,32 +102,54 @@ def _observer_class() -> type:
     class BottleFitActObserver(MinMaxObserver):
         """PT2E min/max observer whose qparams come from a BottleFit range observer."""
 
-        def __init__(self, method: str = "minmax", **kwargs: Any) -> None:
+        def __init__(self, method: str = "minmax", table: Any = None, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.method = method
             self.ours = range_observer(method)
+            self.table = table  # list[RangeEntry] of the ONNX range search, for method "search"
+            self.first: np.ndarray | None = None
+            self.matched: str | None = None
 
         def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-            self.ours.update(x_orig.detach().float().cpu().numpy())
+            x = x_orig.detach().float().cpu().numpy()
+            if self.first is None:
+                self.first = x.copy()  # the first calibration image: finds this tensor in the search table
+            self.ours.update(x)
             return super().forward(x_orig)
 
         @torch.jit.export
         def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-            lo, hi = self.ours.range()
+            entry = None
+            if self.table and self.first is not None:
+                from bottlefit.exporter.qdq import match_range
+
+                entry = match_range(self.table, self.first)
+            if entry is not None:
+                # the ORT head's parameters for the same tensor, exactly: one recipe, one fidelity
+                self.matched = entry.name
+                lo = (-128 - entry.zero_point) * entry.scale
+                hi = (127 - entry.zero_point) * entry.scale
+            else:
+                lo, hi = self.ours.range()
             # the affine int8 grid must contain 0 exactly, as MinMaxObserver's own math assumes
             lo_t = torch.tensor(min(float(lo), 0.0), dtype=torch.float32)
             hi_t = torch.tensor(max(float(hi), 0.0), dtype=torch.float32)
-            return self._calculate_qparams(lo_t, hi_t)
+            scale, zp = self._calculate_qparams(lo_t, hi_t)
+            if entry is not None:
+                scale = torch.full_like(scale, entry.scale)
+                zp = torch.full_like(zp, entry.zero_point)
+            return scale, zp
 
     return BottleFitActObserver
 
 
-def _quantizer(observer: str) -> Any:
+def _quantizer(observer: str, table: Any = None) -> Any:
     from litert_torch.quantize import pt2e_quantizer as pq
 
     base = pq.get_symmetric_quantization_config(is_per_channel=True)  # weights: per-channel symmetric int8
     act = dataclasses.replace(
-        base.input_activation, observer_or_fake_quant_ctr=_observer_class().with_args(method=observer, eps=2**-12)
+        base.input_activation,
+        observer_or_fake_quant_ctr=_observer_class().with_args(method=observer, table=table, eps=2**-12),
     )
     cfg = dataclasses.replace(base, input_activation=act, output_activation=act)
     return pq.PT2EQuantizer().set_global(cfg)
@@ -139,6 +164,22 @@ def _wrap_layout(module: nn.Module, layout: str) -> nn.Module:
     return module
 
 
+def search_table(module: nn.Module, images: np.ndarray) -> list[Any]:
+    """The per-tensor range search of the Q/DQ heads (asymmetric int8, as TFLite's activations), run on the
+    ONNX export of the very module litert-torch converts: its PT2E observers find their tensors in it."""
+    import tempfile
+
+    from bottlefit.exporter.onnx import export_onnx
+    from bottlefit.exporter.qdq import prepare_fp32
+    from bottlefit.exporter.qdq import search_table as qdq_search_table
+
+    with tempfile.TemporaryDirectory(prefix="bottlefit-tflite-search-") as tmp:
+        example = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).clone()
+        fp32 = export_onnx(module, example, Path(tmp) / "head.onnx", 17, "input", "output")
+        model, _ = prepare_fp32(fp32.path)
+    return qdq_search_table(model, images, symmetric=False, activation_dtype="int8")
+
+
 def _to_layout(x: np.ndarray, layout: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     return t.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else t
@@ -151,8 +192,13 @@ def convert_bytes(
     int8: bool,
     layout: str = "NHWC",
     observer: str = "minmax",
+    stats: dict[str, Any] | None = None,
 ) -> bytes:
-    """The .tflite flatbuffer for the rewritten head (batch 1). ``images``: float32 NCHW calibration set."""
+    """The .tflite flatbuffer for the rewritten head (batch 1). ``images``: float32 NCHW calibration set.
+
+    ``observer`` "search": the Q/DQ heads' per-tensor range search (``search_table``) decides every activation
+    it finds by value; others keep their own search observer. ``stats`` (when given) receives how many
+    observers took the search table's parameters (``from_search``) and how many their own (``own_range``)."""
     litert_torch = require_litert_torch()
     module = _wrap_layout(rw.module, layout)
     example = (_to_layout(images[:1], layout),)
@@ -163,12 +209,20 @@ def convert_bytes(
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        quantizer = _quantizer(observer)
+        table = search_table(rw.module, images) if observer == "search" else None
+        quantizer = _quantizer(observer, table)
         graph = torch.export.export(module, example).module()
         prepared = prepare_pt2e(graph, quantizer)
         # one image at a time: the exported graph is specialised to batch 1
         for i in range(len(images)):
             prepared(_to_layout(images[i : i + 1], layout))
+        if stats is not None:
+            obs = [m for m in prepared.modules() if type(m).__name__ == "BottleFitActObserver"]
+            for m in obs:
+                m.calculate_qparams()
+            stats["observers"] = len(obs)
+            stats["from_search"] = sorted({m.matched for m in obs if m.matched})
+            stats["own_range"] = sum(1 for m in obs if not m.matched)
         quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
         # the graph computes inference already (BN in eval form, no dropout); the flag is what the converter
         # checks (exported modules refuse .eval()), and a training-mode warning would be false
@@ -198,6 +252,7 @@ class TFLiteInfo:
     outputs: list[TensorSpec]
     ops: list[str]
     float_ops: list[FloatOp] = field(default_factory=list)
+    ranges: dict[str, Any] = field(default_factory=dict)  # observer "search": what took the searched ranges
 
 
 def _spec(d: dict[str, Any], layout: str) -> TensorSpec:
@@ -261,7 +316,8 @@ def export_tflite(
     if layout not in ("NHWC", "NCHW"):
         raise UserError(f"unknown layout {layout!r}; choose nhwc or nchw")
     try:
-        data = convert_bytes(rw, images, int8=int8, layout=layout, observer=observer)
+        stats: dict[str, Any] = {}
+        data = convert_bytes(rw, images, int8=int8, layout=layout, observer=observer, stats=stats)
     except UserError:
         raise
     except Exception as e:  # the converter's own errors are long; the first line says what failed
@@ -269,6 +325,7 @@ def export_tflite(
         raise UserError(f"{path.name}: litert-torch could not convert the head ({type(e).__name__}: "
                         f"{first[:300]})") from e
     info = inspect_tflite(data, layout, rw)
+    info.ranges = stats
     if int8 and info.float_ops:
         listed = "; ".join(f.describe() for f in info.float_ops)
         if not allow_float_ops:
