@@ -196,7 +196,10 @@ def load(
             k = diff[0]
             raise UserError(f"{path}: checkpoint has {k}={merged[k]!r}, but {k}={asked[k]!r} was asked for")
         merged = asked
-    model, card = registry.build(name, merged)
+    # a file of ours keeps the provenance its card states: random weights saved to a file are still untrained,
+    # and parity judges them by the untrained gates
+    weights = "untrained" if source == "bottlefit" and card.weights == "untrained" else "checkpoint"
+    model, card = registry.build(name, merged, weights=weights)
     _check_keys(path, model, sd, f"{name} {merged}")
     model.load_state_dict(sd, strict=True)
     model.eval()
