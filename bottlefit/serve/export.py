@@ -91,7 +91,8 @@ def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifac
     contract = head_contract(target, card, head)
     assert contract is not None
     shutil.copyfile(client, out_dir / "client.py")
-    shutil.copyfile(Path(__file__).with_name("boardcodec.py"), out_dir / "boardcodec.py")
+    for module in ("boardcodec.py", "boardhttp.py"):  # the client's coder and transport, shared by every board
+        shutil.copyfile(Path(__file__).with_name(module), out_dir / module)
     meta = {"format": "bottlefit-client", "format_version": 1, "head": head.file,
             "head_input": head.inputs[0].name if head.inputs else "input", "golden_input": golden_input,
             "contract_id": contract.contract_id, "dtype": contract.dtype, "shape": list(contract.shape),
@@ -100,4 +101,4 @@ def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifac
             "tail_model": tail_model_name(card), "tail_input": "bottleneck", "codec_tables": tables[0].file}
     (out_dir / "client.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return tables + [Artifact(f, "aux", "none", "int8", parity=False)
-                     for f in ("client.py", "boardcodec.py", "client.json")]
+                     for f in ("client.py", "boardcodec.py", "boardhttp.py", "client.json")]

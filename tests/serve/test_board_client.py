@@ -149,15 +149,16 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
 
 
 def test_board_clients_run_on_python36() -> None:
-    """vermin: the jetson client and the codec it ships run on JetPack 4's Python 3.6."""
+    """vermin: the jetson client and the codec and transport it ships run on JetPack 4's Python 3.6."""
     import shutil
 
     from bottlefit.targets.jetson import BOARD_CLIENT
-    from bottlefit.targets.rpi import CODEC_MODULE
+    from bottlefit.targets.rpi import CODEC_MODULE, HTTP_MODULE
 
     vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
     if not Path(vermin).exists():
         pytest.skip("vermin is not installed (pip install vermin==1.9.2)")
-    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(BOARD_CLIENT), str(CODEC_MODULE)],
+    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(BOARD_CLIENT), str(CODEC_MODULE),
+                         str(HTTP_MODULE)],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr

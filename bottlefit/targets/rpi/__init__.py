@@ -45,6 +45,8 @@ ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "in
 BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py", "README.md")
 # the context codec's model and encoder, one source for the server and every board bundle
 CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
+# client.py's transport (KServe v2 REST, retries), one source for every board bundle
+HTTP_MODULE = CODEC_MODULE.with_name("boardhttp.py")
 GOLDEN_COUNT = 4
 # the heads the board bundle checks -> the stem of their golden files
 BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx"}
@@ -203,7 +205,8 @@ class RpiTarget:
         board.mkdir(exist_ok=True)
         for f in BOARD_FILES:
             shutil.copyfile(BOARD_DIR / f, board / f)
-        shutil.copyfile(CODEC_MODULE, board / CODEC_MODULE.name)  # client.py's context coder (stdlib + numpy)
+        for module in (CODEC_MODULE, HTTP_MODULE):  # client.py's context coder and transport (stdlib + numpy)
+            shutil.copyfile(module, board / module.name)
         # The first few of the images parity judges on (never the calibration images).
         gx = heldout.images[:GOLDEN_COUNT]
         models, files = [], []
@@ -243,7 +246,7 @@ class RpiTarget:
                            "mean": list(card.mean), "std": list(card.std)},
         }
         (board / "golden.json").write_text(json.dumps(golden, indent=2) + "\n")
-        names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, "golden.json", *files)]
+        names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, HTTP_MODULE.name, "golden.json", *files)]
         return [Artifact(f, "aux", "none", "int8", parity=False) for f in names]
 
     def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:

@@ -105,7 +105,7 @@ def test_bundle_files_and_parity(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     client = json.loads((d / "client.json").read_text())
-    assert files == sorted(["README.md", "boardcodec.py", "build_engine.sh", "client.json", "client.py",
+    assert files == sorted(["README.md", "boardcodec.py", "boardhttp.py", "build_engine.sh", "client.json", "client.py",
                             f"codec/{client['contract_id']}.npz", "golden/golden.json", "golden/input.input.bin",
                             "golden/output.bottleneck.bin", "head.calib.cache", "head.onnx", "head.qdq.onnx",
                             "manifest.json", "report.json", "report.md", "verify_on_board.py"])

@@ -63,7 +63,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
                                              "zero_point": ox.quantization["output"]["zero_point"]}
     assert not list(out.rglob("*.tmp"))
     # the context codec travels with the bundle: its module and each int8 head's tables (hashed in the manifest)
-    assert "board/boardcodec.py" in by_file
+    assert "board/boardcodec.py" in by_file and "board/boardhttp.py" in by_file
     for m in golden["models"]:
         rel = m["codec_tables"]
         assert rel == f"../codec/{m['contract_id']}.npz" and rel[3:] in by_file and (out / rel[3:]).is_file()

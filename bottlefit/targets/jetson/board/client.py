@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
@@ -32,9 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
+from boardhttp import V2_TYPES, infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 
-HEADER = "Inference-Header-Content-Length"
-V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
 META = "client.json"
 
 
@@ -103,44 +100,8 @@ def request_body(meta, codes, fp32, tables=None):
         params = {"scale": meta["scale"], "zero_point": meta["zero_point"], "layout": meta["layout"],
                   "contract_id": meta["contract_id"]}
         coded = len(blob)
-    params["binary_data_size"] = len(blob)
-    header = json.dumps({"inputs": [{"name": meta["tail_input"], "shape": shape, "datatype": dtype,
-                                     "parameters": params}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
-    return header + blob, len(header), coded
-
-
-def post(url, body, header_len, timeout):
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={HEADER: str(header_len), "Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        data, n = r.read(), r.headers.get(HEADER)
-    hl = int(n) if n is not None else len(data)
-    resp = json.loads(data[:hl].decode("utf-8"))
-    out = resp["outputs"][0]
-    if "data" in out:
-        return resp, np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-    size = out["parameters"]["binary_data_size"]
-    return resp, np.frombuffer(data[hl:hl + size], dtype="<f4").reshape(out["shape"])
-
-
-def infer(url, body, header_len, timeout, retries):
-    """POST with retries and exponential backoff on connection errors and 5xx/429; 4xx is final."""
-    for attempt in range(retries + 1):
-        try:
-            return post(url, body, header_len, timeout)
-        except urllib.error.HTTPError as e:
-            try:
-                msg = json.loads(e.read().decode("utf-8")).get("error", "")
-            except (ValueError, AttributeError):
-                msg = ""
-            if e.code < 500 and e.code != 429 or attempt == retries:
-                raise RuntimeError("HTTP %d: %s" % (e.code, msg or e.reason))
-        except (urllib.error.URLError, OSError) as e:
-            if attempt == retries:
-                raise RuntimeError("cannot reach %s: %s" % (url, getattr(e, "reason", e)))
-        time.sleep(0.2 * 2 ** attempt)
-    raise RuntimeError("unreachable")
+    body, header_len = kserve_body(meta["tail_input"], shape, dtype, params, blob)
+    return body, header_len, coded
 
 
 def main(argv=None):

@@ -23,8 +23,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
@@ -32,9 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
+from boardhttp import infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 from run_head import RUNTIMES, open_head, preprocess, wire_codes  # noqa: E402 - the bundle's own module
 
-HEADER = "Inference-Header-Content-Length"
 V2_TYPES = {"int8": "INT8", "uint8": "UINT8", "float32": "FP32"}
 
 
@@ -66,43 +64,7 @@ def request_body(entry, codes, fp32, input_name, tables=None):
         params = {"scale": w["scale"], "zero_point": w["zero_point"], "layout": entry["output"].get("layout", "NCHW")}
         if entry.get("contract_id"):
             params["contract_id"] = entry["contract_id"]
-    params["binary_data_size"] = len(blob)
-    header = json.dumps({"inputs": [{"name": input_name, "shape": shape, "datatype": dtype, "parameters": params}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
-    return header + blob, len(header)
-
-
-def post(url, body, header_len, timeout):
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={HEADER: str(header_len), "Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        data, n = r.read(), r.headers.get(HEADER)
-    hl = int(n) if n is not None else len(data)
-    resp = json.loads(data[:hl].decode("utf-8"))
-    out = resp["outputs"][0]
-    if "data" in out:
-        return resp, np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-    size = out["parameters"]["binary_data_size"]
-    return resp, np.frombuffer(data[hl:hl + size], dtype="<f4").reshape(out["shape"])
-
-
-def infer(url, body, header_len, timeout, retries):
-    """POST with retries and exponential backoff on connection errors and 5xx/429; 4xx is final."""
-    for attempt in range(retries + 1):
-        try:
-            return post(url, body, header_len, timeout)
-        except urllib.error.HTTPError as e:
-            try:
-                msg = json.loads(e.read().decode("utf-8")).get("error", "")
-            except (ValueError, AttributeError):
-                msg = ""
-            if e.code < 500 and e.code != 429 or attempt == retries:
-                raise RuntimeError("HTTP %d: %s" % (e.code, msg or e.reason)) from None
-        except (urllib.error.URLError, OSError) as e:
-            if attempt == retries:
-                raise RuntimeError("cannot reach %s: %s" % (url, getattr(e, "reason", e))) from None
-        time.sleep(0.2 * 2 ** attempt)
-    raise RuntimeError("unreachable")
+    return kserve_body(input_name, shape, dtype, params, blob)
 
 
 def main(argv=None):

@@ -1,0 +1,60 @@
+"""The board clients' transport: one image's tensor over the Open Inference Protocol (KServe v2) REST with the
+binary tensor extension, with retries.
+
+Python >= 3.6 (JetPack 4's), the standard library and numpy only: this file is copied beside client.py into the
+jetson and rpi board bundles (as boardcodec.py is), so both boards speak the same wire from one source.
+"""
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+HEADER = "Inference-Header-Content-Length"
+V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
+
+
+def request_body(input_name, shape, datatype, params, blob):
+    """(body, header length): the JSON header naming one binary input and a binary ``logits`` output, then the blob."""
+    params = dict(params, binary_data_size=len(blob))
+    header = json.dumps({"inputs": [{"name": input_name, "shape": list(shape), "datatype": datatype,
+                                     "parameters": params}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return header + blob, len(header)
+
+
+def post(url, body, header_len, timeout):
+    """One POST; (response JSON, logits) with the logits from JSON data or the binary section."""
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={HEADER: str(header_len), "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        data, n = r.read(), r.headers.get(HEADER)
+    hl = int(n) if n is not None else len(data)
+    resp = json.loads(data[:hl].decode("utf-8"))
+    out = resp["outputs"][0]
+    if "data" in out:
+        return resp, np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    size = out["parameters"]["binary_data_size"]
+    return resp, np.frombuffer(data[hl:hl + size], dtype="<f4").reshape(out["shape"])
+
+
+def infer(url, body, header_len, timeout, retries):
+    """POST with retries and exponential backoff on connection errors and 5xx/429; any other 4xx is final (the
+    request itself is wrong: sending it again cannot help). Raises RuntimeError with the server's message."""
+    for attempt in range(retries + 1):
+        try:
+            return post(url, body, header_len, timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read().decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError):
+                msg = ""
+            if e.code < 500 and e.code != 429 or attempt == retries:
+                raise RuntimeError(f"HTTP {e.code}: {msg or e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            if attempt == retries:
+                raise RuntimeError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        time.sleep(0.2 * 2 ** attempt)
+    raise RuntimeError("unreachable")
