@@ -48,6 +48,25 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
+def student_overrides(stage_epochs: int, bottleneck_channel: int) -> dict[str, Any]:
+    """The demo's student recipe as training-config overrides: no augmentation, stage 2 KD with the encoder frozen."""
+    milestone = max(1, stage_epochs * 3 // 4)
+    return {
+        "models.student_model.name": ARCH,
+        "models.student_model.params": {"bottleneck_channel": bottleneck_channel},
+        "data.augment": False,  # random crops destroy 28x28 digits
+        "data.num_workers": 0,
+        "train.device": "cpu",
+        "train.stage1.num_epochs": stage_epochs,
+        "train.stage1.scheduler.params.milestones": [milestone],
+        "train.stage2.num_epochs": stage_epochs,
+        "train.stage2.criterion": "kd",
+        "train.stage2.frozen_encoder": True,
+        "train.stage2.optimizer.params.lr": 0.01,  # the authors' 1e-3 assumes ImageNet-pretrained tails
+        "train.stage2.scheduler.params.milestones": [milestone],
+    }
+
+
 def train_model(work: Path, data: Any, *, stage_epochs: int, bottleneck_channel: int, retrain: bool = False,
                 log: Callable[[str], None] = _log) -> tuple[Path, float]:
     """The demo's teacher and two-stage student, trained into ``work`` (cached there unless ``retrain``)."""
@@ -67,23 +86,9 @@ def train_model(work: Path, data: Any, *, stage_epochs: int, bottleneck_channel:
         log(f"cached student {best}")
         return best, teacher_top1
     e = stage_epochs
-    milestone = max(1, e * 3 // 4)
-    config = load_config(None, {
-        "models.student_model.name": ARCH,
-        "models.student_model.params": {"bottleneck_channel": bottleneck_channel},
-        "models.teacher_model.weights": str(teacher_path),
-        "data.augment": False,  # random crops destroy 28x28 digits
-        "data.num_workers": 0,
-        "train.output_dir": str(work / "student"),
-        "train.device": "cpu",
-        "train.stage1.num_epochs": e,
-        "train.stage1.scheduler.params.milestones": [milestone],
-        "train.stage2.num_epochs": e,
-        "train.stage2.criterion": "kd",
-        "train.stage2.frozen_encoder": True,
-        "train.stage2.optimizer.params.lr": 0.01,  # the authors' 1e-3 assumes ImageNet-pretrained tails
-        "train.stage2.scheduler.params.milestones": [milestone],
-    })
+    config = load_config(None, {**student_overrides(e, bottleneck_channel),
+                                "models.teacher_model.weights": str(teacher_path),
+                                "train.output_dir": str(work / "student")})
     log(f"training the BottleFit student: stage 1 (head distillation) and stage 2 (KD, frozen encoder), {e} "
         "epochs each")
     return train(config, log=log, data=data), teacher_top1

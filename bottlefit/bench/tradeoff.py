@@ -134,24 +134,10 @@ def _teacher(root: Path, cfg: TradeoffConfig, data: Any, data_hash: str, log: Lo
 
 
 def _student_overrides(cfg: TradeoffConfig, channels: int) -> dict[str, Any]:
-    """The demo's recipe (bottlefit.demo): no augmentation, stage 2 KD with the encoder frozen at lr 0.01."""
-    e = cfg.stage_epochs
-    milestone = max(1, e * 3 // 4)
-    return {
-        "models.student_model.name": ARCH,
-        "models.student_model.params": {"bottleneck_channel": channels},
-        "data.augment": False,  # random crops destroy 28x28 digits
-        "data.num_workers": 0,
-        "train.device": "cpu",
-        "train.seed": cfg.seed,
-        "train.stage1.num_epochs": e,
-        "train.stage1.scheduler.params.milestones": [milestone],
-        "train.stage2.num_epochs": e,
-        "train.stage2.criterion": "kd",
-        "train.stage2.frozen_encoder": True,
-        "train.stage2.optimizer.params.lr": 0.01,  # the authors' 1e-3 assumes ImageNet-pretrained tails
-        "train.stage2.scheduler.params.milestones": [milestone],
-    }
+    """The demo's recipe (bottlefit.demo), seeded."""
+    from bottlefit.demo import student_overrides
+
+    return {**student_overrides(cfg.stage_epochs, channels), "train.seed": cfg.seed}
 
 
 def _student(root: Path, cfg: TradeoffConfig, channels: int, data: Any, teacher: Path, teacher_key: str,

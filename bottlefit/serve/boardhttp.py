@@ -16,6 +16,18 @@ HEADER = "Inference-Header-Content-Length"
 V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
 
 
+def add_arguments(p):
+    """The options every board client shares: where to send, what to send, how to retry, how to print."""
+    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--fp32", action="store_true", help="send the dequantized bottleneck (FP32: what Triton takes)")
+    p.add_argument("--codec", choices=("none", "context"), default="none",
+                   help="context: code the int8 codes losslessly with the export's context model (bottlefit serve)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="one JSON line per image")
+
+
 def request_body(input_name, shape, datatype, params, blob):
     """(body, header length): the JSON header naming one binary input and a binary ``logits`` output, then the blob."""
     params = dict(params, binary_data_size=len(blob))

@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
+import boardhttp  # noqa: E402 - the bundle's own module
 from boardhttp import V2_TYPES, infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 
 META = "client.json"
@@ -112,16 +113,9 @@ def main(argv=None):
     src.add_argument("--bottleneck", nargs="+", help="the head's float32 outputs (.bin, .npy or trtexec JSON)")
     p.add_argument("--engine", help="the TensorRT engine build_engine.sh wrote (with --input/--golden)")
     p.add_argument("--trtexec", default="/usr/src/tensorrt/bin/trtexec")
-    p.add_argument("--server", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="model name on the server (default: client.json's tail_model)")
     p.add_argument("--meta", default=os.path.join(HERE, META))
-    p.add_argument("--fp32", action="store_true", help="send the dequantized bottleneck (FP32: what Triton takes)")
-    p.add_argument("--codec", choices=("none", "context"), default="none",
-                   help="context: code the int8 codes losslessly with the export's context model (bottlefit serve)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--json", action="store_true", help="one JSON line per image")
+    boardhttp.add_arguments(p)
     a = p.parse_args(argv)
 
     try:

@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
+import boardhttp  # noqa: E402 - the bundle's own module
 from boardhttp import infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 from run_head import RUNTIMES, open_head, preprocess, wire_codes  # noqa: E402 - the bundle's own module
 
@@ -72,18 +73,11 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", nargs="+", help="image files (.jpg/.png; needs Pillow) or .npy")
     src.add_argument("--golden", action="store_true", help="send the golden inputs next to this script")
-    p.add_argument("--server", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="model name on the server (default: golden.json's tail_model)")
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
     p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: the board profile's)")
     p.add_argument("--threads", type=int)
-    p.add_argument("--fp32", action="store_true", help="send the dequantized bottleneck (FP32: what Triton takes)")
-    p.add_argument("--codec", choices=("none", "context"), default="none",
-                   help="context: code the int8 codes losslessly with the export's context model (bottlefit serve)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--json", action="store_true", help="one JSON line per image")
+    boardhttp.add_arguments(p)
     a = p.parse_args(argv)
 
     opened = open_head(a.golden_json, None, a.runtime, a.threads)
