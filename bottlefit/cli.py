@@ -162,14 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_train)
 
     from bottlefit import demo
+    from bottlefit.bench import cli as bench_cli
     from bottlefit.serve import cli as serve_cli
     from bottlefit.targets.jetson import cli as jetson_cli
 
     demo.register(sub, common)
     jetson_cli.register(sub, common)
     serve_cli.register(sub, common)
-    from bottlefit.bench import cli as bench_cli
-
     bench_cli.register(sub, common)
     return parser
 
