@@ -43,6 +43,7 @@ N_ZERO = 7  # known neighbours that are exactly the zero point: 0 .. 6+
 N_ZERO_ENERGY = 2  # error-energy classes of the zero point's probability
 ADAPT = 2048  # weight of a residual seen in this image (a calibration histogram weighs 2**20: 512 residuals)
 N_PREV_FULL = 2  # previous channels whose 5-neighbourhood feeds the predictor
+BLOCK = 16384  # symbols per vectorized prediction block of the encoder
 TABLE_KEYS = ("zero_symbol", "fill", "grad_edges", "weights", "energy_edges", "residual", "zero")
 
 
@@ -178,17 +179,21 @@ class Adaptive:
     def __init__(self, tables, cum=None):
         self.cum = cumulative(tables) if cum is None else cum
         self.seen = np.zeros((self.cum.shape[0], 511), dtype=np.int64)
+        self.now = self.cum.copy()  # cum + ADAPT * running sum of seen, kept current for the rows that changed
         self.zsym = int(tables["zero_symbol"])
 
-    def rows(self, k):
-        """Cumulative weights (n, 512) of rows ``k`` now."""
-        seen = self.seen[k]
-        run = np.concatenate([np.zeros((k.size, 1), dtype=np.int64), np.cumsum(seen, axis=1)], axis=1)
-        return self.cum[k] + ADAPT * run
+    def window(self, k, p):
+        """Cumulative weights (n, 257) of rows ``k`` at residuals -p .. 256 - p: symbols 0 .. 256."""
+        at = (k * 512 + 255 - p)[:, None] + np.arange(257)
+        return self.now.reshape(-1)[at]
 
     def update(self, k, p, s):
         nz = s != self.zsym
+        if not nz.any():
+            return
         np.add.at(self.seen, (k[nz], s[nz] - p[nz] + 255), 1)
+        touched = np.unique(k[nz])
+        self.now[touched, 1:] = self.cum[touched, 1:] + ADAPT * np.cumsum(self.seen[touched], axis=1)
 
 
 def _zero_freq(tables, zk):
@@ -196,20 +201,21 @@ def _zero_freq(tables, zk):
     return (TOTAL * (z[zk, 0] + 1)) // (z[zk, 1] + 2)
 
 
-def quantized(tables, rows, p, zk, s):
-    """Left cumulative and frequency (before constriction's +1 per symbol) of symbols ``s``, given each symbol's
-    prediction ``p``, zero-table row ``zk`` and cumulative residual weights ``rows`` (n, 512). ``p`` and ``zk``
-    are (n,) with ``s`` (n,) (the encoder), or (n, 1) with ``s`` (1, 256) (the decoder: the whole alphabet)."""
+def quantized(tables, model, k, p, zk, s):
+    """Left cumulative and frequency (before constriction's +1 per symbol) of symbols ``s`` (n,), given each
+    symbol's prediction ``p``, residual-table row ``k`` (read from ``model``, an :class:`Adaptive`, now) and
+    zero-table row ``zk`` (the encoder; :func:`alphabet_frequencies` is the decoder's whole-alphabet form)."""
     zsym = int(tables["zero_symbol"])
-    ix = np.arange(rows.shape[0]).reshape(p.shape)
-    base = rows[ix, 255 - p]
-    w_zero = rows[ix, zsym - p + 256] - rows[ix, zsym - p + 255]
-    mass = rows[ix, 511 - p] - base - w_zero
+    at = k * 512 + 255 - p  # residual -p of row k: symbol x is at + x
+    now = model.now.reshape(-1)
+    base = now[at]
+    w_zero = now[at + zsym + 1] - now[at + zsym]
+    mass = now[at + 256] - base - w_zero
     fz = _zero_freq(tables, zk)
     rest = TOTAL - fz
 
     def cq(x):  # quantized cumulative of the non-zero symbols below x
-        cw = rows[ix, x - p + 255] - base
+        cw = now[at + x] - base
         cw = np.where(x > zsym, cw - w_zero, cw)
         return (rest * cw) // mass
 
@@ -219,31 +225,158 @@ def quantized(tables, rows, p, zk, s):
     return left, freq
 
 
+class Plan:
+    """Gather indices of every symbol of a C x H x W image, in coding order, into one flat array of the image's
+    symbols followed by a few extra slots (each channel's fill value, a constant 1, a slot that is never a
+    symbol): with them one step's (or the whole image's) predictions and contexts are a handful of vectorized
+    gathers for every channel at once, the same integers as :func:`prediction` and :func:`contexts` channel by
+    channel. Depends only on the shape (cached)."""
+
+    def __init__(self, c_count, h, w):
+        hw = h * w
+        cc, hh, ww = order(c_count, h, w)
+        self.n = cc.size
+        self.ch = cc
+        self.flat = cc * hw + hh * w + ww
+        self.fill = c_count * hw  # + c: channel c's fill value
+        self.one = self.fill + c_count  # always 1 (the predictor's constant; padding, weighted 0)
+        self.none = self.one + 1  # -1 in the symbols (never the zero point), 0 in the absolute residuals
+        self.size = self.none + 1
+        self.bounds = np.searchsorted(2 * hh + ww + LAG * cc, np.arange(steps(c_count, h, w) + 1))
+        nf = n_features(c_count - 1)
+        # int32: the two tables that grow with C * C * H * W stay small even for wide bottlenecks
+        self.feat = np.full((self.n, nf), self.one, dtype=np.int32)
+        self.zero = np.full((self.n, 6), self.none, dtype=np.int64)  # neighbours, two previous channels here
+        self.prev = np.full((self.n, max(c_count - 1, 1)), self.none, dtype=np.int32)  # every previous channel here
+        self.nbr = np.empty((self.n, 5), dtype=np.int64)  # |residual| at left, up, up-left, up-right, c-1 here
+        for c in range(c_count):
+            m = np.flatnonzero(cc == c)
+            rows, cols = hh[m], ww[m]
+            idx, ok = {}, {}
+            for dh, dw in OFFSETS:
+                r, q = rows + dh, cols + dw
+                ok[dh, dw] = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+                idx[dh, dw] = np.minimum(np.maximum(r, 0), h - 1) * w + np.minimum(np.maximum(q, 0), w - 1)
+            cols_ = [np.where(ok[o], c * hw + idx[o], self.fill + c) for o in (LEFT, UP, UPLEFT, UPRIGHT)]
+            for prev in range(c):
+                if prev >= c - N_PREV_FULL:
+                    cols_ += [prev * hw + idx[o] for o in (HERE, RIGHT, DOWN, LEFT, UP)]
+                else:
+                    cols_.append(prev * hw + idx[HERE])
+            self.feat[m, : len(cols_)] = np.stack(cols_, axis=1)
+            near = [np.where(ok[o], c * hw + idx[o], self.none) for o in (LEFT, UP, UPLEFT, UPRIGHT)]
+            self.zero[m, :4] = np.stack(near, axis=1)
+            for j, prev in enumerate(range(max(0, c - 2), c)):
+                self.zero[m, 4 + j] = prev * hw + idx[HERE]
+            for prev in range(c):
+                self.prev[m, prev] = prev * hw + idx[HERE]
+            self.nbr[m, :4] = self.zero[m, :4]
+            self.nbr[m, 4] = (c - 1) * hw + idx[HERE] if c else self.none
+        self.divisor = np.maximum(cc, 1)
+
+
+_PLANS = {}
+
+
+def plan(c_count, h, w):
+    """The (read-only, shared) :class:`Plan` of this shape."""
+    key = (c_count, h, w)
+    p = _PLANS.get(key)
+    if p is None:
+        p = Plan(c_count, h, w)
+        if len(_PLANS) >= 8:  # one shape per served contract: a few at most
+            _PLANS.clear()
+        _PLANS[key] = p
+    return p
+
+
+class Batched:
+    """The context model over a :class:`Plan`: predictions and context rows of any run of symbols in coding
+    order (a decoder's step, or a whole image for the encoder), every channel at once."""
+
+    def __init__(self, tables, pl):
+        self.plan = pl
+        c_count = tables["weights"].shape[0]
+        nf = pl.feat.shape[1]
+        w = np.zeros((c_count, N_GRAD, nf), dtype=np.int64)
+        for c in range(c_count):  # weights past a channel's own features read the padding: zero them
+            w[c, :, : n_features(c)] = tables["weights"][c, :, : n_features(c)]
+        self.weights = w
+        self.grad_edges = np.asarray(tables["grad_edges"], dtype=np.int64)
+        self.energy_edges = np.asarray(tables["energy_edges"], dtype=np.int64)
+        self.zsym = int(tables["zero_symbol"])
+        self.fill = np.asarray(tables["fill"], dtype=np.int64)
+
+    def buffers(self):
+        """(symbols, |residuals|): the flat arrays the plan's indices read, extra slots set."""
+        pl = self.plan
+        sym = np.zeros(pl.size, dtype=np.int64)
+        sym[pl.fill : pl.one] = self.fill
+        sym[pl.one] = 1
+        sym[pl.none] = -1
+        return sym, np.zeros(pl.size, dtype=np.int64)
+
+    def predict(self, sym, a, b):
+        """Predictions (int64, 0..255) of symbols a..b in coding order (searchsorted(side="right") on sorted
+        edges is the count of edges <= x)."""
+        pl = self.plan
+        ch = pl.ch[a:b]
+        f = sym[pl.feat[a:b]]
+        left, up, upleft, upright = f[:, 0], f[:, 1], f[:, 2], f[:, 3]
+        grad = np.abs(left - upleft) + np.abs(up - upleft) + np.abs(up - upright)
+        g = (self.grad_edges[ch] <= grad[:, None]).sum(axis=1)
+        p = ((f * self.weights[ch, g]).sum(axis=1) + (1 << (FRAC - 1))) >> FRAC
+        return np.minimum(np.maximum(p, 0), 255)
+
+    def contexts(self, sym, ares, p, a, b):
+        """(residual-table row, zero-table row) of symbols a..b predicted ``p``; ``ares``: |residuals|."""
+        pl = self.plan
+        ch = pl.ch[a:b]
+        r = ares[pl.nbr[a:b]]
+        e = 2 * r[:, 0] + 2 * r[:, 1] + r[:, 2] + r[:, 3] + 2 * r[:, 4] + \
+            (6 * ares[pl.prev[a:b]].sum(axis=1)) // pl.divisor[a:b]
+        e = (self.energy_edges[ch] <= e[:, None]).sum(axis=1)
+        near = np.minimum(np.abs(p - self.zsym), N_NEAR - 1)
+        z = np.minimum((sym[pl.zero[a:b]] == self.zsym).sum(axis=1), N_ZERO - 1)
+        k = (ch * N_ENERGY + e) * N_NEAR + near
+        return k, ((ch * N_NEAR + near) * N_ZERO + z) * N_ZERO_ENERGY + e * N_ZERO_ENERGY // N_ENERGY
+
+
+def alphabet_frequencies(tables, window, zk):
+    """Frequencies (n, 256) of every symbol (before constriction's +1), as :func:`quantized` gives them one
+    symbol at a time, from :meth:`Adaptive.window` and zero-table rows ``zk`` (n,) (the decoder)."""
+    zsym = int(tables["zero_symbol"])
+    cw = window - window[:, :1]
+    w_zero = cw[:, zsym + 1] - cw[:, zsym]
+    cw[:, zsym + 1 :] -= w_zero[:, None]  # the zero point has its own probability: out of the residual's mass
+    fz = _zero_freq(tables, zk)
+    cq = ((TOTAL - fz)[:, None] * cw) // cw[:, 256:]
+    freq = cq[:, 1:] - cq[:, :-1]
+    freq[:, zsym] = fz
+    return freq
+
+
 def prepare(tables, sym):
     """Every symbol of one image (C, H, W) in coding order: (symbols, left cumulative, frequency), all int64."""
     sym = np.asarray(sym, dtype=np.int64)
     c_count, h, w = sym.shape
-    cc, hh, ww = order(c_count, h, w)
-    flat = sym.reshape(c_count, -1)
-    res = np.zeros_like(flat)
-    first = cc == 0
-    nb = Neighbourhood(h, w, hh[first], ww[first])  # every channel visits the positions in the same order
-    p = np.zeros(cc.size, dtype=np.int64)
-    k = np.zeros_like(p)
-    zk = np.zeros_like(p)
-    for c in range(c_count):  # channel by channel: everything a decoder knows is already in sym
-        m = cc == c
-        pc = prediction(tables, flat, c, nb)
-        res[c, nb.here] = flat[c, nb.here] - pc  # the same channel's residuals feed its contexts
-        p[m] = pc
-        k[m], zk[m] = contexts(tables, flat, res, c, nb, pc)
-    s = sym[cc, hh, ww]
+    bm = Batched(tables, plan(c_count, h, w))
+    pl = bm.plan
+    buf, ares = bm.buffers()
+    buf[: sym.size] = sym.reshape(-1)
+    # the encoder knows every symbol: the whole image at once, in blocks that bound the temporaries
+    blocks = [(a, min(a + BLOCK, pl.n)) for a in range(0, pl.n, BLOCK)]
+    p = np.concatenate([bm.predict(buf, a, b) for a, b in blocks])
+    s = buf[pl.flat]
+    ares[pl.flat] = np.abs(s - p)
+    kz = [bm.contexts(buf, ares, p[a:b], a, b) for a, b in blocks]
+    k, zk = np.concatenate([v[0] for v in kz]), np.concatenate([v[1] for v in kz])
     left = np.zeros_like(s)
     freq = np.zeros_like(s)
     model = Adaptive(tables)
-    bounds = np.searchsorted(2 * hh + ww + LAG * cc, np.arange(steps(c_count, h, w) + 1))
+    bounds = pl.bounds
     for a, b in zip(bounds[:-1], bounds[1:]):  # noqa: B905 - Python 3.6 on the board
-        left[a:b], freq[a:b] = quantized(tables, model.rows(k[a:b]), p[a:b], zk[a:b], s[a:b])
+        left[a:b], freq[a:b] = quantized(tables, model, k[a:b], p[a:b], zk[a:b], s[a:b])
         model.update(k[a:b], p[a:b], s[a:b])
     return s, left, freq
 

@@ -255,37 +255,28 @@ def _encode_payload(codec: str, sym: np.ndarray, tables: CodecTables | None) -> 
 
 
 def _context_decode(payload: bytes, shape: tuple[int, int, int], tables: CodecTables) -> np.ndarray:
-    """The board's rANS stream, decoded by constriction one step (every active channel's wavefront) at a time."""
+    """The board's rANS stream, decoded by constriction one step (every active channel's wavefront) at a time:
+    one vectorized prediction, context and frequency computation and one constriction call per step."""
     import constriction
 
     bc, t = boardcodec, tables.context
     c_count, h, w = shape
     model = bc.Adaptive(t, tables.cumulative())
+    bm = bc.Batched(t, bc.plan(c_count, h, w))
+    pl = bm.plan
     family = constriction.stream.model.Categorical(perfect=False)
     dec = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-    sym = np.zeros((c_count, h * w), np.int64)
-    res = np.zeros((c_count, h * w), np.int64)
-    alphabet = np.arange(256)[None, :]
-    fronts = [bc.Neighbourhood(h, w, *bc.wavefront(h, w, d)) for d in range(2 * (h - 1) + w)]
-    for step in range(bc.steps(c_count, h, w)):
-        active = [(c, fronts[step - bc.LAG * c]) for c in range(c_count) if 0 <= step - bc.LAG * c < len(fronts)]
-        ps, ks, zks = [], [], []
-        for c, nb in active:
-            p = bc.prediction(t, sym, c, nb)
-            k, zk = bc.contexts(t, sym, res, c, nb, p)
-            ps.append(p)
-            ks.append(k)
-            zks.append(zk)
-        p, k, zk = (np.concatenate(v) for v in (ps, ks, zks))
-        _, freq = bc.quantized(t, model.rows(k), p[:, None], zk[:, None], alphabet)
+    sym, ares = bm.buffers()
+    for a, b in zip(pl.bounds[:-1].tolist(), pl.bounds[1:].tolist(), strict=True):
+        p = bm.predict(sym, a, b)
+        k, zk = bm.contexts(sym, ares, p, a, b)
+        freq = bc.alphabet_frequencies(t, model.window(k, p), zk)
         got = np.asarray(dec.decode(family, freq.astype(np.float64)), dtype=np.int64)
         model.update(k, p, got)
-        pos = 0
-        for (c, nb), pc in zip(active, ps, strict=True):
-            v = got[pos : pos + nb.size]
-            sym[c, nb.here], res[c, nb.here] = v, v - pc
-            pos += nb.size
-    return sym.reshape(shape).astype(np.uint8)
+        at = pl.flat[a:b]
+        sym[at] = got
+        ares[at] = np.abs(got - p)
+    return sym[: pl.n].reshape(shape).astype(np.uint8)
 
 
 def _decode_payload(codec: str, payload: bytes, shape: tuple[int, int, int], tables: CodecTables | None

@@ -111,3 +111,72 @@ def test_board_encoder_writes_what_constriction_writes() -> None:
         assert ours == enc.get_compressed().astype("<u4").tobytes()
         dec = constriction.stream.stack.AnsCoder(np.frombuffer(ours, dtype="<u4").astype(np.uint32))
         assert np.array_equal(dec.decode(family, f.astype(np.float64)), s)
+
+
+def _synthetic_tables(c: int, seed: int) -> dict[str, np.ndarray]:
+    """Context-model tables from integer draws only (no float fit): the same arrays on every machine."""
+    from bottlefit.serve import boardcodec as bc
+
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-600, 600, (c, bc.N_GRAD, bc.n_features(c - 1)))
+    w[:, :, :2] += 1 << (bc.FRAC - 1)  # mostly left + up
+    z = rng.integers(0, 50, (c, bc.N_NEAR, bc.N_ZERO, bc.N_ZERO_ENERGY, 2))
+    z[..., 1] += z[..., 0]
+    return {"zero_symbol": np.array(128), "fill": rng.integers(100, 160, c),
+            "grad_edges": np.sort(rng.integers(0, 60, (c, bc.N_GRAD - 1)), axis=1), "weights": w,
+            "energy_edges": np.sort(rng.integers(0, 200, (c, bc.N_ENERGY - 1)), axis=1),
+            "residual": rng.integers(1, 1 << 14, (c, bc.N_ENERGY, bc.N_NEAR, 511)), "zero": z}
+
+
+def _synthetic_symbols(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    s = 128 + np.cumsum(rng.integers(-3, 4, shape), axis=2) + rng.integers(-2, 3, shape)
+    s[rng.random(shape) < 0.3] = 128  # the zero point's spike
+    s[rng.random(shape) < 0.02] = 0
+    s[rng.random(shape) < 0.02] = 255
+    return np.clip(s, 0, 255).astype(np.uint8)
+
+
+_SHAPES = ((5, 9, 11), (3, 1, 6), (4, 7, 1), (12, 8, 8))
+
+
+def test_context_stream_is_pinned() -> None:
+    """The context codec's bytes for fixed integer tables and symbols, as the first encoder (before the batched
+    model) wrote them: frames already sent by boards must keep decoding, so the format never changes silently.
+    The server's decoder reads every stream back."""
+    import hashlib
+
+    from bottlefit.serve import boardcodec
+
+    digest = hashlib.sha256()
+    for i, shape in enumerate(_SHAPES):
+        tables, sym = _synthetic_tables(shape[0], i), _synthetic_symbols(shape, 100 + i)
+        payload = boardcodec.encode(tables, sym)
+        digest.update(payload)
+        ct = codecs.CodecTables("0" * 12, np.zeros((shape[0], 256), np.int64), tables)
+        assert np.array_equal(codecs._context_decode(payload, shape, ct), sym)
+    assert digest.hexdigest() == "ed7d7e4820e9eb9b64528f3f2cf247f4ca6e0d84e72cff979a02e8cb83beb635"
+
+
+def test_batched_model_is_the_per_channel_model() -> None:
+    """The batched model (every channel of a run of symbols at once) gives the same predictions and context rows
+    as the per-channel functions the tables are fitted with."""
+    from bottlefit.serve import boardcodec as bc
+
+    for i, shape in enumerate(_SHAPES):
+        tables, sym = _synthetic_tables(shape[0], i), _synthetic_symbols(shape, 100 + i)
+        c_count, h, w = shape
+        flat = sym.reshape(c_count, -1).astype(np.int64)
+        nb = bc.Neighbourhood(h, w, *np.divmod(np.arange(h * w), w))
+        pred = np.stack([bc.prediction(tables, flat, c, nb) for c in range(c_count)])
+        res = flat - pred
+        ks, zks = zip(*(bc.contexts(tables, flat, res, c, nb, pred[c]) for c in range(c_count)), strict=True)
+        bm = bc.Batched(tables, bc.plan(c_count, h, w))
+        buf, ares = bm.buffers()
+        buf[: sym.size] = flat.ravel()
+        p = bm.predict(buf, 0, bm.plan.n)
+        ares[bm.plan.flat] = np.abs(buf[bm.plan.flat] - p)
+        k, zk = bm.contexts(buf, ares, p, 0, bm.plan.n)
+        at = bm.plan.flat
+        assert np.array_equal(p, pred.ravel()[at])
+        assert np.array_equal(k, np.concatenate(ks)[at]) and np.array_equal(zk, np.concatenate(zks)[at])
