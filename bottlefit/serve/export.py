@@ -11,31 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.models.checkpoint import sha256_file
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
 from bottlefit.serve.contract import head_contract, tail_model_name
+from bottlefit.serve.head import codec_path, head_codes
 
-CODEC_DIR = "codec"
 TRITON_DIR = "triton"
-
-
-def codec_path(contract_id: str) -> str:
-    """Where a contract's tables live, relative to its target directory."""
-    return f"{CODEC_DIR}/{contract_id}.npz"
 
 
 def head_symbols(out_dir: Path, art: Artifact, contract: Any, images: np.ndarray) -> np.ndarray:
     """The head's symbols (N, C, H, W) on ``images`` under its reference semantics (the same on any host)."""
     runner = get_runner(art.runtime, out_dir / art.file, reference=True)
-    ispec, ospec = art.inputs[0], art.outputs[0]
-    sym = []
-    for i in range(images.shape[0]):
-        y = runner.infer({ispec.name: wire.encode(ispec, images[i : i + 1])})[ospec.name]
-        sym.append(codecs.to_symbols(contract, contract.codes(y)))
-    return np.stack(sym)
+    return np.stack([codecs.to_symbols(contract, c) for c in head_codes(runner, art, contract, images)])
 
 
 def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],

@@ -16,6 +16,23 @@ from bottlefit.serve.codecs import CodecError, CodecTables, fit_tables, to_symbo
 from bottlefit.serve.contract import TargetExport, WireContract
 
 TABLES_FORMAT = "ctx2"  # the cache's file names change with the tables' format
+CODEC_DIR = "codec"
+
+
+def codec_path(contract_id: str) -> str:
+    """Where an export keeps a contract's tables, relative to its target directory."""
+    return f"{CODEC_DIR}/{contract_id}.npz"
+
+
+def head_codes(runner: Any, artifact: Any, contract: WireContract, x: np.ndarray) -> np.ndarray:
+    """``artifact`` loaded in ``runner``: (N, 3, H, W) float32 -> (N, *contract.shape) codes, one image at a time
+    (or floats for a float head)."""
+    ispec, ospec = artifact.inputs[0], artifact.outputs[0]
+    out = []
+    for i in range(x.shape[0]):
+        res = runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
+        out.append(contract.codes(res[ospec.name]))
+    return np.stack(out)
 
 
 class HeadCodes:
@@ -28,12 +45,7 @@ class HeadCodes:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, *contract.shape) codes (or floats for a float head)."""
-        ispec, ospec = self.artifact.inputs[0], self.artifact.outputs[0]
-        out = []
-        for i in range(x.shape[0]):
-            res = self.runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
-            out.append(self.contract.codes(res[ospec.name]))
-        return np.stack(out)
+        return head_codes(self.runner, self.artifact, self.contract, x)
 
     @property
     def last_ms(self) -> float:
@@ -59,7 +71,7 @@ def load_tables(target: TargetExport, contract: WireContract) -> CodecTables:
     """The contract's codec tables: shipped with the export (``codec/<contract id>.npz``, written by ``bottlefit
     export`` and hashed in its manifest), else (an export made before the tables shipped) cached here, else fitted
     now on the built-in calibration photos and cached."""
-    shipped = target.path / "codec" / f"{contract.contract_id}.npz"
+    shipped = target.path / codec_path(contract.contract_id)
     if shipped.is_file():
         t = CodecTables.load(shipped)
         if t.contract_id != contract.contract_id:

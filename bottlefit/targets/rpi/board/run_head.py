@@ -209,6 +209,16 @@ def open_head(golden_json, model=None, runtime=None, threads=None, xnnpack=None,
         return 2
 
 
+def add_kernel_arguments(p):
+    """The kernel choices over the board profile's, for run_head.py and verify_on_board.py alike."""
+    p.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
+                   help="litert: XNNPACK (default: the board profile's delegate)")
+    p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                   help="litert: the built-in kernels instead of XNNPACK")
+    p.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime: a session config entry over the board profile's (repeatable)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -219,12 +229,7 @@ def main(argv=None):
     p.add_argument("--model", help="the head file (default: the one golden.json names for the runtime)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, help="default: the board profile's (golden.json default_threads)")
-    p.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
-                   help="litert: XNNPACK (default: the board profile's delegate)")
-    p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
-                   help="litert: the built-in kernels instead of XNNPACK")
-    p.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="onnxruntime: a session config entry over the board profile's (repeatable)")
+    add_kernel_arguments(p)
     p.add_argument("--out", default="payload.bin", help="where to write the output payload bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object (latency in ms) instead of lines")
     a = p.parse_args(argv)

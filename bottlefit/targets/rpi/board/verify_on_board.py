@@ -23,7 +23,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run_head import RUNTIMES, Head, MissingRuntime, defaults, ort_config, read_golden  # noqa: E402 - the bundle's own module
+from run_head import (  # noqa: E402 - the bundle's own module
+    RUNTIMES,
+    Head,
+    MissingRuntime,
+    add_kernel_arguments,
+    defaults,
+    ort_config,
+    read_golden,
+)
 
 
 def dequantize(y, spec):
@@ -84,12 +92,7 @@ def main(argv=None):
     p.add_argument("--runtime", choices=RUNTIMES, help="check only this head (default: every head listed)")
     p.add_argument("--model", help="with --runtime: the head file (default: the one golden.json names)")
     p.add_argument("--threads", type=int, default=1, help="default 1 (int8 results do not depend on it)")
-    p.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
-                   help="litert: XNNPACK (default: the board profile's delegate)")
-    p.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
-                   help="litert: the built-in kernels instead of XNNPACK")
-    p.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="onnxruntime: a session config entry over the board profile's (repeatable)")
+    add_kernel_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = p.parse_args(argv)
     try:
