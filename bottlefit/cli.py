@@ -55,7 +55,9 @@ def export_request(args: argparse.Namespace) -> Any:
         model=model_source(args), target=args.target, out=Path(args.out),
         target_options=options_from(target.options_type, vars(args)),
         calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
-                                       seed=args.seed, equalize=args.equalize),
+                                       seed=args.seed, equalize=args.equalize,
+                                       fold_pool_bn=not args.keep_pool_bn, weight_rounding=args.weight_rounding,
+                                       bias_correction=args.bias_correction),
         parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
                              emulate=Emulate.parse(args.emulate)),
     )
@@ -130,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equalize", action="store_true",
                    help="equalize the bottleneck's channels across the split (scales folded into the encoder's "
                         "last and the decoder's first layer) so one int8 grid serves every channel")
+    p.add_argument("--weight-rounding", default="nearest", metavar="nearest|gptq",
+                   help="how int8 heads round their conv weights: nearest, or gptq (Hessian-aware rounding on the "
+                        "calibration images; every converter then writes the same integers)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="correct each int8 conv's bias for the mean error its weight rounding adds")
+    p.add_argument("--keep-pool-bn", action="store_true",
+                   help="keep the head's BatchNorm after the max-pool as a layer of its own (by default it is folded "
+                        "into the stem conv where that is exact: one int8 layer and one requantization fewer)")
     p.add_argument("--images", help="held-out images for parity (default: the built-in held-out photos)")
     p.add_argument("--parity-count", type=int, help="use N held-out images for parity")
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE",

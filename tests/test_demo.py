@@ -1,4 +1,5 @@
-"""`bottlefit demo` end to end (one epoch per stage), and its cache: a second run does not train again."""
+"""`bottlefit demo` end to end (its default training, about a minute), and its cache: a second run does not train
+again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
 
 def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None:
     work = tmp_path / "demo"
-    assert main(["demo", "--workdir", str(work), "--stage-epochs", "1"]) == 0
+    assert main(["demo", "--workdir", str(work)]) == 0
     out = capsys.readouterr().out
     assert "BottleFit demo: mini_resnet" in out
     assert "bottleneck 4x5x5: 100 B int8 on the wire (400 B fp32)" in out
@@ -35,20 +36,21 @@ def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None
     assert "on board: head.qdq.onnx on Jetson orin GPU (TensorRT 10.3.0): not run (" in out
     teacher = float(out.split("teacher (mini ResNet)")[1].split("top-1")[1].split("%")[0])
     student = float(out.split("BottleFit student (fp32)")[1].split("top-1")[1].split("%")[0])
-    assert teacher > 85.0 and student > 60.0  # one epoch per stage: learning, not converged
+    assert teacher > 90.0 and student > 90.0  # measured 95.9% and 94.9%
     best = work / "student" / "best.pt"
     assert_int8_heads_agree_with_fp32(work, best)
     stamp = best.stat().st_mtime_ns
-    assert main(["demo", "--workdir", str(work), "--stage-epochs", "1"]) == 0
+    assert main(["demo", "--workdir", str(work)]) == 0
     err = capsys.readouterr().err
     assert "cached teacher" in err and "cached student" in err
     assert best.stat().st_mtime_ns == stamp
 
 
 def assert_int8_heads_agree_with_fp32(work: Path, best: Path) -> None:
-    """Every int8 head -> fp32 tail picks the fp32 model's class on >= 99% of the 1,000 validation digits, under
-    the artifact's reference semantics. Measured: 99.4-99.5% for this 1-epoch-per-stage student; the default
-    4-epoch demo reaches issue 10's 99.5% (99.5% Q/DQ symmetric, 99.9% the others)."""
+    """Every int8 head -> fp32 tail picks the fp32 model's class on >= 99.5% of the 1,000 validation digits (issue
+    10), under the artifact's reference semantics, with the demo's recipe (BN folded through the max-pool, range
+    search, GPTQ weight rounding). Measured: 99.7% (ONNX Runtime uint8, TFLite, rpi ONNX), 99.9% (Q/DQ symmetric);
+    the 1-epoch-per-stage student of earlier tests reached only 99.3%."""
     import numpy as np
     import torch
 
@@ -70,4 +72,4 @@ def assert_int8_heads_agree_with_fp32(work: Path, best: Path) -> None:
         z = run_head(a, d, x.numpy(), reference=True)
         with torch.no_grad():
             got = sm.tail(sm.transmit(torch.from_numpy(z))).argmax(1).numpy()
-        assert float(np.mean(got == ref)) >= 0.99, f"{target}/{a.file}: {np.mean(got == ref):.3f}"
+        assert float(np.mean(got == ref)) >= 0.995, f"{target}/{a.file}: {np.mean(got == ref):.3f}"

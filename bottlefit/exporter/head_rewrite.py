@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,60 @@ def bn_as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
         out.weight.copy_(scale.view(c, 1, 1, 1).float())
         out.bias.copy_(shift.float())
     return out.eval()
+
+
+def fold_pool_batchnorm(encoder: nn.Module, prefix: str = "") -> tuple[nn.Sequential, list[str]] | None:
+    """Conv → [BN] → ReLU → MaxPool → BN → ReLU as Conv' → ReLU → MaxPool, exactly, when the second BN's scale
+    ``a`` is > 0 and its shift ``b`` is <= 0 on every channel; None when the pattern or the condition is absent.
+
+    Why it is exact: ``u ↦ ReLU(a·u + b)`` is non-decreasing for ``a > 0``, so it commutes with max-pooling (which
+    pads with -inf); and for ``b <= 0``, ``ReLU(a·ReLU(z) + b) = ReLU(a·z + b)``. So the BN and both ReLUs fold into
+    the stem conv, whose output the max-pool then reads. Why: the stand-alone BN was a layer of its own in every
+    int8 head (one more requantization, one more op on the device; it is the identity in an untrained model). It
+    holds for BottleFit's encoders with identity or trained BNs whose shifts are <= 0 (the trained demo's is).
+
+    Child names are kept ("0", "2", "3", "6"), so module paths (``encoder.6``) still name the model's modules; the
+    folded conv is named after the stem conv."""
+    if not isinstance(encoder, nn.Sequential):
+        return None
+    items = list(encoder.named_children())
+    for i, (name, conv) in enumerate(items):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        j = i + 1
+        bn1 = items[j][1] if j < len(items) and isinstance(items[j][1], nn.BatchNorm2d) else None
+        j += bn1 is not None
+        kinds = (nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU)
+        rest = items[j:j + 4]
+        if len(rest) < 4 or not all(isinstance(m, k) for (_, m), k in zip(rest, kinds, strict=True)):
+            return None  # only the stem is considered
+        pool, bn2 = rest[1][1], rest[2][1]
+        if getattr(pool, "return_indices", False):
+            return None
+        a, b = _bn_affine(bn2)  # type: ignore[arg-type]
+        if not (bool((a > 0).all()) and bool((b <= 0).all())):
+            return None
+        s1, t1 = _bn_affine(bn1) if bn1 is not None else (torch.ones_like(a), torch.zeros_like(a))
+        b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+        with torch.no_grad():
+            new.weight.copy_((conv.weight.detach().double() * (s1 * a).view(-1, 1, 1, 1)).float())
+            new.bias.copy_(((b0 * s1 + t1) * a + b).float())
+        relu = nn.ReLU()
+        children: list[tuple[str, nn.Module]] = [(n, copy.deepcopy(m)) for n, m in items[:i]]
+        children += [(name, new.eval()), (rest[0][0], relu), (rest[1][0], copy.deepcopy(pool))]
+        children += [(n, copy.deepcopy(m)) for n, m in items[j + 4:]]
+        out = nn.Sequential(OrderedDict(children)).eval()
+        for p in out.parameters():
+            p.requires_grad_(False)
+        def path(n: str) -> str:
+            return f"{prefix}.{n}" if prefix else n
+
+        folded = [path(n) for n in ([items[i + 1][0]] if bn1 is not None else []) + [rest[2][0], rest[3][0]]]
+        return out, [f"folded {', '.join(folded)} into {path(name)} (ahead of the max-pool {path(rest[1][0])}: "
+                     f"exact, the BN's scales > 0 and shifts <= 0)"]
+    return None
 
 
 class SpaceToDepthConv(nn.Module):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -80,6 +80,23 @@ def split(model: nn.Module, card: ModelCard) -> SplitModel:
     head = Head(encoder).eval()
     tail = Tail(_without(model, card.bottleneck.module)).eval()
     return SplitModel(head, tail, card, model)
+
+
+def fold_head(sm: SplitModel) -> tuple[SplitModel, list[str]]:
+    """``sm`` with its head's stand-alone BatchNorm folded through the max-pool into the stem conv when that is
+    exact (``head_rewrite.fold_pool_batchnorm``), and what was folded; ``sm`` itself (and []) otherwise. The tail
+    and the model are untouched; an equalization the head carries stays with it. Deterministic, data-free: verify
+    re-applies it from the manifest."""
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
+
+    res = fold_pool_batchnorm(sm.head.encoder, sm.card.bottleneck.module)
+    if res is None:
+        return sm, []
+    encoder, changes = res
+    head = Head(encoder).eval()
+    if getattr(sm.head, "equalization", None) is not None:
+        head.equalization = sm.head.equalization  # type: ignore[assignment]
+    return replace(sm, head=head), changes
 
 
 @torch.no_grad()

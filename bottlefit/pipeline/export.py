@@ -17,7 +17,7 @@ import torch
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.manifest import write_manifest
-from bottlefit.exporter.split import check_split, split
+from bottlefit.exporter.split import check_split, fold_head, split
 from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
@@ -123,7 +123,12 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
         sm, eq = equalize_split(sm, calib_set.images)
         equalization = eq.to_dict()
         log(f"equalized the bottleneck's {len(eq.scales)} channels ({eq.encoder_layer} x s, {eq.decoder_layer} / s)")
-    # against the ORIGINAL model: proves an equalization's fold too
+    folds: list[str] = []
+    if request.calibration.fold_pool_bn:
+        sm, folds = fold_head(sm)
+        for f in folds:
+            log(f)
+    # against the ORIGINAL model: proves an equalization's fold and the head's folds too
     err = check_split(sm, torch.randn(2, *card.input_shape, generator=torch.Generator().manual_seed(0)))
     log(f"split at {card.bottleneck.module}: bottleneck {card.bottleneck.shape}; "
         f"max |tail(head(x)) - model(x)| = {err:.3g}")
@@ -134,7 +139,9 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
                            (lambda: calib_set) if calib_set is not None
                            else (lambda: calibration_images(card, request.calibration, log)),
                            lambda: heldout_images(card, request.parity, log), log,
-                           observer=request.calibration.observer, tolerance_overrides=overrides)
+                           observer=request.calibration.observer, tolerance_overrides=overrides,
+                           weight_rounding=request.calibration.weight_rounding,
+                           bias_correction=request.calibration.bias_correction)
         artifacts = target.build(ctx)
         log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
             "can run)")
@@ -152,6 +159,10 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
             sections["calibration"] = ctx.calibration_used.describe()
         if equalization is not None:
             sections["equalization"] = equalization
+        if folds:
+            sections["head_folds"] = folds
+        if ctx.rounding is not None:
+            sections["weight_rounding"] = ctx.rounding
         sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
                             if a.role == "head" and a.outputs}
         write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)

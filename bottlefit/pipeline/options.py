@@ -47,19 +47,28 @@ class ModelSource:
 class CalibrationOptions:
     """The images int8 ranges come from (``source``: a folder, ImageFolder tree or .npz; None = the built-in
     photos), how many (a seeded choice), the range observer (``search``: per-tensor range search, the same
-    recipe for every scheme), and ``equalize``: bottleneck channel equalization across the split
-    (``bottlefit.exporter.equalize``; head, tail and wire change together)."""
+    recipe for every scheme), ``equalize``: bottleneck channel equalization across the split
+    (``bottlefit.exporter.equalize``; head, tail and wire change together), and ``fold_pool_bn``: the head's
+    stand-alone BatchNorm folded through the max-pool into the stem conv where that is exact
+    (``bottlefit.exporter.split.fold_head``; one int8 layer fewer), ``weight_rounding`` (nearest | gptq) and
+    ``bias_correction`` for the int8 heads' weights (``bottlefit.exporter.rounding``)."""
 
     source: str | None = None
     count: int | None = None
     observer: str = "minmax"
     seed: int = 0
     equalize: bool = False
+    fold_pool_bn: bool = True
+    weight_rounding: str = "nearest"
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         from bottlefit.calibration.observers import make_observer
+        from bottlefit.exporter.rounding import METHODS
 
         make_observer(self.observer)  # UserError naming the choices
+        if self.weight_rounding not in METHODS:
+            raise UserError(f"--weight-rounding {self.weight_rounding!r}: choose one of {', '.join(METHODS)}")
         if self.source and not Path(self.source).exists():
             raise UserError(f"{self.source}: calibration data not found; pass a folder of images or a .npz file")
         if self.count is not None and self.count < 1:

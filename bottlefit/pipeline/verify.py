@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, write_json
-from bottlefit.exporter.split import split
+from bottlefit.exporter.split import fold_head, split
 from bottlefit.models.card import ModelCard
 from bottlefit.parity.tolerances import parse_overrides
 from bottlefit.parity.verify import Verdict, verify
@@ -63,6 +63,8 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
         from bottlefit.exporter.equalize import apply_equalization
 
         sm = apply_equalization(sm, manifest["equalization"])
+    if manifest.get("head_folds"):
+        sm, _ = fold_head(sm)  # the artifacts' head: its module paths are what a diagnosis names
     verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides)
     verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
     verdict.write(target_dir)

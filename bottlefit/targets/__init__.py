@@ -7,8 +7,10 @@ name, lets it add its own options, and calls ``build``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,8 +33,10 @@ _TARGETS = {
 class BuildContext:
     """What a target gets to build from. ``calibration`` is made on first use (it costs image decoding).
 
-    ``options`` is the target's own typed options object (``Target.options_type``); ``observer`` and
-    ``tolerance_overrides`` are the export's calibration and parity choices the target's artifacts depend on."""
+    ``options`` is the target's own typed options object (``Target.options_type``); ``observer``,
+    ``weight_rounding``, ``bias_correction`` and ``tolerance_overrides`` are the export's calibration and parity
+    choices the target's artifacts depend on. Int8 artifacts quantize ``int8_head``; fp32 artifacts and parity's
+    reference use ``split.head``."""
 
     split: Any  # bottlefit.exporter.split.SplitModel
     out_dir: Path  # a fresh temporary directory; the pipeline renames it into place when all succeeded
@@ -42,7 +46,11 @@ class BuildContext:
     log: Callable[[str], None] = print
     observer: str = "minmax"
     tolerance_overrides: dict[tuple[str | None, str], float] = field(default_factory=dict)
+    weight_rounding: str = "nearest"
+    bias_correction: bool = False
+    rounding: dict[str, Any] | None = None  # bottlefit.exporter.rounding.Rounding.to_dict(), once int8_head ran
     _calibration: Any = field(default=None, repr=False)
+    _int8_head: Any = field(default=None, repr=False)
     _heldout: Any = field(default=None, repr=False)
 
     @property
@@ -57,6 +65,45 @@ class BuildContext:
     def calibration_used(self) -> Any | None:
         """The calibration set if the build asked for one (the manifest records it), else None."""
         return self._calibration
+
+    @property
+    def int8_head(self) -> Any:
+        """The head every int8 artifact quantizes: ``split.head`` itself, or (``weight_rounding`` gptq, or
+        ``bias_correction``) a copy whose conv weights are already on the int8 grid, rounded on the calibration
+        images (``bottlefit.exporter.rounding``), so every converter writes the same integers."""
+        if self._int8_head is None:
+            if self.weight_rounding == "nearest" and not self.bias_correction:
+                self._int8_head = self.split.head
+            else:
+                from bottlefit.exporter.rounding import round_head
+
+                images = self.calibration.images
+                self._int8_head, rec = round_head(self.split.head, images, self.weight_rounding,
+                                                  bias_correction=self.bias_correction)
+                self.rounding = rec.to_dict()
+                for layer, row in rec.layers.items():
+                    what = (f"output SQNR {row['sqnr_db_nearest']:.1f} dB nearest -> {row['sqnr_db']:.1f} dB"
+                            if "sqnr_db" in row else row.get("skipped", ""))
+                    self.log(f"weight rounding {self.weight_rounding}"
+                             f"{' + bias correction' if self.bias_correction else ''}: "
+                             f"{self.split.head_module_path(layer)}: {what} ({len(images)} images)")
+        return self._int8_head
+
+    @contextlib.contextmanager
+    def int8_onnx_source(self, fp32_onnx: Path, opset: int, input_name: str, output_name: str) -> Iterator[Path]:
+        """The fp32 ONNX an int8 ONNX head is quantized from: ``fp32_onnx`` (the shipped fp32 head) itself, or
+        ``int8_head`` exported with the same names into a temporary directory."""
+        head = self.int8_head
+        if head is self.split.head:
+            yield Path(fp32_onnx)
+            return
+        import torch
+
+        from bottlefit.exporter.onnx import export_onnx
+
+        x = torch.randn(1, *self.split.card.input_shape, generator=torch.Generator().manual_seed(0))
+        with tempfile.TemporaryDirectory(prefix="bottlefit-int8-source-") as tmp:
+            yield export_onnx(head, x, Path(tmp) / Path(fp32_onnx).name, opset, input_name, output_name).path
 
     @property
     def heldout(self) -> Any:

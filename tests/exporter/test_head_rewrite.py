@@ -141,3 +141,60 @@ def test_space_to_depth_int8_tflite_head_is_fully_int8() -> None:
     assert info.float_ops == [] and path.stat().st_size > 0
     assert info.inputs[0].dtype == "int8" and info.inputs[0].shape == (1, 224, 224, 3)
     assert info.outputs[0].shape == (1, 29, 29, 12) and info.ops.count("CONV_2D") == 2
+
+
+def _stem(seed: int, shift_sign: float) -> nn.Sequential:
+    """conv -> BN -> ReLU -> max-pool -> BN -> ReLU -> conv, random BN statistics; the second BN's shifts all
+    take ``shift_sign`` (-1: <= 0, the fold applies; +1: > 0, it must not)."""
+    torch.manual_seed(seed)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                        nn.MaxPool2d(3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                        nn.Conv2d(8, 4, 2, 2, 1, bias=False)).eval()
+    randomize_bn(seq, seed=seed)
+    bn = seq[4]
+    with torch.no_grad():  # shift = beta - mean * scale: choose beta so every shift has the asked sign
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bn.bias.copy_(bn.running_mean * scale + shift_sign * (0.05 + torch.rand(8)))
+    return seq
+
+
+def test_pool_batchnorm_fold_is_exact_and_keeps_names() -> None:
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
+
+    seq = _stem(0, -1.0)
+    folded, changes = fold_pool_batchnorm(seq, "bottleneck.encoder")
+    assert [n for n, _ in folded.named_children()] == ["0", "2", "3", "6"]
+    assert changes == ["folded bottleneck.encoder.1, bottleneck.encoder.4, bottleneck.encoder.5 into "
+                       "bottleneck.encoder.0 (ahead of the max-pool bottleneck.encoder.3: exact, the BN's scales "
+                       "> 0 and shifts <= 0)"]
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = seq(x.clone()), folded(x.clone())
+    assert (ref - got).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_pool_batchnorm_fold_refuses_what_is_not_exact() -> None:
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
+
+    assert fold_pool_batchnorm(_stem(1, +1.0)) is None  # a positive shift survives the ReLU: not a ReLU(conv)
+    neg = _stem(2, -1.0)
+    with torch.no_grad():
+        neg[4].weight[3] = -neg[4].weight[3]  # a negative scale turns max-pooling into min-pooling
+    assert fold_pool_batchnorm(neg) is None
+    assert fold_pool_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())) is None
+
+
+@pytest.mark.parametrize("key", ["r152v2", "d201"])
+def test_fold_head_keeps_the_split_exact(key: str) -> None:
+    from bottlefit.exporter.split import check_split, fold_head, split
+    from bottlefit.models.checkpoint import untrained
+    from tests.targets.rpi import HEADS
+
+    arch, params = HEADS[key]
+    lm = untrained(arch, params)  # identity BNs: scale 1/sqrt(1 + eps) > 0, shift 0 -> the fold applies
+    sm = split(lm.model, lm.card)
+    folded, changes = fold_head(sm)
+    assert len(changes) == 1 and folded.tail is sm.tail
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules())
+    x = torch.from_numpy(images("heldout", 2))
+    assert check_split(folded, x) < 1e-3

@@ -271,8 +271,10 @@ class JetsonTarget:
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
         ctx.log(f"quantizing {QDQ_ONNX}: symmetric int8, per-channel weights, {ctx.observer} over {len(images)} "
                 "images")
-        q = quantize_head(out / HEAD_ONNX, out / QDQ_ONNX, images, ctx.split.head, ctx.observer,
-                          symmetric=True, per_channel=True, output_int8=req.int8_output)
+        # the TensorRT cache names the tensors of the shipped head.onnx: the int8 source keeps every name
+        with ctx.int8_onnx_source(out / HEAD_ONNX, req.opset, INPUT_NAME, OUTPUT_NAME) as source:
+            q = quantize_head(source, out / QDQ_ONNX, images, ctx.int8_head, ctx.observer,
+                              symmetric=True, per_channel=True, output_int8=req.int8_output)
         warnings = lint_or_fail(out / QDQ_ONNX, req.profile, ctx.log)
         if req.int8_output:
             out_spec = TensorSpec(OUTPUT_NAME, shape, "int8", "NCHW", q.output_scale, 0)

@@ -31,8 +31,10 @@ def build_int8_head(ctx: BuildContext, fp32_head_path: Path, opset: int) -> Arti
     ctx.log(f"quantizing {fp32_head_path.name} -> {INT8_FILE}: observer {observer} on {len(calib)} calibration "
             f"images; activations {'int8 symmetric' if SYMMETRIC else 'uint8 asymmetric'} per tensor, "
             "weights int8 symmetric per channel")
-    res = quantize_head(fp32_head_path, ctx.out_dir / INT8_FILE, calib.images, ctx.split.head, observer,
-                        symmetric=SYMMETRIC, per_channel=True, output_int8=False)
+    head = ctx.int8_head
+    with ctx.int8_onnx_source(fp32_head_path, opset, "input", "bottleneck") as source:
+        res = quantize_head(source, ctx.out_dir / INT8_FILE, calib.images, head, observer,
+                            symmetric=SYMMETRIC, per_channel=True, output_int8=False)
     if res.rewritten_nodes:
         ctx.log(f"rewrote {', '.join(res.rewritten_nodes)} (BatchNorm after the max-pool) as an exact 1x1 "
                 "depthwise conv so it runs as an int8 conv")

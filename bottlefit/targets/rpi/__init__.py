@@ -147,13 +147,15 @@ class RpiTarget:
         ctx.log(f"rpi: rewritten head max abs error {rw.max_abs_error:.2e}")
         rewrite = {"changes": rw.changes, "max_abs_error": rw.max_abs_error, "origin": rw.origin}
 
+        # int8 heads come from the weight-rounded head when the export asks for it; fp32 ones never do
+        rw8 = rw if ctx.int8_head is ctx.split.head else rewrite_head(ctx.int8_head.encoder, card.bottleneck.module)
         ctx.log(f"rpi: head.int8.tflite (PT2E, {observer} ranges over {len(images)} images, {layout} I/O)")
-        i8 = export_tflite(rw, images, out / "head.int8.tflite", int8=True, layout=layout, observer=observer,
+        i8 = export_tflite(rw8, images, out / "head.int8.tflite", int8=True, layout=layout, observer=observer,
                            allow_float_ops=allow_float, log=ctx.log)
         ctx.log(f"rpi: {len(i8.float_ops)} float ops; ops {' '.join(i8.ops)}")
         f32 = export_tflite(rw, images, out / "head.fp32.tflite", int8=False, layout=layout, log=ctx.log)
         ctx.log(f"rpi: {ONNX_INT8_FILE} (ONNX Runtime Q/DQ, {observer} ranges, asymmetric int8 activations)")
-        ox = write_int8_onnx(ctx.split.head, images, out / ONNX_INT8_FILE, observer)
+        ox = write_int8_onnx(ctx.int8_head, images, out / ONNX_INT8_FILE, observer)
         if ox.rewritten_nodes:
             ctx.log(f"rpi: {', '.join(ox.rewritten_nodes)} (BatchNorm after the max-pool) -> 1x1 depthwise conv")
         ox_in, ox_out, ox_ops = onnx_specs(ox.path)

@@ -1,8 +1,10 @@
 """`bottlefit verify` on an rpi bundle names the first head layer whose quantized output diverges in the .tflite.
 
-The bundle is a real export (untrained custom_densenet169). The break is made in the flatbuffer itself: the
-activation scale of the depthwise conv that replaced ``features.bottleneck.encoder.4`` (the BatchNorm after the
-max-pool) is divided by 8, so its int8 output clips.
+The bundle is a real export (untrained custom_densenet169; the BatchNorm after the max-pool is folded into the
+stem conv, the export's default). The break is made in the flatbuffer itself: the per-channel weight scales of the
+last conv, ``features.bottleneck.encoder.6``, are multiplied by 8, so its int8 output clips while the layers
+before it stay healthy. (Its output tensor is the graph's, named by no module; an activation scale earlier in the
+graph would sit between a PAD and a MAX_POOL, which must share their input's scale.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from bottlefit.cli import main
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.head_rewrite import RewrittenHead
 from bottlefit.exporter.manifest import MANIFEST, read_manifest, sha256_file, write_json
-from bottlefit.exporter.split import split
+from bottlefit.exporter.split import fold_head, split
 from bottlefit.parity.tolerances import tolerances_for
 from bottlefit.parity.verify import diagnose
 from bottlefit.pipeline import source
@@ -29,12 +31,11 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("litert_torch")
 
 TFLITE = "head.int8.tflite"
-BROKEN = "features.bottleneck.encoder.4"
-# (module, through) per row: conv0 + folded BN1 + fused ReLU2, max-pool, depthwise conv (ex-BN4) + ReLU5, conv6
+BROKEN = "features.bottleneck.encoder.6"
+# (module, through) per row: conv0 (BN1, BN4 folded) + fused ReLU2, max-pool, conv6
 ROWS = [
     ("features.bottleneck.encoder.0", "features.bottleneck.encoder.2"),
     ("features.bottleneck.encoder.3", "features.bottleneck.encoder.3"),
-    ("features.bottleneck.encoder.4", "features.bottleneck.encoder.5"),
     ("features.bottleneck.encoder.6", "features.bottleneck.encoder.6"),
 ]
 
@@ -53,16 +54,17 @@ def test_unbroken_head_maps_every_layer(bundle: Path) -> None:
     art = Artifact.from_dict(next(a for a in manifest["artifacts"] if a["file"] == TFLITE))
     lm = source.reload(manifest["source"], None)
     held = CalibrationSet.builtin(lm.card, part="heldout", count=manifest["parity"]["images"]["count"])
-    d = diagnose(split(lm.model, lm.card), art, bundle, held.images, tolerances_for(art.file, art.precision, {}))
+    assert manifest["head_folds"]  # the bundle's head is the folded one; the diagnosis reads that head
+    d = diagnose(fold_head(split(lm.model, lm.card))[0], art, bundle, held.images,
+                 tolerances_for(art.file, art.precision, {}))
     assert d["first_diverging_layer"] is None
     assert [(r["module"], r["through"]) for r in d["layers"]] == ROWS
     for r in d["layers"]:
         assert r["cosine"] > 0.99 and r["sqnr_db"] > 25, r  # measured: cosine 0.9984-0.9999, SQNR 31-41 dB
 
 
-def break_activation_scale(path: Path, origin: dict[str, list[str]], module: str, factor: float) -> list[int]:
-    """Divide the int8 scale of the activation ``module`` computes by ``factor``: the tensor its op writes and
-    the PAD copy of it the next conv reads (XNNPACK refuses a PAD whose input and output scales differ)."""
+def break_weight_scale(path: Path, origin: dict[str, list[str]], module: str, factor: float) -> int:
+    """Multiply the per-channel weight scales of the CONV_2D that ``module`` became by ``factor``; its index."""
     from ai_edge_litert import interpreter as li
     from ai_edge_litert import schema_py_generated as fb
 
@@ -71,28 +73,25 @@ def break_activation_scale(path: Path, origin: dict[str, list[str]], module: str
                             experimental_op_resolver_type=li.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     names = {int(t["index"]): str(t["name"]) for t in interp.get_tensor_details()}
     ops = interp._get_ops_details()
-    hit = [int(op["outputs"][0]) for op in ops if module in rw.origin_of_tensor(names[int(op["outputs"][0])])]
+    # the conv reads its input through a PAD named after the conv's module
+    hit = [int(op["inputs"][1]) for op in ops if op["op_name"] == "CONV_2D"
+           and module in rw.origin_of_tensor(names[int(op["inputs"][0])])]
     assert len(hit) == 1, hit
-    for op in ops:
-        if op["op_name"] in ("PAD", "PADV2") and int(op["inputs"][0]) in hit:
-            hit.append(int(op["outputs"][0]))
     buf = bytearray(path.read_bytes())
-    tensors = fb.Model.GetRootAs(buf, 0).Subgraphs(0)
-    for i in hit:
-        scale = tensors.Tensors(i).Quantization().ScaleAsNumpy()  # a writable view into buf
-        assert scale.shape == (1,) and scale[0] > 0
-        scale[0] = np.float32(scale[0] / factor)
+    scale = fb.Model.GetRootAs(buf, 0).Subgraphs(0).Tensors(hit[0]).Quantization().ScaleAsNumpy()  # a view
+    assert scale.shape[0] > 1 and (scale > 0).all()  # per-channel
+    scale *= np.float32(factor)
     path.write_bytes(bytes(buf))
-    return hit
+    return hit[0]
 
 
-def test_broken_activation_scale_names_the_layer(bundle: Path, tmp_path: Path) -> None:
+def test_broken_weight_scale_names_the_layer(bundle: Path, tmp_path: Path) -> None:
     d = tmp_path / "rpi"
     shutil.copytree(bundle, d)
     manifest = read_manifest(d)
     art = next(a for a in manifest["artifacts"] if a["file"] == TFLITE)
-    assert art["extra"]["rewrite"]["origin"]["3"] == [BROKEN]  # the depthwise conv is rewritten child 3
-    assert len(break_activation_scale(d / TFLITE, art["extra"]["rewrite"]["origin"], BROKEN, 8.0)) == 2
+    assert art["extra"]["rewrite"]["origin"]["3"] == [BROKEN]  # the last conv is rewritten child 3
+    break_weight_scale(d / TFLITE, art["extra"]["rewrite"]["origin"], BROKEN, 8.0)
     art["sha256"] = sha256_file(d / TFLITE)  # a consistent manifest: only the numbers are wrong
     write_json(d / MANIFEST, manifest)
 
@@ -110,4 +109,4 @@ def test_broken_activation_scale_names_the_layer(bundle: Path, tmp_path: Path) -
     assert min(rows[m]["sqnr_db"] for m in ("features.bottleneck.encoder.0", "features.bottleneck.encoder.3")) > 35
     assert rows[BROKEN]["sqnr_db"] < 10 < 15 == diag["min_sqnr_db"]
     assert rows[BROKEN]["cosine"] < 0.95
-    assert "first diverging head layer: features.bottleneck.encoder.4 (cosine" in (d / "report.md").read_text()
+    assert "first diverging head layer: features.bottleneck.encoder.6 (cosine" in (d / "report.md").read_text()
