@@ -120,29 +120,63 @@ def _decoder_path(encoder_path: str) -> str:
     return f"{parent}.decoder" if parent else "decoder"
 
 
+def _threshold(ch: np.ndarray) -> tuple[float, float]:
+    """(MSE-optimal symmetric int8 threshold of ``ch`` about 0, the squared error of that grid on ``ch``)."""
+    x = ch.astype(np.float32)
+    obs = MseObserver()
+    obs.prime(float(x.min()), float(x.max()))
+    obs.update(x)
+    a = float(obs.amax())
+    if a <= 0:
+        return a, 0.0
+    step = 2 * a / 255
+    q = np.clip(np.round(ch / step), -127.5, 127.5) * step
+    return a, float(np.mean((q - ch) ** 2))
+
+
+def _wire_sqnr(z: np.ndarray, o: np.ndarray, a: np.ndarray) -> float:
+    """Mean per-image SQNR (dB) of ``z`` (N, C, ...) through the equalized wire: each channel centred on ``o`` and
+    scaled to the largest threshold, one symmetric int8 grid, and back."""
+    live = a > 0
+    ref = float(a[live].max()) if live.any() else 1.0
+    s = np.where(live, ref / np.where(live, a, 1.0), 1.0)
+    shape = (1, -1) + (1,) * (z.ndim - 2)
+    step = 2 * ref / 255
+    y = (z - o.reshape(shape)) * s.reshape(shape)
+    back = np.clip(np.round(y / step), -127.5, 127.5) * step / s.reshape(shape) + o.reshape(shape)
+    sig = (z.reshape(len(z), -1) ** 2).sum(1)
+    err = ((back - z).reshape(len(z), -1) ** 2).sum(1)
+    return float(np.mean(10 * np.log10(np.maximum(sig, 1e-30) / np.maximum(err, 1e-30))))
+
+
 @torch.no_grad()
 def channel_thresholds(head: nn.Module, images: np.ndarray, centre: bool = True,
                        batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per bottleneck channel over ``images``: (centre, MSE-optimal symmetric int8 threshold about it). The
-    centre is the channel's mean (0 when not ``centre``); the histogram spans exactly its final |max|."""
+    """Per bottleneck channel over ``images``: (centre, MSE-optimal symmetric int8 threshold about it).
+
+    The centres (0 when not ``centre``) are the channels' means, the midpoints of their ranges, or per channel
+    whichever of the two quantizes it with the smaller error, and of these three the one whose equalized wire
+    keeps the best mean per-image SQNR on ``images`` wins. The midpoint lets a skewed channel fill both halves of
+    the grid (trained demo model: the wire's own error 40.2 dB about the means, 42.5 dB about the midpoints);
+    the mean keeps a finer grid under heavy tails (untrained R152 v2). Each histogram spans exactly its centred
+    channel's |max|."""
     outs = [head(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))).numpy()
             for i in range(0, len(images), batch)]
     z = np.concatenate(outs).astype(np.float64)
-    centres, thresholds = [], []
+    per_channel: list[list[tuple[float, float, float]]] = []  # per channel: (centre, threshold, error) per option
     for c in range(z.shape[1]):
-        ch = z[:, c]
-        o = float(ch.mean()) if centre else 0.0
-        ch = (ch - o).astype(np.float32)
-        obs = MseObserver()
-        obs.prime(float(ch.min()), float(ch.max()))
-        obs.update(ch)
-        centres.append(o)
-        thresholds.append(obs.amax())
-    return np.asarray(centres, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+        ch = z[:, c].ravel()
+        options = [float(ch.mean()), float((ch.min() + ch.max()) / 2)] if centre else [0.0]
+        per_channel.append([(o, *_threshold(ch - o)) for o in options])
+    choices = [[opts[k] for opts in per_channel] for k in range(len(per_channel[0]))]
+    if centre:
+        choices.append([min(opts, key=lambda t: t[2]) for opts in per_channel])
+    best = max(choices, key=lambda ch: _wire_sqnr(z, np.array([t[0] for t in ch]), np.array([t[1] for t in ch])))
+    return (np.asarray([t[0] for t in best], dtype=np.float64), np.asarray([t[1] for t in best], dtype=np.float64))
 
 
 def equalize_split(sm: SplitModel, images: np.ndarray, centre: bool = True) -> tuple[SplitModel, Equalization]:
-    """The equalized split. ``centre``: also shift each channel to its mean where the layers allow it, so one
+    """The equalized split. ``centre``: also shift each channel to its centre where the layers allow it, so one
     grid fits skewed channels too, symmetric or not. Head, tail and model are new objects (the bottleneck
     copied, every other parameter shared); ``sm.model`` stays the result's reference model, so ``check_split``
     compares the equalized tail(head(x)) with the original model. The head carries the record as
