@@ -184,7 +184,9 @@ def _export_all(best: Path, calib: Path, held: Path, out: Path) -> dict[str, boo
     for target in TARGETS:
         _log(f"exporting --target {target}")
         result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
-                                      CalibrationOptions(source=str(calib)),
+                                      # the best recipe that leaves the tail as trained (no --equalize)
+                                      CalibrationOptions(source=str(calib), observer="search",
+                                                         weight_rounding="gptq"),
                                       ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
         verdicts[target] = result.verdict.passed
     return verdicts
