@@ -16,9 +16,10 @@ so each converter recomputes the same scale and rounds back to the same ``q``.
 - bias correction (either rounding): ``b += (w - q) · E[x]``, which removes the mean shift rounding puts on each
   output channel (exact in expectation over the calibration set, since the conv is linear in ``w``).
 
-A conv followed by a BatchNorm keeps nearest rounding: converters fold the BN into it afterwards, which would move
-rounded weights off the grid (BottleFit heads have none left once ``fold_head`` ran). Grouped (depthwise) convs
-keep nearest rounding too.
+A conv followed by a BatchNorm is rounded as the converters will see it, with the BN folded in (``w · a`` per
+output channel, ``a`` the BN's scale): the conv keeps ``q · scale / a``, so the converters' own fold lands back on
+the grid (a float32 ulp away, never near a rounding tie), and a bias correction goes into the conv's bias divided by ``a``. A
+channel whose BN scale is 0 keeps its weights. Grouped (depthwise) convs keep nearest rounding.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def _input_stats(head: nn.Module, conv: nn.Conv2d, images: np.ndarray) -> tuple[
     return h, s, n
 
 
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """An eval-mode BN's per-channel scale ``gamma / sqrt(var + eps)``, float64."""
+    var = bn.running_var.detach().double() if bn.running_var is not None else torch.ones(bn.num_features)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var.double() + bn.eps)
+
+
 def _grid(w: torch.Tensor) -> torch.Tensor:
     """Per-row scale of the converters' weight grid (max|w| / 127), float64; 1 for an all-zero row."""
     m = w.abs().amax(1)
@@ -153,23 +161,30 @@ def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
     for k, (name, conv) in enumerate(children):
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
             continue
-        if k + 1 < len(children) and isinstance(children[k + 1][1], nn.BatchNorm2d):
-            record.layers[f"encoder.{name}"] = {"skipped": "followed by a BatchNorm (a later fold moves the grid)"}
-            continue
+        bn = children[k + 1][1] if k + 1 < len(children) and isinstance(children[k + 1][1], nn.BatchNorm2d) else None
+        a = _bn_scale(bn) if bn is not None else None  # type: ignore[arg-type]
         h, s, n = _input_stats(out, conv, images)
         w = conv.weight.detach().double().flatten(1)
+        if a is not None:
+            w = w * a[:, None]  # what the converters quantize once they fold the BN
         scale = _grid(w)
         nearest = torch.clamp(torch.round(w / scale[:, None]), -QMAX, QMAX)
         q = _keep_scale(_gptq(w, h, scale) if method == "gptq" else nearest, w)
         wq = (q.float() * scale.float()[:, None]).double()  # what converters will dequantize, bit for bit
         row: dict[str, Any] = {"sqnr_db_nearest": _sqnr(w, w - nearest * scale[:, None], h),
-                                 "sqnr_db": _sqnr(w, w - wq, h)}
+                               "sqnr_db": _sqnr(w, w - wq, h)}
         if bias_correction:
-            shift = (w - wq) @ (s / max(n, 1))  # E[w·x] - E[q·x] per output channel
+            shift = (w - wq) @ (s / max(n, 1))  # E[w·x] - E[q·x] per output channel, after the BN's scale
+            if a is not None:  # the BN scales what the conv adds: a · (conv + shift / a) = a · conv + shift
+                shift = torch.where(a != 0, shift / torch.where(a != 0, a, 1.0), torch.zeros_like(shift))
             if conv.bias is None:
                 conv.bias = nn.Parameter(torch.zeros(conv.out_channels), requires_grad=False)
             conv.bias.copy_((conv.bias.double() + shift).float())
             row["bias_shift_max"] = float(shift.abs().max())
+        if a is not None:
+            live = (a != 0)[:, None]
+            wq = torch.where(live, wq / torch.where(live, a[:, None], 1.0), conv.weight.detach().double().flatten(1))
+            row["folded_batchnorm"] = f"encoder.{children[k + 1][0]}"
         conv.weight.copy_(wq.float().view_as(conv.weight))
         record.layers[f"encoder.{name}"] = row
     if not any("sqnr_db" in r for r in record.layers.values()):

@@ -93,8 +93,15 @@ def _host_note(art: Artifact, status: str) -> str:
 
 
 def host_execution(art: Artifact, target_dir: Path, images: np.ndarray, reference: np.ndarray) -> Execution:
-    """The artifact on this host's own default kernels, against its reference outputs (information)."""
-    got = run_head(art, target_dir, images)
+    """The artifact on this host's own default kernels, against its reference outputs (information). A runtime
+    that refuses to run it here (a delegate that will not prepare a damaged file) is recorded as "failed", never
+    raised: this run decides nothing."""
+    try:
+        got = run_head(art, target_dir, images)
+    except Exception as e:  # noqa: BLE001 — any runtime's refusal; the fidelity checks already judged the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return Execution(art.file, art.runtime, "host", isa_label(), False, "failed", {},
+                         f"this host's {art.runtime} could not run it: {type(e).__name__}: {first}")
     m = agreement(reference, got, output_lsb(art))
     status = "agrees" if agrees(m) else "deviates"
     return Execution(art.file, art.runtime, "host", isa_label(), False, status, m, _host_note(art, status))

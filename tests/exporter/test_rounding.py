@@ -117,3 +117,32 @@ def test_refuses_unknown_method_and_no_images(r152v2) -> None:
         round_head(r152v2.head, images("calibration", 2), "adaround")
     with pytest.raises(UserError, match="needs calibration images"):
         round_head(r152v2.head, images("calibration", 2)[:0], "gptq")
+
+
+def test_conv_followed_by_batchnorm_lands_on_the_grid_after_the_fold(tmp_path) -> None:
+    """R152 v1's stem keeps Conv -> BN (no BN after its max-pool to fold): the conv is rounded with the BN's scale
+    in, so the integers ONNX Runtime writes after its own Conv+BN fold are the rounded ones."""
+    from bottlefit.exporter.onnx import export_onnx
+    from bottlefit.exporter.qdq import quantize_head
+    from bottlefit.exporter.split import Head
+    from tests.targets.rpi import head as rpi_head
+
+    enc, _ = rpi_head("r152v1")  # random BN statistics, as a trained checkpoint has
+    calib = images("calibration", 8)
+    rounded, rec = round_head(Head(enc), calib, "gptq", bias_correction=True)
+    assert rec.layers["encoder.0"]["folded_batchnorm"] == "encoder.1"
+    conv, bn = rounded.encoder.get_submodule("0"), rounded.encoder.get_submodule("1")
+    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    q, _ = _ints(conv.weight.detach().double() * a.view(-1, 1, 1, 1))
+    assert (q - q.round()).abs().max() < 1e-3
+    fp32 = export_onnx(rounded, torch.from_numpy(calib[:1]), tmp_path / "h.onnx", 13, "input", "bottleneck")
+    qd = quantize_head(fp32.path, tmp_path / "q.onnx", calib, rounded, "minmax", symmetric=True)
+    w8 = [numpy_helper.to_array(i) for i in onnx.load(str(qd.path)).graph.initializer]
+    (got,) = [w for w in w8 if w.dtype == np.int8 and w.ndim == 4]
+    assert np.array_equal(got.reshape(len(got), -1), q.round().to(torch.int8).numpy())
+    # bias correction: the folded conv's mean output on the calibration images matches the original's
+    x = torch.from_numpy(calib)
+    with torch.no_grad():
+        ref = enc[1](enc[0](x)).double().mean((0, 2, 3))
+        got_mean = bn(conv(x)).double().mean((0, 2, 3))
+    assert (got_mean - ref).abs().max() < 1e-4

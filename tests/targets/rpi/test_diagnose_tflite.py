@@ -110,3 +110,31 @@ def test_broken_weight_scale_names_the_layer(bundle: Path, tmp_path: Path) -> No
     assert rows[BROKEN]["sqnr_db"] < 10 < 15 == diag["min_sqnr_db"]
     assert rows[BROKEN]["cosine"] < 0.95
     assert "first diverging head layer: features.bottleneck.encoder.6 (cosine" in (d / "report.md").read_text()
+
+
+def test_a_host_runtime_that_refuses_the_file_is_information(bundle: Path, tmp_path: Path) -> None:
+    """A PAD whose output scale differs from its input's runs under the reference kernels, but XNNPACK refuses to
+    prepare it: the host run is recorded as "failed" (information), and verify still gives the fidelity verdict
+    (exit 1), never an internal error."""
+    from ai_edge_litert import interpreter as li
+    from ai_edge_litert import schema_py_generated as fb
+
+    d = tmp_path / "rpi"
+    shutil.copytree(bundle, d)
+    path = d / TFLITE
+    interp = li.Interpreter(model_path=str(path),
+                            experimental_op_resolver_type=li.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    pads = [int(op["outputs"][0]) for op in interp._get_ops_details() if op["op_name"] == "PAD"]
+    buf = bytearray(path.read_bytes())
+    scale = fb.Model.GetRootAs(buf, 0).Subgraphs(0).Tensors(pads[-1]).Quantization().ScaleAsNumpy()
+    scale[0] = np.float32(scale[0] / 8)
+    path.write_bytes(bytes(buf))
+    manifest = read_manifest(d)
+    next(a for a in manifest["artifacts"] if a["file"] == TFLITE)["sha256"] = sha256_file(path)
+    write_json(d / MANIFEST, manifest)
+
+    assert main(["verify", str(d), "--emulate", "none"]) == 1
+    report = json.loads((d / "report.json").read_text())
+    (host,) = [e for e in report["execution"] if e["artifact"] == TFLITE and e["where"] == "host"]
+    assert host["status"] == "failed" and host["gated"] is False
+    assert host["note"].startswith("this host's litert could not run it: ")
