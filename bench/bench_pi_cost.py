@@ -87,10 +87,12 @@ def export_s2d(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None
     """The space-to-depth variants of the three heads, made the rpi target's way."""
     import torch
 
-    from bottlefit.exporter.head_rewrite import rewrite_head
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm, rewrite_head
     from bottlefit.targets.rpi import write_int8_onnx
     from bottlefit.targets.rpi.tflite import export_tflite
 
+    folded = fold_pool_batchnorm(head, prefix)  # as the export does by default
+    head = folded[0] if folded else head
     rw = rewrite_head(head, prefix, torch.from_numpy(images[:2]), space_to_depth=True)
     if not any("space-to-depth" in c for c in rw.changes):
         raise SystemExit("--variants s2d: the head's first conv is not a stride-2 conv over few channels")

@@ -18,8 +18,8 @@ so each converter recomputes the same scale and rounds back to the same ``q``.
 
 A conv followed by a BatchNorm is rounded as the converters will see it, with the BN folded in (``w · a`` per
 output channel, ``a`` the BN's scale): the conv keeps ``q · scale / a``, so the converters' own fold lands back on
-the grid (a float32 ulp away, never near a rounding tie), and a bias correction goes into the conv's bias divided by ``a``. A
-channel whose BN scale is 0 keeps its weights. Grouped (depthwise) convs keep nearest rounding.
+the grid (a float32 ulp away, never near a rounding tie), and a bias correction goes into the conv's bias
+divided by ``a``. A channel whose BN scale is 0 keeps its weights. Grouped (depthwise) convs keep nearest rounding.
 """
 
 from __future__ import annotations

@@ -80,9 +80,9 @@ def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8_export: Path) -> No
     # Float in, float out: the graph ends in DequantizeLinear.
     assert model.graph.node[-1].op_type == "DequantizeLinear" and model.graph.node[-1].output[0] == "bottleneck"
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    # The BatchNorm after the max-pool is a 64-channel depthwise conv that keeps its module's scope.
-    dw = next(n for n in model.graph.node if n.name == "/encoder/encoder.4/Conv")
-    assert next(a.i for a in dw.attribute if a.name == "group") == 64
+    # The BatchNorm after the max-pool is folded into the stem conv (the export's default): two convs remain.
+    assert [n.name for n in model.graph.node if n.op_type == "Conv"] == ["/encoder/encoder.0/Conv",
+                                                                         "/encoder/encoder.6/Conv"]
     inits = inits_of(model)
     manifest = json.loads((r152_int8_export / "manifest.json").read_text())
     q = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")["quantization"]
@@ -91,8 +91,8 @@ def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8_export: Path) -> No
     assert q["activation_order"] == list(written)  # topological order
     assert {k: (v, q["activation_zero_points"][k]) for k, v in q["activation_scales"].items()} == written
     # ReLU outputs in uint8: zero point 0, so the ReLU folds into the conv.
-    assert q["activation_zero_points"]["/encoder/encoder.5/Relu_output_0"] == 0
-    assert q["tensor_modules"]["/encoder/encoder.5/Relu_output_0"] == "bottleneck.encoder.4"
+    assert q["activation_zero_points"]["/encoder/encoder.2/Relu_output_0"] == 0
+    assert q["tensor_modules"]["/encoder/encoder.2/Relu_output_0"] == "bottleneck.encoder.0"
     assert q["tensor_modules"]["bottleneck"] == "bottleneck.encoder.6"
 
 
