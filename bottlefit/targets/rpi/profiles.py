@@ -3,8 +3,10 @@
 Costs are guest instructions retired per inference (millions, 1 thread, batch 1) of the ResNet-152 v2 (12 ch)
 head with untrained (seeded random) weights, under qemu arm64 user-mode emulation of the board's core
 (bottlefit.emulation.cost): a proxy for the board's time, not cycles, taken on the kernels each runtime's aarch64
-wheel picks for that core. The default is the cheapest int8 head in those figures; fp32 TFLite with XNNPACK is the
-reference every ratio is taken against. Made by ``COST_COMMAND`` (bench/bench_pi_cost.py) on 2026-11-30 with
+wheel picks for that core. The head is the export's: the BatchNorm after the max-pool folded into the stem conv
+(bottlefit.exporter.split.fold_head), which saved 0.8 M on every core (A72 ONNX Runtime u8 45.65 -> 44.82 M).
+The default is the cheapest int8 head in those figures; fp32 TFLite with XNNPACK is the reference every ratio is
+taken against. Made by ``COST_COMMAND`` (bench/bench_pi_cost.py) on 2026-11-30 with
 ai-edge-litert 2.3.0, onnxruntime 1.32.0, qemu 7.2.
 
 Keys of ``costs``: "<file>/<delegate>" where delegate is "xnnpack" or "builtin" for the .tflite heads (LiteRT with
@@ -94,12 +96,12 @@ _A76 = ("fp", "asimd", "crc32", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc
 
 # measured with bench/bench_pi_cost.py (COST_COMMAND), see the module doc; bench/bench_pi_cost_baseline.json holds
 # the same run (with the space-to-depth variants and host milliseconds) as the CI regression baseline
-_COST_A72 = {"head.int8.tflite/xnnpack": 135.89, "head.int8.tflite/builtin": 58.39, "head.fp32.tflite/xnnpack": 76.78,
-             "head.fp32.tflite/builtin": 56.46, "head.int8.onnx/cpu": 52.35, "head.int8.onnx/cpu-u8": 45.65}
-_COST_A76 = {"head.int8.tflite/xnnpack": 37.04, "head.int8.tflite/builtin": 32.9, "head.fp32.tflite/xnnpack": 74.14,
-             "head.fp32.tflite/builtin": 56.45, "head.int8.onnx/cpu": 23.58, "head.int8.onnx/cpu-u8": 24.23}
-_COST_A53 = {"head.int8.tflite/xnnpack": 66.28, "head.int8.tflite/builtin": 68.31, "head.fp32.tflite/xnnpack": 73.16,
-             "head.fp32.tflite/builtin": 80.05, "head.int8.onnx/cpu": 52.34, "head.int8.onnx/cpu-u8": 45.65}
+_COST_A72 = {"head.int8.tflite/xnnpack": 135.19, "head.int8.tflite/builtin": 57.36, "head.fp32.tflite/xnnpack": 76.13,
+             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 51.54, "head.int8.onnx/cpu-u8": 44.82}
+_COST_A76 = {"head.int8.tflite/xnnpack": 36.34, "head.int8.tflite/builtin": 31.88, "head.fp32.tflite/xnnpack": 73.48,
+             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 22.78, "head.int8.onnx/cpu-u8": 23.14}
+_COST_A53 = {"head.int8.tflite/xnnpack": 65.58, "head.int8.tflite/builtin": 67.29, "head.fp32.tflite/xnnpack": 72.51,
+             "head.fp32.tflite/builtin": 79.41, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82}
 
 PROFILES: dict[str, RpiProfile] = {}
 
