@@ -31,7 +31,7 @@ def _ints(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
     r, e = ref.flatten(1).double(), (got - ref).flatten(1).double()
-    return float(np.mean(10 * np.log10((r**2).sum(1) / (e**2).sum(1)).numpy()))
+    return float((10 * torch.log10((r**2).sum(1) / (e**2).sum(1))).mean())
 
 
 def test_gptq_weights_sit_on_the_grid_and_beat_nearest(r152v2) -> None:
