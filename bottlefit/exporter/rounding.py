@@ -57,6 +57,12 @@ class Rounding:
                 "layers": self.layers}
 
 
+def check_method(method: str) -> None:
+    """UserError naming the choices unless ``method`` is one of ``METHODS``."""
+    if method not in METHODS:
+        raise UserError(f"--weight-rounding {method!r}: choose one of {', '.join(METHODS)}")
+
+
 def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """im2col of a conv's input: (N * L, C * kh * kw) in float64, the order of ``conv.weight.flatten(1)``."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -145,8 +151,7 @@ def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
     the int8 grid by ``method`` and, with ``bias_correction``, each conv's bias corrected for the rounding's mean
     error; calibrated on ``images`` (float32 NCHW, preprocessed). Attributes the head carries (an equalization
     record) stay. The original is not touched."""
-    if method not in METHODS:
-        raise UserError(f"--weight-rounding {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     if len(images) == 0:
         raise UserError("weight rounding needs calibration images: pass --calib PATH")
     out = copy.deepcopy(head).eval()
@@ -187,7 +192,7 @@ def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
             row["folded_batchnorm"] = f"encoder.{children[k + 1][0]}"
         conv.weight.copy_(wq.float().view_as(conv.weight))
         record.layers[f"encoder.{name}"] = row
-    if not any("sqnr_db" in r for r in record.layers.values()):
+    if not record.layers:
         raise UserError("weight rounding: the head has no Conv2d to round")
     for p in out.parameters():
         p.requires_grad_(False)

@@ -64,11 +64,10 @@ class CalibrationOptions:
 
     def __post_init__(self) -> None:
         from bottlefit.calibration.observers import make_observer
-        from bottlefit.exporter.rounding import METHODS
+        from bottlefit.exporter.rounding import check_method
 
         make_observer(self.observer)  # UserError naming the choices
-        if self.weight_rounding not in METHODS:
-            raise UserError(f"--weight-rounding {self.weight_rounding!r}: choose one of {', '.join(METHODS)}")
+        check_method(self.weight_rounding)
         if self.source and not Path(self.source).exists():
             raise UserError(f"{self.source}: calibration data not found; pass a folder of images or a .npz file")
         if self.count is not None and self.count < 1:

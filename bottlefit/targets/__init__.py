@@ -82,11 +82,10 @@ class BuildContext:
                                                   bias_correction=self.bias_correction)
                 self.rounding = rec.to_dict()
                 for layer, row in rec.layers.items():
-                    what = (f"output SQNR {row['sqnr_db_nearest']:.1f} dB nearest -> {row['sqnr_db']:.1f} dB"
-                            if "sqnr_db" in row else row.get("skipped", ""))
                     self.log(f"weight rounding {self.weight_rounding}"
                              f"{' + bias correction' if self.bias_correction else ''}: "
-                             f"{self.split.head_module_path(layer)}: {what} ({len(images)} images)")
+                             f"{self.split.head_module_path(layer)}: output SQNR {row['sqnr_db_nearest']:.1f} dB "
+                             f"nearest -> {row['sqnr_db']:.1f} dB ({len(images)} images)")
         return self._int8_head
 
     @contextlib.contextmanager
