@@ -89,7 +89,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     request = VerifyRequest(Path(args.dir), images=args.images,
                             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                             tolerance=tuple(args.tolerance) if args.tolerance is not None else None,
-                            emulate=Emulate.parse(args.emulate))
+                            emulate=Emulate.parse(args.emulate), budget=args.budget)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     results = verify_all(request, log)
     if args.json:
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="also run the board scripts on the board's ISA under emulation (rpi: pi4, pi5, pi3, zero2)")
+    p.add_argument("--budget", action="store_true",
+                   help="also the error budget of every int8 Q/DQ ONNX head: the bottleneck's SQNR with one "
+                        "activation grid at a time (which quantizer costs the most)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("train", parents=[common],

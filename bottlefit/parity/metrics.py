@@ -35,6 +35,13 @@ def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return float(10.0 * np.log10(signal / noise))
 
 
+def mean_sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """The mean over samples (axis 0) of each sample's SQNR in dB: a dim image counts as much as a bright one,
+    where the pooled figure is dominated by the images with the most energy. inf when identical."""
+    per = [sqnr_db(ref[i], got[i]) for i in range(ref.shape[0])]
+    return float(np.mean(per)) if per else float("nan")
+
+
 def top1_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     return float(np.mean(np.argmax(ref_logits, axis=1) == np.argmax(got_logits, axis=1)))
 

@@ -14,7 +14,8 @@ report.json schema (format_version 2; version 1 had no "kind" and no "execution"
    "execution": [{"artifact", "runtime", "where": "host"|"emulated"|"board", "isa", "gated", "status":
                   "agrees"|"deviates"|"failed"|"not run", "metrics": {...}, "note"}],
    "skipped": [{"artifact", "reason"}],
-   "diagnosis": {artifact: {"first_diverging_layer": str | null, "summary": str, "layers": [...]}}}
+   "diagnosis": {artifact: {"first_diverging_layer": str | null, "summary": str, "layers": [...]}},
+   "budget": {artifact: [{"grids", "module", "sqnr_db", "sqnr_db_mean", "cosine"}]}}  (only when asked for)
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Verdict:
     execution: list[Execution] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     diagnosis: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, list[Any]] = field(default_factory=dict)  # artifact -> parity.budget.BudgetRow list
 
     @property
     def passed(self) -> bool:
@@ -141,6 +143,8 @@ class Verdict:
             "execution": [clean(e.to_dict()) for e in self.execution],
             "skipped": self.skipped,
             "diagnosis": self.diagnosis,
+            **({"budget": {a: [r.to_dict() for r in rows] for a, rows in self.budget.items()}}
+               if self.budget else {}),
         }
 
     def markdown(self) -> str:
@@ -166,6 +170,13 @@ class Verdict:
             lines.append(f"\nSkipped {s['artifact']}: {s['reason']}")
         for art, d in self.diagnosis.items():
             lines.append(f"\n{art}: {d['summary']}")
+        if self.budget:
+            from bottlefit.parity.budget import render
+
+            lines += ["", "## Error budget (reference semantics; one activation grid kept at a time, int8 weights in "
+                      "every row)"]
+            for art, rows in self.budget.items():
+                lines += ["", f"{art}:", "", *render(rows)]
         return "\n".join(lines) + "\n"
 
     def write(self, target_dir: Path) -> None:
@@ -185,13 +196,17 @@ class Verdict:
             rows.append(f"  {mark} {e.line()}")
         for art, d in self.diagnosis.items():
             rows.append(f"  {art}: {d['summary']}")
+        for art, budget in self.budget.items():
+            figs = ", ".join(f"{b.module or b.grids} {b.sqnr_db:.1f}" for b in budget)
+            rows.append(f"  budget {art} (SQNR dB with only this grid): {figs}")
         return "\n".join(rows)
 
 
 def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, target: str, images: np.ndarray,
-           images_info: dict[str, Any], overrides: dict | None = None) -> Verdict:
+           images_info: dict[str, Any], overrides: dict | None = None, budget: bool = False) -> Verdict:
     """Fidelity of every head and tail artifact (gated), and the host-kernel execution of every int8 head
-    (information: no target here runs on the export host's ISA)."""
+    (information: no target here runs on the export host's ISA). ``budget``: also the error budget of every
+    int8 Q/DQ ONNX head (bottlefit.parity.budget; information)."""
     overrides = overrides or {}
     verdict = Verdict(target, images_info)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -236,7 +251,23 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
                                         semantics))
         if any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head":
             verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)
+        if budget and art.role == "head" and int8 and art.runtime == "onnxruntime" \
+                and art.inputs[0].dtype == "float32":
+            verdict.budget[art.file] = error_budget_of(split, art, target_dir, images, ref_z.numpy())
     return verdict
+
+
+def error_budget_of(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray,
+                    reference: np.ndarray) -> list[Any]:
+    """``art``'s error budget (bottlefit.parity.budget), each grid named by the head module it quantizes."""
+    import onnx
+
+    from bottlefit.exporter.qdq import tensor_modules
+    from bottlefit.parity.budget import error_budget
+
+    path = target_dir / art.file
+    modules = {t: split.head_module_path(m) for t, m in tensor_modules(onnx.load(str(path)), split.head).items()}
+    return error_budget(path, images, reference, modules)
 
 
 def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray, tols: dict) -> dict[str, Any]:

@@ -116,3 +116,4 @@ class VerifyRequest:
     checkpoint: Path | None = None
     tolerance: tuple[str, ...] | None = None
     emulate: Emulate = field(default_factory=Emulate)
+    budget: bool = False  # also the error budget of every int8 Q/DQ ONNX head (bottlefit.parity.budget)

@@ -65,7 +65,8 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
         sm = apply_equalization(sm, manifest["equalization"])
     if manifest.get("head_folds"):
         sm, _ = fold_head(sm)  # the artifacts' head: its module paths are what a diagnosis names
-    verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides)
+    verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides,
+                     budget=request.budget)
     verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
     verdict.write(target_dir)
     manifest["parity"] = parity_section(verdict, tolerance)
