@@ -7,8 +7,11 @@ ReLU sparsity, which no kernel here exploits), then for each profile and each (a
 (instructions with N runs - with 0 runs) / N, 1 thread, batch 1. Delegates: "xnnpack" / "builtin" (LiteRT), "cpu"
 (ONNX Runtime, the file's int8 kernels) and "cpu-u8" (ONNX Runtime with session.qdqisint8allowed=0: its uint8
 kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the heads with the exact space-to-depth
-stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. The same artifacts are timed on this
-host, interleaved with the PyTorch eager head (1 thread, medians).
+stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds the stem
+conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
+channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or
+other layer: the least any ONNX Runtime int8 head with this stem can cost on that core. The same artifacts are
+timed on this host, interleaved with the PyTorch eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
 to PyTorch eager); ``--out DIR`` writes pi_cost.md, pi_cost.json and pi_cost.png; ``--json FILE`` writes the
@@ -46,6 +49,7 @@ COMBOS: tuple[tuple[str, str, str], ...] = (
 )
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
+FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx")
 EAGER = "pytorch eager (fp32)"
 
 
@@ -105,6 +109,44 @@ def export_s2d(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None
     write_int8_onnx(rw.module, images, folder / S2D["head.int8.onnx"])
 
 
+def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tuple[int, int, int]:
+    """The stem conv's GEMM alone (``FLOOR``: int8 and fp32) of the export's (folded) head; returns (M, K, N)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
+
+    folded = fold_pool_batchnorm(head, prefix)
+    head = folded[0] if folded else head
+    conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+    seen: list[tuple[int, ...]] = []
+    hook = conv.register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape)))
+    with torch.no_grad():
+        head(torch.from_numpy(images[:1]))
+    hook.remove()
+    m, k, n = seen[0][2] * seen[0][3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
+    rng = np.random.default_rng(0)
+    for name, int8 in zip(FLOOR, (True, False), strict=True):
+        if int8:
+            b = numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "B")
+            zp = numpy_helper.from_array(np.array(128, np.uint8), "a_zero_point")
+            node = helper.make_node("MatMulInteger", ["A", "B", "a_zero_point"], ["Y"])
+            io = (TensorProto.UINT8, TensorProto.INT32)
+            inits = [b, zp]
+        else:
+            inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "B")]
+            node = helper.make_node("MatMul", ["A", "B"], ["Y"])
+            io = (TensorProto.FLOAT, TensorProto.FLOAT)
+        g = helper.make_graph([node], "stem_gemm", [helper.make_tensor_value_info("A", io[0], [m, k])],
+                              [helper.make_tensor_value_info("Y", io[1], [m, n])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.save(model, str(folder / name))
+    print(f"stem GEMM floor: M={m} K={k} N={n} ({m * k * n / 1e6:.1f} M MACs)", file=sys.stderr)
+    return m, k, n
+
+
 def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]:
     """One inference of ``path`` on this host, 1 thread."""
     if runtime == "litert":
@@ -127,7 +169,8 @@ def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]
         o.add_session_config_entry(k, v)
     s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
     i = s.get_inputs()[0]
-    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)}
+    dtype = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(i.type, np.float32)
+    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype)}
     return lambda: s.run(None, feed)
 
 
@@ -177,7 +220,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for j, k in enumerate(keys):
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(profs))]
         ax.bar(xs, [costs[q].get(k, 0.0) for q in profs], width, label=k, color=colors[j % len(colors)],
-               hatch="//" if ".s2d." in k else None)
+               hatch="//" if ".s2d." in k else ".." if k.startswith("stem.gemm") else None)
     for i, q in enumerate(profs):  # the issue's bar: 0.55x fp32 TFLite + XNNPACK on that core
         ax.hlines(0.55 * costs[q][REFERENCE], i - 0.45, i + 0.45, colors="k", linestyles="--")
     ax.set_xticks(range(len(profs)), [f"{q}\n{get_core(q).cpu}" for q in profs])
@@ -214,18 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.10)
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
-    if set(variants) - {"s2d"}:
-        p.error(f"--variants {a.variants!r}: only s2d is known")
+    if set(variants) - {"s2d", "floor"}:
+        p.error(f"--variants {a.variants!r}: s2d and floor are known")
 
     with tempfile.TemporaryDirectory(prefix="bench-pi-cost-") as tmp:
         bundle = a.bundle or export_head(a, Path(tmp) / "out")
         combos = list(COMBOS)
         head, prefix, images = torch_head(a) if (variants or not a.no_host) else (None, "", None)
+        doc_floor: tuple[int, int, int] | None = None
         if "s2d" in variants:
             folder = Path(tmp) / "s2d"
             folder.mkdir()
             export_s2d(head, images, prefix, folder)
             combos += [(str(folder / S2D[f]), r, d) for f, r, d in COMBOS if f in S2D]
+        if "floor" in variants:
+            folder = Path(tmp) / "floor"
+            folder.mkdir()
+            doc_floor = export_floor(head, images, prefix, folder)
+            combos += [(str(folder / f), "onnxruntime", "cpu") for f in FLOOR]
         name = {str(f): Path(f).name for f, _, _ in combos}
         ms: dict[str, float] = {}
         if not a.no_host:
@@ -252,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{prof} {key(name[f], d)}: {v:.2f} M", file=sys.stderr, flush=True)
 
     doc = {"costs_minstr": costs, "host_ms": ms, "runs": a.runs, "arch": a.arch,
+           **({"stem_gemm_mkn": list(doc_floor)} if doc_floor else {}),
            "bottleneck_channel": a.bottleneck_channel, "bottleneck_ver": a.bottleneck_ver,
            "unit": "M guest instructions per inference under qemu-user, 1 thread; host ms median, 1 thread"}
     md = table(doc)

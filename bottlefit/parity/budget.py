@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,10 +153,12 @@ def _run(model: onnx.ModelProto, images: np.ndarray, folder: Path, name: str) ->
 
 
 def error_budget(qdq_onnx: Path, images: np.ndarray, reference: np.ndarray,
-                 modules: dict[str, str] | None = None) -> list[BudgetRow]:
+                 modules: dict[str, str] | None = None,
+                 decode: Callable[[np.ndarray], np.ndarray] | None = None) -> list[BudgetRow]:
     """The budget of the Q/DQ head ``qdq_onnx`` (float NCHW input) on ``images``, against ``reference`` (the fp32
     head's bottlenecks for them): rows "all", "weights", then one per activation grid in graph order.
-    ``modules``: tensor -> head module path, to name each grid's module."""
+    ``modules``: tensor -> head module path, to name each grid's module. ``decode``: applied to every output
+    before it is compared (an equalized head's outputs back to the model's own domain, say)."""
     model = onnx.load(str(qdq_onnx))
     inits = {i.name for i in model.graph.initializer}
     feeds = [i for i in model.graph.input if i.name not in inits]
@@ -174,6 +177,7 @@ def error_budget(qdq_onnx: Path, images: np.ndarray, reference: np.ndarray,
     with tempfile.TemporaryDirectory(prefix="bottlefit-budget-") as tmp:
         for k, (label, module, keep) in enumerate(variants):
             got = _run(bypass(model, keep), x, Path(tmp), f"v{k}")
+            got = decode(got) if decode is not None else got
             rows.append(BudgetRow(label, module, metrics.sqnr_db(reference, got),
                                   metrics.mean_sqnr_db(reference, got), metrics.cosine(reference, got)))
     return rows

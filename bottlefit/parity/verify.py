@@ -206,7 +206,7 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
            images_info: dict[str, Any], overrides: dict | None = None, budget: bool = False) -> Verdict:
     """Fidelity of every head and tail artifact (gated), and the host-kernel execution of every int8 head
     (information: no target here runs on the export host's ISA). ``budget``: also the error budget of every
-    int8 Q/DQ ONNX head (bottlefit.parity.budget; information)."""
+    int8 Q/DQ ONNX head (bottlefit.parity.budget; information); a failing one gets it anyway."""
     overrides = overrides or {}
     verdict = Verdict(target, images_info)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -249,9 +249,11 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
             verdict.checks.append(Check(art.file, metric, float(value), tol.value if tol else None,
                                         tol.op if tol else None, tol.ok(value) if tol else True, "fidelity",
                                         semantics))
-        if any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head":
+        failed = any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head"
+        if failed:
             verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)
-        if budget and art.role == "head" and int8 and art.runtime == "onnxruntime" \
+        # a failing Q/DQ head always gets its budget: which grid to work on is what its user needs next
+        if (budget or failed) and art.role == "head" and int8 and art.runtime == "onnxruntime" \
                 and art.inputs[0].dtype == "float32":
             verdict.budget[art.file] = error_budget_of(split, art, target_dir, images, ref_z.numpy())
     return verdict

@@ -65,3 +65,29 @@ def test_regressions_flag_only_costs_beyond_the_margin() -> None:
     worse = regressions(base, now, 0.10)
     assert worse == ["pi4 b/xnnpack: 111.00 M > 100.00 M x 1.10 (+11%)"]
     assert regressions(base, now, 0.12) == []
+
+
+def test_stem_gemm_floor_is_the_stem_convs_matrix_multiply(tmp_path: Path) -> None:
+    """bench_pi_cost --variants floor: the stem conv's GEMM alone, (H_out*W_out) x (C_in*kh*kw) x C_out, as
+    ONNX Runtime's int8 (uint8 x int8 - zero point) and fp32 matrix multiplies, exact on this host."""
+    import argparse
+    import importlib.util
+
+    import onnxruntime as ort
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_pi_cost", root / "bench" / "bench_pi_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(arch="custom_resnet152", bottleneck_channel=12, bottleneck_ver="2")
+    head, prefix, images = bench.torch_head(args)
+    assert bench.export_floor(head, images[:1], prefix, tmp_path) == (112 * 112, 3 * 7 * 7, 64)
+    rng = np.random.default_rng(1)
+    # below 128: x86 without VNNI sums pairs of u8 x s8 products in int16 (saturating above that), see parity
+    a = rng.integers(0, 128, (112 * 112, 147), dtype=np.uint8)
+    for name, x in zip(bench.FLOOR, (a, a.astype(np.float32) / 255), strict=True):
+        m = onnx.load(str(tmp_path / name))
+        b = numpy_helper.to_array(m.graph.initializer[0]).astype(np.float64)
+        zp = 128 if name.endswith("int8.onnx") else 0
+        got = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, {"A": x})[0]
+        np.testing.assert_allclose(got, (x.astype(np.float64) - zp) @ b, rtol=1e-5, atol=1e-3)

@@ -103,6 +103,11 @@ def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_p
     assert diag["first_diverging_layer"] == "bottleneck.encoder.6" == broken_module
     layers = {r["module"]: r for r in diag["layers"]}
     assert layers["bottleneck.encoder.3"]["sqnr_db"] > 30 > 25 > layers["bottleneck.encoder.6"]["sqnr_db"]
+    # a failing Q/DQ head gets its error budget unasked: the wire's grid alone loses what the head loses
+    budget = {r["grids"]: r for r in report["budget"]["head.int8.onnx"]}
+    wire = next(r for g, r in budget.items() if g.endswith("(wire)"))
+    assert wire["sqnr_db"] == pytest.approx(budget["all"]["sqnr_db"], abs=1.0)
+    assert wire["sqnr_db"] < 25 < 30 < min(r["sqnr_db"] for g, r in budget.items() if g not in ("all", wire["grids"]))
 
 
 def test_tampered_file_is_refused(exported: Path, tmp_path: Path, capsys) -> None:
