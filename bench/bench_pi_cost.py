@@ -10,7 +10,8 @@ kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the
 stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds the stem
 conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
 channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or
-other layer: the least any ONNX Runtime int8 head with this stem can cost on that core. The same artifacts are
+other layer; and the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv:
+im2col + that GEMM + requantization): what every ONNX Runtime int8 head with this stem pays. The same artifacts are
 timed on this host, interleaved with the PyTorch eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
@@ -49,7 +50,7 @@ COMBOS: tuple[tuple[str, str, str], ...] = (
 )
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
-FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx")
+FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx", "stem.conv.int8.onnx")
 EAGER = "pytorch eager (fp32)"
 
 
@@ -127,7 +128,7 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
     hook.remove()
     m, k, n = seen[0][2] * seen[0][3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
     rng = np.random.default_rng(0)
-    for name, int8 in zip(FLOOR, (True, False), strict=True):
+    for name, int8 in zip(FLOOR[:2], (True, False), strict=True):
         if int8:
             b = numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "B")
             zp = numpy_helper.from_array(np.array(128, np.uint8), "a_zero_point")
@@ -143,8 +144,33 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = 8
         onnx.save(model, str(folder / name))
+    _stem_conv(conv, images.shape[2], seen[0][2], folder / FLOOR[2], rng)
     print(f"stem GEMM floor: M={m} K={k} N={n} ({m * k * n / 1e6:.1f} M MACs)", file=sys.stderr)
     return m, k, n
+
+
+def _stem_conv(conv: Any, size: int, out_size: int, path: Path, rng: np.random.Generator) -> None:
+    """The stem conv alone as the optimized int8 head runs it: ONNX Runtime's NHWC uint8 QLinearConv
+    (com.microsoft, channels_last; im2col, U8S8 GEMM, per-channel requantization), uint8 NHWC in and out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    kh, kw = conv.kernel_size
+    cin, cout = conv.in_channels, conv.out_channels
+    t = {"x_scale": np.array(0.02, np.float32), "x_zero_point": np.array(128, np.uint8),
+         "w": rng.integers(-127, 128, (cout, cin, kh, kw)).astype(np.int8),
+         "w_scale": (rng.random(cout) * 0.01 + 1e-3).astype(np.float32), "w_zero_point": np.zeros(cout, np.int8),
+         "y_scale": np.array(0.05, np.float32), "y_zero_point": np.array(0, np.uint8),
+         "bias": rng.integers(-1000, 1000, cout).astype(np.int32)}
+    node = helper.make_node("QLinearConv", ["x", *t], ["y"], domain="com.microsoft", kernel_shape=[kh, kw],
+                            strides=list(conv.stride), pads=[conv.padding[0], conv.padding[1]] * 2, channels_last=1)
+    g = helper.make_graph([node], "stem_conv", [helper.make_tensor_value_info("x", TensorProto.UINT8,
+                                                                              [1, size, size, cin])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, out_size, out_size, cout])],
+                          [numpy_helper.from_array(v, k) for k, v in t.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
 
 
 def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]:
