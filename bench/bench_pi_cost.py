@@ -10,8 +10,9 @@ kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the
 stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds the stem
 conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
 channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or
-other layer; and the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv:
-im2col + that GEMM + requantization): what every ONNX Runtime int8 head with this stem pays. The same artifacts are
+other layer; the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv:
+im2col + that GEMM + requantization), what every ONNX Runtime int8 head with this stem pays; and that conv as a 1x1
+over patches gathered beforehand (GEMM + requantization, no im2col). The same artifacts are
 timed on this host, interleaved with the PyTorch eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
@@ -21,7 +22,7 @@ baseline). ``--check FILE`` exits 1 when a cost grew beyond ``--margin`` (defaul
 check for CI (several minutes: every count is an emulated run).
 
     PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 --bottleneck-channel 12 \\
-        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--variants s2d] [--out DIR] \\
+        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--variants s2d,floor] [--out DIR] \\
         [--check bench/bench_pi_cost_baseline.json]
 """
 
@@ -50,7 +51,7 @@ COMBOS: tuple[tuple[str, str, str], ...] = (
 )
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
-FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx", "stem.conv.int8.onnx")
+FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx", "stem.conv.int8.onnx", "stem.conv1x1.int8.onnx")
 EAGER = "pytorch eager (fp32)"
 
 
@@ -144,26 +145,31 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = 8
         onnx.save(model, str(folder / name))
-    _stem_conv(conv, images.shape[2], seen[0][2], folder / FLOOR[2], rng)
+    size, out = images.shape[2], seen[0][2]
+    _stem_conv((conv.kernel_size, conv.stride, conv.padding, conv.in_channels), conv.out_channels, size, out,
+               folder / FLOOR[2], rng)
+    # the same GEMM and requantization without im2col: a 1x1 QLinearConv over the patches, gathered beforehand
+    _stem_conv(((1, 1), (1, 1), (0, 0), k), conv.out_channels, out, out, folder / FLOOR[3], rng)
     print(f"stem GEMM floor: M={m} K={k} N={n} ({m * k * n / 1e6:.1f} M MACs)", file=sys.stderr)
     return m, k, n
 
 
-def _stem_conv(conv: Any, size: int, out_size: int, path: Path, rng: np.random.Generator) -> None:
-    """The stem conv alone as the optimized int8 head runs it: ONNX Runtime's NHWC uint8 QLinearConv
-    (com.microsoft, channels_last; im2col, U8S8 GEMM, per-channel requantization), uint8 NHWC in and out."""
+def _stem_conv(geometry: tuple[Any, Any, Any, int], cout: int, size: int, out_size: int, path: Path,
+               rng: np.random.Generator) -> None:
+    """A conv as the optimized int8 head runs it: ONNX Runtime's NHWC uint8 QLinearConv (com.microsoft,
+    channels_last; im2col, U8S8 GEMM, per-channel requantization), uint8 NHWC in and out. ``geometry``: (kernel,
+    stride, padding, input channels)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    kh, kw = conv.kernel_size
-    cin, cout = conv.in_channels, conv.out_channels
+    (kh, kw), stride, padding, cin = geometry
     t = {"x_scale": np.array(0.02, np.float32), "x_zero_point": np.array(128, np.uint8),
          "w": rng.integers(-127, 128, (cout, cin, kh, kw)).astype(np.int8),
          "w_scale": (rng.random(cout) * 0.01 + 1e-3).astype(np.float32), "w_zero_point": np.zeros(cout, np.int8),
          "y_scale": np.array(0.05, np.float32), "y_zero_point": np.array(0, np.uint8),
          "bias": rng.integers(-1000, 1000, cout).astype(np.int32)}
     node = helper.make_node("QLinearConv", ["x", *t], ["y"], domain="com.microsoft", kernel_shape=[kh, kw],
-                            strides=list(conv.stride), pads=[conv.padding[0], conv.padding[1]] * 2, channels_last=1)
+                            strides=list(stride), pads=[padding[0], padding[1]] * 2, channels_last=1)
     g = helper.make_graph([node], "stem_conv", [helper.make_tensor_value_info("x", TensorProto.UINT8,
                                                                               [1, size, size, cin])],
                           [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, out_size, out_size, cout])],

@@ -94,3 +94,6 @@ def test_stem_gemm_floor_is_the_stem_convs_matrix_multiply(tmp_path: Path) -> No
     conv = ort.InferenceSession(str(tmp_path / bench.FLOOR[2]), providers=["CPUExecutionProvider"])
     x = rng.integers(0, 128, (1, 224, 224, 3), dtype=np.uint8)
     assert conv.run(None, {"x": x})[0].shape == (1, 112, 112, 64)  # NHWC uint8, the stem's own output
+    pointwise = ort.InferenceSession(str(tmp_path / bench.FLOOR[3]), providers=["CPUExecutionProvider"])
+    assert pointwise.run(None, {"x": rng.integers(0, 128, (1, 112, 112, 147), dtype=np.uint8)})[0].shape == \
+        (1, 112, 112, 64)

@@ -16,12 +16,19 @@ shifts the int8 activations to uint8 and runs its U8S8 kernels; the same file, o
 emulated cores, measured). On cores without the dot product (A72, A53) the U8S8 GEMM retires 13% fewer
 instructions (ORT_CONFIG); on the A76 the S8S8 dot-product kernels are as cheap or cheaper.
 
-Where the cost goes (A72, head.int8.onnx, ONNX Runtime's profiler under emulation): the 7x7 stride-2 conv over 3
-input channels is 90% of it (118 M MACs of 121 M; an im2col GEMM with K = 147, padded to 160). An exact
-space-to-depth form of that conv (bottlefit.exporter.head_rewrite, ``space_to_depth=True``) halves XNNPACK's
-int8 cost on the A72 (135.9 -> 73.2 M: XNNPACK's igemm pads the 3 channels of each kernel tap to its 8-channel
-block) but costs the MAC-bound kernels more (192 taps instead of 147: ONNX Runtime 52.3 -> 64.4 M, built-in
-58.4 -> 65.2 M), so no profile uses it.
+Where the cost goes (A72, head.int8.onnx, ONNX Runtime u8; ``bench_pi_cost.py --variants floor``): the 7x7
+stride-2 conv over 3 input channels alone, as the optimized head runs it (NHWC uint8 QLinearConv), is 42.0 M of the
+44.8 M: its U8S8 GEMM 33.5 M (118 M MACs, K = 147, which MLAS pads to 160; its fp32 SGEMM of the same shape costs
+36.9 M: without the dot product the int8 GEMM saves only 9%), im2col 6.4 M (ONNX Runtime copies 7 runs of 21 bytes
+per output pixel; its indirect convolution, which needs no im2col, is off on ARM64 below 64 input channels) and
+requantization 2.1 M (the same conv as a 1x1 over pre-gathered patches: 35.6 M). Every ONNX Runtime int8 head of
+this model also quantizes its input (0.45 M) and runs the bottleneck conv (0.8 M): at least 43.2 M, 0.57x (A72)
+and 0.60x (A53, the same kernels) of fp32 TFLite + XNNPACK, so 0.55x is out of these runtimes' reach on cores
+without the dot product; LiteRT's int8 kernels cost more (builtin 57.4 M; XNNPACK 135 M, below). On the A76 the
+same conv is 20.6 M of 23.1 M. An exact space-to-depth form of that conv (bottlefit.exporter.head_rewrite,
+``space_to_depth=True``) halves XNNPACK's int8 cost on the A72 (135.2 -> 72.5 M: XNNPACK's igemm pads the 3
+channels of each kernel tap to its 8-channel block) but costs the MAC-bound kernels more (192 taps instead of 147:
+ONNX Runtime u8 44.8 -> 55.1 M, built-in 57.4 -> 64.2 M), so no profile uses it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from bottlefit.errors import UserError
 DEFAULT = "pi4"  # the paper's board
 REFERENCE = "head.fp32.tflite/xnnpack"
 COST_COMMAND = ("PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 "
-                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d")
+                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d,floor")
 COST_HEAD = "custom_resnet152 bottleneck_ver 2, 12 channels, untrained (seeded), 224x224, batch 1, 1 thread"
 
 
