@@ -120,9 +120,6 @@ def head_output(sm: Any, scheme: str, observer: str, calib: np.ndarray, held: np
     """(int8 head's output on ``held`` in the head's own domain, calibration seconds). ``head``: the head to
     quantize when it is not ``sm.head`` (weights already rounded)."""
     head = sm.head if head is None else head
-    from bottlefit.exporter.onnx import export_onnx
-    from bottlefit.exporter.qdq import quantize_head
-
     if scheme == "tflite":
         from bottlefit.exporter.head_rewrite import rewrite_head
         from bottlefit.targets.rpi.tflite import convert_bytes
@@ -131,45 +128,55 @@ def head_output(sm: Any, scheme: str, observer: str, calib: np.ndarray, held: np
         t = time.perf_counter()
         data = convert_bytes(rw, calib, int8=True, layout="NHWC", observer=observer)
         return _run_tflite(data, held), time.perf_counter() - t
-    fp32 = export_onnx(head, torch.from_numpy(held[:1]).clone(), tmp / "head.onnx", 13, "input", "bottleneck")
     t = time.perf_counter()
-    q = quantize_head(fp32.path, tmp / "head.q.onnx", calib, head, observer, symmetric=scheme == "sym",
-                      activation_dtype="int8")
+    q = qdq_head(head, scheme, observer, calib, tmp)
     return _run_onnx(q.path, held), time.perf_counter() - t
 
 
-def per_image_sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    from bottlefit.parity.metrics import mean_sqnr_db
+def qdq_head(head: Any, scheme: str, observer: str, calib: np.ndarray, tmp: Path) -> Any:
+    """The Q/DQ int8 head (``quantize_head``'s result) of scheme sym or asym, written into ``tmp``."""
+    from bottlefit.exporter.onnx import export_onnx
+    from bottlefit.exporter.qdq import quantize_head
 
-    return mean_sqnr_db(ref, got)
+    fp32 = export_onnx(head, torch.from_numpy(calib[:1]).clone(), tmp / "head.onnx", 13, "input", "bottleneck")
+    return quantize_head(fp32.path, tmp / "head.q.onnx", calib, head, observer, symmetric=scheme == "sym",
+                         activation_dtype="int8")
+
+
+def recipe(sm: Any, images: np.ndarray, tech: str, check: np.ndarray) -> tuple[Any, Any, float]:
+    """(the split as technique ``tech`` leaves it, the head its int8 heads quantize (None: ``split.head``), the
+    seconds equalization and rounding took), calibrated on ``images``; ``check``: images to prove the folds on."""
+    from bottlefit.exporter.equalize import equalize_split
+    from bottlefit.exporter.rounding import round_head
+    from bottlefit.exporter.split import check_split, fold_head
+
+    s, secs = sm, 0.0
+    if "+eq" in tech:
+        t = time.perf_counter()
+        s, _ = equalize_split(sm, images)
+        secs = time.perf_counter() - t
+    if tech != "minmax/keep-bn":
+        s, _ = fold_head(s)
+    check_split(s, torch.from_numpy(check[:2]))  # the folds are exact: tail(head(x)) == model(x)
+    head = None
+    if "+bc" in tech or "+gptq" in tech:
+        t = time.perf_counter()
+        head, _ = round_head(s.head, images, "gptq" if "+gptq" in tech else "nearest", bias_correction="+bc" in tech)
+        secs += time.perf_counter() - t
+    return s, head, secs
 
 
 def measure(name: str, sm: Any, calib: np.ndarray, held: np.ndarray, schemes: list[str],
             techniques: list[str]) -> list[dict[str, Any]]:
-    from bottlefit.exporter.equalize import equalize_split, unequalize
-    from bottlefit.exporter.rounding import round_head
-    from bottlefit.exporter.split import check_split, fold_head
-    from bottlefit.parity.metrics import cosine, sqnr_db
+    from bottlefit.exporter.equalize import unequalize
+    from bottlefit.parity.metrics import cosine, mean_sqnr_db, sqnr_db
 
     with torch.no_grad():
         z_ref = sm.head(torch.from_numpy(held)).numpy()
         logits = sm.tail(torch.from_numpy(z_ref)).numpy()
     rows = []
     for tech in techniques:
-        s, eq_s = sm, 0.0
-        if "+eq" in tech:
-            t = time.perf_counter()
-            s, _ = equalize_split(sm, calib)
-            eq_s = time.perf_counter() - t
-        if tech != "minmax/keep-bn":
-            s, _ = fold_head(s)
-        check_split(s, torch.from_numpy(held[:2]))  # the folds are exact: tail(head(x)) == model(x)
-        head = None
-        if "+bc" in tech or "+gptq" in tech:
-            t = time.perf_counter()
-            head, _ = round_head(s.head, calib, "gptq" if "+gptq" in tech else "nearest",
-                                 bias_correction="+bc" in tech)
-            eq_s += time.perf_counter() - t
+        s, head, eq_s = recipe(sm, calib, tech, held)
         observer = "minmax" if tech.startswith("minmax") else "search"
         for scheme in schemes:
             with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
@@ -178,7 +185,7 @@ def measure(name: str, sm: Any, calib: np.ndarray, held: np.ndarray, schemes: li
                 got = s.tail(torch.from_numpy(z)).numpy()  # the equalized tail reads the equalized wire
             z0 = unequalize(z, getattr(s.head, "equalization", None))
             rows.append({"arch": name, "scheme": scheme, "technique": tech,
-                         "sqnr_db": round(per_image_sqnr(z_ref, z0), 2),
+                         "sqnr_db": round(mean_sqnr_db(z_ref, z0), 2),
                          "sqnr_db_pooled": round(sqnr_db(z_ref, z0), 2), "cosine": round(cosine(z_ref, z0), 5),
                          "top1_agreement": round(float(np.mean(got.argmax(1) == logits.argmax(1))), 4),
                          "calib_s": round(secs + eq_s, 1), "images": len(held), "calib_images": len(calib)})
@@ -191,27 +198,18 @@ BUDGET_TECHNIQUE = "search+eq+gptq+bc"
 
 def budget(name: str, sm: Any, calib: np.ndarray, held: np.ndarray, schemes: list[str]) -> list[dict[str, Any]]:
     """Error-budget rows of the full recipe per Q/DQ scheme, calibrated on ``calib`` and on ``held`` itself."""
-    from bottlefit.exporter.equalize import equalize_split, unequalize
-    from bottlefit.exporter.onnx import export_onnx
-    from bottlefit.exporter.qdq import quantize_head
-    from bottlefit.exporter.rounding import round_head
-    from bottlefit.exporter.split import fold_head
+    from bottlefit.exporter.equalize import unequalize
     from bottlefit.parity.budget import error_budget
 
     with torch.no_grad():
         z_ref = sm.head(torch.from_numpy(held)).numpy()
     rows = []
     for calibrated_on, images in (("calibration", calib), ("held-out (oracle)", held)):
-        s, _ = equalize_split(sm, images)
-        s, _ = fold_head(s)
-        head, _ = round_head(s.head, images, "gptq", bias_correction=True)
+        s, head, _ = recipe(sm, images, BUDGET_TECHNIQUE, held)
         record = getattr(s.head, "equalization", None)
         for scheme in [x for x in schemes if x != "tflite"]:
             with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
-                fp32 = export_onnx(head, torch.from_numpy(held[:1]).clone(), Path(tmp) / "head.onnx", 13, "input",
-                                   "bottleneck")
-                q = quantize_head(fp32.path, Path(tmp) / "head.q.onnx", images, head, "search",
-                                  symmetric=scheme == "sym", activation_dtype="int8")
+                q = qdq_head(head, scheme, "search", images, Path(tmp))
                 for r in error_budget(q.path, held, z_ref, q.tensor_modules,
                                       decode=lambda z, rec=record: unequalize(z, rec)):
                     rows.append({"arch": name, "scheme": scheme, "calibrated_on": calibrated_on,

@@ -89,16 +89,23 @@ def torch_head(args: argparse.Namespace) -> tuple[Any, str, np.ndarray]:
     return head, loaded.card.bottleneck.module, images
 
 
+def exported_head(head: Any, prefix: str) -> Any:
+    """``head`` as the export ships it: the BatchNorm after the max-pool folded into the stem conv where exact."""
+    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
+
+    folded = fold_pool_batchnorm(head, prefix)
+    return folded[0] if folded else head
+
+
 def export_s2d(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None:
     """The space-to-depth variants of the three heads, made the rpi target's way."""
     import torch
 
-    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm, rewrite_head
+    from bottlefit.exporter.head_rewrite import rewrite_head
     from bottlefit.targets.rpi import write_int8_onnx
     from bottlefit.targets.rpi.tflite import export_tflite
 
-    folded = fold_pool_batchnorm(head, prefix)  # as the export does by default
-    head = folded[0] if folded else head
+    head = exported_head(head, prefix)
     rw = rewrite_head(head, prefix, torch.from_numpy(images[:2]), space_to_depth=True)
     if not any("space-to-depth" in c for c in rw.changes):
         raise SystemExit("--variants s2d: the head's first conv is not a stride-2 conv over few channels")
@@ -117,10 +124,7 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from bottlefit.exporter.head_rewrite import fold_pool_batchnorm
-
-    folded = fold_pool_batchnorm(head, prefix)
-    head = folded[0] if folded else head
+    head = exported_head(head, prefix)
     conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
     seen: list[tuple[int, ...]] = []
     hook = conv.register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape)))

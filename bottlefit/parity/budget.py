@@ -29,18 +29,16 @@ from bottlefit.errors import UserError
 from bottlefit.parity import metrics
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
 
-_QMIN = {TensorProto.UINT8: 0, TensorProto.INT8: -128, TensorProto.UINT16: 0, TensorProto.INT16: -32768}
+_QMIN = {TensorProto.UINT8: 0, TensorProto.INT8: -128}
 
 
 @dataclass(frozen=True)
 class Grid:
-    """One activation grid: the tensors its pairs quantize, and its parameters."""
+    """One activation grid: the tensors its pairs quantize, and whether its lowest value is 0 (it then also
+    stands for a Relu)."""
 
     tensors: tuple[str, ...]
-    scale: float
-    zero_point: int
-    dtype: str  # int8 | uint8
-    starts_at_zero: bool  # the grid's lowest value is 0: it also stands for a Relu
+    starts_at_zero: bool
 
 
 @dataclass(frozen=True)
@@ -55,34 +53,28 @@ class BudgetRow:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _init_scalar(inits: dict[str, TensorProto], name: str) -> np.ndarray | None:
-    return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
 def activation_grids(model: onnx.ModelProto) -> list[Grid]:
     """The activation grids of a Q/DQ graph in graph order (QuantizeLinear nodes fed by a computed tensor)."""
     inits = {i.name: i for i in model.graph.initializer}
     grids: dict[tuple[str, str], list[str]] = {}
-    params: dict[tuple[str, str], tuple[float, int, str, bool]] = {}
+    at_zero: dict[tuple[str, str], bool] = {}
     for n in model.graph.node:
         if n.op_type != "QuantizeLinear" or n.input[0] in inits:
             continue
         zp_name = n.input[2] if len(n.input) > 2 else ""
         key = (n.input[1], zp_name)
-        scale = _init_scalar(inits, n.input[1])
-        if scale is None or scale.size != 1:
+        if n.input[1] not in inits or numpy_helper.to_array(inits[n.input[1]]).size != 1:
             raise UserError(f"{n.name}: the activation scale is not a constant scalar; the error budget reads only "
                             "per-tensor activation grids (the Q/DQ heads bottlefit writes)")
         zp_t = inits.get(zp_name)
-        zp = int(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0
         dtype = zp_t.data_type if zp_t is not None else TensorProto.UINT8
-        if dtype not in (TensorProto.UINT8, TensorProto.INT8):
+        if dtype not in _QMIN:
             raise UserError(f"{n.name}: a {TensorProto.DataType.Name(dtype)} grid; the error budget reads int8 and "
                             "uint8 activation grids")
+        zp = int(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0
         grids.setdefault(key, []).append(n.input[0])
-        params[key] = (float(scale.reshape(-1)[0]), zp, "int8" if dtype == TensorProto.INT8 else "uint8",
-                       zp == _QMIN[dtype])
-    return [Grid(tuple(ts), *params[k]) for k, ts in grids.items()]
+        at_zero[key] = zp == _QMIN[dtype]
+    return [Grid(tuple(ts), at_zero[k]) for k, ts in grids.items()]
 
 
 def _float_output(model: onnx.ModelProto) -> None:
@@ -107,8 +99,9 @@ def bypass(model: onnx.ModelProto, keep: set[tuple[str, ...]]) -> onnx.ModelProt
     m.CopyFrom(model)
     _float_output(m)
     inits = {i.name for i in m.graph.initializer}
-    drop = {t for g in activation_grids(m) if g.tensors not in keep for t in g.tensors}
-    relu = {t for g in activation_grids(m) if g.tensors not in keep and g.starts_at_zero for t in g.tensors}
+    bypassed = [g for g in activation_grids(m) if g.tensors not in keep]
+    drop = {t for g in bypassed for t in g.tensors}
+    relu = {t for g in bypassed if g.starts_at_zero for t in g.tensors}
     graph_outputs = {o.name for o in m.graph.output}
     quantized = {n.output[0]: n.input[0] for n in m.graph.node
                  if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] in drop}
@@ -152,21 +145,23 @@ def _run(model: onnx.ModelProto, images: np.ndarray, folder: Path, name: str) ->
     return np.concatenate([runner.infer({i: images[k : k + 1]})[o] for k in range(len(images))])
 
 
-def error_budget(qdq_onnx: Path, images: np.ndarray, reference: np.ndarray,
+def error_budget(qdq_onnx: Path | onnx.ModelProto, images: np.ndarray, reference: np.ndarray,
                  modules: dict[str, str] | None = None,
                  decode: Callable[[np.ndarray], np.ndarray] | None = None) -> list[BudgetRow]:
     """The budget of the Q/DQ head ``qdq_onnx`` (float NCHW input) on ``images``, against ``reference`` (the fp32
-    head's bottlenecks for them): rows "all", "weights", then one per activation grid in graph order.
+    head's bottlenecks for them; a path or the loaded model): rows "all", "weights", then one per activation grid
+    in graph order.
     ``modules``: tensor -> head module path, to name each grid's module. ``decode``: applied to every output
     before it is compared (an equalized head's outputs back to the model's own domain, say)."""
-    model = onnx.load(str(qdq_onnx))
+    model = qdq_onnx if isinstance(qdq_onnx, onnx.ModelProto) else onnx.load(str(qdq_onnx))
+    name = "the Q/DQ head" if isinstance(qdq_onnx, onnx.ModelProto) else str(qdq_onnx)
     inits = {i.name for i in model.graph.initializer}
     feeds = [i for i in model.graph.input if i.name not in inits]
     if len(feeds) != 1 or feeds[0].type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{qdq_onnx}: the error budget needs a Q/DQ head with one float input")
+        raise UserError(f"{name}: the error budget needs a Q/DQ head with one float input")
     grids = activation_grids(model)
     if not grids:
-        raise UserError(f"{qdq_onnx}: no activation QuantizeLinear in it; the error budget is for int8 Q/DQ heads")
+        raise UserError(f"{name}: no activation QuantizeLinear in it; the error budget is for int8 Q/DQ heads")
     x = np.ascontiguousarray(images, dtype=np.float32)
     wire = _wire_tensors(model)
     variants: list[tuple[str, str | None, set[tuple[str, ...]]]] = [

@@ -267,9 +267,9 @@ def error_budget_of(split: SplitModel, art: Artifact, target_dir: Path, images: 
     from bottlefit.exporter.qdq import tensor_modules
     from bottlefit.parity.budget import error_budget
 
-    path = target_dir / art.file
-    modules = {t: split.head_module_path(m) for t, m in tensor_modules(onnx.load(str(path)), split.head).items()}
-    return error_budget(path, images, reference, modules)
+    model = onnx.load(str(target_dir / art.file))
+    modules = {t: split.head_module_path(m) for t, m in tensor_modules(model, split.head).items()}
+    return error_budget(model, images, reference, modules)
 
 
 def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray, tols: dict) -> dict[str, Any]:
