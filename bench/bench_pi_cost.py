@@ -2,18 +2,18 @@
 arm64 emulation (bottlefit.emulation.cost, the board's own kernels on its own core) plus this host's milliseconds
 beside PyTorch eager.
 
-Exports the head with the rpi target (untrained, seeded weights: cost does not depend on the values, except through
-ReLU sparsity, which no kernel here exploits), then for each profile and each (artifact, delegate) counts
-(instructions with N runs - with 0 runs) / N, 1 thread, batch 1. Delegates: "xnnpack" / "builtin" (LiteRT), "cpu"
-(ONNX Runtime, the file's int8 kernels) and "cpu-u8" (ONNX Runtime with session.qdqisint8allowed=0: its uint8
-kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the heads with the exact space-to-depth
-stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds the stem
-conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
-channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or
-other layer; the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv:
-im2col + that GEMM + requantization), what every ONNX Runtime int8 head with this stem pays; and that conv as a 1x1
-over patches gathered beforehand (GEMM + requantization, no im2col). The same artifacts are
-timed on this host, interleaved with the PyTorch eager head (1 thread, medians).
+Exports the head with the rpi target (untrained, seeded weights: cost does not depend on the values, except through ReLU
+sparsity, which no kernel here exploits), then for each profile and each (artifact, delegate) counts the instructions of
+N inferences after a warm-up, between two marks the guest sets, / N, 1 thread, batch 1. Delegates: "xnnpack" / "builtin"
+(LiteRT), "cpu" (ONNX Runtime, the file's int8 kernels) and "cpu-u8" (ONNX Runtime with session.qdqisint8allowed=0: its
+uint8 kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the heads with the exact
+space-to-depth stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds
+the stem conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
+channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or other
+layer; the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv: im2col + that GEMM
++ requantization), what every ONNX Runtime int8 head with this stem pays; and that conv as a 1x1 over patches gathered
+beforehand (GEMM + requantization, no im2col). The same artifacts are timed on this host, interleaved with the PyTorch
+eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
 to PyTorch eager); ``--out DIR`` writes pi_cost.md, pi_cost.json and pi_cost.png; ``--json FILE`` writes the

@@ -3,11 +3,13 @@
 A proxy for the board's time, not cycles: it counts what the Pi's own kernels execute on the Pi's instruction set
 (the NEON / dot-product paths the runtimes pick for the emulated core), nearly deterministically, so CI can track
 it. ``instructions_per_inference()`` runs a small guest script that loads one head artifact in its runtime (LiteRT
-with XNNPACK on or off, or ONNX Runtime), one warm-up inference, then ``runs`` timed ones, twice: with ``runs`` and
-with 0; the difference divided by ``runs`` is the cost of one inference (start-up, imports and model loading
-cancel out). ``ort_config`` passes ONNX Runtime session config entries to the guest session, so a board profile's
-kernel choice (bottlefit.targets.rpi.profiles.ORT_CONFIG) is what gets counted; ``regressions()`` compares a run
-with a baseline for CI (bench/bench_pi_cost.py --check).
+with XNNPACK on or off, or ONNX Runtime), one warm-up inference, then ``runs`` counted ones between two markers
+(``close(MARK_FD)``, which the plugin records); the span divided by ``runs`` is the cost of one inference. Counting
+between markers, not the difference of two whole processes, keeps start-up, imports and model loading out: their
+count usually varies by a few thousand instructions from process to process, but once in CI by 0.8 M, more than a
+small model's inference. ``ort_config`` passes ONNX Runtime session config entries to the
+guest session, so a board profile's kernel choice (bottlefit.targets.rpi.profiles.ORT_CONFIG) is what gets counted;
+``regressions()`` compares a run with a baseline for CI (bench/bench_pi_cost.py --check).
 
 Counting needs ``qemu-aarch64`` from the package qemu-user (the -static build cannot load plugins) and a TCG plugin
 (``plugin/insn_count.c``) built here against ``include/qemu/qemu-plugin.h`` of the installed qemu's Debian source
@@ -46,10 +48,14 @@ DEBIAN_ARCHIVE = ("deb-src http://deb.debian.org/debian {suite} main\n"
                   "deb-src http://deb.debian.org/debian-security {suite}-security main\n")
 STEP_TIMEOUT = 900.0
 RUNTIMES = ("litert", "onnxruntime")
+# The guest marks a span with close(MARK_FD): a descriptor no process has, so the call only fails with EBADF; the
+# plugin is compiled with the same value (-DMARK_FD).
+MARK_FD = 0x3B0771E5
 
-# The guest side: load one head in its runtime, one warm-up inference, then RUNS more. Standard library + numpy +
-# the runtime's wheel only; inputs are seeded random data of the model's own dtype and shape.
+# The guest side: load one head in its runtime, one warm-up inference, then RUNS more between two marks. Standard
+# library + numpy + the runtime's wheel only; inputs are seeded random data of the model's own dtype and shape.
 GUEST = '''\
+import os
 import sys
 
 import numpy as np
@@ -94,11 +100,22 @@ else:
     def step():
         sess.run(None, feed)
 
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
 step()
+mark()
 for _ in range(runs):
     step()
+mark()
 print("ok", runs)
-'''
+'''.replace("@MARK_FD@", str(MARK_FD))
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,9 @@ def ensure_plugin() -> Plugin:
     header = ensure_header(version)
     gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.partition("\n")[0]
     source = PLUGIN_SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, header.read_bytes(), gcc.encode(), glib.stdout.encode()])).hexdigest()
+    define = f"-DMARK_FD={MARK_FD}"
+    key = hashlib.sha256(b"\0".join([source, header.read_bytes(), gcc.encode(), glib.stdout.encode(),
+                                      define.encode()])).hexdigest()
     folder = cache_dir() / f"insn-plugin-{key[:16]}"
     so = folder / "insn_count.so"
     if so.is_file():
@@ -157,7 +176,7 @@ def ensure_plugin() -> Plugin:
     building = Path(tempfile.mkdtemp(prefix=".insn-plugin.building-", dir=cache_dir()))
     try:
         _step("gcc (counting plugin)", ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-I", str(header.parent),
-                                        *glib.stdout.split(), "-o", str(building / "insn_count.so"),
+                                        define, *glib.stdout.split(), "-o", str(building / "insn_count.so"),
                                         str(PLUGIN_SOURCE)], "check gcc and libglib2.0-dev")
         os.chmod(building, 0o755)
         try:
@@ -233,11 +252,20 @@ def guest_script() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Count:
+    """One guest process's count: all it retired, and the running count at each mark the guest set."""
+
+    total: int
+    marks: tuple[int, ...]
+
+
 def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
                        threads: int = 1, runs: int = 0, plugin: Plugin | None = None, timeout: float = 900,
-                       ort_config: Mapping[str, str] | None = None) -> int:
-    """Guest instructions of one whole guest process: start, load ``model``, 1 + ``runs`` inferences, exit.
-    ``ort_config``: ONNX Runtime session config entries (the board profile's, e.g. the kernels' activation type)."""
+                       ort_config: Mapping[str, str] | None = None) -> Count:
+    """Guest instructions of one guest process: start, load ``model``, one warm-up inference, a mark, ``runs``
+    inferences, a mark, exit. ``ort_config``: ONNX Runtime session config entries (the board profile's, e.g. the
+    kernels' activation type)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
     plugin = plugin or ensure_plugin()
@@ -259,27 +287,29 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
             last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
             raise EmulationUnavailable(f"counting {Path(model).name} ({runtime}) on {core.cpu} failed (exit "
                                        f"{proc.returncode}): {last[-1] if last else 'no output'}")
-        m = re.match(r"insns (\d+)", out.read_text())
+        text = out.read_text()
+        m = re.match(r"insns (\d+)", text)
         if m is None:
-            raise EmulationUnavailable(f"the counting plugin wrote no count ({out.read_text()[:80]!r})")
-        return int(m.group(1))
+            raise EmulationUnavailable(f"the counting plugin wrote no count ({text[:80]!r})")
+        return Count(int(m.group(1)), tuple(int(v) for v in re.findall(r"^mark (\d+)$", text, re.M)))
 
 
 def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
                                threads: int = 1, runs: int = 10, repeats: int = 1,
                                ort_config: Mapping[str, str] | None = None) -> float:
-    """Guest instructions of one inference of ``model`` on ``core``: (count with ``runs`` − count with 0) / runs,
-    each process after one warm-up inference; with ``repeats`` > 1, the median of that many such differences."""
+    """Guest instructions of one inference of ``model`` on ``core``: the count between the marks around ``runs``
+    inferences (after one warm-up) divided by ``runs``; with ``repeats`` > 1, the median over that many processes."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
     plugin = ensure_plugin()
     values = []
     for _ in range(max(1, repeats)):
-        n = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=runs,
+        c = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=runs,
                                plugin=plugin, ort_config=ort_config)
-        base = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=0,
-                                  plugin=plugin, ort_config=ort_config)
-        values.append((n - base) / runs)
+        if len(c.marks) != 2:
+            raise EmulationUnavailable(f"the counting plugin recorded {len(c.marks)} marks, not 2, for "
+                                       f"{Path(model).name}: is {plugin.so} built from this bottlefit's plugin source?")
+        values.append((c.marks[1] - c.marks[0]) / runs)
     return float(statistics.median(values))
 
 

@@ -44,7 +44,9 @@ def test_count_is_positive_scales_with_work_and_repeats(tools: tuple, tmp_path: 
     again = instructions_per_inference(sysroot, core, tmp_path / "c32.onnx", "onnxruntime", runs=4)
     big = instructions_per_inference(sysroot, core, _conv(tmp_path / "c64.onnx", 64), "onnxruntime", runs=4)
     assert small > 1e5  # 4.7 M MACs cannot take fewer
-    assert abs(again - small) <= 0.10 * small, (small, again)
+    # counted between the guest's marks, start-up stays out: two processes agree (2038118.5 in six of six, measured;
+    # the difference of whole processes once gave 2.04 M vs 1.83 M in CI)
+    assert abs(again - small) <= 0.01 * small, (small, again)
     assert 1.3 * small < big < 2.6 * small, (small, big)  # measured 2.04 M vs 3.54 M on cortex-a72
 
 
