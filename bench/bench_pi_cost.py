@@ -29,6 +29,7 @@ check for CI (several minutes: every count is an emulated run).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -39,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.emulation.arm64 import ensure_sysroot, get_core
-from bottlefit.emulation.cost import instructions_per_inference, regressions
+from bottlefit.emulation.arm64 import ensure_extra_site, ensure_sysroot, get_core
+from bottlefit.emulation.cost import NCNN_WHEEL, instructions_per_inference, regressions
 from bottlefit.targets.rpi.profiles import ORT_CONFIG, REFERENCE
 
 # (file, runtime, delegate)
@@ -51,6 +52,7 @@ COMBOS: tuple[tuple[str, str, str], ...] = (
 )
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
+NCNN = ("head.fp32.ncnn.param", "head.int8.ncnn.param")
 FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx", "stem.conv.int8.onnx", "stem.conv1x1.int8.onnx")
 EAGER = "pytorch eager (fp32)"
 
@@ -158,6 +160,61 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
     return m, k, n
 
 
+def export_ncnn(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None:
+    """The exported head (BatchNorm folded) as ncnn models, NCNN: fp32, and int8 the way ncnn quantizes (its
+    ncnn2int8 layout): per-output-channel symmetric weight scales 127/max|w|, one symmetric input scale per conv
+    127/max|x| over ``images``, int32 accumulation dequantized to float after each conv (ReLU fused), max-pool in
+    float. Param text + weights binary (a 4-byte zero tag: float32 weights, quantized by ncnn at load)."""
+    import torch
+
+    layers = [m for m in exported_head(head, prefix).children()]
+    kinds = [type(m).__name__ for m in layers]
+    if set(kinds) - {"Conv2d", "ReLU", "MaxPool2d"} or kinds[0] != "Conv2d":
+        raise SystemExit(f"--variants ncnn: the head's layers are {kinds}; the writer knows Conv2d, ReLU, MaxPool2d")
+    absmax: dict[int, float] = {}
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        for i, m in enumerate(layers):
+            absmax[i] = float(x.abs().max())
+            x = m(x)
+    for int8, name in zip((False, True), NCNN, strict=True):
+        lines, blob, weights = [], "in0", bytearray()
+        n, c, h, w = images.shape
+        lines.append(f"Input in0 0 1 in0 0={w} 1={h} 2={c}")
+        for i, m in enumerate(layers):
+            if isinstance(m, torch.nn.ReLU):
+                if not isinstance(layers[i - 1], torch.nn.Conv2d):
+                    raise SystemExit(f"--variants ncnn: ReLU {i} follows {kinds[i - 1]}, not a conv")
+                continue  # fused into the conv before it
+            top = "out0" if i == len(layers) - 1 or all(
+                isinstance(q, torch.nn.ReLU) for q in layers[i + 1:]) else f"b{i}"
+            if isinstance(m, torch.nn.Conv2d):
+                if m.groups != 1 or m.dilation != (1, 1) or len(set(m.kernel_size)) != 1:
+                    raise SystemExit(f"--variants ncnn: conv {i} {m} is not a plain square conv")
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
+                wt = m.weight.detach().numpy().astype(np.float32)
+                bias = m.bias is not None
+                lines.append(f"Convolution conv{i} 1 1 {blob} {top} 0={m.out_channels} 1={m.kernel_size[0]} "
+                             f"3={m.stride[0]} 13={m.stride[1]} 4={m.padding[1]} 14={m.padding[0]} 5={int(bias)} "
+                             f"6={wt.size}" + (" 9=1" if relu else "") + (" 8=1" if int8 else ""))
+                weights += np.zeros(1, np.uint32).tobytes() + wt.tobytes()
+                if bias:
+                    weights += m.bias.detach().numpy().astype(np.float32).tobytes()
+                if int8:
+                    wmax = np.abs(wt.reshape(wt.shape[0], -1)).max(1)
+                    weights += np.where(wmax > 0, 127.0 / np.maximum(wmax, 1e-12), 1.0).astype(np.float32).tobytes()
+                    weights += np.float32([127.0 / max(absmax[i], 1e-12)]).tobytes()
+            else:  # MaxPool2d, PyTorch's floor mode: ncnn's pad_mode 1 (valid)
+                k, st, pd = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding))
+                if m.ceil_mode or m.dilation not in (1, (1, 1)):
+                    raise SystemExit(f"--variants ncnn: max-pool {i} {m} is not floor mode without dilation")
+                lines.append(f"Pooling pool{i} 1 1 {blob} {top} 0=0 1={k} 2={st} 3={pd} 5=1")
+            blob = top
+        # magic, then layer and blob counts (each layer makes one blob)
+        (folder / name).write_text(f"7767517\n{len(lines)} {len(lines)}\n" + "\n".join(lines) + "\n")
+        (folder / name.replace(".param", ".bin")).write_bytes(bytes(weights))
+
+
 def _stem_conv(geometry: tuple[Any, Any, Any, int], cout: int, size: int, out_size: int, path: Path,
                rng: np.random.Generator) -> None:
     """A conv as the optimized int8 head runs it: ONNX Runtime's NHWC uint8 QLinearConv (com.microsoft,
@@ -195,6 +252,22 @@ def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]
         d = it.get_input_details()[0]
         it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
         return it.invoke
+    if runtime == "ncnn":  # the x86-64 wheel of the same version (pip install ncnn), when installed
+        import ncnn
+
+        net = ncnn.Net()
+        net.opt.num_threads, net.opt.use_int8_inference = 1, True
+        net.load_param(str(path))
+        net.load_model(str(path)[: -len(".param")] + ".bin")
+        kv = dict(t.split("=", 1) for t in path.read_text().splitlines()[2].split() if "=" in t)
+        x = np.zeros((int(kv["2"]), int(kv["1"]), int(kv["0"])), np.float32)
+
+        def infer() -> object:
+            ex = net.create_extractor()
+            ex.input("in0", ncnn.Mat(x))
+            return ex.extract("out0")
+
+        return infer
     import onnxruntime as ort
 
     o = ort.SessionOptions()
@@ -293,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.10)
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
-    if set(variants) - {"s2d", "floor"}:
-        p.error(f"--variants {a.variants!r}: s2d and floor are known")
+    if set(variants) - {"s2d", "floor", "ncnn"}:
+        p.error(f"--variants {a.variants!r}: s2d, floor and ncnn are known")
 
     with tempfile.TemporaryDirectory(prefix="bench-pi-cost-") as tmp:
         bundle = a.bundle or export_head(a, Path(tmp) / "out")
@@ -311,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir()
             doc_floor = export_floor(head, images, prefix, folder)
             combos += [(str(folder / f), "onnxruntime", "cpu") for f in FLOOR]
+        if "ncnn" in variants:
+            folder = Path(tmp) / "ncnn"
+            folder.mkdir()
+            export_ncnn(head, images, prefix, folder)
+            combos += [(str(folder / f), "ncnn", "cpu") for f in NCNN]
         name = {str(f): Path(f).name for f, _, _ in combos}
         ms: dict[str, float] = {}
         if not a.no_host:
@@ -323,16 +401,22 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     return head(x.clone())
 
-            runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos}
+            # ncnn is timed where its x86-64 wheel is installed (a bench-only runtime, not a dependency)
+            host_ncnn = importlib.util.find_spec("ncnn") is not None
+            runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos
+                       if r != "ncnn" or host_ncnn}
             ms = host_ms({**runners, EAGER: eager}, a.rounds)
         sysroot = ensure_sysroot(log=lambda m: print(m, file=sys.stderr))
+        extra = (ensure_extra_site([NCNN_WHEEL], log=lambda m: print(m, file=sys.stderr))
+                 if any(r == "ncnn" for _, r, _ in combos) else None)
         costs: dict[str, dict[str, float]] = {}
         for prof in a.profiles.split(","):
             core = get_core(prof)
             costs[prof] = {}
             for f, r, d in combos:
                 v = instructions_per_inference(sysroot, core, bundle / f, r, xnnpack=d == "xnnpack", runs=a.runs,
-                                               ort_config=ORT_CONFIG.get(d)) / 1e6
+                                               ort_config=ORT_CONFIG.get(d) if r == "onnxruntime" else None,
+                                               extra_site=extra if r == "ncnn" else None) / 1e6
                 costs[prof][key(name[f], d)] = round(v, 2)
                 print(f"{prof} {key(name[f], d)}: {v:.2f} M", file=sys.stderr, flush=True)
 

@@ -286,23 +286,7 @@ def _build(folder: Path, key: str, log: Callable[[str], None]) -> None:
         raise EmulationUnavailable(f"arm64 sysroot: no usr/bin/python3.11 in {root} after unpacking: bump "
                                    "BUILD_VERSION's recipe (bottlefit/emulation/arm64.py)")
     log(f"arm64 sysroot: pip download {' '.join(WHEELS)} (aarch64, cp311)")
-    platforms = [arg for platform in PIP_PLATFORMS for arg in ("--platform", platform)]
-    _step("pip download", [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *platforms,
-                           "--python-version", "311", "--implementation", "cp", "--disable-pip-version-check",
-                           "--no-input", "-d", str(wheels), *WHEELS],
-          "check that PyPI is reachable and these versions have aarch64 cp311 wheels")
-    files = sorted(wheels.glob("*.whl"))
-    if len(files) != len(WHEELS):
-        raise EmulationUnavailable(f"arm64 sysroot: pip download gave {len(files)} wheels for {len(WHEELS)} pins "
-                                   f"({', '.join(f.name for f in files)}): check WHEELS")
-    site.mkdir()
-    for wheel in files:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extractall(site)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise EmulationUnavailable(f"arm64 sysroot: unzipping {wheel.name} failed ({e}): rerun") from None
-    shutil.rmtree(wheels)
+    files = _unzip_wheels(WHEELS, wheels, site)
     sysroot = _sysroot(folder, key)
     for core in CORES.values():
         core_root(sysroot, core)
@@ -311,6 +295,55 @@ def _build(folder: Path, key: str, log: Callable[[str], None]) -> None:
             "pins": list(WHEELS), "build_version": BUILD_VERSION, "build_seconds": round(time.monotonic() - start, 1)}
     (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"arm64 sysroot: ready in {meta['build_seconds']} s")
+
+
+def ensure_extra_site(pins: Sequence[str], log: Callable[[str], None] = lambda m: None) -> Path:
+    """A cached folder of more aarch64 cp311 wheels (``pins``), unzipped, for a guest's PYTHONPATH beside the
+    sysroot's site: runtimes a bench measures that no bundle ships yet (ncnn), without changing the sysroot."""
+    key = hashlib.sha256(json.dumps(sorted(pins)).encode()).hexdigest()[:16]
+    final = cache_dir() / f"arm64-extra-{key}"
+    if (final / MARKER).is_file():
+        return final / "site"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir() / f"arm64-extra-{key}.lock", log):
+        if (final / MARKER).is_file():
+            return final / "site"
+        shutil.rmtree(final, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=f".arm64-extra-{key}.building-", dir=cache_dir()))
+        try:
+            log(f"arm64 extra wheels: pip download {' '.join(pins)} (aarch64, cp311)")
+            files = _unzip_wheels(pins, building / "wheels", building / "site")
+            (building / MARKER).write_text(json.dumps({"pins": list(pins), "wheels": [f.name for f in files]},
+                                                      indent=2) + "\n")
+            os.chmod(building, 0o755)
+            os.replace(building, final)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+    return final / "site"
+
+
+def _unzip_wheels(pins: Sequence[str], wheels: Path, site: Path) -> list[Path]:
+    """pip download the aarch64 cp311 wheels of ``pins`` (no dependencies) into ``wheels``, unzip them into ``site``
+    (created), delete ``wheels``; the wheel files, sorted."""
+    platforms = [arg for platform in PIP_PLATFORMS for arg in ("--platform", platform)]
+    _step("pip download", [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *platforms,
+                           "--python-version", "311", "--implementation", "cp", "--disable-pip-version-check",
+                           "--no-input", "-d", str(wheels), *pins],
+          "check that PyPI is reachable and these versions have aarch64 cp311 wheels")
+    files = sorted(wheels.glob("*.whl"))
+    if len(files) != len(pins):
+        raise EmulationUnavailable(f"arm64 wheels: pip download gave {len(files)} wheels for {len(pins)} pins "
+                                   f"({', '.join(f.name for f in files)}): check the pins")
+    site.mkdir()
+    for wheel in files:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(site)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise EmulationUnavailable(f"arm64 wheels: unzipping {wheel.name} failed ({e}): rerun") from None
+    shutil.rmtree(wheels)
+    return files
 
 
 def _precompile(sysroot: Sysroot, log: Callable[[str], None]) -> None:
