@@ -257,6 +257,7 @@ def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]
 
         net = ncnn.Net()
         net.opt.num_threads, net.opt.use_int8_inference = 1, True
+        net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False  # as the guest
         net.load_param(str(path))
         net.load_model(str(path)[: -len(".param")] + ".bin")
         kv = dict(t.split("=", 1) for t in path.read_text().splitlines()[2].split() if "=" in t)

@@ -109,6 +109,9 @@ elif runtime == "ncnn":
     net = ncnn.Net()
     net.opt.num_threads = threads
     net.opt.use_int8_inference = True
+    # float32 semantics: ncnn's fp16 storage and arithmetic (on by default where the core has them, the A76)
+    # would change the numerics the head was verified with
+    net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
     net.load_param(model)
     net.load_model(model[: -len(".param")] + ".bin")
     line = next(ln for ln in open(model) if ln.startswith("Input"))
