@@ -161,58 +161,12 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
 
 
 def export_ncnn(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None:
-    """The exported head (BatchNorm folded) as ncnn models, NCNN: fp32, and int8 the way ncnn quantizes (its
-    ncnn2int8 layout): per-output-channel symmetric weight scales 127/max|w|, one symmetric input scale per conv
-    127/max|x| over ``images``, int32 accumulation dequantized to float after each conv (ReLU fused), max-pool in
-    float. Param text + weights binary (a 4-byte zero tag: float32 weights, quantized by ncnn at load)."""
-    import torch
+    """The exported head (BatchNorm folded) as the ncnn models NCNN: fp32, and int8 in ncnn's own scheme
+    (bottlefit.exporter.ncnn: per-channel weight scales, absmax input scales over ``images``, float between convs)."""
+    from bottlefit.exporter.ncnn import write_ncnn
 
-    layers = [m for m in exported_head(head, prefix).children()]
-    kinds = [type(m).__name__ for m in layers]
-    if set(kinds) - {"Conv2d", "ReLU", "MaxPool2d"} or kinds[0] != "Conv2d":
-        raise SystemExit(f"--variants ncnn: the head's layers are {kinds}; the writer knows Conv2d, ReLU, MaxPool2d")
-    absmax: dict[int, float] = {}
-    with torch.no_grad():
-        x = torch.from_numpy(images)
-        for i, m in enumerate(layers):
-            absmax[i] = float(x.abs().max())
-            x = m(x)
     for int8, name in zip((False, True), NCNN, strict=True):
-        lines, blob, weights = [], "in0", bytearray()
-        n, c, h, w = images.shape
-        lines.append(f"Input in0 0 1 in0 0={w} 1={h} 2={c}")
-        for i, m in enumerate(layers):
-            if isinstance(m, torch.nn.ReLU):
-                if not isinstance(layers[i - 1], torch.nn.Conv2d):
-                    raise SystemExit(f"--variants ncnn: ReLU {i} follows {kinds[i - 1]}, not a conv")
-                continue  # fused into the conv before it
-            top = "out0" if i == len(layers) - 1 or all(
-                isinstance(q, torch.nn.ReLU) for q in layers[i + 1:]) else f"b{i}"
-            if isinstance(m, torch.nn.Conv2d):
-                if m.groups != 1 or m.dilation != (1, 1) or len(set(m.kernel_size)) != 1:
-                    raise SystemExit(f"--variants ncnn: conv {i} {m} is not a plain square conv")
-                relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
-                wt = m.weight.detach().numpy().astype(np.float32)
-                bias = m.bias is not None
-                lines.append(f"Convolution conv{i} 1 1 {blob} {top} 0={m.out_channels} 1={m.kernel_size[0]} "
-                             f"3={m.stride[0]} 13={m.stride[1]} 4={m.padding[1]} 14={m.padding[0]} 5={int(bias)} "
-                             f"6={wt.size}" + (" 9=1" if relu else "") + (" 8=1" if int8 else ""))
-                weights += np.zeros(1, np.uint32).tobytes() + wt.tobytes()
-                if bias:
-                    weights += m.bias.detach().numpy().astype(np.float32).tobytes()
-                if int8:
-                    wmax = np.abs(wt.reshape(wt.shape[0], -1)).max(1)
-                    weights += np.where(wmax > 0, 127.0 / np.maximum(wmax, 1e-12), 1.0).astype(np.float32).tobytes()
-                    weights += np.float32([127.0 / max(absmax[i], 1e-12)]).tobytes()
-            else:  # MaxPool2d, PyTorch's floor mode: ncnn's pad_mode 1 (valid)
-                k, st, pd = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding))
-                if m.ceil_mode or m.dilation not in (1, (1, 1)):
-                    raise SystemExit(f"--variants ncnn: max-pool {i} {m} is not floor mode without dilation")
-                lines.append(f"Pooling pool{i} 1 1 {blob} {top} 0=0 1={k} 2={st} 3={pd} 5=1")
-            blob = top
-        # magic, then layer and blob counts (each layer makes one blob)
-        (folder / name).write_text(f"7767517\n{len(lines)} {len(lines)}\n" + "\n".join(lines) + "\n")
-        (folder / name.replace(".param", ".bin")).write_bytes(bytes(weights))
+        write_ncnn(exported_head(head, prefix), images, folder / name, int8=int8)
 
 
 def _stem_conv(geometry: tuple[Any, Any, Any, int], cout: int, size: int, out_size: int, path: Path,

@@ -18,6 +18,7 @@ _RUNNERS = {
     "onnxruntime": "bottlefit.runtimes.onnxruntime:OnnxRuntimeRunner",
     "litert": "bottlefit.runtimes.litert:LiteRTRunner",
     "tensorrt": "bottlefit.runtimes.tensorrt:TensorRTRunner",
+    "ncnn": "bottlefit.runtimes.ncnn:NcnnRunner",
 }
 RUNTIMES: tuple[str, ...] = tuple(sorted(_RUNNERS))
 

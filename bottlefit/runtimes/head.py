@@ -18,6 +18,8 @@ REFERENCE_SEMANTICS = {
                    "QuantizeLinear)",
     "litert": "TFLite reference kernels (BUILTIN_REF: portable integer arithmetic)",
     "torch": "PyTorch eager",
+    "ncnn": "ncnn's int8 scheme evaluated exactly in float64 (bottlefit.runtimes.ncnn: symmetric input scale, "
+            "per-channel weights, integer accumulation, float dequantization)",
 }
 
 

@@ -89,46 +89,6 @@ def _tiny_head(cout: int = 8) -> torch.nn.Sequential:
                                torch.nn.Conv2d(cout, 4, 2, 2, 1, bias=False)).eval()
 
 
-def test_ncnn_writer_fp32_is_the_pytorch_head_and_int8_is_ncnn2int8s_layout(tmp_path: Path) -> None:
-    """bench_pi_cost --variants ncnn: the param text and weight bytes ncnn loads, and what the host's ncnn (the
-    dev extra's x86-64 wheel) computes from them: fp32 the PyTorch head, int8 close to it."""
-    ncnn = pytest.importorskip("ncnn", reason="ncnn (in the dev extra) is not installed")
-    bench = _bench()
-    head = _tiny_head()
-    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    bench.export_ncnn(head, images, "", tmp_path)
-    fp32, int8 = (tmp_path / n for n in bench.NCNN)
-    assert int8.read_text() == (
-        "7767517\n4 4\nInput in0 0 1 in0 0=32 1=32 2=3\n"
-        "Convolution conv0 1 1 in0 b0 0=8 1=7 3=2 13=2 4=3 14=3 5=1 6=1176 9=1 8=1\n"
-        "Pooling pool2 1 1 b0 b2 0=0 1=3 2=2 3=1 5=1\n"
-        "Convolution conv3 1 1 b2 out0 0=4 1=2 3=2 13=2 4=1 14=1 5=0 6=128 8=1\n")
-    assert fp32.read_text() == int8.read_text().replace(" 8=1", "")
-    # per conv: 4-byte tag + float32 weights (+ bias); int8 adds per-channel weight scales and one input scale
-    floats = 1176 + 8 + 128
-    assert fp32.with_suffix(".bin").stat().st_size == 2 * 4 + floats * 4
-    assert int8.with_suffix(".bin").stat().st_size == 2 * 4 + (floats + 8 + 1 + 4 + 1) * 4
-    with torch.no_grad():
-        ref = head(torch.from_numpy(images)).numpy()
-    for path in (fp32, int8):
-        net = ncnn.Net()
-        net.opt.num_threads, net.opt.use_int8_inference = 1, True
-        net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
-        assert net.load_param(str(path)) == 0 and net.load_model(str(path.with_suffix(".bin"))) == 0
-        outs = []
-        for x in images:
-            ex = net.create_extractor()
-            ex.input("in0", ncnn.Mat(np.ascontiguousarray(x)))
-            outs.append(np.array(ex.extract("out0")[1]))
-        got = np.stack(outs)
-        assert got.shape == ref.shape == (4, 4, 5, 5)
-        if path == fp32:
-            np.testing.assert_allclose(got, ref, atol=1e-4 * float(np.abs(ref).max()))
-        else:  # 8-bit symmetric grids on 4 images: close, not equal
-            cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
-            assert 0.99 < cos < 1.0, cos
-
-
 def test_ncnn_is_counted_in_the_guest_and_scales_with_work(tools: tuple, tmp_path: Path) -> None:
     """ncnn's aarch64 wheel, beside the sysroot, runs the writer's fp32 model in the guest between the marks."""
     from bottlefit.emulation.arm64 import ensure_extra_site

@@ -23,7 +23,7 @@ from bottlefit.runtimes import IOSpec, Runner, RuntimeUnavailable, get_runner
 from bottlefit.runtimes import base as runtimes_base
 
 SHAPE = (1, 3, 4, 4)
-RUNTIMES = ("onnxruntime", "litert", "tensorrt")
+RUNTIMES = ("onnxruntime", "litert", "tensorrt", "ncnn")
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,25 @@ def _engine_model(d: Path) -> Model:
     return Model("tensorrt", path, ["x", "y"], ["z"])
 
 
+def _ncnn_model(d: Path) -> Model:
+    pytest.importorskip("ncnn", reason="ncnn is not installed here (pip install ncnn; the dev extra pins it)")
+    return Model("ncnn", _write_ncnn_add(d), ["x", "y"], ["z"])
+
+
+def _write_ncnn_add(d: Path) -> Path:
+    """z = x + y as an ncnn model: two Input layers and a BinaryOp (op 0: add); an empty .bin (no weights)."""
+    path = d / "add.param"
+    path.write_text("7767517\n3 3\nInput x 0 1 x 0=4 1=4 2=3\nInput y 0 1 y 0=4 1=4 2=3\n"
+                    "BinaryOp add 2 1 x y z 0=0\n")
+    path.with_suffix(".bin").write_bytes(b"")
+    return path
+
+
 _BUILDERS: dict[str, Callable[[Path], Model]] = {
     "onnxruntime": _onnx_model,
     "litert": _tflite_model,
     "tensorrt": _engine_model,
+    "ncnn": _ncnn_model,
 }
 
 
@@ -239,6 +254,18 @@ def test_every_runtime_raises_the_same_error_for_the_same_bad_input(models: dict
                               "given float32[1,3,4,5]")
 
 
+def test_ncnn_reference_needs_no_ncnn_and_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """reference=True evaluates the files itself: it runs where the ncnn wheel is absent (here: hidden)."""
+    import sys
+
+    path = _write_ncnn_add(tmp_path)
+    monkeypatch.setitem(sys.modules, "ncnn", None)
+    with pytest.raises(RuntimeUnavailable, match="pip install ncnn"):
+        get_runner("ncnn", path)
+    x, y = _xy(2)
+    np.testing.assert_array_equal(get_runner("ncnn", path, reference=True).infer({"x": x, "y": y})["z"], x + y)
+
+
 # ------------------------------------------------------------------------------------------ LiteRT aliases
 
 
@@ -297,7 +324,7 @@ def test_missing_runtime_is_reported_before_a_missing_file(tmp_path: Path) -> No
 def test_unknown_runtime_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         get_runner("nope", tmp_path / "m.onnx")
-    assert str(err.value) == "unknown runtime 'nope'; known: litert, onnxruntime, tensorrt"
+    assert str(err.value) == "unknown runtime 'nope'; known: litert, ncnn, onnxruntime, tensorrt"
     with pytest.raises(UserError, match="unknown runtime 'torch'"):
         get_runner("torch", tmp_path / "m.pt")
 
