@@ -58,7 +58,7 @@ class RewrittenHead:
         return found
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of an eval-mode BN, computed in float64 so the fold adds no rounding."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm2d without running statistics cannot be folded")
@@ -71,7 +71,7 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    scale, shift = _bn_affine(bn)
+    scale, shift = bn_affine(bn)
     out = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
@@ -85,7 +85,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def bn_as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
-    scale, shift = _bn_affine(bn)
+    scale, shift = bn_affine(bn)
     c = bn.num_features
     out = nn.Conv2d(c, c, kernel_size=1, groups=c, bias=True)
     with torch.no_grad():
@@ -122,10 +122,10 @@ def fold_pool_batchnorm(encoder: nn.Module, prefix: str = "") -> tuple[nn.Sequen
         pool, bn2 = rest[1][1], rest[2][1]
         if getattr(pool, "return_indices", False):
             return None
-        a, b = _bn_affine(bn2)  # type: ignore[arg-type]
+        a, b = bn_affine(bn2)  # type: ignore[arg-type]
         if not (bool((a > 0).all()) and bool((b <= 0).all())):
             return None
-        s1, t1 = _bn_affine(bn1) if bn1 is not None else (torch.ones_like(a), torch.zeros_like(a))
+        s1, t1 = bn_affine(bn1) if bn1 is not None else (torch.ones_like(a), torch.zeros_like(a))
         b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
         new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)

@@ -30,7 +30,7 @@ from bottlefit.errors import UserError
 from bottlefit.runtimes.base import IOSpec, Runner, RuntimeUnavailable
 
 MAGIC = 7767517
-REFERENCE_LAYERS = ("Input", "Convolution", "ReLU", "Pooling", "BinaryOp")
+REFERENCE_LAYERS = ("Input", "Convolution", "ReLU", "Pooling", "Scale", "BinaryOp")
 # the 4-byte tag in front of a weight blob in NAME.bin: float32 as is, or int8 (ncnn2int8's output)
 TAG_FP32, TAG_INT8 = 0, 0x000D4B38
 _REQUANT = 100  # int8_scale_term above this: the conv requantizes its output (not evaluated by the reference)
@@ -104,6 +104,12 @@ def read_weights(layers: list[Layer], path: Path) -> None:
         return data[pos - n:pos]
 
     for layer in layers:
+        if layer.type == "Scale":  # raw float32 arrays, no tag
+            n = layer.geti(0)
+            layer.weights["scale"] = np.frombuffer(take(4 * n), "<f4").astype(np.float64)
+            if layer.geti(1):
+                layer.weights["bias"] = np.frombuffer(take(4 * n), "<f4").astype(np.float64)
+            continue
         if layer.type != "Convolution":
             continue
         size, cout = layer.geti(6), layer.geti(0)
@@ -142,7 +148,7 @@ def infer_shapes(layers: list[Layer]) -> dict[str, tuple[int, ...] | None]:
             shape = (1, *dims)
         elif ins and ins[0] is not None and min(ins[0]) < 0:
             shape = None
-        elif ins and ins[0] is not None and ly.type in ("ReLU", "BinaryOp"):
+        elif ins and ins[0] is not None and ly.type in ("ReLU", "Scale", "BinaryOp"):
             shape = ins[0]
         elif ins and ins[0] is not None and ly.type == "Convolution" and ly.geti(4) >= 0:
             _, _, h, w = ins[0]
@@ -215,11 +221,15 @@ def evaluate(layers: list[Layer], feeds: dict[str, np.ndarray], path: Path) -> d
             y = np.maximum(x, 0.0)
         elif ly.type == "Pooling":
             y = _pool(ly, x, path)
+        elif ly.type == "Scale" and ly.geti(0) == x.shape[1]:
+            y = x * ly.weights["scale"][None, :, None, None]
+            if "bias" in ly.weights:
+                y = y + ly.weights["bias"][None, :, None, None]
         elif ly.type == "BinaryOp" and ly.geti(0) == 0 and len(ly.inputs) == 2:
             y = x + blobs[ly.inputs[1]]
         else:
             raise UserError(f"{path}: layer {ly.name} ({ly.type}) is not evaluated by the ncnn reference (it knows "
-                            f"{', '.join(REFERENCE_LAYERS)}: plain conv, ReLU, max pool, add)")
+                            f"{', '.join(REFERENCE_LAYERS)}: plain conv, ReLU, max pool, per-channel scale, add)")
         blobs[ly.outputs[0]] = y
     return blobs
 

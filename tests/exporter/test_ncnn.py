@@ -43,12 +43,16 @@ def _run(path: Path, images: np.ndarray, **options: object) -> np.ndarray:
 
 def test_param_text_and_weight_bytes(written: tuple) -> None:
     fp32, int8, _, _ = written
+    import hashlib
+
+    digest = hashlib.sha256(int8.with_suffix(".bin").read_bytes()).hexdigest()[:16]
     assert int8.read_text() == (
-        "7767517\n4 4\nInput in0 0 1 in0 0=32 1=32 2=3\n"
+        f"7767517\n4 4\nInput weights_{digest} 0 1 in0 0=32 1=32 2=3\n"
         "Convolution conv0 1 1 in0 b0 0=8 1=7 3=2 13=2 4=3 14=3 5=1 6=1176 9=1 8=1\n"
         "Pooling pool2 1 1 b0 b2 0=0 1=3 2=2 3=1 5=1\n"
         "Convolution conv3 1 1 b2 out0 0=4 1=2 3=2 13=2 4=1 14=1 5=0 6=128 8=1\n")
-    assert fp32.read_text() == int8.read_text().replace(" 8=1", "")
+    fp32_digest = hashlib.sha256(fp32.with_suffix(".bin").read_bytes()).hexdigest()[:16]
+    assert fp32.read_text() == int8.read_text().replace(" 8=1", "").replace(digest, fp32_digest)
     # per conv: a 4-byte tag, float32 weights (+ bias); int8 adds per-channel weight scales and one input scale
     floats = 1176 + 8 + 128
     assert fp32.with_suffix(".bin").stat().st_size == 2 * 4 + floats * 4
@@ -96,11 +100,38 @@ def test_int8_reference_is_ncnns_scheme_and_the_library_agrees(written: tuple) -
     assert float(np.abs(lib - got).max()) < 0.5 * step, (float(np.abs(lib - got).max()), step)
 
 
+def test_batchnorm_folds_into_its_conv_or_runs_as_a_scale_layer(tmp_path: Path) -> None:
+    """The other BottleFit encoder form: conv -> BN -> ReLU -> max-pool -> BN -> ReLU -> conv."""
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 2, 1))
+    for bn in (head[1], head[4]):  # trained-looking statistics, some shifts > 0 (no exact pool fold)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    head.eval()
+    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    model = write_ncnn(head, x, tmp_path / "bn.param", int8=False)
+    assert model.layers == ["Input", "Convolution", "Pooling", "Scale", "ReLU", "Convolution"]
+    with torch.no_grad():
+        ref = head(torch.from_numpy(x)).numpy()
+    r = get_runner("ncnn", model.param, reference=True)
+    got = np.concatenate([r.infer({"in0": x[i:i + 1]})["out0"] for i in range(2)])
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(np.abs(ref).max()))
+    pytest.importorskip("ncnn", reason="ncnn (the dev extra) is not installed here")
+    lib = get_runner("ncnn", model.param)
+    got = np.concatenate([lib.infer({"in0": x[i:i + 1]})["out0"] for i in range(2)])
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_unsupported_layers_and_files_are_one_line_errors(tmp_path: Path) -> None:
     x = np.zeros((1, 3, 16, 16), np.float32)
     for head in (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, groups=1, dilation=2)),
-                 torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 3)),
-                 torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))):
+                 torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, groups=3)),
+                 torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2, ceil_mode=True)),
+                 torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Sigmoid())):
         with pytest.raises(UserError) as e:
             write_ncnn(head, x, tmp_path / "h.param", int8=False)
         assert "\n" not in str(e.value) and str(e.value).startswith("ncnn: the head's layers")
