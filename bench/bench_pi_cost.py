@@ -6,13 +6,14 @@ Exports the head with the rpi target (untrained, seeded weights: cost does not d
 sparsity, which no kernel here exploits), then for each profile and each (artifact, delegate) counts the instructions of
 N inferences after a warm-up, between two marks the guest sets, / N, 1 thread, batch 1. Delegates: "xnnpack" / "builtin"
 (LiteRT), "cpu" (ONNX Runtime, the file's int8 kernels) and "cpu-u8" (ONNX Runtime with session.qdqisint8allowed=0: its
-uint8 kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG). ``--variants s2d`` adds the heads with the exact
-space-to-depth stem (bottlefit.exporter.head_rewrite), which no profile ships, as evidence. ``--variants floor`` adds
-the stem conv's matrix multiply alone, as ONNX Runtime runs it after im2col (M output pixels x K = C_in*kh*kw x N output
-channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and fp32 MatMul (its SGEMM), no im2col, requantization or other
-layer; the stem conv alone as the optimized int8 head runs it (ONNX Runtime's NHWC uint8 QLinearConv: im2col + that GEMM
-+ requantization), what every ONNX Runtime int8 head with this stem pays; and that conv as a 1x1 over patches gathered
-beforehand (GEMM + requantization, no im2col). The same artifacts are timed on this host, interleaved with the PyTorch
+uint8 kernels; bottlefit.targets.rpi.profiles.ORT_CONFIG), and "cpu" for head.int8.ncnn.param (ncnn's int8 kernels, fp16
+off). ``--variants s2d`` adds the heads with the exact space-to-depth stem (bottlefit.exporter.head_rewrite), which no
+profile ships, as evidence. ``--variants floor`` adds the stem conv's matrix multiply alone, as ONNX Runtime runs it
+after im2col (M output pixels x K = C_in*kh*kw x N output channels): MatMulInteger (uint8 x int8, its U8S8 GEMM) and
+fp32 MatMul (its SGEMM), no im2col, requantization or other layer; the stem conv alone as the optimized int8 head runs
+it (ONNX Runtime's NHWC uint8 QLinearConv: im2col + that GEMM + requantization), what every ONNX Runtime int8 head with
+this stem pays; and that conv as a 1x1 over patches gathered beforehand (GEMM + requantization, no im2col). ``--variants
+ncnn`` adds the head as an fp32 ncnn model. The same artifacts are timed on this host, interleaved with the PyTorch
 eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
@@ -29,7 +30,6 @@ check for CI (several minutes: every count is an emulated run).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.emulation.arm64 import ensure_extra_site, ensure_sysroot, get_core
-from bottlefit.emulation.cost import NCNN_WHEEL, instructions_per_inference, regressions
+from bottlefit.emulation.arm64 import ensure_sysroot, get_core
+from bottlefit.emulation.cost import instructions_per_inference, regressions
 from bottlefit.targets.rpi.profiles import ORT_CONFIG, REFERENCE
 
 # (file, runtime, delegate)
@@ -49,10 +49,11 @@ COMBOS: tuple[tuple[str, str, str], ...] = (
     ("head.fp32.tflite", "litert", "xnnpack"), ("head.fp32.tflite", "litert", "builtin"),
     ("head.int8.tflite", "litert", "xnnpack"), ("head.int8.tflite", "litert", "builtin"),
     ("head.int8.onnx", "onnxruntime", "cpu"), ("head.int8.onnx", "onnxruntime", "cpu-u8"),
+    ("head.int8.ncnn.param", "ncnn", "cpu"),
 )
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
-NCNN = ("head.fp32.ncnn.param", "head.int8.ncnn.param")
+NCNN_FP32 = "head.fp32.ncnn.param"
 FLOOR = ("stem.gemm.int8.onnx", "stem.gemm.fp32.onnx", "stem.conv.int8.onnx", "stem.conv1x1.int8.onnx")
 EAGER = "pytorch eager (fp32)"
 
@@ -161,12 +162,10 @@ def export_floor(head: Any, images: np.ndarray, prefix: str, folder: Path) -> tu
 
 
 def export_ncnn(head: Any, images: np.ndarray, prefix: str, folder: Path) -> None:
-    """The exported head (BatchNorm folded) as the ncnn models NCNN: fp32, and int8 in ncnn's own scheme
-    (bottlefit.exporter.ncnn: per-channel weight scales, absmax input scales over ``images``, float between convs)."""
+    """The exported head (BatchNorm folded) as an fp32 ncnn model, NCNN_FP32 (the bundle ships the int8 one)."""
     from bottlefit.exporter.ncnn import write_ncnn
 
-    for int8, name in zip((False, True), NCNN, strict=True):
-        write_ncnn(exported_head(head, prefix), images, folder / name, int8=int8)
+    write_ncnn(exported_head(head, prefix), images, folder / NCNN_FP32, int8=False)
 
 
 def _stem_conv(geometry: tuple[Any, Any, Any, int], cout: int, size: int, out_size: int, path: Path,
@@ -206,23 +205,12 @@ def host_runner(path: Path, runtime: str, delegate: str) -> Callable[[], object]
         d = it.get_input_details()[0]
         it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
         return it.invoke
-    if runtime == "ncnn":  # the x86-64 wheel of the same version (pip install ncnn), when installed
-        import ncnn
+    if runtime == "ncnn":
+        from bottlefit.runtimes import get_runner
 
-        net = ncnn.Net()
-        net.opt.num_threads, net.opt.use_int8_inference = 1, True
-        net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False  # as the guest
-        net.load_param(str(path))
-        net.load_model(str(path)[: -len(".param")] + ".bin")
-        kv = dict(t.split("=", 1) for t in path.read_text().splitlines()[2].split() if "=" in t)
-        x = np.zeros((int(kv["2"]), int(kv["1"]), int(kv["0"])), np.float32)
-
-        def infer() -> object:
-            ex = net.create_extractor()
-            ex.input("in0", ncnn.Mat(x))
-            return ex.extract("out0")
-
-        return infer
+        r = get_runner("ncnn", path, num_threads=1)
+        feed = {n: np.zeros(spec.shape, np.float32) for n, spec in r.input_specs().items()}
+        return lambda: r.infer(feed)
     import onnxruntime as ort
 
     o = ort.SessionOptions()
@@ -343,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / "ncnn"
             folder.mkdir()
             export_ncnn(head, images, prefix, folder)
-            combos += [(str(folder / f), "ncnn", "cpu") for f in NCNN]
+            combos.append((str(folder / NCNN_FP32), "ncnn", "cpu"))
         name = {str(f): Path(f).name for f, _, _ in combos}
         ms: dict[str, float] = {}
         if not a.no_host:
@@ -356,22 +344,16 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     return head(x.clone())
 
-            # ncnn is timed where its x86-64 wheel is installed (a bench-only runtime, not a dependency)
-            host_ncnn = importlib.util.find_spec("ncnn") is not None
-            runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos
-                       if r != "ncnn" or host_ncnn}
+            runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos}
             ms = host_ms({**runners, EAGER: eager}, a.rounds)
         sysroot = ensure_sysroot(log=lambda m: print(m, file=sys.stderr))
-        extra = (ensure_extra_site([NCNN_WHEEL], log=lambda m: print(m, file=sys.stderr))
-                 if any(r == "ncnn" for _, r, _ in combos) else None)
         costs: dict[str, dict[str, float]] = {}
         for prof in a.profiles.split(","):
             core = get_core(prof)
             costs[prof] = {}
             for f, r, d in combos:
                 v = instructions_per_inference(sysroot, core, bundle / f, r, xnnpack=d == "xnnpack", runs=a.runs,
-                                               ort_config=ORT_CONFIG.get(d) if r == "onnxruntime" else None,
-                                               extra_site=extra if r == "ncnn" else None) / 1e6
+                                               ort_config=ORT_CONFIG.get(d) if r == "onnxruntime" else None) / 1e6
                 costs[prof][key(name[f], d)] = round(v, 2)
                 print(f"{prof} {key(name[f], d)}: {v:.2f} M", file=sys.stderr, flush=True)
 

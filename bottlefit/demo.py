@@ -208,7 +208,9 @@ def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> li
         ispec = a.inputs[0]
         xin = wire.encode(ispec, x_val[:1].numpy())
         ms = _median_ms(lambda v, r=runner, n=ispec.name: r.infer({n: v}), xin)
-        rows.append((f"{target}/{a.file}", a.precision, acc, ms, (d / a.file).stat().st_size))
+        # an ncnn head's weights live in the .bin beside its .param
+        size = sum((d / f).stat().st_size for f in (a.file, a.extra.get("weights")) if f)
+        rows.append((f"{target}/{a.file}", a.precision, acc, ms, size))
     return rows
 
 

@@ -62,7 +62,7 @@ def test_script_exports_verifies_and_gathers_bundles(recipe_run) -> None:
         assert report["passed"] is True and report["target"] == target
     rpi = json.loads((dist / "export" / "rpi" / "manifest.json").read_text())
     emulated = [e for e in rpi["parity"]["execution"] if e["where"] == "emulated"]
-    assert {e["artifact"] for e in emulated} == {"head.int8.tflite", "head.int8.onnx"}
+    assert {e["artifact"] for e in emulated} == {"head.int8.tflite", "head.int8.onnx", "head.int8.ncnn.param"}
     if emulate == "pi4":
         assert all(e["status"] == "agrees" and e["gated"] and "cortex-a72" in e["isa"] for e in emulated)
     else:

@@ -1,4 +1,4 @@
-"""A Raspberry Pi's own Python, numpy, LiteRT and ONNX Runtime on this host, under qemu arm64 user-mode emulation.
+"""A Raspberry Pi's own Python, numpy, LiteRT, ONNX Runtime and ncnn on this host, under qemu arm64 user-mode emulation.
 
 ``ensure_sysroot()`` builds once (as root; 30–50 s, 435 MB) a Debian bookworm arm64 minbase holding python3.11,
 plus the boards' aarch64 wheels (``WHEELS``) unzipped beside it, and caches it under ``cache_dir()/arm64-<key>/``.
@@ -56,9 +56,9 @@ QEMU = "qemu-aarch64-static"
 INSTALL = "apt-get install qemu-user-static debootstrap"
 SUITE = "bookworm"
 INCLUDE: tuple[str, ...] = ("python3.11", "libstdc++6")
-# aarch64 cp311 wheels; their imports (numpy, ai_edge_litert.interpreter, onnxruntime incl. InferenceSession.run)
-# need no other distribution under emulation, so their declared dependencies are not installed.
-WHEELS: tuple[str, ...] = ("numpy==2.4.6", "ai-edge-litert==2.3.0", "onnxruntime==1.32.0")
+# aarch64 cp311 wheels; their imports (numpy, ai_edge_litert.interpreter, onnxruntime incl. InferenceSession.run,
+# ncnn) need no other distribution under emulation, so their declared dependencies are not installed.
+WHEELS: tuple[str, ...] = ("numpy==2.4.6", "ai-edge-litert==2.3.0", "onnxruntime==1.32.0", "ncnn==1.0.20250503")
 # ai-edge-litert 2.3.0's aarch64 wheel is tagged manylinux_2_27 only: without that tag pip finds 1.4.0
 PIP_PLATFORMS: tuple[str, ...] = ("manylinux_2_27_aarch64", "manylinux_2_28_aarch64", "manylinux_2_17_aarch64",
                                   "manylinux2014_aarch64")
@@ -295,32 +295,6 @@ def _build(folder: Path, key: str, log: Callable[[str], None]) -> None:
             "pins": list(WHEELS), "build_version": BUILD_VERSION, "build_seconds": round(time.monotonic() - start, 1)}
     (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"arm64 sysroot: ready in {meta['build_seconds']} s")
-
-
-def ensure_extra_site(pins: Sequence[str], log: Callable[[str], None] = lambda m: None) -> Path:
-    """A cached folder of more aarch64 cp311 wheels (``pins``), unzipped, for a guest's PYTHONPATH beside the
-    sysroot's site: runtimes a bench measures that no bundle ships yet (ncnn), without changing the sysroot."""
-    key = hashlib.sha256(json.dumps(sorted(pins)).encode()).hexdigest()[:16]
-    final = cache_dir() / f"arm64-extra-{key}"
-    if (final / MARKER).is_file():
-        return final / "site"
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir() / f"arm64-extra-{key}.lock", log):
-        if (final / MARKER).is_file():
-            return final / "site"
-        shutil.rmtree(final, ignore_errors=True)
-        building = Path(tempfile.mkdtemp(prefix=f".arm64-extra-{key}.building-", dir=cache_dir()))
-        try:
-            log(f"arm64 extra wheels: pip download {' '.join(pins)} (aarch64, cp311)")
-            files = _unzip_wheels(pins, building / "wheels", building / "site")
-            (building / MARKER).write_text(json.dumps({"pins": list(pins), "wheels": [f.name for f in files]},
-                                                      indent=2) + "\n")
-            os.chmod(building, 0o755)
-            os.replace(building, final)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-    return final / "site"
 
 
 def _unzip_wheels(pins: Sequence[str], wheels: Path, site: Path) -> list[Path]:

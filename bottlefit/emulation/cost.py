@@ -48,9 +48,6 @@ DEBIAN_ARCHIVE = ("deb-src http://deb.debian.org/debian {suite} main\n"
                   "deb-src http://deb.debian.org/debian-security {suite}-security main\n")
 STEP_TIMEOUT = 900.0
 RUNTIMES = ("litert", "onnxruntime", "ncnn")
-# ncnn (Tencent's mobile inference library) is measured by the bench, shipped by no bundle: its aarch64 wheel lives
-# beside the sysroot (bottlefit.emulation.arm64.ensure_extra_site), not in it
-NCNN_WHEEL = "ncnn==1.0.20250503"
 # The guest marks a span with close(MARK_FD): a descriptor no process has, so the call only fails with EBADF; the
 # plugin is compiled with the same value (-DMARK_FD).
 MARK_FD = 0x3B0771E5
@@ -285,10 +282,10 @@ class Count:
 
 def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
                        threads: int = 1, runs: int = 0, plugin: Plugin | None = None, timeout: float = 900,
-                       ort_config: Mapping[str, str] | None = None, extra_site: Path | None = None) -> Count:
+                       ort_config: Mapping[str, str] | None = None) -> Count:
     """Guest instructions of one guest process: start, load ``model``, one warm-up inference, a mark, ``runs``
     inferences, a mark, exit. ``ort_config``: ONNX Runtime session config entries (the board profile's, e.g. the
-    kernels' activation type). ``extra_site``: more unzipped aarch64 wheels for the guest (ncnn's)."""
+    kernels' activation type)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
     plugin = plugin or ensure_plugin()
@@ -298,9 +295,8 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
                str(sysroot.python()), "-X", "utf8", str(guest_script()), str(Path(model).resolve()), runtime,
                "1" if xnnpack else "0", str(threads), str(runs),
                *(f"{k}={v}" for k, v in sorted((ort_config or {}).items()))]
-        path = os.pathsep.join(str(p) for p in (sysroot.site, extra_site) if p)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
-               "QEMU_CPU": core.cpu, "PYTHONPATH": path, "PYTHONNOUSERSITE": "1",
+               "QEMU_CPU": core.cpu, "PYTHONPATH": str(sysroot.site), "PYTHONNOUSERSITE": "1",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(threads)}
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace", timeout=timeout)
@@ -320,7 +316,7 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
 
 def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
                                threads: int = 1, runs: int = 10, repeats: int = 1,
-                               ort_config: Mapping[str, str] | None = None, extra_site: Path | None = None) -> float:
+                               ort_config: Mapping[str, str] | None = None) -> float:
     """Guest instructions of one inference of ``model`` on ``core``: the count between the marks around ``runs``
     inferences (after one warm-up) divided by ``runs``; with ``repeats`` > 1, the median over that many processes."""
     if runs < 1:
@@ -329,7 +325,7 @@ def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtim
     values = []
     for _ in range(max(1, repeats)):
         c = count_instructions(sysroot, core, model, runtime, xnnpack=xnnpack, threads=threads, runs=runs,
-                               plugin=plugin, ort_config=ort_config, extra_site=extra_site)
+                               plugin=plugin, ort_config=ort_config)
         if len(c.marks) != 2:
             raise EmulationUnavailable(f"the counting plugin recorded {len(c.marks)} marks, not 2, for "
                                        f"{Path(model).name}: is {plugin.so} built from this bottlefit's plugin source?")

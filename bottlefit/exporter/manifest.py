@@ -15,7 +15,7 @@ from bottlefit.models.checkpoint import sha256_file
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _PACKAGES = ("bottlefit", "torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "numpy", "litert-torch",
-             "ai-edge-litert")
+             "ai-edge-litert", "ncnn")
 
 
 def package_versions() -> dict[str, str]:

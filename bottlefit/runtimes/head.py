@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact
+from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.runtimes import Runner, get_runner
 
 # What "reference semantics" means per runtime: the artifact's own definition, the same on every host.
@@ -51,13 +51,29 @@ def run_tail(artifact: Artifact, target_dir: Path, z: np.ndarray, *, reference: 
 
 def run_runner(runner: Runner, artifact: Artifact, x: np.ndarray) -> np.ndarray:
     """``artifact`` (a head or a tail) already loaded in ``runner``, sample by sample along axis 0: each float
-    sample is encoded as the artifact's first input spec says, its first output decoded back to float."""
+    sample is encoded as the artifact's first input spec says, its first output decoded back to float, and for a
+    float head whose wire carries int8 codes (:func:`wire_codes`) rounded onto them: what the tail receives."""
     ispec, ospec = artifact.inputs[0], artifact.outputs[0]
+    codes = wire_codes(artifact)
     outs = []
     for i in range(x.shape[0]):
         res = runner.infer({ispec.name: wire.encode(ispec, x[i : i + 1])})
-        outs.append(wire.decode(ospec, res[ospec.name]))
+        y = wire.decode(ospec, res[ospec.name])
+        outs.append(wire.decode(codes, wire.encode(codes, y)) if codes is not None else y)
     return np.concatenate(outs)
+
+
+def wire_codes(artifact: Artifact) -> TensorSpec | None:
+    """The int8 codes a float-output head puts on the wire (its ``quantization["output"]`` grid), as a spec; None
+    for other artifacts. A Q/DQ head's float output already lies on that grid (the round trip is exact); an ncnn
+    head's (dequantized conv output) does not: the board quantizes it before sending (run_head.py)."""
+    rec = artifact.quantization.get("output") if artifact.role == "head" else None
+    out = artifact.outputs[0] if artifact.outputs else None
+    if out is None or out.dtype != "float32" or not isinstance(rec, dict) or not rec.get("scale") \
+            or rec.get("dtype") not in ("int8", "uint8"):
+        return None
+    return TensorSpec(out.name, out.shape, str(rec["dtype"]), out.layout, float(rec["scale"]),
+                      int(rec.get("zero_point", 0)))
 
 
 def output_lsb(artifact: Artifact) -> float | None:

@@ -8,13 +8,13 @@ outputs the blobs no layer reads; each is NCHW float32 with a batch of 1 (ncnn's
 Default: the ncnn library (``pip install ncnn``) with float32 semantics: its fp16 storage and arithmetic, which it
 turns on by itself on cores that have them (Cortex-A76), are off, because they change the numerics.
 
-``reference=True`` needs no ncnn: the layers :data:`REFERENCE_LAYERS` evaluated in float64 from the two files as
-ncnn defines them, the same on every host. An int8 Convolution (``8=1``: per-output-channel weight scales and one
-input scale follow its weights) quantizes its input to ``round(x * s_in)`` clamped to [-127, 127] (ties away from
-zero) and its float weights to ``round(w * s_w[c])`` the same way (stored int8 weights are taken as they are),
-accumulates the integer products exactly, and dequantizes ``acc / (s_in * s_w[c]) + bias`` (then its fused ReLU).
-The library's kernels (x86 or ARM) compute that dequantization in float32 and may round a tie the other way, so
-they agree with the reference to a few float32 ulps, and rarely one input step.
+``reference=True`` needs no ncnn: the layers :data:`REFERENCE_LAYERS` evaluated from the two files as ncnn
+defines them, the same on every host. An int8 Convolution (``8=1``: per-output-channel weight scales and one input
+scale follow its weights) quantizes its input to ``round(x * s_in)`` and its float weights to ``round(w * s_w[c])``
+(ties away from zero, clamped to [-127, 127]; products in float32; stored int8 weights are taken as they are),
+accumulates the integer products exactly, and dequantizes in float32 as ncnn does: ``acc * (1 / (s_in * s_w[c]))
++ bias``, then its fused ReLU. A float conv sums in float64. Measured: the x86-64 and the emulated A72 and A76
+kernels give the reference's int8 head outputs bit for bit (tests/emulation/test_ncnn_on_arm.py).
 """
 
 from __future__ import annotations
@@ -184,16 +184,22 @@ def _conv(ly: Layer, x: np.ndarray, path: Path) -> np.ndarray:
     assert wt is not None
     w = wt.reshape(cout, cin, kh, kw)
     if ly.geti(8):
-        s_in, s_w = float(ly.weights["in_scale"][0]), ly.weights["w_scale"]
-        x = np.clip(_round_away(x * s_in), -127, 127)
+        # in float32, as ncnn computes: the input times its scale, rounded; the dequantization scale
+        # 1 / (s_in * s_w[c]) and acc * scale + bias
+        s_in, s_w = np.float32(ly.weights["in_scale"][0]), ly.weights["w_scale"].astype(np.float32)
+        x = np.clip(_round_away((x.astype(np.float32) * s_in).astype(np.float64)), -127, 127)
         if "w" in ly.weights:
-            w = np.clip(_round_away(w * s_w[:, None, None, None]), -127, 127)
+            w = np.clip(_round_away(w.astype(np.float32) * s_w[:, None, None, None]), -127, 127)
     # float64 sums of integer products stay exact far beyond any conv's size here (2^53)
-    y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w)),
+    y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w, np.float64)),
                                    stride=(sh, sw), padding=(ph, pw)).numpy()
     if ly.geti(8):
-        y = y / (s_in * s_w[None, :, None, None])
-    if "bias" in ly.weights:
+        scale = np.where(s_w != 0, np.float32(1) / (s_in * s_w), np.float32(0)).astype(np.float32)
+        y32 = y.astype(np.float32) * scale[None, :, None, None]
+        if "bias" in ly.weights:
+            y32 = y32 + ly.weights["bias"].astype(np.float32)[None, :, None, None]
+        y = y32.astype(np.float64)
+    elif "bias" in ly.weights:
         y = y + ly.weights["bias"][None, :, None, None]
     return np.maximum(y, 0.0) if ly.geti(9) == 1 else y
 

@@ -35,6 +35,7 @@ GUEST_SCRIPT = """\
 import importlib.metadata, json, sys, time
 import numpy as np
 import ai_edge_litert.interpreter
+import ncnn
 t = time.perf_counter()
 import onnxruntime as ort
 import_s = time.perf_counter() - t
@@ -46,6 +47,7 @@ print(json.dumps({
     "numpy": np.__version__,
     "ai-edge-litert": importlib.metadata.version("ai-edge-litert"),
     "onnxruntime": ort.__version__,
+    "ncnn": importlib.metadata.version("ncnn"),
     "device": ort.get_device(),
     "dot": int(np.dot(a.astype(np.int32), b.astype(np.int32))),
     "ort_dot": int(ort_out.reshape(-1)[0]),
@@ -155,7 +157,7 @@ def test_sysroot_contents(sysroot: Sysroot) -> None:
     info = sysroot.describe()
     assert info["debian"] == "bookworm" and info["python"] == "3.11" and info["key"] == sysroot.key
     assert info["qemu"].startswith("qemu-aarch64 version")
-    assert [w.split("-")[0] for w in info["wheels"]] == ["ai_edge_litert", "numpy", "onnxruntime"]
+    assert [w.split("-")[0] for w in info["wheels"]] == ["ai_edge_litert", "ncnn", "numpy", "onnxruntime"]
     assert all("aarch64" in w and "cp311" in w for w in info["wheels"])
     for core in CORES.values():
         view = core_root(sysroot, core)

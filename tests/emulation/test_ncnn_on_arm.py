@@ -1,4 +1,4 @@
-"""ncnn's own aarch64 kernels on emulated Pi cores (qemu-user; the wheel beside the sysroot) against the ncnn
+"""ncnn's own aarch64 kernels on emulated Pi cores (qemu-user; its wheel in the sysroot) against the ncnn
 reference semantics (bottlefit.runtimes.ncnn) for the same files: what a board would compute, judged without the
 build host's kernels. Skipped with EmulationUnavailable's line where qemu or the sysroot are missing."""
 
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_extra_site, ensure_sysroot, get_core, run_python
-from bottlefit.emulation.cost import NCNN_WHEEL
+from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
 from bottlefit.exporter.ncnn import write_ncnn
 from bottlefit.runtimes import get_runner
 
@@ -40,16 +40,16 @@ print("ok")
 
 
 @pytest.fixture(scope="module")
-def guest() -> tuple:
+def guest() -> Any:
     try:
-        return ensure_sysroot(), ensure_extra_site([NCNN_WHEEL])
+        return ensure_sysroot()
     except EmulationUnavailable as e:
         pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("profile", ["pi4", "pi5"])
-def test_ncnn_on_the_pi_core_computes_the_reference(guest: tuple, tmp_path: Path, profile: str) -> None:
-    sysroot, site = guest
+def test_ncnn_on_the_pi_core_computes_the_reference(guest: Any, tmp_path: Path, profile: str) -> None:
+    sysroot = guest
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1),
                                torch.nn.Conv2d(16, 6, 2, 2, 1, bias=False)).eval()
@@ -60,8 +60,7 @@ def test_ncnn_on_the_pi_core_computes_the_reference(guest: tuple, tmp_path: Path
     np.save(tmp_path / "x.npy", x)
     script = tmp_path / "guest.py"
     script.write_text(GUEST)
-    proc = run_python(sysroot, get_core(profile), script, [str(tmp_path), json.dumps(names)], timeout=600,
-                      env={"PYTHONPATH": f"{sysroot.site}:{site}"})
+    proc = run_python(sysroot, get_core(profile), script, [str(tmp_path), json.dumps(names)], timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     with torch.no_grad():
         step = float(head(torch.from_numpy(x)).abs().max()) / 127

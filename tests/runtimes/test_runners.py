@@ -89,7 +89,7 @@ def _engine_model(d: Path) -> Model:
 
 
 def _ncnn_model(d: Path) -> Model:
-    pytest.importorskip("ncnn", reason="ncnn is not installed here (pip install ncnn; the dev extra pins it)")
+    pytest.importorskip("ncnn", reason="ncnn is not installed here (pip install ncnn; bottlefit[rpi] pins it)")
     return Model("ncnn", _write_ncnn_add(d), ["x", "y"], ["z"])
 
 

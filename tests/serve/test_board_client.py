@@ -89,8 +89,8 @@ def test_board_client_refused_for_another_export(split_export: Path, server, tmp
 
 
 def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: Path) -> None:
-    """The Pi's Python and aarch64 wheels (the profile's default head, ONNX Runtime int8) against the server on
-    this host's loopback: the codes are the reference codes exactly, and so are the logits."""
+    """The Pi's Python and aarch64 wheels (the profile's default head, ncnn int8) against the server on this host's
+    loopback: the codes are the reference codes exactly, and so are the logits."""
     from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
 
     try:
@@ -104,7 +104,7 @@ def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: P
     recs = _records(cp.stdout)
     meta = json.loads((board / "golden.json").read_text())
     entry = next(m for m in meta["models"] if m["runtime"] == meta["default_runtime"])
-    assert entry["runtime"] == "onnxruntime" and len(recs) == 4 and all(r["payload_bytes"] == 100 for r in recs)
+    assert entry["runtime"] == "ncnn" and len(recs) == 4 and all(r["payload_bytes"] == 100 for r in recs)
     w = entry["wire"]
     ref = np.load(board / entry["outputs_file"])
     codes = np.clip(np.round(ref / np.float32(w["scale"])) + w["zero_point"], -128, 127).astype(np.int8)

@@ -1,7 +1,9 @@
 """Raspberry Pi target (64-bit Raspberry Pi OS, CPU only).
 
 Writes ``head.int8.tflite`` (full-integer, for ai-edge-litert + XNNPACK), ``head.fp32.tflite``,
-``head.int8.onnx`` (ONNX Runtime) and ``board/`` (runner, verifier, golden I/O made on this host).
+``head.int8.onnx`` (ONNX Runtime), ``head.int8.ncnn.param`` + ``.bin`` (ncnn's int8 scheme,
+bottlefit.exporter.ncnn) and ``board/`` (runner, verifier, golden I/O made on this host). The board profile
+(profiles.py) names which head the board runs by default, by measured cost.
 
 head.int8.onnx is written by the shared Q/DQ writer (bottlefit.exporter.qdq) from a temporary fp32 ONNX export
 of the head (not shipped): QDQ of all ops, per-channel int8 weights, asymmetric INT8 activations (ORT's QDQ
@@ -38,6 +40,7 @@ from bottlefit.targets.rpi.profiles import get_profile
 
 BOARD_DIR = Path(__file__).parent / "board"
 ONNX_INT8_FILE = "head.int8.onnx"
+NCNN_INT8_FILE = "head.int8.ncnn.param"  # + head.int8.ncnn.bin beside it
 ONNX_OPSET = 13
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
@@ -49,7 +52,7 @@ CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
 HTTP_MODULE = CODEC_MODULE.with_name("boardhttp.py")
 GOLDEN_COUNT = 4
 # the heads the board bundle checks -> the stem of their golden files
-BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx"}
+BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx", NCNN_INT8_FILE: "golden_ncnn"}
 REWRITE_TOL = 1e-4  # relative to the head output's magnitude; the rewrite is exact up to float32 rounding
 # reference kernels (golden) vs the board's own kernels on the same int8 file: requantization rounds differently
 # by 1 LSB (fixed point vs float), measured 0.2% of elements on an R152 head
@@ -103,7 +106,8 @@ def _wire_codes(art: Artifact) -> dict[str, Any] | None:
 
 class RpiTarget:
     name = "rpi"
-    summary = "Raspberry Pi (64-bit OS): full-int8 TFLite for ai-edge-litert/XNNPACK, int8 ONNX for ONNX Runtime"
+    summary = ("Raspberry Pi (64-bit OS): full-int8 TFLite for ai-edge-litert/XNNPACK, int8 ONNX for ONNX Runtime, "
+               "int8 ncnn")
     options_type = RpiOptions
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -161,6 +165,7 @@ class RpiTarget:
         ox_in, ox_out, ox_ops = onnx_specs(ox.path)
         # model paths ("bottleneck.encoder.4"); the mapping needs only the split's card
         ox_quant = ox.quantization_record(functools.partial(SplitModel.head_module_path, ctx.split), calib)
+        nc = self._ncnn_head(ctx, images, out, ox_out[0], ox_quant, calib)
 
         arts = [
             Artifact("head.int8.tflite", "head", "litert", "int8", i8.inputs, i8.outputs,
@@ -177,6 +182,7 @@ class RpiTarget:
                      extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),
             Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
                      extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
+            *nc,
         ]
         # the manifest records the board's choice and why (the measured costs) with the head it picks
         for a in arts:
@@ -192,14 +198,34 @@ class RpiTarget:
         arts += self._board_bundle(out, card, arts, ctx.heldout, profile, codec_files)
         return arts
 
+    def _ncnn_head(self, ctx: Any, images: np.ndarray, out: Path, onnx_out: TensorSpec, onnx_quant: dict[str, Any],
+                   calib: dict[str, Any]) -> list[Artifact]:
+        """head.int8.ncnn.param + .bin from the head the other int8 heads come from. It emits float (ncnn
+        dequantizes each conv's output); its wire codes are head.int8.onnx's output grid, the same calibrated
+        quantization of the same bottleneck."""
+        from bottlefit.exporter.ncnn import INPUT, OUTPUT, write_ncnn
+
+        ctx.log(f"rpi: {NCNN_INT8_FILE} (ncnn int8: per-channel weights, symmetric input scales over "
+                f"{len(images)} images, float between convs)")
+        nc = write_ncnn(ctx.int8_head.encoder, images, out / NCNN_INT8_FILE, int8=True)
+        ins = [TensorSpec(INPUT, (1, *images.shape[1:]), "float32", "NCHW")]
+        outs = [TensorSpec(OUTPUT, onnx_out.shape, "float32", "NCHW")]
+        wire_grid = onnx_quant.get("output")
+        quant = {"method": "ncnn-int8", "weights": "int8 per-channel symmetric (127 / max|w|)",
+                 "activations": "int8 per-tensor symmetric at each conv's input (127 / max|x|), float between",
+                 "input_scales": nc.input_scales, "calibration": calib,
+                 **({"output": {**wire_grid, "from": ONNX_INT8_FILE}} if isinstance(wire_grid, dict) else {})}
+        head = Artifact(NCNN_INT8_FILE, "head", "ncnn", "int8", ins, outs, quantization=quant,
+                        extra={"ops": nc.layers, "weights": nc.weights.name, "format": "ncnn param + bin"})
+        return [head, Artifact(nc.weights.name, "aux", "none", "int8", parity=False)]
+
     def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
                       profile: Any, codec_files: dict[str, str] | None = None) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
         from bottlefit.models.checkpoint import sha256_file
+        from bottlefit.runtimes import get_runner
         from bottlefit.runtimes.head import output_lsb, reference_semantics
-        from bottlefit.runtimes.litert import LiteRTRunner
-        from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
         from bottlefit.serve.contract import contract_id, tail_model_name
 
         codec_files = codec_files or {}
@@ -213,8 +239,7 @@ class RpiTarget:
         gx = heldout.images[:GOLDEN_COUNT]
         models, files = [], []
         for art in (a for a in arts if a.file in BOARD_HEADS):
-            runner_cls = LiteRTRunner if art.runtime == "litert" else OnnxRuntimeRunner
-            runner = runner_cls(out / art.file, num_threads=1, reference=True)
+            runner = get_runner(art.runtime, out / art.file, num_threads=1, reference=True)
             in_spec, out_spec = art.inputs[0], art.outputs[0]
             xs = [wire.encode(in_spec, gx[i : i + 1]) for i in range(len(gx))]
             ys = [runner.infer({in_spec.name: x})[out_spec.name] for x in xs]

@@ -1,6 +1,6 @@
 """The rpi bundle's own board scripts on the Pi's instruction set, without a Pi: arm64 user-mode emulation.
 
-The board's verify_on_board.py runs on Debian's arm64 Python with the aarch64 wheels of ai-edge-litert and
+The board's verify_on_board.py runs on Debian's arm64 Python with the aarch64 wheels of ai-edge-litert, ncnn and
 onnxruntime (bottlefit.emulation.arm64), so the kernels that judge the heads are the ones a Pi runs. The result
 is recorded as emulated, with the CPU model qemu emulated, never as "on board".
 """

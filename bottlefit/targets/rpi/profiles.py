@@ -7,10 +7,11 @@ wheel picks for that core. The head is the export's: the BatchNorm after the max
 (bottlefit.exporter.split.fold_head), which saved 0.8 M on every core (A72 ONNX Runtime u8 45.65 -> 44.82 M).
 The default is the cheapest int8 head in those figures; fp32 TFLite with XNNPACK is the reference every ratio is
 taken against. Made by ``COST_COMMAND`` (bench/bench_pi_cost.py) on 2026-11-30 with
-ai-edge-litert 2.3.0, onnxruntime 1.32.0, qemu 7.2.
+ai-edge-litert 2.3.0, onnxruntime 1.32.0, ncnn 1.0.20250503, qemu 7.2.
 
 Keys of ``costs``: "<file>/<delegate>" where delegate is "xnnpack" or "builtin" for the .tflite heads (LiteRT with
-XNNPACK, or its built-in kernels), and for head.int8.onnx (ONNX Runtime's CPU provider) "cpu" (its int8 (S8S8)
+XNNPACK, or its built-in kernels), "cpu" for head.int8.ncnn.param (ncnn's int8 kernels, fp32 semantics between
+convs: its fp16 storage and arithmetic off), and for head.int8.onnx (ONNX Runtime's CPU provider) "cpu" (its int8 (S8S8)
 kernels, as the file's types say) or "cpu-u8" (the session option ``session.qdqisint8allowed=0``: ONNX Runtime
 shifts the int8 activations to uint8 and runs its U8S8 kernels; the same file, outputs bit-identical on the
 emulated cores, measured). On cores without the dot product (A72, A53) the U8S8 GEMM retires 13% fewer
@@ -29,11 +30,17 @@ same conv is 20.6 M of 23.1 M. An exact space-to-depth form of that conv (bottle
 ``space_to_depth=True``) halves XNNPACK's int8 cost on the A72 (135.2 -> 72.5 M: XNNPACK's igemm pads the 3
 channels of each kernel tap to its 8-channel block) but costs the MAC-bound kernels more (192 taps instead of 147:
 ONNX Runtime u8 44.8 -> 55.1 M, built-in 57.4 -> 64.2 M), so no profile uses it.
+
+ncnn (bottlefit.exporter.ncnn, bottlefit.runtimes.ncnn) is the cheapest head on every core: 37.9 M on the A72
+(0.50x), 37.9 M on the A53 (0.52x), 18.2 M on the A76 (0.25x). Its kernels run the stem conv in about 37 M on the
+A72 (a one-conv ncnn model of the same shape, measured once) where ONNX Runtime's take 42.0 M; even ncnn's fp32
+head (``--variants ncnn``: 38.6 M on the A72) costs less there than every ONNX Runtime or LiteRT int8 head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
@@ -41,7 +48,7 @@ from bottlefit.errors import UserError
 DEFAULT = "pi4"  # the paper's board
 REFERENCE = "head.fp32.tflite/xnnpack"
 COST_COMMAND = ("PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 "
-                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d,floor")
+                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d,floor,ncnn")
 COST_HEAD = "custom_resnet152 bottleneck_ver 2, 12 channels, untrained (seeded), 224x224, batch 1, 1 thread"
 
 
@@ -57,8 +64,8 @@ class RpiProfile:
     features: tuple[str, ...]  # the int8-relevant ISA features ("asimd", "asimddp" = dot product)
     threads: int  # cores the board has: run_head.py's default thread count
     model: str  # the default head file
-    runtime: str  # litert | onnxruntime
-    delegate: str  # xnnpack | builtin (litert), cpu | cpu-u8 (onnxruntime, ORT_CONFIG)
+    runtime: str  # litert | onnxruntime | ncnn
+    delegate: str  # xnnpack | builtin (litert), cpu | cpu-u8 (onnxruntime, ORT_CONFIG), cpu (ncnn)
     costs: dict[str, float] = field(default_factory=dict)  # M guest instructions per inference, see module doc
     why: str = ""
 
@@ -103,12 +110,15 @@ _A76 = ("fp", "asimd", "crc32", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc
 
 # measured with bench/bench_pi_cost.py (COST_COMMAND), see the module doc; bench/bench_pi_cost_baseline.json holds
 # the same run (with the space-to-depth variants and host milliseconds) as the CI regression baseline
-_COST_A72 = {"head.int8.tflite/xnnpack": 135.19, "head.int8.tflite/builtin": 57.36, "head.fp32.tflite/xnnpack": 76.13,
-             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 51.54, "head.int8.onnx/cpu-u8": 44.82}
-_COST_A76 = {"head.int8.tflite/xnnpack": 36.34, "head.int8.tflite/builtin": 31.88, "head.fp32.tflite/xnnpack": 73.48,
-             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 22.78, "head.int8.onnx/cpu-u8": 23.14}
+_COST_A72 = {"head.int8.tflite/xnnpack": 135.2, "head.int8.tflite/builtin": 57.37, "head.fp32.tflite/xnnpack": 76.13,
+             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82,
+             "head.int8.ncnn.param/cpu": 37.86}
+_COST_A76 = {"head.int8.tflite/xnnpack": 36.34, "head.int8.tflite/builtin": 31.88, "head.fp32.tflite/xnnpack": 73.49,
+             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 22.78, "head.int8.onnx/cpu-u8": 23.14,
+             "head.int8.ncnn.param/cpu": 18.24}
 _COST_A53 = {"head.int8.tflite/xnnpack": 65.58, "head.int8.tflite/builtin": 67.29, "head.fp32.tflite/xnnpack": 72.51,
-             "head.fp32.tflite/builtin": 79.41, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82}
+             "head.fp32.tflite/builtin": 79.42, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82,
+             "head.int8.ncnn.param/cpu": 37.86}
 
 PROFILES: dict[str, RpiProfile] = {}
 
@@ -119,7 +129,7 @@ def _add(name: str, board: str, core: str, features: tuple[str, ...], costs: dic
     int8 = {k: v for k, v in costs.items() if "int8" in k}
     best = min(int8, key=lambda k: int8[k])
     model, _, delegate = best.partition("/")
-    runtime = "onnxruntime" if model.endswith(".onnx") else "litert"
+    runtime = {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
     why = (f"cheapest int8 head measured on {core}: {best} at {int8[best]:.1f} M instructions, "
            f"{int8[best] / ref:.2f}x fp32 TFLite+XNNPACK ({ref:.1f} M); "
            + "; ".join(f"{k} {v / ref:.2f}x" for k, v in sorted(int8.items()) if k != best))

@@ -36,12 +36,14 @@ def test_board_verifier_passes_every_head_on_the_emulated_pi(sysroot, profile: s
     doc = json.loads(cp.stdout.strip().splitlines()[-1])
     assert doc["machine"] == "aarch64" and doc["python"].startswith("3.11") and doc["passed"] is True
     by_model = {r["model"]: r for r in doc["results"]}
-    assert set(by_model) == {"../head.int8.tflite", "../head.int8.onnx"}
+    assert set(by_model) == {"../head.int8.tflite", "../head.int8.onnx", "../head.int8.ncnn.param"}
     for r in by_model.values():
         assert r["status"] == "pass" and len(r["images"]) == 4
         assert r["max_abs_lsb"] <= 2.0 and r["cosine"] >= 0.999
     # ONNX Runtime's aarch64 int8 kernels compute the Q/DQ graph exactly as the ONNX spec defines it
     assert by_model["../head.int8.onnx"]["max_abs_lsb"] == 0.0
+    # ncnn's integer sums are exact; only its float32 dequantization differs from the float64 reference
+    assert by_model["../head.int8.ncnn.param"]["max_abs_lsb"] < 0.01
 
 
 def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
@@ -49,7 +51,8 @@ def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
     lines: list[str] = []
     runs = TARGET.execute(out, arts, Emulate.parse("pi4,pi5"), lines.append)
     assert {(e.artifact, e.isa.split()[1]) for e in runs} == {
-        (f, cpu) for f in ("head.int8.tflite", "head.int8.onnx") for cpu in ("cortex-a72", "cortex-a76")}
+        (f, cpu) for f in ("head.int8.tflite", "head.int8.onnx", "head.int8.ncnn.param")
+        for cpu in ("cortex-a72", "cortex-a76")}
     for e in runs:
         assert e.where == "emulated" and e.gated and e.status == "agrees" and e.passed
         assert "qemu-user" in e.isa and "on board" not in e.isa and e.metrics["images"] == 4
@@ -68,9 +71,33 @@ def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -
     assert runs["head.int8.tflite"].status == "agrees"
 
 
+@pytest.mark.parametrize("profile", ["pi4", "pi5"])
+def test_pi_payload_of_the_default_ncnn_head_is_the_reference_codes(sysroot, tmp_path: Path, profile: str) -> None:
+    """The default head of every profile is head.int8.ncnn.param (float out, the cheapest measured): on the Pi's
+    own ncnn kernels the bytes run_head.py sends by default are the wire codes of its reference semantics."""
+    out, _ = rpi_bundle()
+    meta = json.loads((out / "board" / "golden.json").read_text())
+    assert meta["default_runtime"] == "ncnn" and meta["profile"]["model"] == "head.int8.ncnn.param"
+    entry = next(m for m in meta["models"] if m["runtime"] == "ncnn")
+    w = entry["wire"]
+    assert w["dtype"] == "int8" and entry["lsb"] == w["scale"]
+    ref = np.load(out / "board" / entry["outputs_file"])
+    codes = np.clip(np.round(ref / np.float32(w["scale"])) + w["zero_point"], -128, 127).astype(np.int8)
+    payload = tmp_path / "p.bin"
+    cp = run_python(sysroot, get_core(profile), out / "board" / "run_head.py",
+                    ["--golden", "--runs", "1", "--out", str(payload), "--json"], cwd=tmp_path)
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert doc["runtime"] == "ncnn" and doc["kernels"].startswith("ncnn") and doc["bytes"] == codes.size
+    got = np.frombuffer(payload.read_bytes(), np.int8)
+    # a float32 ulp can move a value across a rounding boundary of the wire grid: at most one code, rarely
+    diff = np.abs(got.astype(int) - codes.ravel().astype(int))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (diff.max(), np.count_nonzero(diff))
+
+
 def test_pi_payload_of_the_onnx_head_is_the_reference_codes(sysroot, tmp_path: Path) -> None:
-    """The default head of every profile is head.int8.onnx (float out): on the Pi's own ONNX Runtime kernels (the
-    profile's choice of them) the bytes run_head.py sends are exactly the int8 codes of the reference semantics."""
+    """head.int8.onnx (float out): on the Pi's own ONNX Runtime kernels (the profile's choice of them) the bytes
+    run_head.py sends are exactly the int8 codes of the reference semantics."""
     out, _ = rpi_bundle()
     meta = json.loads((out / "board" / "golden.json").read_text())
     entry = next(m for m in meta["models"] if m["runtime"] == "onnxruntime")

@@ -2,13 +2,15 @@
 """Run the BottleFit head on the Raspberry Pi: one image (or .npy), or the golden inputs.
 
 Needs Python >= 3.9 and numpy, plus the runtime of the head it runs: ai-edge-litert (or tflite-runtime) for
-head.int8.tflite, onnxruntime for head.int8.onnx; Pillow only for image files. Prints the median latency of
+head.int8.tflite, onnxruntime for head.int8.onnx, ncnn for head.int8.ncnn.param (+ its .bin); Pillow only for
+image files. Prints the median latency of
 --runs invocations and writes the head's output (the bytes that go on the wire, C order, in the model's
 layout) to --out.
 
   python3 run_head.py --image cat.jpg --out payload.bin
   python3 run_head.py --golden --runs 50
   python3 run_head.py --golden --runtime onnxruntime
+  python3 run_head.py --golden --runtime ncnn
 
 Defaults (head, delegate, threads) are the board profile's that the export chose by measured cost (golden.json's
 "profile", "default_runtime", "default_delegate", "default_threads"); --runtime, --xnnpack/--no-xnnpack and
@@ -28,7 +30,7 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNTIMES = ("litert", "onnxruntime")
+RUNTIMES = ("litert", "onnxruntime", "ncnn")
 
 
 class MissingRuntime(Exception):
@@ -75,6 +77,21 @@ class Head:
             self.sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
             self.describe = "onnxruntime %s%s" % (
                 ort.__version__, " (%s)" % ", ".join("%s=%s" % kv for kv in config) if config else "")
+        elif self.runtime == "ncnn":
+            try:
+                import ncnn
+            except ImportError:
+                raise MissingRuntime("install ncnn (pip install ncnn)") from None
+            self.ncnn, self.net = ncnn, ncnn.Net()
+            opt = self.net.opt
+            opt.num_threads, opt.use_int8_inference = threads, True
+            # float32 semantics, as verified: ncnn turns fp16 storage and arithmetic on by itself where the core
+            # has them (a Pi 5's), which changes the numerics
+            opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
+            weights = model[: -len(".param")] + ".bin" if model.endswith(".param") else model + ".bin"
+            if self.net.load_param(model) != 0 or self.net.load_model(weights) != 0:
+                raise MissingRuntime("ncnn could not load %s and %s" % (model, weights))
+            self.describe = "ncnn %s" % getattr(ncnn, "__version__", "")
         else:
             raise MissingRuntime("unknown runtime %r in golden.json" % self.runtime)
 
@@ -82,10 +99,19 @@ class Head:
         self.x = np.ascontiguousarray(x)
         if self.runtime == "litert":
             self.interp.set_tensor(self.ind["index"], self.x)
+        elif self.runtime == "ncnn":
+            self.mat = self.ncnn.Mat(np.ascontiguousarray(self.x[0]))  # CHW: ncnn's Mat has no batch axis
 
     def invoke(self):
         if self.runtime == "litert":
             self.interp.invoke()
+        elif self.runtime == "ncnn":
+            ex = self.net.create_extractor()
+            ex.input(self.entry["input"]["name"], self.mat)
+            ret, out = ex.extract(self.entry["output"]["name"])
+            if ret != 0:
+                raise RuntimeError("ncnn failed to compute %s (error %d)" % (self.entry["output"]["name"], ret))
+            self.y = np.array(out, dtype=np.float32).reshape(self.entry["output"]["shape"])
         else:
             self.y = self.sess.run([self.entry["output"]["name"]], {self.entry["input"]["name"]: self.x})[0]
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Verify the BottleFit heads on the Raspberry Pi against the golden outputs made on the export host.
 
-Runs each head golden.json lists (head.int8.tflite in ai-edge-litert, head.int8.onnx in onnxruntime) on the
+Runs each head golden.json lists (head.int8.tflite in ai-edge-litert, head.int8.onnx in onnxruntime,
+head.int8.ncnn.param in ncnn) on the
 golden inputs and compares with the golden outputs, which the host computed under each artifact's reference
 semantics (never with the host's own int8 kernels), using the tolerances in golden.json (max abs error in LSB
 of the output scale, cosine similarity). A head whose runtime is not installed is skipped and said so.
 Prints PASS or FAIL per image and overall (--json: one JSON object); exit 0 on pass, 1 on failure, 2 when a
 file is missing or no head could run.
-Needs Python >= 3.9, numpy, and ai-edge-litert (or tflite-runtime) and/or onnxruntime.
+Needs Python >= 3.9, numpy, and ai-edge-litert (or tflite-runtime), onnxruntime and/or ncnn.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def check_model(meta, base, entry, model, threads, xnnpack, say, ort_options=())
     runs with the board profile's session config (its kernel choice), as run_head.py does."""
     res = {"model": entry["model"], "runtime": entry["runtime"], "images": []}
     paths = [model, os.path.join(base, entry["inputs_file"]), os.path.join(base, entry["outputs_file"])]
+    if entry["runtime"] == "ncnn":  # its weights live beside the .param
+        paths.append(model[: -len(".param")] + ".bin" if model.endswith(".param") else model + ".bin")
     missing = [q for q in paths if not os.path.isfile(q)]
     if missing:
         res.update(status="missing", reason="missing file(s): %s" % ", ".join(missing))
