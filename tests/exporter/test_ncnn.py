@@ -148,3 +148,18 @@ def test_unsupported_layers_and_files_are_one_line_errors(tmp_path: Path) -> Non
     good.weights.unlink()
     with pytest.raises(UserError, match="weights file is missing"):
         get_runner("ncnn", good.param, reference=True)
+
+
+def test_the_exports_observer_sets_each_convs_input_threshold(tmp_path: Path) -> None:
+    """minmax is ncnn2int8's max|x|; mse clips the post-ReLU input of the second conv below its max (a larger
+    scale), never above; an unknown observer is the calibration's one-line error."""
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    got = {o: write_ncnn(_head(), x, tmp_path / f"{o}.param", int8=True, observer=o).input_scales
+           for o in ("minmax", "mse")}
+    with torch.no_grad():
+        pooled = _head()[:3](torch.from_numpy(x))
+    assert got["minmax"]["conv3"] == pytest.approx(127 / float(pooled.abs().max()), rel=1e-6)
+    assert got["minmax"]["conv0"] == pytest.approx(127 / float(np.abs(x).max()), rel=1e-6)
+    assert got["mse"]["conv3"] > got["minmax"]["conv3"]
+    with pytest.raises(UserError, match="unknown calibration method 'nope'"):
+        write_ncnn(_head(), x, tmp_path / "n.param", int8=True, observer="nope")

@@ -205,14 +205,15 @@ class RpiTarget:
         quantization of the same bottleneck."""
         from bottlefit.exporter.ncnn import INPUT, OUTPUT, write_ncnn
 
-        ctx.log(f"rpi: {NCNN_INT8_FILE} (ncnn int8: per-channel weights, symmetric input scales over "
+        ctx.log(f"rpi: {NCNN_INT8_FILE} (ncnn int8: per-channel weights, symmetric {ctx.observer} input scales over "
                 f"{len(images)} images, float between convs)")
-        nc = write_ncnn(ctx.int8_head.encoder, images, out / NCNN_INT8_FILE, int8=True)
+        nc = write_ncnn(ctx.int8_head.encoder, images, out / NCNN_INT8_FILE, int8=True, observer=ctx.observer)
         ins = [TensorSpec(INPUT, (1, *images.shape[1:]), "float32", "NCHW")]
         outs = [TensorSpec(OUTPUT, onnx_out.shape, "float32", "NCHW")]
         wire_grid = onnx_quant.get("output")
         quant = {"method": "ncnn-int8", "weights": "int8 per-channel symmetric (127 / max|w|)",
-                 "activations": "int8 per-tensor symmetric at each conv's input (127 / max|x|), float between",
+                 "activations": "int8 per-tensor symmetric at each conv's input (127 / amax), float between",
+                 "observer": ctx.observer,
                  "input_scales": nc.input_scales, "calibration": calib,
                  **({"output": {**wire_grid, "from": ONNX_INT8_FILE}} if isinstance(wire_grid, dict) else {})}
         head = Artifact(NCNN_INT8_FILE, "head", "ncnn", "int8", ins, outs, quantization=quant,
