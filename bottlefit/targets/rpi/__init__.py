@@ -185,6 +185,10 @@ class RpiTarget:
             *nc,
         ]
         # the manifest records the board's choice and why (the measured costs) with the head it picks
+        chosen = profile.choose({a.file for a in arts})
+        if chosen is not profile:
+            profile = chosen
+            ctx.log(f"rpi: board profile {profile.describe()} ({profile.why.split(';')[0]})")
         for a in arts:
             a.extra["board_profile"] = profile.record() if a.file == profile.model else profile.name
         from bottlefit.serve.export import write_codec_tables
@@ -207,7 +211,11 @@ class RpiTarget:
 
         ctx.log(f"rpi: {NCNN_INT8_FILE} (ncnn int8: per-channel weights, symmetric {ctx.observer} input scales over "
                 f"{len(images)} images, float between convs)")
-        nc = write_ncnn(ctx.int8_head.encoder, images, out / NCNN_INT8_FILE, int8=True, observer=ctx.observer)
+        try:
+            nc = write_ncnn(ctx.int8_head.encoder, images, out / NCNN_INT8_FILE, int8=True, observer=ctx.observer)
+        except UserError as e:  # a head ncnn's writer cannot express: the other heads still ship
+            ctx.log(f"rpi: no {NCNN_INT8_FILE}: {e}")
+            return []
         ins = [TensorSpec(INPUT, (1, *images.shape[1:]), "float32", "NCHW")]
         outs = [TensorSpec(OUTPUT, onnx_out.shape, "float32", "NCHW")]
         wire_grid = onnx_quant.get("output")

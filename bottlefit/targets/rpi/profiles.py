@@ -39,7 +39,7 @@ head (``--variants ncnn``: 38.6 M on the A72) costs less there than every ONNX R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,20 @@ class RpiProfile:
         best = min(ort, key=lambda d: ort[d]) if ort else "cpu"
         return dict(ORT_CONFIG.get(best, {}))
 
+    def choose(self, files: set[str]) -> RpiProfile:
+        """This profile for an export holding ``files``: itself when its default head is among them, else the
+        cheapest measured int8 head that is (the ncnn head is skipped for heads its writer cannot express)."""
+        if self.model in files:
+            return self
+        int8 = {k: v for k, v in self.costs.items() if "int8" in k and k.partition("/")[0] in files}
+        if not int8:
+            return self
+        best = min(int8, key=lambda k: int8[k])
+        model, _, delegate = best.partition("/")
+        return replace(self, model=model, runtime=_runtime(model), delegate=delegate,
+                       why=f"{self.model} is not in this export; the cheapest int8 head that is: {best} at "
+                           f"{int8[best]:.1f} M instructions; measured: {self.why}")
+
     def ratio(self, key: str | None = None) -> float | None:
         """Cost of ``key`` (default: the profile's default) over fp32 TFLite + XNNPACK on this core."""
         ref, val = self.costs.get(REFERENCE), self.costs.get(key or self.default_key)
@@ -123,13 +137,17 @@ _COST_A53 = {"head.int8.tflite/xnnpack": 65.58, "head.int8.tflite/builtin": 67.2
 PROFILES: dict[str, RpiProfile] = {}
 
 
+def _runtime(model: str) -> str:
+    return {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
+
+
 def _add(name: str, board: str, core: str, features: tuple[str, ...], costs: dict[str, float],
          threads: int = 4) -> None:
     ref = costs[REFERENCE]
     int8 = {k: v for k, v in costs.items() if "int8" in k}
     best = min(int8, key=lambda k: int8[k])
     model, _, delegate = best.partition("/")
-    runtime = {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
+    runtime = _runtime(model)
     why = (f"cheapest int8 head measured on {core}: {best} at {int8[best]:.1f} M instructions, "
            f"{int8[best] / ref:.2f}x fp32 TFLite+XNNPACK ({ref:.1f} M); "
            + "; ".join(f"{k} {v / ref:.2f}x" for k, v in sorted(int8.items()) if k != best))

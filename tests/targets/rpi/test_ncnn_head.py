@@ -80,3 +80,29 @@ def test_parity_judges_the_codes_the_tail_receives() -> None:
 
     print(f"SQNR vs PyTorch: ncnn {sqnr(z):.2f} dB, onnx {sqnr(zo):.2f} dB")
     assert sqnr(z) > 25 and sqnr(zo) > 25
+
+
+def test_a_head_ncnn_cannot_express_ships_without_it_and_the_profile_falls_back(tmp_path) -> None:
+    """A layer the ncnn writer does not know: no ncnn files (said in the log), and each profile's default becomes
+    its cheapest measured int8 head among those the export has."""
+    from types import SimpleNamespace
+
+    from bottlefit.exporter.artifact import TensorSpec
+    from bottlefit.exporter.split import Head
+    from bottlefit.targets.rpi import TARGET
+    from bottlefit.targets.rpi.profiles import PROFILES
+
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Sigmoid()).eval()
+    lines: list[str] = []
+    ctx = SimpleNamespace(int8_head=Head(enc), observer="minmax", log=lines.append)
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    arts = TARGET._ncnn_head(ctx, x, tmp_path, TensorSpec("bottleneck", (1, 4, 6, 6), "float32"), {}, {})
+    assert arts == [] and list(tmp_path.iterdir()) == []
+    assert any(ln.startswith("rpi: no head.int8.ncnn.param: ncnn: the head's layers") for ln in lines)
+    files = {"head.int8.tflite", "head.fp32.tflite", "head.int8.onnx"}
+    for p in PROFILES.values():
+        assert p.choose(files | {"head.int8.ncnn.param"}) is p
+        q = p.choose(files)
+        assert q.runtime == "onnxruntime" and q.model == "head.int8.onnx" and q.costs == p.costs
+        assert q.delegate == ("cpu" if p.dotprod else "cpu-u8")  # the cheaper ONNX Runtime kernels per core
+        assert q.why.startswith("head.int8.ncnn.param is not in this export")
