@@ -96,12 +96,12 @@ class RpiOptions:
 
 
 def _wire_codes(art: Artifact) -> dict[str, Any] | None:
-    """The int8 codes a head puts on the wire when its graph ends in DequantizeLinear (float out): dtype, scale,
-    zero point of that last quantization. None when the head emits the codes itself (the .tflite)."""
-    out = art.quantization.get("output")
-    if art.outputs and art.outputs[0].dtype == "float32" and isinstance(out, dict) and out.get("scale"):
-        return {"dtype": out["dtype"], "scale": out["scale"], "zero_point": out["zero_point"]}
-    return None
+    """golden.json's "wire": the int8 codes a float-output head puts on the wire (runtimes.head.wire_codes); None
+    when the head emits the codes itself (the .tflite)."""
+    from bottlefit.runtimes.head import wire_codes
+
+    spec = wire_codes(art)
+    return None if spec is None else {"dtype": spec.dtype, "scale": spec.scale, "zero_point": spec.zero_point}
 
 
 class RpiTarget:

@@ -90,7 +90,7 @@ class RpiProfile:
         cheapest measured int8 head that is (the ncnn head is skipped for heads its writer cannot express)."""
         if self.model in files:
             return self
-        int8 = {k: v for k, v in self.costs.items() if "int8" in k and k.partition("/")[0] in files}
+        int8 = _int8_costs(self.costs, files)
         if not int8:
             return self
         best = min(int8, key=lambda k: int8[k])
@@ -141,10 +141,15 @@ def _runtime(model: str) -> str:
     return {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
 
 
+def _int8_costs(costs: dict[str, float], files: set[str] | None = None) -> dict[str, float]:
+    """The int8 heads' costs, of those among ``files`` when given."""
+    return {k: v for k, v in costs.items() if "int8" in k and (files is None or k.partition("/")[0] in files)}
+
+
 def _add(name: str, board: str, core: str, features: tuple[str, ...], costs: dict[str, float],
          threads: int = 4) -> None:
     ref = costs[REFERENCE]
-    int8 = {k: v for k, v in costs.items() if "int8" in k}
+    int8 = _int8_costs(costs)
     best = min(int8, key=lambda k: int8[k])
     model, _, delegate = best.partition("/")
     runtime = _runtime(model)

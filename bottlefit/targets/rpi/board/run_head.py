@@ -53,6 +53,11 @@ def load_interpreter(model, threads, xnnpack=True):
     return interp
 
 
+def ncnn_weights(model):
+    """The .bin beside an ncnn .param (NAME.param -> NAME.bin)."""
+    return model[: -len(".param")] + ".bin" if model.endswith(".param") else model + ".bin"
+
+
 class Head:
     """One head artifact in its runtime: ``run(x) -> y`` on arrays encoded as golden.json's specs say."""
 
@@ -88,7 +93,7 @@ class Head:
             # float32 semantics, as verified: ncnn turns fp16 storage and arithmetic on by itself where the core
             # has them (a Pi 5's), which changes the numerics
             opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
-            weights = model[: -len(".param")] + ".bin" if model.endswith(".param") else model + ".bin"
+            weights = ncnn_weights(model)
             if self.net.load_param(model) != 0 or self.net.load_model(weights) != 0:
                 raise MissingRuntime("ncnn could not load %s and %s" % (model, weights))
             self.describe = "ncnn %s" % getattr(ncnn, "__version__", "")

@@ -30,6 +30,7 @@ from run_head import (  # noqa: E402 - the bundle's own module
     MissingRuntime,
     add_kernel_arguments,
     defaults,
+    ncnn_weights,
     ort_config,
     read_golden,
 )
@@ -54,7 +55,7 @@ def check_model(meta, base, entry, model, threads, xnnpack, say, ort_options=())
     res = {"model": entry["model"], "runtime": entry["runtime"], "images": []}
     paths = [model, os.path.join(base, entry["inputs_file"]), os.path.join(base, entry["outputs_file"])]
     if entry["runtime"] == "ncnn":  # its weights live beside the .param
-        paths.append(model[: -len(".param")] + ".bin" if model.endswith(".param") else model + ".bin")
+        paths.append(ncnn_weights(model))
     missing = [q for q in paths if not os.path.isfile(q)]
     if missing:
         res.update(status="missing", reason="missing file(s): %s" % ", ".join(missing))
