@@ -103,14 +103,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(v.passed for _, v in results) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bottlefit import targets
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the top-level options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; for ``command`` one of the serving commands, a parser holding those alone: building the
+    others imports torch (the export and training flags), which a tail server must not load."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show third-party logs and warnings, and tracebacks")
     parser = argparse.ArgumentParser(prog="bottlefit", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"bottlefit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from bottlefit.serve import cli as serve_cli
+
+    if command in serve_cli.COMMANDS:
+        serve_cli.register(sub, common)
+        return parser
+    from bottlefit import targets
 
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's card, bottleneck and head/tail sizes")
     p.add_argument("checkpoint", nargs="?")
@@ -176,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bottlefit import demo
     from bottlefit.bench import cli as bench_cli
-    from bottlefit.serve import cli as serve_cli
     from bottlefit.targets.jetson import cli as jetson_cli
 
     demo.register(sub, common)
@@ -196,7 +206,8 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     if not args.verbose:
         _quiet_third_party()

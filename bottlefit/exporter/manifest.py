@@ -9,8 +9,7 @@ from typing import Any
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
-from bottlefit.files import atomic_write_text
-from bottlefit.models.checkpoint import sha256_file
+from bottlefit.files import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -49,6 +48,17 @@ def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dic
     }
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def target_dirs(out: Path) -> list[Path]:
+    """The target directories of an export root: ``out`` itself when it holds a manifest, else its subdirectories
+    holding one, sorted. Hidden ones (``.onnx.old-*``: what an interrupted re-export leaves) are never targets."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        return [out]
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
 
 
 def read_manifest(target_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Formats read (shared/BOTTLEFIT.md §2):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import pickle
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from bottlefit.errors import UserError
-from bottlefit.files import atomic_write_bytes
+from bottlefit.files import atomic_write_bytes, sha256_file  # noqa: F401  (sha256_file: its old home)
 from bottlefit.models import registry
 from bottlefit.models.card import ModelCard
 
@@ -44,14 +43,6 @@ class LoadedModel:
     path: Path | None
     sha256: str | None
     meta: dict[str, Any] = field(default_factory=dict)  # best_value, epoch … when the file has them
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_untrusted(path: Path) -> Any:

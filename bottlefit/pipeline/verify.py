@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, write_json
+from bottlefit.exporter.manifest import target_dirs as manifest_target_dirs
 from bottlefit.exporter.split import fold_head, split
 from bottlefit.models.card import ModelCard
 from bottlefit.parity.tolerances import parse_overrides
@@ -20,9 +21,7 @@ from bottlefit.targets import get_target
 def target_dirs(path: Path) -> list[Path]:
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; pass OUT/<target> written by `bottlefit export`")
-    if (path / MANIFEST).is_file():
-        return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+    found = manifest_target_dirs(path)
     if not found:
         raise UserError(f"{path}: no {MANIFEST} here or in its subdirectories; pass a directory written by export")
     return found

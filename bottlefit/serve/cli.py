@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+COMMANDS = ("serve", "run-head", "triton")  # what register() adds (bottlefit.cli builds only these for them)
 _SERVE_DEPS = ("starlette", "uvicorn", "grpc", "tritonclient", "zstandard", "constriction")
 
 
@@ -22,13 +23,35 @@ def _require_serve_extra() -> None:
         raise EnvironmentProblem(f"{', '.join(missing)} not installed: pip install 'bottlefit[serve]'")
 
 
+def read_token(path: str | None, env: str) -> str | None:
+    """A bearer token: the first line of ``path`` (``--token-file``), else the environment variable ``env``, else
+    None. Never a flag's value: command lines are visible to every user of the machine (ps)."""
+    import os
+
+    from bottlefit.errors import UserError
+
+    if path is not None:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--token-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        if not token or any(c.isspace() for c in token):
+            raise UserError(f"--token-file {path}: must hold one token (no spaces) on one line")
+        return token
+    return os.environ.get(env) or None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from bottlefit.serve.server import ServeOptions, Server
+    from bottlefit.serve.server import TOKEN_ENV, ServeOptions, Server
 
     opts = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, max_batch=args.max_batch,
                         max_delay_ms=args.max_delay_ms, workers=args.workers, queue_size=args.queue_size,
-                        threads=args.threads, max_request_bytes=args.max_request_bytes, name=args.model_name)
+                        threads=args.threads, max_request_bytes=args.max_request_bytes, name=args.model_name,
+                        grpc_max_concurrency=args.grpc_max_concurrency,
+                        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                        tls_key=Path(args.tls_key) if args.tls_key else None,
+                        token=read_token(args.token_file, TOKEN_ENV), allow_failed=args.allow_failed)
     Server(Path(args.out), opts).serve_forever(lambda m: print(m, flush=True))
     return 0
 
@@ -76,9 +99,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[common],
                        help="serve an export's tail over the Open Inference Protocol (KServe v2: REST and gRPC)")
     p.add_argument("out", help="the export root (holding onnx/ with tail.onnx; heads of other targets add contracts)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 with --tls-cert for devices)")
+    p.add_argument("--http-port", type=int, default=8000, help="REST port (default 8000; 0: any free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free one)")
     p.add_argument("--model-name", help="model name on the protocol (default <arch>_tail)")
     p.add_argument("--max-batch", type=int, default=16, help="samples per batch run")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="how long a batch waits for more requests")
@@ -86,6 +110,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting before the server answers 503")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per run")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="larger requests get 413")
+    p.add_argument("--grpc-max-concurrency", type=int, default=64,
+                   help="gRPC calls in flight at once; more get RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve REST (https) and gRPC over TLS with this certificate "
+                   "(chain); needs --tls-key")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="require 'Authorization: Bearer <token>' (REST header, gRPC metadata) on every call but the "
+                        "health ones; the token is FILE's first line (default: $BOTTLEFIT_SERVE_TOKEN if set)")
+    p.add_argument("--allow-failed", action="store_true",
+                   help="serve an export whose recorded parity verdict is not a pass (refused by default)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("run-head", parents=[common],

@@ -19,7 +19,7 @@ import numpy as np
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest
+from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, target_dirs
 
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -138,13 +138,11 @@ def load_target(path: Path) -> TargetExport:
 
 
 def find_targets(out: Path) -> list[TargetExport]:
-    """OUT itself (one target dir) or every OUT/<target>/ holding a manifest."""
+    """OUT itself (one target dir) or every OUT/<target>/ holding a manifest (hidden directories skipped)."""
     out = Path(out)
-    if (out / MANIFEST).is_file():
-        return [load_target(out)]
     if not out.is_dir():
         raise UserError(f"{out}: no such directory; pass the --out root of `bottlefit export` or one target in it")
-    dirs = sorted(p for p in out.iterdir() if (p / MANIFEST).is_file())
+    dirs = target_dirs(out)
     if not dirs:
         raise UserError(f"{out}: no target directory with a {MANIFEST}; run `bottlefit export --out {out}` first")
     return [load_target(d) for d in dirs]

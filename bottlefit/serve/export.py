@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.exporter.artifact import Artifact
-from bottlefit.models.checkpoint import sha256_file
+from bottlefit.files import sha256_file
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
 from bottlefit.serve.contract import head_contract, tail_model_name

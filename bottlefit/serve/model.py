@@ -45,6 +45,28 @@ def bad(message: str) -> InferError:
     return InferError(400, message)
 
 
+def number_param(params: dict[str, Any], key: str) -> float:
+    """A request parameter that must be a finite number (JSON and gRPC give ints, floats, strings or bools)."""
+    v = params[key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise bad(f"parameter {key}={v!r} is not a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = float("inf")
+    if not np.isfinite(f):
+        raise bad(f"parameter {key}={v!r} is not finite")
+    return f
+
+
+def int_param(params: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """A request parameter that must be an integer (an integral float too) in lo..hi."""
+    f = number_param(params, key)
+    if f != round(f) or not lo <= f <= hi:
+        raise bad(f"parameter {key}={params[key]!r} is not an integer in {lo}..{hi}")
+    return int(f)
+
+
 @dataclass
 class TensorIn:
     """One input tensor of a request. ``data``: raw little-endian bytes (binary extension / raw_input_contents),
@@ -193,7 +215,12 @@ class Batcher:
             pos = 0
             for j in batch:
                 k = j.x.shape[0]
-                j.future.set_result(y[pos : pos + k])
+                yj = y[pos : pos + k]
+                if np.isfinite(yj).all():
+                    j.future.set_result(yj)
+                else:  # this request's values, not the server: the others in the batch still get theirs
+                    j.future.set_exception(InferError(400, "the tail's logits for this input are NaN or infinite: "
+                                                           "its values are far outside the bottleneck's range"))
                 pos += k
         except Exception as e:  # a runtime failure fails these requests, never the server
             for j in batch:
@@ -216,8 +243,17 @@ class ServedModel:
     """The tail of one export, with the wire contracts of every head found beside it."""
 
     def __init__(self, out: Path, *, name: str | None = None, max_batch: int = 16, max_delay_ms: float = 2.0,
-                 workers: int = 2, queue_size: int = 64, threads: int = 1) -> None:
+                 workers: int = 2, queue_size: int = 64, threads: int = 1, allow_failed: bool = False) -> None:
         self.targets: list[TargetExport] = find_targets(Path(out))
+        self.warnings: list[str] = []
+        for t in self.targets:
+            if (why := parity_failure(t)) is None:
+                continue
+            if not allow_failed:
+                raise UserError(f"{t.path}: {why}; re-export (or `bottlefit verify` it), or pass --allow-failed to "
+                                "serve it anyway")
+            self.warnings.append(f"WARNING: {t.path}: {why}; served because of --allow-failed")
+        self.draining = False
         owner = next((t for t in self.targets if t.tail() is not None), None)
         if owner is None:
             raise UserError(f"{out}: no ONNX tail (tail.onnx) in any target; export with --target onnx too")
@@ -240,13 +276,21 @@ class ServedModel:
         self.sample_shape = tuple(int(d) for d in ispec.shape[1:])
         self.output_shape = tuple(int(d) for d in ospec.shape[1:])
         self._tmp = tempfile.TemporaryDirectory(prefix="bottlefit-serve-")
-        dyn = Path(self._tmp.name) / "tail.batch.onnx"
-        self.batchable = dynamic_batch_onnx(owner.path / self.tail_artifact.file, dyn)
-        path = dyn if self.batchable else owner.path / self.tail_artifact.file
-        self.runner = get_runner("onnxruntime", path, num_threads=threads)
+        try:
+            dyn = Path(self._tmp.name) / "tail.batch.onnx"
+            self.batchable = dynamic_batch_onnx(owner.path / self.tail_artifact.file, dyn)
+            path = dyn if self.batchable else owner.path / self.tail_artifact.file
+            self.runner = get_runner("onnxruntime", path, num_threads=threads)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
         self.max_batch = max_batch if self.batchable else 1
         self.stats = Stats()
         self.batcher = Batcher(self._run, self.stats, self.max_batch, max_delay_ms / 1e3, workers, queue_size)
+
+    @property
+    def ready(self) -> bool:
+        return not (self.draining or self.batcher.closed)
 
     # -- metadata
 
@@ -330,21 +374,21 @@ class ServedModel:
                 raise bad("FP32 input holds NaN or infinity")
             return np.ascontiguousarray(x, dtype=np.float32)
         if t.datatype in ("INT8", "UINT8"):
+            lo, hi = np.iinfo(DTYPES[t.datatype]).min, np.iinfo(DTYPES[t.datatype]).max
             if contract is not None:
                 if _V2.get(contract.dtype) != t.datatype:
                     raise bad(f"contract {contract.contract_id} sends {_V2.get(contract.dtype)}, got {t.datatype}")
                 for key, want in (("scale", contract.scale), ("zero_point", contract.zero_point)):
-                    if key in p and np.float32(p[key]) != np.float32(want):
+                    if key in p and np.float32(number_param(p, key)) != np.float32(want):
                         raise bad(f"{key}={p[key]} differs from contract {contract.contract_id}'s {want}")
                 scale, zp, layout = float(contract.scale or 0), int(contract.zero_point or 0), contract.layout
             else:
-                try:
-                    scale, zp = float(p["scale"]), int(p["zero_point"])
-                except (KeyError, TypeError, ValueError):
-                    raise bad(f"{t.datatype} input needs parameters scale and zero_point (or contract_id)") from None
+                if "scale" not in p or "zero_point" not in p:
+                    raise bad(f"{t.datatype} input needs parameters scale and zero_point (or contract_id)")
+                scale, zp = number_param(p, "scale"), int_param(p, "zero_point", int(lo), int(hi))
                 layout = str(p.get("layout", "NCHW"))
-                if layout not in ("NCHW", "NHWC") or not (np.isfinite(scale) and scale > 0):
-                    raise bad(f"bad layout {layout!r} or scale {scale}")
+                if layout not in ("NCHW", "NHWC") or not scale > 0:
+                    raise bad(f"bad layout {layout!r} or scale {scale} (a positive number)")
             c, h, w = self.sample_shape
             want = [c, h, w] if layout == "NCHW" else [h, w, c]
             b = self._batch_dim(t.shape, 4)
@@ -352,7 +396,11 @@ class ServedModel:
                 raise bad(f"{t.datatype} input shape {t.shape}; expected [{b}, {', '.join(map(str, want))}] "
                           f"({layout})")
             q = self._array(t, DTYPES[t.datatype])
-            x = (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+            with np.errstate(over="ignore", invalid="ignore"):
+                x = (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+            if not np.isfinite(x).all():  # e.g. scale 1e38: float32 overflows to inf, the tail to NaN
+                raise bad(f"{t.datatype} codes times scale {scale} overflow float32 (NaN or infinity); send the "
+                          "head's own scale")
             if layout == "NHWC":
                 x = x.transpose(0, 3, 1, 2)
             return np.ascontiguousarray(x)
@@ -399,6 +447,19 @@ class ServedModel:
     def close(self) -> None:
         self.batcher.close()
         self._tmp.cleanup()
+
+
+def parity_failure(target: TargetExport) -> str | None:
+    """Why this export's recorded verdict is not a pass (its manifest's parity section), or None."""
+    parity = target.manifest.get("parity")
+    if not isinstance(parity, dict) or "passed" not in parity:
+        return "its manifest records no parity verdict"
+    if parity["passed"] is True:
+        return None
+    failed = sorted({f"{c.get('artifact')} {c.get('metric')}" for c in parity.get("checks", [])
+                     if isinstance(c, dict) and c.get("passed") is False})
+    return "its export failed parity" + (f" ({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''})"
+                                         if failed else "")
 
 
 def server_metadata() -> dict[str, Any]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -26,6 +28,7 @@ from bottlefit.serve.model import (
 )
 
 HEADER_LEN = "Inference-Header-Content-Length"
+log = logging.getLogger("bottlefit.serve")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -70,8 +73,14 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str, 
         req = json.loads(body[:n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"request header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad("request header nests JSON too deeply") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise bad("request JSON needs an 'inputs' list")
+    shared = req.get("parameters")
+    shared = {} if shared is None else shared
+    if not isinstance(shared, dict):
+        raise bad(f"request parameters must be an object, not {type(shared).__name__}")
     pos, inputs = n, []
     for i, t in enumerate(req["inputs"]):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("shape"), list):
@@ -96,7 +105,6 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str, 
                 data = _json_array(data, t["name"])
         else:
             raise bad(f"input {t['name']!r} has neither data nor binary_data_size")
-        shared = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
         params = {**{k: v for k, v in shared.items() if k in REQUEST_TENSOR_PARAMS}, **params}
         inputs.append(TensorIn(t["name"], str(t.get("datatype")), list(t["shape"]), params, data))
     if pos != len(body):
@@ -116,28 +124,37 @@ def _json_array(data: list[Any], name: str) -> np.ndarray:
 
 def _outputs_wanted(model: ServedModel, req: dict[str, Any]) -> bool:
     """Whether logits go back binary; raises for an unknown output name."""
-    binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    binary = bool((req.get("parameters") or {}).get("binary_data_output", False))  # an object: parse_infer_body
     outs = req.get("outputs")
     if outs is None:
         return binary
     if not isinstance(outs, list):
         raise bad("'outputs' must be a list")
-    for o in outs:
+    for i, o in enumerate(outs):
         if not isinstance(o, dict) or o.get("name") != model.output_name:
             raise bad(f"unknown output {o.get('name') if isinstance(o, dict) else o!r}; the model has "
                       f"{model.output_name!r}")
-        binary = bool((o.get("parameters") or {}).get("binary_data", binary))
+        params = o.get("parameters")
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise bad(f"outputs[{i}].parameters must be an object, not {type(params).__name__}")
+        binary = bool(params.get("binary_data", binary))
     return binary
 
 
-def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: float = 30.0) -> Starlette:
+def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: float = 30.0,
+              token: str | None = None) -> Starlette:
+    """The protocol's routes. ``token``: every route but the health ones (server live/ready, model ready) needs
+    ``Authorization: Bearer <token>`` (else 401)."""
     ready = {"ok": True}
+    expected = f"Bearer {token}".encode() if token else None
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
 
     async def server_ready(request: Request) -> Response:
-        return JSONResponse({"ready": ready["ok"]}, status_code=200 if ready["ok"] else 503)
+        ok = ready["ok"] and model.ready
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def meta(request: Request) -> Response:
         return JSONResponse(server_metadata())
@@ -148,7 +165,7 @@ def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: 
 
     async def model_ready(request: Request) -> Response:
         _model(model, request)
-        return JSONResponse({"name": model.name, "ready": not model.batcher.closed})
+        return JSONResponse({"name": model.name, "ready": model.ready})
 
     async def stats(request: Request) -> Response:
         if "name" in request.path_params:
@@ -181,24 +198,35 @@ def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: 
         return Response(header + blob, media_type="application/octet-stream",
                         headers={HEADER_LEN: str(len(header))})
 
-    def guarded(fn: Any) -> Any:
+    def guarded(fn: Any, open_: bool = False) -> Any:
         async def handler(request: Request) -> Response:
+            if expected is not None and not open_:
+                got = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(got, expected):
+                    return JSONResponse({"error": "missing or wrong bearer token (header Authorization: Bearer "
+                                                  "<token>)"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
             try:
                 return await fn(request)
             except InferError as e:
                 return _error(e.status, str(e))
+            except ClientDisconnect:  # the client went away mid-request: nobody to answer, nothing to log
+                return Response(status_code=499)
+            except Exception as e:  # a bug of ours: the protocol's error JSON, the traceback once in the log
+                log.exception("%s %s failed", request.method, request.url.path)
+                return _error(500, f"internal error: {type(e).__name__}")
 
         return handler
 
     routes = [
         Route("/v2", guarded(meta)),
-        Route("/v2/health/live", guarded(live)),
-        Route("/v2/health/ready", guarded(server_ready)),
+        Route("/v2/health/live", guarded(live, open_=True)),
+        Route("/v2/health/ready", guarded(server_ready, open_=True)),
         Route("/v2/models/stats", guarded(stats)),
         Route("/v2/models/{name}", guarded(model_meta)),
         Route("/v2/models/{name}/versions/{version}", guarded(model_meta)),
-        Route("/v2/models/{name}/ready", guarded(model_ready)),
-        Route("/v2/models/{name}/versions/{version}/ready", guarded(model_ready)),
+        Route("/v2/models/{name}/ready", guarded(model_ready, open_=True)),
+        Route("/v2/models/{name}/versions/{version}/ready", guarded(model_ready, open_=True)),
         Route("/v2/models/{name}/stats", guarded(stats)),
         Route("/v2/models/{name}/versions/{version}/stats", guarded(stats)),
         Route("/v2/models/{name}/infer", guarded(infer), methods=["POST"]),
