@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"  # the bearer token, when no --token-file (server and client alike)
 COMMANDS = ("serve", "run-head", "triton")  # what register() adds (bottlefit.cli builds only these for them)
 _SERVE_DEPS = ("starlette", "uvicorn", "grpc", "tritonclient", "zstandard", "constriction")
 
@@ -43,7 +44,7 @@ def read_token(path: str | None, env: str) -> str | None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from bottlefit.serve.server import TOKEN_ENV, ServeOptions, Server
+    from bottlefit.serve.server import ServeOptions, Server
 
     opts = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, max_batch=args.max_batch,
                         max_delay_ms=args.max_delay_ms, workers=args.workers, queue_size=args.queue_size,
@@ -71,7 +72,8 @@ def _cmd_run_head(args: argparse.Namespace) -> int:
     from bottlefit.serve.client import Client
 
     client = Client(Path(args.dir), args.server, model=args.model_name, wire=args.wire, head=args.head,
-                    reference=args.reference, retries=args.retries, timeout_s=args.timeout, topk=args.topk)
+                    reference=args.reference, retries=args.retries, timeout_s=args.timeout, topk=args.topk,
+                    ca_file=args.ca_file, token=read_token(args.token_file, TOKEN_ENV))
     if not args.json:
         print(f"head {client.contract.target}/{client.contract.head} ({client.contract.runtime}), contract "
               f"{client.contract.contract_id}, wire {client.wire} -> {client.url}", file=sys.stderr)
@@ -135,6 +137,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this certificate (or CA) for an https --server")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="send 'Authorization: Bearer <FILE's first line>' (default: $BOTTLEFIT_SERVE_TOKEN if set)")
     p.set_defaults(func=_cmd_run_head)
 
     p = sub.add_parser("triton", parents=[common],

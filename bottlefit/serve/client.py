@@ -5,6 +5,7 @@ serve`` (every wire) and with Triton (``--wire fp32``)."""
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -73,11 +74,25 @@ def build_request(contract: WireContract, codes: np.ndarray, wire: str, input_na
     return hb + blob, len(hb), coded
 
 
-def post(url: str, body: bytes, header_len: int, timeout_s: float) -> tuple[dict[str, Any], bytes]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={
-        HEADER_LEN: str(header_len), "Content-Type": "application/octet-stream"})
+def tls_context(ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """The context that trusts ``ca_file`` (a server's self-signed certificate or its CA), else None: https URLs
+    then use the system's trust store."""
+    if ca_file is None:
+        return None
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"--ca-file {ca_file}: not a readable PEM certificate ({e})") from None
+
+
+def post(url: str, body: bytes, header_len: int, timeout_s: float, context: ssl.SSLContext | None = None,
+         token: str | None = None) -> tuple[dict[str, Any], bytes]:
+    headers = {HEADER_LEN: str(header_len), "Content-Type": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as r:
             data = r.read()
             n = r.headers.get(HEADER_LEN)
     except urllib.error.HTTPError as e:
@@ -87,6 +102,10 @@ def post(url: str, body: bytes, header_len: int, timeout_s: float) -> tuple[dict
             msg = ""
         raise RequestFailed(f"HTTP {e.code}: {msg or e.reason}", retryable=e.code >= 500 or e.code == 429) from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
+        tls = getattr(e, "reason", e)
+        if isinstance(tls, ssl.SSLCertVerificationError):  # a certificate this side does not trust: final
+            raise RequestFailed(f"TLS with {url} failed: {tls.verify_message or tls} (pass the server's certificate "
+                                "or its CA with --ca-file)", retryable=False) from None
         raise RequestFailed(f"cannot reach {url}: {getattr(e, 'reason', e)}", retryable=True) from None
     hl = int(n) if n is not None else len(data)
     return json.loads(data[:hl]), data[hl:]
@@ -130,7 +149,8 @@ class ImageResult:
 class Client:
     def __init__(self, out: Path, server: str, *, model: str | None = None, wire: str = "int8",
                  head: str | None = None, reference: bool = False, retries: int = 3, backoff_s: float = 0.2,
-                 timeout_s: float = 10.0, topk: int = 5) -> None:
+                 timeout_s: float = 10.0, topk: int = 5, ca_file: str | Path | None = None,
+                 token: str | None = None) -> None:
         if wire not in WIRES:
             raise UserError(f"--wire {wire!r}: choose one of {', '.join(WIRES)}")
         self.target, self.contract = pick_head(Path(out), head)
@@ -141,6 +161,7 @@ class Client:
         self.model = model or tail_model_name(self.target.card)
         self.url = f"{server.rstrip('/')}/v2/models/{self.model}/infer"
         self.input_name = "bottleneck"
+        self.tls, self.token = tls_context(ca_file), token
 
     def run_one(self, name: str, x: np.ndarray) -> ImageResult:
         res = ImageResult(name, ok=False)
@@ -155,7 +176,7 @@ class Client:
             res.attempts = attempt
             t0 = time.perf_counter()
             try:
-                resp, binary = post(self.url, body, hl, self.timeout_s)
+                resp, binary = post(self.url, body, hl, self.timeout_s, self.tls, self.token)
             except RequestFailed as e:
                 res.error = str(e)
                 if not e.retryable or attempt > self.retries:

@@ -17,8 +17,6 @@ from typing import Any
 from bottlefit.errors import UserError
 from bottlefit.serve.model import ServedModel
 
-TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"
-
 
 @dataclass
 class ServeOptions:
@@ -58,7 +56,7 @@ class ServeOptions:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UserError("--tls-cert and --tls-key go together: pass the certificate (chain) and its private key")
         if self.token is not None and not self.token.strip():
-            raise UserError(f"the bearer token is empty: put one line in --token-file (or ${TOKEN_ENV})")
+            raise UserError("the bearer token is empty or blank: give a token of printable characters")
 
     @property
     def tls(self) -> bool:
