@@ -6,6 +6,8 @@ jetson and rpi board bundles (as boardcodec.py is), so both boards speak the sam
 """
 
 import json
+import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +16,8 @@ import numpy as np
 
 HEADER = "Inference-Header-Content-Length"
 V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
+TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"
+_SECURITY = {}
 
 
 def add_arguments(p):
@@ -26,6 +30,31 @@ def add_arguments(p):
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.add_argument("--ca-file", help="trust this certificate (or CA) for an https --server")
+    p.add_argument("--token-file",
+                   help=f"send 'Authorization: Bearer <the file's first line>' (default: ${TOKEN_ENV} if set)")
+
+
+def security(options):
+    """(SSL context or None, extra headers) from the options' ca_file / token_file (else $BOTTLEFIT_SERVE_TOKEN);
+    read once per pair of files."""
+    ca = getattr(options, "ca_file", None)
+    token_file = getattr(options, "token_file", None)
+    key = (ca, token_file)
+    if key not in _SECURITY:
+        try:
+            ctx = ssl.create_default_context(cafile=ca) if ca else None
+        except (OSError, ssl.SSLError) as e:
+            raise RuntimeError(f"--ca-file {ca}: not a readable PEM certificate ({e})") from None
+        token = os.environ.get(TOKEN_ENV) or None
+        if token_file:
+            try:
+                with open(token_file, encoding="utf-8") as f:
+                    token = f.readline().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise RuntimeError(f"--token-file {token_file}: cannot read it ({e})") from None
+        _SECURITY[key] = (ctx, {"Authorization": "Bearer " + token} if token else {})
+    return _SECURITY[key]
 
 
 def request_body(input_name, shape, datatype, params, blob):
@@ -37,11 +66,14 @@ def request_body(input_name, shape, datatype, params, blob):
     return header + blob, len(header)
 
 
-def post(url, body, header_len, timeout):
-    """One POST; (response JSON, logits) with the logits from JSON data or the binary section."""
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={HEADER: str(header_len), "Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
+def post(url, body, header_len, timeout, options=None):
+    """One POST; (response JSON, logits) with the logits from JSON data or the binary section. ``options``: the
+    parsed flags (--ca-file, --token-file)."""
+    ctx, extra = security(options)
+    headers = dict(extra)
+    headers.update({HEADER: str(header_len), "Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
         data, n = r.read(), r.headers.get(HEADER)
     hl = int(n) if n is not None else len(data)
     resp = json.loads(data[:hl].decode("utf-8"))
@@ -52,12 +84,13 @@ def post(url, body, header_len, timeout):
     return resp, np.frombuffer(data[hl:hl + size], dtype="<f4").reshape(out["shape"])
 
 
-def infer(url, body, header_len, timeout, retries):
+def infer(url, body, header_len, timeout, retries, options=None):
     """POST with retries and exponential backoff on connection errors and 5xx/429; any other 4xx is final (the
-    request itself is wrong: sending it again cannot help). Raises RuntimeError with the server's message."""
+    request itself is wrong: sending it again cannot help), and so is a certificate this side does not trust.
+    Raises RuntimeError with the server's message."""
     for attempt in range(retries + 1):
         try:
-            return post(url, body, header_len, timeout)
+            return post(url, body, header_len, timeout, options)
         except urllib.error.HTTPError as e:
             try:
                 msg = json.loads(e.read().decode("utf-8")).get("error", "")
@@ -66,6 +99,9 @@ def infer(url, body, header_len, timeout, retries):
             if e.code < 500 and e.code != 429 or attempt == retries:
                 raise RuntimeError(f"HTTP {e.code}: {msg or e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
+            if isinstance(getattr(e, "reason", e), ssl.SSLError):
+                raise RuntimeError(f"TLS with {url} failed: {getattr(e, 'reason', e)} (pass the server's certificate "
+                                   "or its CA with --ca-file)") from None
             if attempt == retries:
                 raise RuntimeError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
         time.sleep(0.2 * 2 ** attempt)

@@ -73,6 +73,33 @@ def test_board_client_on_this_host(split_export: Path, server, tmp_path: Path) -
     np.testing.assert_allclose(np.array([r["logits"] for r in recs]), want, rtol=0, atol=1e-5)
 
 
+def test_board_client_over_tls_with_a_token(split_export: Path, certificate, tmp_path: Path) -> None:
+    """--ca-file and --token-file: the board's transport (boardhttp.py) to a server with TLS and a bearer token."""
+    from bottlefit.serve.server import ServeOptions, Server
+
+    cert, key = certificate
+    (tmp_path / "token").write_text("board-token\n")
+    s = Server(split_export, ServeOptions(http_port=0, grpc_port=0, tls_cert=cert, tls_key=key,
+                                          token="board-token")).start()
+    try:
+        board = split_export / "rpi" / "board"
+        args = [sys.executable, str(board / "client.py"), "--server", s.http_url, "--golden", "--runtime", "litert",
+                "--json", "--retries", "0", "--ca-file", str(cert)]
+        cp = subprocess.run([*args, "--token-file", str(tmp_path / "token")], capture_output=True, text=True,
+                            timeout=120)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert len(_records(cp.stdout)) == 4
+        cp = subprocess.run(args, capture_output=True, text=True, timeout=120)  # no token
+        assert cp.returncode == 1
+        assert [r["error"][:8] for r in _records(cp.stdout)] == ["HTTP 401"] * 4
+        cp = subprocess.run([*args[:-2], "--token-file", str(tmp_path / "token")], capture_output=True, text=True,
+                            timeout=120)  # the certificate not trusted: one attempt, a line naming --ca-file
+        assert cp.returncode == 1
+        assert all("--ca-file" in r["error"] for r in _records(cp.stdout))
+    finally:
+        s.stop()
+
+
 def test_board_client_refused_for_another_export(split_export: Path, server, tmp_path: Path) -> None:
     bundle = tmp_path / "rpi"
     subprocess.run(["cp", "-r", str(split_export / "rpi"), str(bundle)], check=True)

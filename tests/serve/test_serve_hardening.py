@@ -393,19 +393,6 @@ def test_grpc_max_concurrency_flag_bounds_calls_in_flight(mini_export, heldout_c
 # -- 7. TLS (REST and gRPC) and a bearer token
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, made by the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
-    return cert, key
-
-
 TOKEN = "s3cret-token_for.tests"
 
 

@@ -153,7 +153,7 @@ def main(argv=None):
             body, hl, coded = request_body(meta, codes, a.fp32, tables)
             encode_ms = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
-            resp, logits = infer(url, body, hl, a.timeout, a.retries)
+            resp, logits = infer(url, body, hl, a.timeout, a.retries, a)
         except (RuntimeError, ValueError, OSError) as e:  # reported, never silently dropped
             failed += 1
             print(json.dumps({"image": str(name), "error": str(e)}) if a.json else "FAIL %s: %s" % (name, e))

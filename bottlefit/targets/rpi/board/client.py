@@ -114,7 +114,7 @@ def main(argv=None):
         encode_ms = (time.perf_counter() - t_enc) * 1e3
         t1 = time.perf_counter()
         try:
-            resp, logits = infer(url, body, hl, a.timeout, a.retries)
+            resp, logits = infer(url, body, hl, a.timeout, a.retries, a)
         except RuntimeError as e:  # reported, never silently dropped
             failed += 1
             print(json.dumps({"image": str(name), "error": str(e)}) if a.json else "FAIL %s: %s" % (name, e))
