@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bottlefit.errors import UserError
+from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.serve.model import ServedModel
 
 
@@ -193,7 +193,9 @@ class Server:
             self.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
-        name = signal.Signals(received[0]).name if received else "stopped"
+        if not received:  # the REST endpoint ended on its own: not a clean stop
+            raise EnvironmentProblem("the REST endpoint stopped unexpectedly (run with --verbose for uvicorn's log)")
+        name = signal.Signals(received[0]).name
         announce(f"bottlefit serve: {name}: in-flight requests drained, stopped")
         return name
 
