@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 import bottlefit
 from bottlefit.errors import UserError
 from bottlefit.serve.client import build_request, logits_of
+from bottlefit.serve.head import load_tables
 
 H = "Inference-Header-Content-Length"
 ROOT = Path(bottlefit.__file__).resolve().parents[1]  # the code under test: subprocesses import the same
@@ -79,10 +80,11 @@ def _env(tmp: Path | None = None) -> dict[str, str]:
 class ServeProcess:
     """``python -m bottlefit serve`` in a subprocess, on free ports, its announce lines read."""
 
-    def __init__(self, out: Path, *flags: str, tmp: Path | None = None) -> None:
+    def __init__(self, out: Path, *flags: str, tmp: Path | None = None, env: dict[str, str] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "bottlefit", "serve", str(out), "--http-port", "0",
                                       "--grpc-port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=_env(tmp), cwd=ROOT)
+                                     text=True, env={**_env(tmp), **(env or {})}, cwd=ROOT)
         self.lines: list[str] = []
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -92,7 +94,7 @@ class ServeProcess:
                 self.http_url, self.grpc_port = m.group(1), int(m.group(2))
                 for _ in range(200):
                     try:
-                        with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=5):
+                        with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=5, context=context):
                             return
                     except OSError:
                         time.sleep(0.05)
@@ -112,8 +114,8 @@ class ServeProcess:
 def serve_process(mini_export: Path) -> Iterator[Any]:
     started: list[ServeProcess] = []
 
-    def start(*flags: str, tmp: Path | None = None) -> ServeProcess:
-        started.append(ServeProcess(mini_export, *flags, tmp=tmp))
+    def start(*flags: str, tmp: Path | None = None, **kw: Any) -> ServeProcess:
+        started.append(ServeProcess(mini_export, *flags, tmp=tmp, **kw))
         return started[-1]
 
     yield start
@@ -486,6 +488,23 @@ def test_project_client_with_ca_file_and_token(tls_server, certificate, mini_exp
     assert json.loads(r.stdout.splitlines()[0])["ok"] is True
 
 
+def test_serve_command_with_tls_and_the_token_from_the_environment(serve_process, certificate, served,
+                                                                   heldout_codes, tmp_path) -> None:
+    cert, key = certificate
+    ctx = ssl.create_default_context(cafile=str(cert))
+    srv = serve_process("--tls-cert", str(cert), "--tls-key", str(key), tmp=tmp_path,
+                        env={"BOTTLEFIT_SERVE_TOKEN": TOKEN}, context=ctx)
+    assert srv.http_url.startswith("https://127.0.0.1:") and "TLS, bearer token" in "".join(srv.lines)
+    _, contract, codes = heldout_codes
+    body, hl, _ = build_request(contract, codes[0], "int8", "bottleneck", None)
+    url = f"{srv.http_url}/v2/models/{served.model.name}/infer"
+    assert _post(url, body, hl, context=ctx)[0] == 401
+    status, resp, binary = _post(url, body, hl, {"Authorization": f"Bearer {TOKEN}"}, ctx)
+    assert status == 200 and np.array_equal(logits_of(resp, binary), _want(served, contract, codes[:1]))
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(60) == 0
+
+
 def test_serve_cli_reads_the_token_file_and_refuses_half_a_tls_pair(mini_export, certificate, tmp_path) -> None:
     cert, _ = certificate
     r = _run_cli(["serve", str(mini_export), "--http-port", "0", "--grpc-port", "0", "--tls-cert", str(cert)],
@@ -502,9 +521,8 @@ def test_serve_cli_reads_the_token_file_and_refuses_half_a_tls_pair(mini_export,
 def test_serve_process_loads_no_torch(serve_process, served, heldout_codes, tmp_path) -> None:
     srv = serve_process(tmp=tmp_path)
     _, contract, codes = heldout_codes
-    body, hl, _ = build_request(contract, codes[0], "context", "bottleneck",
-                                __import__("bottlefit.serve.head", fromlist=["load_tables"]).load_tables(
-                                    served.model.tail_target, contract))
+    tables = load_tables(served.model.tail_target, contract)
+    body, hl, _ = build_request(contract, codes[0], "context", "bottleneck", tables)
     status, resp, _ = _post(f"{srv.http_url}/v2/models/{served.model.name}/infer", body, hl)
     assert status == 200, resp
     maps = Path(f"/proc/{srv.proc.pid}/maps").read_text() if Path("/proc").is_dir() else ""
