@@ -31,6 +31,9 @@ class ModelSource:
         if self.checkpoint is None and not self.untrained:
             raise UserError("no checkpoint given: pass CHECKPOINT, or --untrained to export the architecture "
                             "with random weights")
+        if self.checkpoint is not None and self.untrained:
+            raise UserError(f"{self.checkpoint} and --untrained: a checkpoint has trained weights, --untrained "
+                            "random ones; pass one of them")
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
