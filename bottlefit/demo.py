@@ -187,7 +187,8 @@ def _export_all(best: Path, calib: Path, held: Path, out: Path) -> dict[str, boo
                                       # the best recipe that leaves the tail as trained (no --equalize)
                                       CalibrationOptions(source=str(calib), observer="search",
                                                          weight_rounding="gptq"),
-                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
+                                      ParityOptions(images=str(held), emulate=emulate)),
+                        log=lambda m, t=target: _log(f"  {t}: {m}"))  # each step: the long ones say what they do
         verdicts[target] = result.verdict.passed
     return verdicts
 

@@ -74,3 +74,28 @@ def assert_int8_heads_agree_with_fp32(work: Path, best: Path) -> None:
         with torch.no_grad():
             got = sm.tail(sm.transmit(torch.from_numpy(z))).argmax(1).numpy()
         assert float(np.mean(got == ref)) >= 0.995, f"{target}/{a.file}: {np.mean(got == ref):.3f}"
+
+
+def test_demo_says_what_each_export_is_doing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The exports are the demo's longest silent stretch after training: each of their steps is a line on stderr,
+    prefixed with the target (the export itself is replaced here: what is tested is that its lines reach the user)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import bottlefit.demo as demo
+    import bottlefit.pipeline.export as pipeline_export
+
+    def export(request, log):  # noqa: ANN001, ANN202
+        log(f"exporting head.onnx (opset 13) for {request.target}")
+        return SimpleNamespace(verdict=SimpleNamespace(passed=True))
+
+    monkeypatch.setattr(demo, "_emulation_profiles", lambda: "none")
+    monkeypatch.setattr(pipeline_export, "export", export)
+    for name in ("calib", "held"):
+        np.savez(tmp_path / f"{name}.npz", images=np.zeros((2, 3, 32, 32), np.float32))
+    verdicts = demo._export_all(tmp_path / "best.pt", tmp_path / "calib.npz", tmp_path / "held.npz", tmp_path / "out")
+    assert verdicts == {"onnx": True, "jetson": True, "rpi": True}
+    assert capsys.readouterr().err.splitlines() == [
+        line for t in ("onnx", "jetson", "rpi")
+        for line in (f"[demo] exporting --target {t}", f"[demo]   {t}: exporting head.onnx (opset 13) for {t}")]
