@@ -99,3 +99,31 @@ def test_demo_says_what_each_export_is_doing(tmp_path: Path, monkeypatch, capsys
     assert capsys.readouterr().err.splitlines() == [
         line for t in ("onnx", "jetson", "rpi")
         for line in (f"[demo] exporting --target {t}", f"[demo]   {t}: exporting head.onnx (opset 13) for {t}")]
+
+
+def test_demo_builds_the_sysroot_while_it_trains(tmp_path: Path, monkeypatch) -> None:
+    """The first run's arm64 sysroot (debootstrap, downloads: mostly waiting) is built beside the training, not after
+    it. Training and the build are replaced by stand-ins that meet: training waits until the build has started."""
+    import argparse
+    import threading
+
+    import pytest
+
+    import bottlefit.demo as demo
+    import bottlefit.training as training
+
+    building = threading.Event()
+
+    class Trained(Exception):
+        pass
+
+    def train_model(*args: object, **kwargs: object) -> None:
+        assert building.wait(60), "the sysroot build had not started while the model trained"
+        raise Trained
+
+    monkeypatch.setattr(demo, "_emulation_profiles", lambda: building.set() or "none")
+    monkeypatch.setattr(demo, "train_model", train_model)
+    monkeypatch.setattr(training, "mnist_splits", lambda *a, **k: None)
+    args = argparse.Namespace(workdir=str(tmp_path / "demo"), retrain=False, stage_epochs=1, bottleneck_channel=4)
+    with pytest.raises(Trained):
+        demo.run_demo(args)
