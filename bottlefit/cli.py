@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="run the target's own runtime on its ISA under emulation (rpi: pi4, pi5, pi3, zero2); "
                         "auto: the default board where the emulator can run here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings still show)")
     _model_args(p)
     for name in targets.names():
         targets.get_target(name).add_arguments(_FlagRecorder(p, target_flag_actions))  # type: ignore[arg-type]
