@@ -184,13 +184,13 @@ def _export_all(best: Path, calib: Path, held: Path, out: Path, profiles: str | 
     verdicts = {}
     emulate = Emulate.parse(profiles if profiles is not None else _emulation_profiles())
     for target in TARGETS:
-        _log(f"exporting --target {target}")
+        _log(f"exporting --target {target}")  # then each of its steps: the long ones say what they do
         result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
                                       # the best recipe that leaves the tail as trained (no --equalize)
                                       CalibrationOptions(source=str(calib), observer="search",
                                                          weight_rounding="gptq"),
                                       ParityOptions(images=str(held), emulate=emulate)),
-                        log=lambda m, t=target: _log(f"  {t}: {m}"))  # each step: the long ones say what they do
+                        log=lambda m, t=target: _log(f"  {m}" if m.startswith(f"{t}: ") else f"  {t}: {m}"))
         verdicts[target] = result.verdict.passed
     return verdicts
 
