@@ -51,6 +51,7 @@ def export_request(args: argparse.Namespace) -> Any:
     from bottlefit.targets import Emulate, get_target, options_from
 
     target = get_target(args.target)
+    check_target_flags(args, target)
     return ExportRequest(
         model=model_source(args), target=args.target, out=Path(args.out),
         target_options=options_from(target.options_type, vars(args)),
@@ -61,6 +62,39 @@ def export_request(args: argparse.Namespace) -> Any:
         parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
                              emulate=Emulate.parse(args.emulate)),
     )
+
+
+class _FlagRecorder:
+    """Stands in for the export parser while a target adds its flags: keeps each flag's argparse action."""
+
+    def __init__(self, parser: argparse.ArgumentParser, actions: list[argparse.Action]) -> None:
+        self.parser, self.actions = parser, actions
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        action = self.parser.add_argument(*names, **kwargs)
+        self.actions.append(action)
+        return action
+
+
+def check_target_flags(args: argparse.Namespace, target: Any) -> None:
+    """Every target's flags share one parser, and ``options_from`` keeps only the chosen target's fields: a flag the
+    user set that the chosen target does not take is refused here (exit 2) instead of being dropped silently."""
+    from dataclasses import fields
+
+    from bottlefit.errors import UserError
+    from bottlefit.targets import get_target, names
+
+    own = {f.name for f in fields(target.options_type)}
+    for action in args.target_flag_actions:
+        if action.dest in own or getattr(args, action.dest) == action.default:
+            continue
+        takers = [n for n in names() if action.dest in {f.name for f in fields(get_target(n).options_type)}]
+        raise UserError(f"{action.option_strings[0]} is not an option of --target {target.name} (it is for --target "
+                        f"{' and '.join(takers)}); drop it")
+    emulate = getattr(args, "emulate", "auto")
+    if emulate not in ("auto", "none", None) and not getattr(target, "emulates", False):
+        raise UserError(f"--emulate {emulate}: --target {target.name} has no board to emulate (only --target rpi "
+                        "does); drop it or pass --emulate none")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -133,7 +167,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--target", required=True, choices=targets.names())
     p.add_argument("--out", required=True, help="output root; artifacts go to OUT/<target>/")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the target's; 13 for onnx)")
+    target_flag_actions = [p.add_argument("--opset", type=int,
+                                          help="ONNX opset (default: the target's; 13 for onnx)")]
     p.add_argument("--calib", help="calibration images: a folder (recursive), an ImageFolder tree or a .npz "
                    "(default: the built-in photos)")
     p.add_argument("--calib-count", type=int, help="use N calibration images (seeded choice)")
@@ -158,11 +193,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="run the target's own runtime on its ISA under emulation (rpi: pi4, pi5, pi3, zero2); "
                         "auto: the default board where the emulator can run here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings still show)")
     _model_args(p)
     for name in targets.names():
-        targets.get_target(name).add_arguments(p)
-    p.set_defaults(func=_cmd_export)
+        targets.get_target(name).add_arguments(_FlagRecorder(p, target_flag_actions))  # type: ignore[arg-type]
+    p.set_defaults(func=_cmd_export, target_flag_actions=target_flag_actions)
 
     p = sub.add_parser("verify", parents=[common],
                        help="re-run the verdict on an exported directory (exit 1 when a check fails)")

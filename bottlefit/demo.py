@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,21 +174,23 @@ def _where_lines(target_dir: Path) -> list[str]:
     return lines
 
 
-def _export_all(best: Path, calib: Path, held: Path, out: Path) -> dict[str, bool]:
-    """Every target from the trained checkpoint, through the pipeline itself (no command line in between)."""
+def _export_all(best: Path, calib: Path, held: Path, out: Path, profiles: str | None = None) -> dict[str, bool]:
+    """Every target from the trained checkpoint, through the pipeline itself (no command line in between);
+    ``profiles``: the --emulate value (None: ``_emulation_profiles()`` now)."""
     from bottlefit.pipeline.export import export
     from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ModelSource, ParityOptions
     from bottlefit.targets import Emulate
 
     verdicts = {}
-    emulate = Emulate.parse(_emulation_profiles())
+    emulate = Emulate.parse(profiles if profiles is not None else _emulation_profiles())
     for target in TARGETS:
-        _log(f"exporting --target {target}")
+        _log(f"exporting --target {target}")  # then each of its steps: the long ones say what they do
         result = export(ExportRequest(ModelSource(checkpoint=best), target, out, _target_options(target),
                                       # the best recipe that leaves the tail as trained (no --equalize)
                                       CalibrationOptions(source=str(calib), observer="search",
                                                          weight_rounding="gptq"),
-                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
+                                      ParityOptions(images=str(held), emulate=emulate)),
+                        log=lambda m, t=target: _log(f"  {m}" if m.startswith(f"{t}: ") else f"  {t}: {m}"))
         verdicts[target] = result.verdict.passed
     return verdicts
 
@@ -223,8 +226,13 @@ def run_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     _, card = build(ARCH, {"bottleneck_channel": args.bottleneck_channel})
     data = mnist_splits(card, n_train=N_TRAIN, n_val=N_VAL)
-    best, teacher_top1 = train_model(work, data, stage_epochs=args.stage_epochs,
-                                    bottleneck_channel=args.bottleneck_channel, retrain=args.retrain)
+    # The arm64 sysroot (first run only: debootstrap and wheel downloads, mostly waiting on the network and the
+    # disk) is built while the model trains instead of after it.
+    with ThreadPoolExecutor(1, thread_name_prefix="sysroot") as pool:
+        profiles = pool.submit(_emulation_profiles)
+        best, teacher_top1 = train_model(work, data, stage_epochs=args.stage_epochs,
+                                        bottleneck_channel=args.bottleneck_channel, retrain=args.retrain)
+        emulate = profiles.result()
     lm = load(best)
     if lm.card.params.get("bottleneck_channel") != args.bottleneck_channel:
         raise UserError(f"{best}: cached for another --bottleneck-channel; pass --retrain")
@@ -234,7 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
     calib = write_npz(work / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
     held = write_npz(work / "heldout.npz", x_val[:200])
     out = work / "export"
-    verdicts = _export_all(best, calib, held, out)
+    verdicts = _export_all(best, calib, held, out, emulate)
     sm = split(lm.model, lm.card)
     rows = _head_rows(out, sm, x_val, y_val)
     with torch.no_grad():

@@ -59,3 +59,43 @@ def test_console_shows_only_our_lines_unless_verbose(tmp_path: Path) -> None:
     assert verbose.returncode == 0
     # the converters' and runtimes' own chatter is there, only hidden
     assert len([ln for ln in verbose.stderr.splitlines() if not OURS.match(ln)]) > 0
+
+
+@pytest.mark.parametrize("target,given,takers", [
+    ("onnx", ["--profile", "orin"], "jetson and rpi"),
+    ("onnx", ["--precision", "fp16"], "jetson"),
+    ("rpi", ["--opset", "17"], "onnx and jetson"),
+    ("rpi", ["--int8"], "onnx"),
+    ("rpi", ["--no-triton"], "onnx"),
+    ("jetson", ["--profile", "orin", "--layout", "nchw"], "rpi"),
+])
+def test_a_flag_the_target_does_not_take_is_refused(tmp_path: Path, capsys, target: str, given: list[str],
+                                                    takers: str) -> None:
+    """Every target's flags share one parser; a flag the chosen target ignores is an error naming both, not a
+    silent no-op, and it comes before any work (no output directory)."""
+    out = tmp_path / "out"
+    rc = main(["export", "--untrained", "--arch", "mini_resnet", "--target", target, "--out", str(out), *given])
+    flag = given[-2] if given[-1] not in ("--int8", "--no-triton") else given[-1]
+    assert rc == 2
+    assert capsys.readouterr().err == (f"bottlefit: error: {flag} is not an option of --target {target} "
+                                       f"(it is for --target {takers}); drop it\n")
+    assert not out.exists()
+
+
+def test_emulate_on_a_target_without_a_board_to_emulate_is_refused(tmp_path: Path, capsys) -> None:
+    rc = main(["export", "--untrained", "--arch", "mini_resnet", "--target", "jetson", "--profile", "orin",
+               "--out", str(tmp_path / "out"), "--emulate", "pi4"])
+    assert rc == 2
+    assert capsys.readouterr().err == ("bottlefit: error: --emulate pi4: --target jetson has no board to emulate "
+                                       "(only --target rpi does); drop it or pass --emulate none\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "inspect"])
+def test_checkpoint_with_untrained_is_refused(tmp_path: Path, capsys, command: str) -> None:
+    ckpt = tmp_path / "model.pt"
+    extra = ["--target", "onnx", "--out", str(tmp_path / "out")] if command == "export" else []
+    assert main([command, str(ckpt), "--untrained", "--arch", "mini_resnet", *extra]) == 2
+    assert capsys.readouterr().err == (f"bottlefit: error: {ckpt} and --untrained: a checkpoint has trained "
+                                       "weights, --untrained random ones; pass one of them\n")
+    assert not (tmp_path / "out").exists()

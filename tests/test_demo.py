@@ -74,3 +74,58 @@ def assert_int8_heads_agree_with_fp32(work: Path, best: Path) -> None:
         with torch.no_grad():
             got = sm.tail(sm.transmit(torch.from_numpy(z))).argmax(1).numpy()
         assert float(np.mean(got == ref)) >= 0.995, f"{target}/{a.file}: {np.mean(got == ref):.3f}"
+
+
+def test_demo_says_what_each_export_is_doing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The exports are the demo's longest silent stretch after training: each of their steps is a line on stderr,
+    prefixed with the target (the export itself is replaced here: what is tested is that its lines reach the user)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import bottlefit.demo as demo
+    import bottlefit.pipeline.export as pipeline_export
+
+    def export(request, log):  # noqa: ANN001, ANN202
+        log(f"exporting head.onnx (opset 13) for {request.target}")
+        log(f"{request.target}: codec tables")  # a line that names its target already: not named twice
+        return SimpleNamespace(verdict=SimpleNamespace(passed=True))
+
+    monkeypatch.setattr(demo, "_emulation_profiles", lambda: "none")
+    monkeypatch.setattr(pipeline_export, "export", export)
+    for name in ("calib", "held"):
+        np.savez(tmp_path / f"{name}.npz", images=np.zeros((2, 3, 32, 32), np.float32))
+    verdicts = demo._export_all(tmp_path / "best.pt", tmp_path / "calib.npz", tmp_path / "held.npz", tmp_path / "out")
+    assert verdicts == {"onnx": True, "jetson": True, "rpi": True}
+    assert capsys.readouterr().err.splitlines() == [
+        line for t in ("onnx", "jetson", "rpi")
+        for line in (f"[demo] exporting --target {t}", f"[demo]   {t}: exporting head.onnx (opset 13) for {t}",
+                     f"[demo]   {t}: codec tables")]
+
+
+def test_demo_builds_the_sysroot_while_it_trains(tmp_path: Path, monkeypatch) -> None:
+    """The first run's arm64 sysroot (debootstrap, downloads: mostly waiting) is built beside the training, not after
+    it. Training and the build are replaced by stand-ins that meet: training waits until the build has started."""
+    import argparse
+    import threading
+
+    import pytest
+
+    import bottlefit.demo as demo
+    import bottlefit.training as training
+
+    building = threading.Event()
+
+    class Trained(Exception):
+        pass
+
+    def train_model(*args: object, **kwargs: object) -> None:
+        assert building.wait(60), "the sysroot build had not started while the model trained"
+        raise Trained
+
+    monkeypatch.setattr(demo, "_emulation_profiles", lambda: building.set() or "none")
+    monkeypatch.setattr(demo, "train_model", train_model)
+    monkeypatch.setattr(training, "mnist_splits", lambda *a, **k: None)
+    args = argparse.Namespace(workdir=str(tmp_path / "demo"), retrain=False, stage_epochs=1, bottleneck_channel=4)
+    with pytest.raises(Trained):
+        demo.run_demo(args)

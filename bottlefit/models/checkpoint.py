@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,20 @@ def read_untrusted(path: Path) -> Any:
                         "is it the right file and complete?") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any parser failure (IndexError, struct.error, ...) is
         # the file's fault, never a traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]}); is the file complete?") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_unreadable_reason(path, e)}); copy or "
+                        "download it again and compare its checksum, or re-save it with "
+                        "torch.save(model.state_dict(), PATH)") from None
+
+
+def _unreadable_reason(path: Path, e: Exception) -> str:
+    """What broke, in the user's terms: the unpickler's own words (``pop from empty list``, an EOFError without
+    a message) describe our parser's state, not the file."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(e, IndexError | KeyError | EOFError | struct.error | TypeError | AttributeError | ValueError):
+        return "its pickled data is malformed or cut short: the file is damaged, truncated or not made by torch.save"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:160]
 
 
 def _is_state_dict(obj: Any) -> bool:

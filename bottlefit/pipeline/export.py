@@ -27,14 +27,15 @@ Log = Callable[[str], None]
 
 
 class Progress:
-    """One line per step on stderr, with its wall time: CI logs stay readable, a person sees it move."""
+    """One line per step on stderr, with its wall time: CI logs stay readable, a person sees it move. ``quiet``
+    hides the steps, never a warning or a note (lines starting ``warning:`` / ``NOTE:``)."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.t0 = time.perf_counter()
 
     def __call__(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet or msg.startswith(("warning:", "NOTE:")):
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -60,7 +61,7 @@ def heldout_images(card: Any, options: ParityOptions, log: Log) -> Any:
     from bottlefit.calibration.dataset import CalibrationSet
 
     if options.images:
-        return CalibrationSet.from_path(options.images, card, count=options.count, seed=0, log=log)
+        return CalibrationSet.from_path(options.images, card, count=options.count, seed=0, log=log, role="held-out")
     return CalibrationSet.builtin(card, part="heldout", count=options.count, log=log)
 
 

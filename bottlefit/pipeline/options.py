@@ -31,6 +31,9 @@ class ModelSource:
         if self.checkpoint is None and not self.untrained:
             raise UserError("no checkpoint given: pass CHECKPOINT, or --untrained to export the architecture "
                             "with random weights")
+        if self.checkpoint is not None and self.untrained:
+            raise UserError(f"{self.checkpoint} and --untrained: a checkpoint has trained weights, --untrained "
+                            "random ones; pass one of them")
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -68,10 +71,12 @@ class CalibrationOptions:
 
         make_observer(self.observer)  # UserError naming the choices
         check_method(self.weight_rounding)
-        if self.source and not Path(self.source).exists():
-            raise UserError(f"{self.source}: calibration data not found; pass a folder of images or a .npz file")
         if self.count is not None and self.count < 1:
-            raise UserError(f"--calib-count {self.count}: give a positive number of images")
+            raise UserError(f"--calib-count {self.count}: give a positive number of calibration images")
+        if self.source:
+            from bottlefit.calibration.dataset import CALIBRATION, check_source
+
+            check_source(self.source, CALIBRATION, self.count, self.seed)  # before any model is loaded
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,12 @@ class ParityOptions:
 
     def __post_init__(self) -> None:
         self.overrides()  # a malformed --tolerance is refused before any work
+        if self.count is not None and self.count < 1:
+            raise UserError(f"--parity-count {self.count}: give a positive number of held-out images")
+        if self.images:
+            from bottlefit.calibration.dataset import HELDOUT, check_source
+
+            check_source(self.images, HELDOUT, self.count, 0)  # the seed export's held-out choice uses
 
     def overrides(self) -> dict[tuple[str | None, str], float]:
         from bottlefit.parity.tolerances import parse_overrides
@@ -117,3 +128,9 @@ class VerifyRequest:
     tolerance: tuple[str, ...] | None = None
     emulate: Emulate = field(default_factory=Emulate)
     budget: bool = False  # also the error budget of every int8 Q/DQ ONNX head (bottlefit.parity.budget)
+
+    def __post_init__(self) -> None:
+        if self.images:
+            from bottlefit.calibration.dataset import HELDOUT, check_source
+
+            check_source(self.images, HELDOUT)  # before any artifact is run

@@ -32,14 +32,14 @@ def heldout_for(manifest: dict, card: ModelCard, images: str | None):  # noqa: A
     from bottlefit.calibration.dataset import CalibrationSet
 
     if images:
-        return CalibrationSet.from_path(images, card)
+        return CalibrationSet.from_path(images, card, role="held-out")
     recorded = manifest.get("parity", {}).get("images", {})
     src = str(recorded.get("source", "builtin:heldout"))
     count = recorded.get("count")
     if src.startswith("builtin:"):
         held = CalibrationSet.builtin(card, part=src.split(":", 1)[1], count=count)
     else:
-        held = CalibrationSet.from_path(src, card, count=count)
+        held = CalibrationSet.from_path(src, card, count=count, role="held-out")
     if recorded.get("sha256") and held.sha256 != recorded["sha256"]:
         raise UserError(f"{src}: the held-out images changed since export; pass --images PATH")
     return held

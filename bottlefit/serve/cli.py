@@ -69,8 +69,9 @@ def progress_bar(total: int, stream: Any) -> Any:
 
 def _cmd_run_head(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from bottlefit.serve.client import Client
+    from bottlefit.serve.client import Client, check_images
 
+    check_images(args.images)  # a missing image is refused before anything is sent (exit 2)
     client = Client(Path(args.dir), args.server, model=args.model_name, wire=args.wire, head=args.head,
                     reference=args.reference, retries=args.retries, timeout_s=args.timeout, topk=args.topk,
                     ca_file=args.ca_file, token=read_token(args.token_file, TOKEN_ENV))
@@ -78,10 +79,13 @@ def _cmd_run_head(args: argparse.Namespace) -> int:
         print(f"head {client.contract.target}/{client.contract.head} ({client.contract.runtime}), contract "
               f"{client.contract.contract_id}, wire {client.wire} -> {client.url}", file=sys.stderr)
     failed = 0
+    causes: list[str] = []
     total = len(args.images)
     bar = progress_bar(total, sys.stderr)
     for i, r in enumerate(client.run(args.images), 1):
         failed += not r.ok
+        if not r.ok:
+            causes.append(r.cause)
         line = json.dumps(r.to_dict()) if args.json else f"[{i}/{total}] {r.line()}"
         if bar is not None:
             bar.write(line, file=sys.stdout)  # above the bar, which redraws below it
@@ -93,8 +97,24 @@ def _cmd_run_head(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if failed:
-        print(f"bottlefit run-head: {failed} of {total} image(s) failed (listed above)", file=sys.stderr)
-    return 1 if failed else 0
+        raise _failure(failed, total, causes, client.url)
+    return 0
+
+
+def _failure(failed: int, total: int, causes: list[str], url: str) -> Exception:
+    """The run's error by whose problem it is (bottlefit.errors): a server that could not be reached or failed
+    is the environment's (exit 3), and wins, since no image can get through it; else unreadable images or
+    requests the server refused are the user's (exit 2)."""
+    from bottlefit.errors import EnvironmentProblem, UserError
+    from bottlefit.serve.client import CAUSE_INPUT, CAUSE_UNREACHABLE
+
+    head = f"{failed} of {total} image(s) failed (listed above)"
+    if CAUSE_UNREACHABLE in causes:
+        return EnvironmentProblem(f"{head}: the server at {url} could not be reached or failed; start "
+                                  "`bottlefit serve` there or pass --server")
+    if CAUSE_INPUT in causes:
+        return UserError(f"{head}: replace or remove the images that cannot be read")
+    return UserError(f"{head}: the server refused the requests; serve this export's tail or pass --model-name")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

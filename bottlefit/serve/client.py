@@ -26,10 +26,25 @@ HEADER_LEN = "Inference-Header-Content-Length"
 _V2 = {"int8": "INT8", "uint8": "UINT8"}
 
 
+# Why an image failed, and so whose problem it is (bottlefit.errors' exit codes): the image itself or a request the
+# server refused (4xx: another export, a wrong --model-name) is the user's (2); a server that cannot be reached,
+# times out or fails (5xx, 429) is the environment's (3). run-head verifies nothing, so it never exits 1.
+CAUSE_INPUT, CAUSE_REFUSED, CAUSE_UNREACHABLE = "input", "refused", "unreachable"
+
+
 class RequestFailed(Exception):
-    def __init__(self, message: str, retryable: bool) -> None:
+    def __init__(self, message: str, retryable: bool, cause: str = CAUSE_UNREACHABLE) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.cause = cause
+
+
+def check_images(paths: list[str]) -> None:
+    """Every image exists as a file before anything is sent (UserError naming the first missing one)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{missing[0]}: no such image file{more}; check the path")
 
 
 def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireContract]:
@@ -100,7 +115,9 @@ def post(url: str, body: bytes, header_len: int, timeout_s: float, context: ssl.
             msg = json.loads(e.read()).get("error", "")
         except (ValueError, AttributeError):
             msg = ""
-        raise RequestFailed(f"HTTP {e.code}: {msg or e.reason}", retryable=e.code >= 500 or e.code == 429) from None
+        busy = e.code >= 500 or e.code == 429
+        raise RequestFailed(f"HTTP {e.code}: {msg or e.reason}", retryable=busy,
+                            cause=CAUSE_UNREACHABLE if busy else CAUSE_REFUSED) from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         tls = getattr(e, "reason", e)
         if isinstance(tls, ssl.SSLCertVerificationError):  # a certificate this side does not trust: final
@@ -131,6 +148,7 @@ class ImageResult:
     topk: list[tuple[int, float]] = field(default_factory=list)
     logits: np.ndarray | None = None
     error: str = ""
+    cause: str = ""  # CAUSE_* when not ok
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "logits"}
@@ -170,7 +188,7 @@ class Client:
             res.head_ms = self.head.last_ms
             body, hl, res.coded_bytes = build_request(self.contract, codes, self.wire, self.input_name, self.tables)
         except (UserError, ValueError) as e:
-            res.error = str(e)
+            res.error, res.cause = str(e), CAUSE_INPUT
             return res
         for attempt in range(1, self.retries + 2):
             res.attempts = attempt
@@ -178,7 +196,7 @@ class Client:
             try:
                 resp, binary = post(self.url, body, hl, self.timeout_s, self.tls, self.token)
             except RequestFailed as e:
-                res.error = str(e)
+                res.error, res.cause = str(e), e.cause
                 if not e.retryable or attempt > self.retries:
                     return res
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
@@ -203,6 +221,6 @@ class Client:
             try:
                 x = load_image(path, card)
             except UserError as e:
-                yield ImageResult(str(path), ok=False, error=str(e))
+                yield ImageResult(str(path), ok=False, error=str(e), cause=CAUSE_INPUT)
                 continue
             yield self.run_one(str(path), x)

@@ -171,3 +171,20 @@ def test_damaged_checkpoints_never_give_a_traceback(tmp_path: Path, capsys: pyte
         if rc == 0:  # a flipped byte inside a tensor's data still loads: it is a valid checkpoint
             continue
         assert rc == 2 and len(err.splitlines()) == 1 and str(p) in err, (k, err)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"\x80\x02(.", "its pickled data is malformed or cut short: the file is damaged, truncated or not made by "
+                    "torch.save"),  # the unpickler said "pop from empty list"
+    (b"\x80\x02", "its pickled data is malformed or cut short"),  # an EOFError without a message
+    (b"", "the file is empty"),
+])
+def test_unreadable_checkpoint_says_what_to_do(tmp_path: Path, capsys, data: bytes, reason: str) -> None:
+    p = tmp_path / "model.pt"
+    p.write_bytes(data)
+    assert main(["inspect", str(p), "--arch", "mini_resnet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bottlefit: error: {p}: not a readable PyTorch checkpoint ({reason}") and err.endswith(
+        "); copy or download it again and compare its checksum, or re-save it with "
+        "torch.save(model.state_dict(), PATH)\n")
+    assert "pop from empty list" not in err and err.count("\n") == 1

@@ -43,6 +43,8 @@ def test_run_head_matches_in_process_split(served, mini_export: Path, tmp_path: 
 
 
 def test_failed_images_are_reported_not_dropped(mini_export: Path, tmp_path: Path, capsys) -> None:
+    """An unreachable server is the environment's problem: every image is still reported, and the exit is 3
+    (errors.py), not 1 ("verification failed")."""
     images = _images(tmp_path, 2)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
@@ -50,9 +52,30 @@ def test_failed_images_are_reported_not_dropped(mini_export: Path, tmp_path: Pat
     rc = main(["run-head", str(mini_export / "onnx"), *images, str(bad), "--server", "http://127.0.0.1:9",
                "--retries", "2", "--timeout", "1"])
     out = capsys.readouterr()
-    assert rc == 1
+    assert rc == 3
     assert out.out.count("FAILED after 3 attempt(s)") == 2 and "broken.png: FAILED" in out.out
-    assert "3 of 3 image(s) failed" in out.err
+    assert out.err.splitlines()[-1].startswith("bottlefit: cannot run here: 3 of 3 image(s) failed")
+    assert "could not be reached" in out.err
+
+
+def test_missing_image_is_the_users_exit_2_before_any_request(mini_export: Path, tmp_path: Path, capsys) -> None:
+    images = _images(tmp_path, 1)
+    rc = main(["run-head", str(mini_export / "onnx"), *images, str(tmp_path / "nope.png"),
+               "--server", "http://127.0.0.1:9", "--retries", "0", "--timeout", "1"])
+    out = capsys.readouterr()
+    assert rc == 2 and out.out == ""  # nothing was run or sent
+    assert out.err == f"bottlefit: error: {tmp_path / 'nope.png'}: no such image file; check the path\n"
+
+
+def test_unreadable_image_is_the_users_exit_2(served, mini_export: Path, tmp_path: Path, capsys) -> None:
+    images = _images(tmp_path, 1)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    rc = main(["run-head", str(mini_export / "onnx"), *images, str(bad), "--server", served.http_url])
+    out = capsys.readouterr()
+    assert rc == 2
+    assert "img0.png: head" in out.out and "broken.png: FAILED" in out.out
+    assert out.err.splitlines()[-1].startswith("bottlefit: error: 1 of 2 image(s) failed")
 
 
 def test_progress_bar_on_a_terminal_only(served, mini_export: Path, tmp_path: Path, capsys, monkeypatch) -> None:

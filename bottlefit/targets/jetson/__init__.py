@@ -58,8 +58,17 @@ class Request:
 
     @property
     def routes(self) -> list[str]:
-        """Engine routes build_engine.sh offers: both int8 routes for int8, else the one float route."""
-        return ["qdq", "cache"] if self.precision == "int8" else [self.precision]
+        """Engine routes build_engine.sh offers (and the bundle's README lists), the requested one first. An
+        int8 bundle offers both int8 routes: its golden output is the Q/DQ graph's, which a float engine is not
+        judged against. A float bundle's golden output is PyTorch fp32, so it offers fp16 and fp32 alike."""
+        if self.precision == "int8":
+            return ["qdq", "cache"]
+        return [self.precision, "fp32" if self.precision == "fp16" else "fp16"]
+
+    @property
+    def default_routes(self) -> list[str]:
+        """What ``./build_engine.sh`` builds without arguments: the requested precision's routes."""
+        return self.routes if self.precision == "int8" else [self.precision]
 
     def describe(self) -> dict[str, Any]:
         """What ``bottlefit jetson build`` needs to find the profile row and routes again."""
@@ -162,9 +171,23 @@ def golden_tolerances(overrides: Mapping[tuple[str | None, str], float]) -> dict
     return out
 
 
+def _route_docs(req: Request) -> str:
+    """One line per route build_engine.sh offers (the README lists exactly those)."""
+    p = req.profile
+    docs = {
+        "qdq": f"explicit int8 from `{QDQ_ONNX}` (scales inside the ONNX; the format TensorRT 10+ keeps)",
+        "cache": f"implicit int8 from `{HEAD_ONNX}` + `{CACHE}` (header TRT-{p.trt_code}: TensorRT ignores a cache "
+                 "whose header does not match its version exactly)",
+        "fp16": f"`{HEAD_ONNX}` in fp16 (trtexec --fp16), no quantization",
+        "fp32": f"`{HEAD_ONNX}` in fp32, the reference engine" + (" (--noTF32)" if p.tf32 else ""),
+    }
+    return "\n".join(f"- `{r}`: {docs[r]}" for r in req.routes)
+
+
 def _readme(req: Request, files: list[str]) -> str:
     p = req.profile
     routes = " ".join(req.routes)
+    default = " ".join(req.default_routes)
     forced = " (forced: the GPU has no int8 kernels)" if req.precision == "int8" and not p.fast_int8 else ""
     return f"""# BottleFit head for Jetson {p.name}
 
@@ -177,7 +200,7 @@ Build the engine on the board itself: an engine only runs on the TensorRT versio
 scp -r jetson/ user@board:~/bottlefit-head     # this folder
 ssh user@board
 cd ~/bottlefit-head
-./{SCRIPT}            # routes: {routes} (default: all); or ./{SCRIPT} {req.routes[0]}
+./{SCRIPT}            # routes: {routes} (default: {default}); or ./{SCRIPT} {req.routes[-1]}
 ```
 
 Each route builds `engines/head.<route>.engine` with trtexec ({p.build_only_flag}), runs it once on
@@ -185,9 +208,9 @@ Each route builds `engines/head.<route>.engine` with trtexec ({p.build_only_flag
 (python3 {p.board_python}, standard library only). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
 trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/trtexec` otherwise.
 
-Routes: `qdq` = explicit int8 from `{QDQ_ONNX}` (scales inside the ONNX; the format TensorRT 10+ keeps);
-`cache` = implicit int8 from `{HEAD_ONNX}` + `{CACHE}` (header TRT-{p.trt_code}: TensorRT ignores a cache
-whose header does not match its version exactly); `fp16` / `fp32` = `{HEAD_ONNX}` without quantization.
+Routes (each checked against `{GOLDEN_DIR}/` with that precision's tolerances):
+
+{_route_docs(req)}
 
 ## Files
 
@@ -347,7 +370,7 @@ class JetsonTarget:
         p = req.profile
         files = dict(DEFAULT_FILES, inputs=[INPUT_NAME], golden_dir=GOLDEN_DIR)
         script = render_build_script(p, req.routes, files, workspace_mib=WORKSPACE_MIB,
-                                     int8_output=req.int8_output, force=req.force)
+                                     int8_output=req.int8_output, force=req.force, default_routes=req.default_routes)
         (out / SCRIPT).write_text(script, encoding="utf-8")
         os.chmod(out / SCRIPT, 0o755)
         shutil.copyfile(BOARD_VERIFY, out / VERIFY)

@@ -109,6 +109,7 @@ class RpiTarget:
     summary = ("Raspberry Pi (64-bit OS): full-int8 TFLite for ai-edge-litert/XNNPACK, int8 ONNX for ONNX Runtime, "
                "int8 ncnn")
     options_type = RpiOptions
+    emulates = True  # --emulate runs this target's board scripts on the board's ISA (the other targets have none)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--layout", choices=("nhwc", "nchw"),

@@ -223,7 +223,7 @@ def test_build_script_flags(bundle: tuple[str, Path]) -> None:
         assert "--memPoolSize=workspace:1024M --skipInference" in script
         assert "--workspace=" not in script and "--buildOnly" not in script
     routes = re.findall(r"^route_(\w+)\(\) \{$", script, re.M)
-    assert routes == (["qdq", "cache"] if BUNDLES[key][3] == "int8" else ["fp16"])
+    assert routes == (["qdq", "cache"] if BUNDLES[key][3] == "int8" else ["fp16", "fp32"])
     if "cache" in routes:
         assert "--onnx=head.onnx --int8 --calib=head.calib.cache" in script
     if "qdq" in routes:
