@@ -6,10 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bottlefit.errors import UserError
-from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, write_json
+from bottlefit.exporter.manifest import MANIFEST, check_hashes, published_dirs, read_manifest, write_json
 from bottlefit.exporter.split import fold_head, split
 from bottlefit.models.card import ModelCard
-from bottlefit.parity.tolerances import parse_overrides
+from bottlefit.parity.tolerances import OverrideSource, override_records, parse_overrides
 from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import source
 from bottlefit.pipeline.export import parity_section
@@ -22,7 +22,7 @@ def target_dirs(path: Path) -> list[Path]:
         raise UserError(f"{path}: not a directory; pass OUT/<target> written by `bottlefit export`")
     if (path / MANIFEST).is_file():
         return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+    found = published_dirs(path)
     if not found:
         raise UserError(f"{path}: no {MANIFEST} here or in its subdirectories; pass a directory written by export")
     return found
@@ -54,7 +54,15 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
     card = ModelCard.from_dict(manifest["model_card"])
     lm = source.reload(manifest["source"], request.checkpoint)
     held = heldout_for(manifest, card, request.images)
-    tolerance = request.tolerance if request.tolerance is not None else manifest["parity"].get("tolerance_overrides")
+    recorded = manifest.get("parity", {}).get("tolerance_overrides")
+    if request.tolerance is not None:
+        tolerance, given_by = request.tolerance, OverrideSource.VERIFY
+    elif request.strict:
+        tolerance, given_by = None, OverrideSource.VERIFY
+        if recorded:
+            log(f"{target_dir}: --strict: the built-in gates, not the manifest's overrides ({', '.join(recorded)})")
+    else:
+        tolerance, given_by = recorded, OverrideSource.MANIFEST
     overrides = parse_overrides(list(tolerance or []))
     target = get_target(manifest["target"])
     sm = split(lm.model, lm.card)
@@ -68,8 +76,10 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
     verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides,
                      budget=request.budget)
     verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
+    verdict.overrides = override_records(tolerance, given_by)
     verdict.write(target_dir)
-    manifest["parity"] = parity_section(verdict, tolerance)
+    # the new verdict; the overrides the export was given stay recorded as such
+    manifest["parity"] = parity_section(verdict, recorded)
     write_json(target_dir / MANIFEST, manifest)
     return verdict
 

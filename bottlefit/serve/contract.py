@@ -19,7 +19,7 @@ import numpy as np
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest
+from bottlefit.exporter.manifest import MANIFEST, check_hashes, published_dirs, read_manifest
 
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -144,7 +144,7 @@ def find_targets(out: Path) -> list[TargetExport]:
         return [load_target(out)]
     if not out.is_dir():
         raise UserError(f"{out}: no such directory; pass the --out root of `bottlefit export` or one target in it")
-    dirs = sorted(p for p in out.iterdir() if (p / MANIFEST).is_file())
+    dirs = published_dirs(out)
     if not dirs:
         raise UserError(f"{out}: no target directory with a {MANIFEST}; run `bottlefit export --out {out}` first")
     return [load_target(d) for d in dirs]
