@@ -187,7 +187,9 @@ def _export_all(best: Path, calib: Path, held: Path, out: Path) -> dict[str, boo
                                       # the best recipe that leaves the tail as trained (no --equalize)
                                       CalibrationOptions(source=str(calib), observer="search",
                                                          weight_rounding="gptq"),
-                                      ParityOptions(images=str(held), emulate=emulate)), log=lambda m: None)
+                                      ParityOptions(images=str(held), emulate=emulate),
+                                      # the summary shows every target, a failing one too, from export/<target>
+                                      replace_failed=True), log=lambda m: None)
         verdicts[target] = result.verdict.passed
     return verdicts
 
