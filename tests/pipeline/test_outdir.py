@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from bottlefit.cli import main
-from bottlefit.exporter.manifest import published_dirs, sha256_file
-from bottlefit.files import lock_dir
+from bottlefit.exporter.manifest import sha256_file
 from bottlefit.models.checkpoint import save, untrained
 from tests.helpers import clone_export
 
@@ -55,6 +54,8 @@ def _wait_for_attempt(out: Path, proc: subprocess.Popen[str]) -> Path:
 
 
 def test_sigkilled_exports_tmp_dir_is_removed_by_the_next_export_and_a_live_one_kept(tmp_path: Path) -> None:
+    from bottlefit.files import lock_dir
+
     out = tmp_path / "out"
     proc = _start_export(out)
     dead = _wait_for_attempt(out, proc)
@@ -97,6 +98,8 @@ def test_failed_export_removes_the_out_dir_it_created(tmp_path: Path, capsys: py
 
 def test_failing_export_keeps_the_passing_one_and_writes_beside_it(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from bottlefit.exporter.manifest import published_dirs
+
     out = tmp_path / "out"
     good, failed = out / "onnx", out / "onnx.failed"
     assert main(["export", *MINI, "--out", str(out), "--quiet"]) == 0
