@@ -61,6 +61,7 @@ def export_request(args: argparse.Namespace) -> Any:
                                        bias_correction=args.bias_correction),
         parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
                              emulate=Emulate.parse(args.emulate)),
+        replace_failed=args.replace_failed,
     )
 
 
@@ -123,7 +124,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     request = VerifyRequest(Path(args.dir), images=args.images,
                             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                             tolerance=tuple(args.tolerance) if args.tolerance is not None else None,
-                            emulate=Emulate.parse(args.emulate), budget=args.budget)
+                            emulate=Emulate.parse(args.emulate), budget=args.budget, strict=args.strict)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     results = verify_all(request, log)
     if args.json:
@@ -193,6 +194,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="run the target's own runtime on its ISA under emulation (rpi: pi4, pi5, pi3, zero2); "
                         "auto: the default board where the emulator can run here")
+    p.add_argument("--replace-failed", action="store_true",
+                   help="let an export that fails parity replace OUT/<target> (by default the last passing export "
+                        "stays and the failed attempt is written beside it, to OUT/<target>.failed/)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (warnings still show)")
     _model_args(p)
     for name in targets.names():
@@ -205,6 +209,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--images", help="held-out images (default: those recorded in the manifest)")
     p.add_argument("--checkpoint", help="the checkpoint, if it moved since export")
     p.add_argument("--tolerance", action="append", metavar="[ARTIFACT:]METRIC=VALUE")
+    p.add_argument("--strict", action="store_true",
+                   help="judge by the built-in gates only, ignoring tolerance overrides the manifest records (it is "
+                        "not signed: anyone who can edit it can loosen them); for CI")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     p.add_argument("--emulate", default="auto", metavar="auto|none|PROFILE[,PROFILE]",
                    help="also run the board scripts on the board's ISA under emulation (rpi: pi4, pi5, pi3, zero2)")
@@ -257,9 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnvironmentProblem as e:
         print(f"bottlefit: cannot run here: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("bottlefit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP during an export (errors.Terminated)
+        print(f"bottlefit: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # a bug of ours or a library failure we did not anticipate: never exit 1 ("parity")
         if args.verbose:
             traceback.print_exc()

@@ -33,3 +33,15 @@ class EnvironmentProblem(BottlefitError):
     user's input: the message says what to install or where to run instead. Exit code 3."""
 
     exit_code = EXIT_ENVIRONMENT
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during an export, raised (like Ctrl-C's KeyboardInterrupt) so that its cleanup runs. The
+    command exits 128 + the signal number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum

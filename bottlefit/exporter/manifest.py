@@ -12,7 +12,10 @@ from bottlefit.exporter.artifact import Artifact
 from bottlefit.files import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: "source" names a checkpoint by file name, size and sha256, no longer by its absolute path
+FORMAT_VERSION = 2
+# OUT/<target>.failed: the latest attempt that failed parity, kept beside the passing OUT/<target>
+FAILED_SUFFIX = ".failed"
 _PACKAGES = ("bottlefit", "torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "numpy", "litert-torch",
              "ai-edge-litert", "ncnn")
 
@@ -52,13 +55,15 @@ def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dic
 
 def target_dirs(out: Path) -> list[Path]:
     """The target directories of an export root: ``out`` itself when it holds a manifest, else its subdirectories
-    holding one, sorted. Hidden ones (``.onnx.old-*``: what an interrupted re-export leaves) are never targets."""
+    holding one, sorted; never OUT/.<target>.tmp-* (exports in progress or left by dead ones) nor
+    OUT/<target>.failed (an attempt that failed parity; name it to use it)."""
     out = Path(out)
     if (out / MANIFEST).is_file():
         return [out]
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
+    return sorted(p for p in out.iterdir() if not p.name.startswith(".") and not p.name.endswith(FAILED_SUFFIX)
+                  and (p / MANIFEST).is_file())
 
 
 def read_manifest(target_dir: Path) -> dict[str, Any]:
@@ -71,6 +76,12 @@ def read_manifest(target_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({e}); re-run `bottlefit export`") from None
     if data.get("format") != "bottlefit-manifest":
         raise UserError(f"{path}: not a bottlefit manifest")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path}: format_version {version!r} is not a manifest version; re-run `bottlefit export`")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: manifest format_version {version} is newer than this bottlefit reads (up to "
+                        f"{FORMAT_VERSION}); upgrade bottlefit")
     return data
 
 

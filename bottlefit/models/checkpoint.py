@@ -141,6 +141,16 @@ def _check_keys(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], what:
             raise UserError(f"{path}: tensor {k!r} holds NaN or Inf values; the checkpoint is corrupt or diverged")
 
 
+def check_format_version(path: Path, version: Any) -> None:
+    """Our checkpoints say which layout they use; a newer one may mean something this reader would misread."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path}: format_version {version!r} is not a bottlefit checkpoint version (1..."
+                        f"{FORMAT_VERSION}); the file is damaged or not ours")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format_version {version} is newer than this bottlefit reads (up to "
+                        f"{FORMAT_VERSION}); upgrade bottlefit")
+
+
 def load(
     path: str | os.PathLike[str],
     arch: str | None = None,
@@ -158,6 +168,7 @@ def load(
     file_params: dict[str, Any] = {}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         source = "bottlefit"
+        check_format_version(path, obj.get("format_version"))
         card = ModelCard.from_dict(obj["card"])
         file_arch, file_params = card.arch, dict(card.params)
         sd = obj["model"]

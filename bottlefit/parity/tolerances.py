@@ -7,6 +7,8 @@ fake-quant model, so int8 is judged by cosine, SQNR and top-1 agreement rather t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from bottlefit.errors import UserError
 
@@ -87,6 +89,34 @@ def parse_overrides(items: list[str] | None) -> dict[tuple[str | None, str], flo
         except ValueError:
             raise UserError(f"--tolerance {item!r}: {val!r} is not a number") from None
     return out
+
+
+class OverrideSource(StrEnum):
+    """Who set a tolerance override that a verdict used."""
+
+    EXPORT = "export"  # `export --tolerance`, given to the run that made this verdict
+    MANIFEST = "manifest"  # recorded in manifest.json at export (unsigned: `verify --strict` ignores it)
+    VERIFY = "verify"  # `verify --tolerance`, given to this verification
+
+
+@dataclass(frozen=True)
+class Override:
+    """A tolerance override in force, and where it came from: a verdict that is not the built-in gates says so."""
+
+    artifact: str | None  # None: every artifact
+    metric: str
+    value: float
+    source: OverrideSource
+
+    def text(self) -> str:
+        return f"{self.artifact + ':' if self.artifact else ''}{self.metric}={self.value:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "metric": self.metric, "value": self.value, "source": str(self.source)}
+
+
+def override_records(items: list[str] | tuple[str, ...] | None, source: OverrideSource) -> list[Override]:
+    return [Override(art, metric, value, source) for (art, metric), value in parse_overrides(list(items or [])).items()]
 
 
 def tolerances_for(

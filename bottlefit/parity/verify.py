@@ -14,6 +14,8 @@ report.json schema (format_version 2; version 1 had no "kind" and no "execution"
    "execution": [{"artifact", "runtime", "where": "host"|"emulated"|"board", "isa", "gated", "status":
                   "agrees"|"deviates"|"failed"|"not run", "metrics": {...}, "note"}],
    "skipped": [{"artifact", "reason"}],
+   "overrides": [{"artifact", "metric", "value", "source": "export"|"manifest"|"verify"}]  (tolerance overrides in
+                force instead of the built-in gates, and who set them; [] = the built-in gates),
    "diagnosis": {artifact: {"first_diverging_layer": str | null, "summary": str, "layers": [...]}},
    "budget": {artifact: [{"grids", "module", "sqnr_db", "sqnr_db_mean", "cosine"}]}}  (only when asked for)
 """
@@ -32,7 +34,7 @@ from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.manifest import write_json
 from bottlefit.exporter.split import SplitModel
 from bottlefit.parity import metrics
-from bottlefit.parity.tolerances import tolerances_for
+from bottlefit.parity.tolerances import Override, OverrideSource, tolerances_for
 from bottlefit.runtimes import RuntimeUnavailable
 from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
 from bottlefit.runtimes.execution import Execution
@@ -117,6 +119,7 @@ class Verdict:
     skipped: list[dict[str, str]] = field(default_factory=list)
     diagnosis: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, list[Any]] = field(default_factory=dict)  # artifact -> parity.budget.BudgetRow list
+    overrides: list[Override] = field(default_factory=list)  # tolerance overrides the checks used
 
     @property
     def passed(self) -> bool:
@@ -142,6 +145,7 @@ class Verdict:
             "checks": [{k: clean(v) for k, v in asdict(c).items()} for c in self.checks],
             "execution": [clean(e.to_dict()) for e in self.execution],
             "skipped": self.skipped,
+            "overrides": [o.to_dict() for o in self.overrides],
             "diagnosis": self.diagnosis,
             **({"budget": {a: [r.to_dict() for r in rows] for a, rows in self.budget.items()}}
                if self.budget else {}),
@@ -151,6 +155,7 @@ class Verdict:
         lines = [f"# Parity report: {self.target}", "",
                  f"Verdict: **{'PASS' if self.passed else 'FAIL'}** on {self.images.get('count')} held-out images "
                  f"({self.images.get('source')}).", "",
+                 *([f"{self.overrides_note()}.", ""] if self.overrides else []),
                  "## Fidelity (reference semantics, the same on any host; gated)", "",
                  "| artifact | semantics | metric | value | tolerance | result |", "|---|---|---|---|---|---|"]
         for c in self.checks:
@@ -183,8 +188,17 @@ class Verdict:
         write_json(target_dir / REPORT_JSON, self.to_dict())
         (target_dir / REPORT_MD).write_text(self.markdown())
 
+    def overrides_note(self) -> str:
+        """One line naming every override in force and who set it."""
+        where = {OverrideSource.EXPORT: "set by `export --tolerance`",
+                 OverrideSource.MANIFEST: "read from manifest.json, set at export; `verify --strict` ignores them",
+                 OverrideSource.VERIFY: "set by `verify --tolerance`"}
+        parts = [f"{', '.join(o.text() for o in self.overrides if o.source == src)} ({text})"
+                 for src, text in where.items() if any(o.source == src for o in self.overrides)]
+        return "tolerance overrides in force instead of the built-in gates: " + "; ".join(parts)
+
     def summary(self) -> str:
-        rows = []
+        rows = [f"  note: {self.overrides_note()}"] if self.overrides else []
         for c in self.checks:
             if c.tolerance is None and c.metric not in ("bottleneck.max_abs_error", "logits.max_abs_error"):
                 continue

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,10 +15,11 @@ from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.manifest import write_manifest
 from bottlefit.exporter.split import check_split, fold_head, split
+from bottlefit.parity.tolerances import OverrideSource, override_records
 from bottlefit.parity.verify import Verdict, verify
-from bottlefit.pipeline import source
+from bottlefit.pipeline import outdir, source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
-from bottlefit.targets import BuildContext, get_target
+from bottlefit.targets import BuildContext, get_target, names
 
 Log = Callable[[str], None]
 
@@ -41,20 +39,8 @@ class Progress:
 
 @dataclass
 class ExportResult:
-    path: Path  # OUT/<target>
+    path: Path  # OUT/<target>, or OUT/<target>.failed when parity failed (bottlefit.pipeline.outdir)
     verdict: Verdict
-
-
-def prepare_out_dir(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; pass --out a directory path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the output directory ({e.strerror}); choose another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: output directory is not writable; choose another --out")
-    return out
 
 
 def heldout_images(card: Any, options: ParityOptions, log: Log) -> Any:
@@ -80,36 +66,28 @@ def parity_section(verdict: Verdict, tolerance: list[str] | tuple[str, ...] | No
     """The manifest's record of the verdict: fidelity checks and every execution, each saying where it ran."""
     report = verdict.to_dict()
     return {"passed": verdict.passed, "images": verdict.images, "checks": report["checks"],
-            "execution": report["execution"], "tolerance_overrides": list(tolerance) if tolerance else None}
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an older export there is replaced only after success."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            "execution": report["execution"], "overrides": report["overrides"],
+            "tolerance_overrides": list(tolerance) if tolerance else None}
 
 
 def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     """Build, verify and record one target's artifacts under ``request.out/<target>``; nothing half-written is
-    left behind when any step fails."""
+    left behind when any step fails, and an attempt that fails parity goes beside the last passing one
+    (``bottlefit.pipeline.outdir``)."""
     log = log or Progress()
     target = get_target(request.target)
     options = request.target_options if request.target_options is not None else target.options_type()
     if not isinstance(options, target.options_type):
         raise UserError(f"target {target.name!r} takes {target.options_type.__name__}, "
                         f"not {type(options).__name__}")
-    out_root = prepare_out_dir(Path(request.out))
+    out_root = outdir.prepare_out_dir(Path(request.out), target.name)
     overrides = request.parity.overrides()
     target.validate(options)
 
     ckpt = request.model.checkpoint
     log(f"loading {f'checkpoint {ckpt}' if ckpt else 'untrained architecture'}")
     lm = source.load(request.model)
+    source.remember(lm)
     card = lm.card
     if card.weights == "untrained":
         log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
@@ -134,7 +112,8 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     log(f"split at {card.bottleneck.module}: bottleneck {card.bottleneck.shape}; "
         f"max |tail(head(x)) - model(x)| = {err:.3g}")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
+    attempt = outdir.open_attempt(out_root, target.name, log, sweep=names())
+    tmp = attempt.path
     try:
         ctx = BuildContext(sm, tmp, options,
                            (lambda: calib_set) if calib_set is not None
@@ -149,6 +128,7 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
         held = ctx.heldout
         verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
         verdict.execution += target.execute(tmp, artifacts, request.parity.emulate, log)
+        verdict.overrides = override_records(request.parity.tolerance, OverrideSource.EXPORT)
         verdict.write(tmp)
         sections: dict[str, Any] = {
             "split_check": {"max_abs_error": err},
@@ -167,11 +147,9 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
         sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
                             if a.role == "head" and a.outputs}
         write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
-        final = out_root / target.name
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        final = attempt.publish(verdict.passed, replace_failed=request.replace_failed)
+    finally:
+        attempt.close()  # an unfinished attempt (an error, Ctrl-C, SIGTERM) is removed, with the OUT it made
     log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
     return ExportResult(final, verdict)
 

@@ -107,7 +107,9 @@ class ParityOptions:
 @dataclass(frozen=True)
 class ExportRequest:
     """One ``bottlefit export``: a model, a target with its own options (``Target.options_type``; None = its
-    defaults), where to write, and the calibration and parity choices."""
+    defaults), where to write, and the calibration and parity choices. ``replace_failed``: an attempt that fails
+    parity replaces OUT/<target> too (by default the last passing export stays, the attempt goes to
+    OUT/<target>.failed; ``bottlefit.pipeline.outdir``)."""
 
     model: ModelSource
     target: str
@@ -115,12 +117,14 @@ class ExportRequest:
     target_options: Any = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     parity: ParityOptions = field(default_factory=ParityOptions)
+    replace_failed: bool = False
 
 
 @dataclass(frozen=True)
 class VerifyRequest:
     """One ``bottlefit verify``: OUT/<target> or OUT; other held-out images, a moved checkpoint, new tolerances
-    (None = those recorded at export), and emulation."""
+    (None = those recorded at export), and emulation. ``strict``: the built-in gates only, whatever overrides the
+    (unsigned) manifest records; what CI should run."""
 
     path: Path
     images: str | None = None
@@ -128,8 +132,11 @@ class VerifyRequest:
     tolerance: tuple[str, ...] | None = None
     emulate: Emulate = field(default_factory=Emulate)
     budget: bool = False  # also the error budget of every int8 Q/DQ ONNX head (bottlefit.parity.budget)
+    strict: bool = False
 
     def __post_init__(self) -> None:
+        if self.strict and self.tolerance is not None:
+            raise UserError("--strict judges by the built-in gates only; drop --tolerance, or drop --strict")
         if self.images:
             from bottlefit.calibration.dataset import HELDOUT, check_source
 

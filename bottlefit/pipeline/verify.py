@@ -10,7 +10,7 @@ from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, w
 from bottlefit.exporter.manifest import target_dirs as manifest_target_dirs
 from bottlefit.exporter.split import fold_head, split
 from bottlefit.models.card import ModelCard
-from bottlefit.parity.tolerances import parse_overrides
+from bottlefit.parity.tolerances import OverrideSource, override_records, parse_overrides
 from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import source
 from bottlefit.pipeline.export import parity_section
@@ -53,7 +53,15 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
     card = ModelCard.from_dict(manifest["model_card"])
     lm = source.reload(manifest["source"], request.checkpoint)
     held = heldout_for(manifest, card, request.images)
-    tolerance = request.tolerance if request.tolerance is not None else manifest["parity"].get("tolerance_overrides")
+    recorded = manifest.get("parity", {}).get("tolerance_overrides")
+    if request.tolerance is not None:
+        tolerance, given_by = request.tolerance, OverrideSource.VERIFY
+    elif request.strict:
+        tolerance, given_by = None, OverrideSource.VERIFY
+        if recorded:
+            log(f"{target_dir}: --strict: the built-in gates, not the manifest's overrides ({', '.join(recorded)})")
+    else:
+        tolerance, given_by = recorded, OverrideSource.MANIFEST
     overrides = parse_overrides(list(tolerance or []))
     target = get_target(manifest["target"])
     sm = split(lm.model, lm.card)
@@ -67,8 +75,10 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
     verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides,
                      budget=request.budget)
     verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
+    verdict.overrides = override_records(tolerance, given_by)
     verdict.write(target_dir)
-    manifest["parity"] = parity_section(verdict, tolerance)
+    # the new verdict; the overrides the export was given stay recorded as such
+    manifest["parity"] = parity_section(verdict, recorded)
     write_json(target_dir / MANIFEST, manifest)
     return verdict
 

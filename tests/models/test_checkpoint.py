@@ -188,3 +188,20 @@ def test_unreadable_checkpoint_says_what_to_do(tmp_path: Path, capsys, data: byt
         "); copy or download it again and compare its checksum, or re-save it with "
         "torch.save(model.state_dict(), PATH)\n")
     assert "pop from empty list" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("version,message", [
+    (99, "checkpoint format_version 99 is newer than this bottlefit reads (up to 1); upgrade bottlefit"),
+    ("1", "format_version '1' is not a bottlefit checkpoint version"),
+    (None, "format_version None is not a bottlefit checkpoint version"),
+])
+def test_format_version_newer_than_known_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   version: object, message: str) -> None:
+    lm = untrained("mini_resnet", {"bottleneck_channel": 4})
+    path = save(tmp_path / "future.pt", lm.model, lm.card)
+    obj = torch.load(path, weights_only=True)
+    obj["format_version"] = version
+    torch.save(obj, path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bottlefit: error: {path}: {message}") and err.count("\n") == 1

@@ -77,22 +77,30 @@ def test_verify_root_verifies_every_target(exported: Path, tmp_path: Path, capsy
     assert f"PASS: {tmp_path / 'out' / 'onnx'}" in out and f"PASS: {tmp_path / 'out' / 'onnx-copy'}" in out
 
 
-def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_path: Path) -> None:
-    d = clone_export(exported, tmp_path / "onnx")
+def break_wire_scale(d: Path) -> dict:
+    """Scale the int8 head's bottleneck (wire) grid by 10 and re-hash it in the manifest: a consistent manifest,
+    only the numbers are wrong. Returns the manifest."""
     manifest = read_manifest(d)
     art = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")
-    # the head's last layer: the layers before it stay healthy, so the diagnosis has to find where it breaks
     tensor = "bottleneck"
-    broken_module = art["quantization"]["tensor_modules"][tensor]
-    assert broken_module == "bottleneck.encoder.6"
     model = onnx.load(str(d / "head.int8.onnx"))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
              and n.input[0] in (tensor, tensor + "_QuantizeLinear_Input"))
     init = next(i for i in model.graph.initializer if i.name == q.input[1])
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(10), init.name))
     onnx.save(model, str(d / "head.int8.onnx"))
-    art["sha256"] = sha256_file(d / "head.int8.onnx")  # a consistent manifest: only the numbers are wrong
+    art["sha256"] = sha256_file(d / "head.int8.onnx")
     write_json(d / MANIFEST, manifest)
+    return manifest
+
+
+def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_path: Path) -> None:
+    d = clone_export(exported, tmp_path / "onnx")
+    manifest = break_wire_scale(d)
+    art = next(a for a in manifest["artifacts"] if a["file"] == "head.int8.onnx")
+    # the head's last layer: the layers before it stay healthy, so the diagnosis has to find where it breaks
+    broken_module = art["quantization"]["tensor_modules"]["bottleneck"]
+    assert broken_module == "bottleneck.encoder.6"
 
     assert main(["verify", str(d)]) == 1
     report = json.loads((d / "report.json").read_text())
@@ -135,3 +143,53 @@ def test_diagnosis_says_what_was_compared_when_no_layer_stands_out() -> None:
     assert "None" not in diagnosis_summary(art, [], None, 0.999, None)
     first = diagnosis_summary(art, rows, rows[1], 0.9993, None)
     assert first.startswith("first diverging head layer: bottleneck.encoder.4 (cosine 0.9991")
+
+
+def test_export_overrides_are_named_in_the_verdict(exported: Path) -> None:
+    report = json.loads((exported / "report.json").read_text())
+    assert report["overrides"] == [
+        {"artifact": "head.int8.onnx", "metric": m, "value": v, "source": "export"}
+        for m, v in (("logits.top1_agreement", 0.0), ("bottleneck.cosine", 0.98), ("bottleneck.sqnr_db", 25.0))]
+    assert "head.int8.onnx:bottleneck.sqnr_db=25 (set by `export --tolerance`)" in (exported / "report.md").read_text()
+
+
+def test_edited_manifest_overrides_are_named_and_strict_ignores_them(exported: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The manifest is not signed: loosening its recorded overrides makes a broken head pass a plain verify, which
+    says so; `verify --strict` judges by the built-in gates and fails it."""
+    d = clone_export(exported, tmp_path / "onnx")
+    manifest = break_wire_scale(d)
+    loose = ["head.int8.onnx:bottleneck.cosine=-1", "head.int8.onnx:bottleneck.sqnr_db=-1000",
+             "head.int8.onnx:logits.top1_agreement=0"]
+    manifest["parity"]["tolerance_overrides"] = loose
+    write_json(d / MANIFEST, manifest)
+
+    assert main(["verify", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert ("note: tolerance overrides in force instead of the built-in gates: " + ", ".join(loose) +
+            " (read from manifest.json, set at export; `verify --strict` ignores them)") in out
+    report = json.loads((d / "report.json").read_text())
+    assert [(o["metric"], o["source"]) for o in report["overrides"]] == [
+        ("bottleneck.cosine", "manifest"), ("bottleneck.sqnr_db", "manifest"), ("logits.top1_agreement", "manifest")]
+
+    assert main(["verify", str(d), "--strict"]) == 1
+    assert f"{d}: --strict: the built-in gates, not the manifest's overrides" in capsys.readouterr().err
+    report = json.loads((d / "report.json").read_text())
+    assert report["overrides"] == [] and report["passed"] is False
+    assert {c["metric"] for c in report["checks"] if not c["passed"]} >= {"bottleneck.sqnr_db"}
+    # what the export was given stays recorded as such
+    assert read_manifest(d)["parity"]["tolerance_overrides"] == loose
+
+    assert main(["verify", str(d), "--strict", "--tolerance", "bottleneck.cosine=0.5"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_newer_manifest_is_refused(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = clone_export(exported, tmp_path / "onnx")
+    manifest = read_manifest(d)
+    manifest["format_version"] = 99
+    write_json(d / MANIFEST, manifest)
+    assert main(["verify", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"bottlefit: error: {d / MANIFEST}: manifest format_version 99 is newer than this bottlefit "
+                   "reads (up to 2); upgrade bottlefit\n")

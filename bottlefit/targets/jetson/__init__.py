@@ -24,6 +24,7 @@ import torch
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.onnx import check_opset, export_onnx
+from bottlefit.files import executable_mode
 from bottlefit.models.checkpoint import sha256_file
 from bottlefit.runtimes.execution import Execution
 from bottlefit.targets import BuildContext
@@ -372,9 +373,9 @@ class JetsonTarget:
         script = render_build_script(p, req.routes, files, workspace_mib=WORKSPACE_MIB,
                                      int8_output=req.int8_output, force=req.force, default_routes=req.default_routes)
         (out / SCRIPT).write_text(script, encoding="utf-8")
-        os.chmod(out / SCRIPT, 0o755)
+        os.chmod(out / SCRIPT, executable_mode())  # the umask's say, like every file of the export
         shutil.copyfile(BOARD_VERIFY, out / VERIFY)
-        os.chmod(out / VERIFY, 0o755)
+        os.chmod(out / VERIFY, executable_mode())
         board = {"profile": p.name, "jetpack": p.jetpack[0], "trt_version": p.trt_version}
         return [Artifact(SCRIPT, "aux", "none", req.precision, extra={**board, "routes": req.routes}, parity=False),
                 Artifact(VERIFY, "aux", "none", req.precision, extra={"python": p.board_python}, parity=False)]
