@@ -114,6 +114,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="onnxruntime: platform onnxruntime_onnx (NVIDIA's containers); python: ONNX Runtime inside a "
                         "python-backend model (a Triton without the onnxruntime backend)")
+    p.add_argument("--storage-uri", default=None,
+                   help="where the KServe InferenceService written beside the models finds the repository "
+                        "(default pvc://bottlefit-models/triton)")
     p.set_defaults(func=_cmd_triton)
 
 
@@ -127,7 +130,8 @@ def _cmd_triton(args: argparse.Namespace) -> int:
         raise UserError(f"--max-batch-size {args.max_batch_size}: give 0 (no batching) or more")
     repo = Path(args.repo)
     files = write_triton_repository(Path(args.dir), repo, name=args.model_name, options=RepositoryOptions(
-        max_batch_size=args.max_batch_size, tail_backend=TailBackend(args.tail_backend)))
+        max_batch_size=args.max_batch_size, tail_backend=TailBackend(args.tail_backend),
+        **({"storage_uri": args.storage_uri} if args.storage_uri else {})))
     for f in files:
         print(f"wrote {f}")
     return 0

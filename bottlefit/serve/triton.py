@@ -27,6 +27,9 @@ from bottlefit.exporter.manifest import MANIFEST
 from bottlefit.serve.contract import WireContract, find_targets, tail_model_name
 
 DECODE_SUFFIX, FP32_SUFFIX = "_decode", "_fp32"
+KSERVE_MANIFEST = "inferenceservice.yaml"
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the release the tests run
+DEFAULT_STORAGE_URI = "pvc://bottlefit-models/triton"
 _HERE = Path(__file__).parent
 
 
@@ -44,6 +47,7 @@ class RepositoryOptions:
     tail_backend: TailBackend = TailBackend.ONNXRUNTIME
     decode_instances: int = 2  # python-backend processes decoding frames side by side
     tail_threads: int = 1  # the python twin's intra-op threads (bottlefit serve's default)
+    storage_uri: str = DEFAULT_STORAGE_URI  # where the KServe manifest says the repository lies
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,38 @@ def write_split_repository(repo: Path, name: str, tail_onnx: Path, tail_spec: di
     for path, text in configs.items():
         validate_config(text, path)
         path.write_text(text)
-    return sorted(written + list(configs))
+    (repo / KSERVE_MANIFEST).write_text(kserve_manifest(name, options.storage_uri))
+    return sorted([*written, *configs, repo / KSERVE_MANIFEST])
+
+
+def inference_service(name: str, storage_uri: str = DEFAULT_STORAGE_URI) -> dict[str, Any]:
+    """A KServe ``InferenceService`` (v1beta1) serving the repository at ``storage_uri`` with KServe's Triton
+    runtime over the Open Inference Protocol (v2): the clients then call ``/v2/models/<name>/infer`` on its URL."""
+    import re
+
+    k8s = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:45] or "bottlefit"
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+            "metadata": {"name": k8s if k8s[0].isalpha() else f"m-{k8s}"[:45]},
+            "spec": {"predictor": {"model": {
+                "name": "kserve-container", "modelFormat": {"name": "triton"}, "protocolVersion": "v2",
+                "runtime": "kserve-tritonserver",
+                "storageUri": storage_uri,
+                "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "4Gi"}}}}}}
+
+
+def kserve_manifest(name: str, storage_uri: str = DEFAULT_STORAGE_URI) -> str:
+    from importlib import metadata
+
+    import yaml
+
+    pins = " ".join(f"{p}=={metadata.version(p)}" for p in ("constriction", "zstandard"))
+    head = (f"# KServe InferenceService for the Triton repository beside this file (bottlefit triton).\n"
+            f"# Copy the repository to {storage_uri} (or set storageUri), then: kubectl apply -f {KSERVE_MANIFEST}\n"
+            "# The decode step imports constriction and zstandard for the zstd/entropy/context codecs (raw needs\n"
+            f"# numpy only): build the runtime's image FROM {TRITON_IMAGE} with\n"
+            f"#   pip install {pins}\n"
+            "# and set spec.predictor.model.image to it.\n")
+    return head + yaml.safe_dump(inference_service(name, storage_uri), sort_keys=False)
 
 
 def write_repository(tail_onnx: Path, spec: dict[str, Any], out_dir: Path, name: str,

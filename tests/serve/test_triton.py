@@ -35,9 +35,9 @@ def test_repository_is_the_split_tail(mini_export: Path, tmp_path: Path) -> None
     files = write_triton_repository(mini_export / "onnx" / "manifest.json", tmp_path / "repo",
                                     options=RepositoryOptions(max_batch_size=8))
     repo = tmp_path / "repo"
-    assert sorted(p.name for p in repo.iterdir()) == ["mini_resnet_tail", "mini_resnet_tail_decode",
-                                                      "mini_resnet_tail_fp32"]
-    assert all(f.is_file() for f in files) and len(files) == 8
+    assert sorted(p.name for p in repo.iterdir()) == ["inferenceservice.yaml", "mini_resnet_tail",
+                                                      "mini_resnet_tail_decode", "mini_resnet_tail_fp32"]
+    assert all(f.is_file() for f in files) and len(files) == 9
     _check_split(mini_export, repo, 8)
 
 
@@ -142,3 +142,55 @@ def test_triton_command_writes_the_repository(mini_export: Path, tmp_path: Path,
     assert _cfg(tmp_path / "repo" / "mini_resnet_tail_fp32" / "config.pbtxt").max_batch_size == 4
     assert main(["triton", str(tmp_path), "--repo", str(tmp_path / "r2")]) == 2  # no export there: one line
     assert main(["triton", str(mini_export), "--repo", str(tmp_path / "r3"), "--max-batch-size", "-1"]) == 2
+
+
+_KSERVE_CHECK = """
+import json, sys
+import kserve
+import kubernetes.client.models as k8s
+import yaml
+
+# kserve's deserializer looks every class up in kserve.models, the Kubernetes ones (V1ObjectMeta,
+# V1ResourceRequirements) included, which live in the kubernetes package it depends on
+for n in dir(k8s):
+    if n.startswith("V1") and not hasattr(kserve.models, n):
+        setattr(kserve.models, n, getattr(k8s, n))
+doc = yaml.safe_load(open(sys.argv[1]).read())
+
+
+class Response:  # what ApiClient.deserialize reads: a body of JSON
+    data = json.dumps(doc)
+
+
+api = kserve.ApiClient()
+isvc = api.deserialize(Response(), "V1beta1InferenceService")
+assert isinstance(isvc, kserve.V1beta1InferenceService)
+m = isvc.spec.predictor.model
+assert isinstance(m, kserve.V1beta1ModelSpec)
+print(json.dumps({"same": api.sanitize_for_serialization(isvc) == doc, "name": isvc.metadata.name,
+                  "format": m.model_format.name, "runtime": m.runtime, "protocol": m.protocol_version,
+                  "storage": m.storage_uri}))
+"""
+
+
+def test_kserve_manifest_is_a_valid_inference_service(mini_export: Path, tmp_path: Path) -> None:
+    """The InferenceService beside the repository, read by the kserve SDK's own v1beta1 model classes: every field
+    known to them (their deserializer drops a misspelt key, so the round trip would differ). In a subprocess:
+    kserve's and tritonclient's gRPC protos both define package ``inference`` and cannot share one process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("kserve is not installed: pip install 'bottlefit[triton]' to check the manifest")
+    write_triton_repository(mini_export / "onnx", tmp_path / "repo",
+                            options=RepositoryOptions(storage_uri="s3://models/bottlefit/triton"))
+    manifest = tmp_path / "repo" / "inferenceservice.yaml"
+    cp = subprocess.run([sys.executable, "-c", _KSERVE_CHECK, str(manifest)], capture_output=True, text=True,
+                        timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    got = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert got == {"same": True, "name": "mini-resnet-tail", "format": "triton", "runtime": "kserve-tritonserver",
+                   "protocol": "v2", "storage": "s3://models/bottlefit/triton"}
+    text = manifest.read_text()
+    assert "constriction==" in text and "tritonserver:24.10-py3" in text
