@@ -95,7 +95,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="http://127.0.0.1:8000")
     p.add_argument("--model-name", help="model name on the server (default <arch>_tail)")
     p.add_argument("--head", help="head artifact file (default: the int8 head)")
-    p.add_argument("--wire", default="int8", help="fp32 (also Triton), int8, raw, zstd, entropy, context")
+    p.add_argument("--wire", default="int8", help="fp32, int8, raw, zstd, entropy, context (Triton's ensemble: the "
+                   "coded ones; fp32: --model-name <arch>_tail_fp32)")
     p.add_argument("--reference", action="store_true", help="run the head under its reference semantics")
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=10.0)

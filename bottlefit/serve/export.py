@@ -1,6 +1,6 @@
 """What an export writes for split serving, beside its artifacts: the codec tables of every int8 head
 (``codec/<contract id>.npz``, fitted on the export's own calibration images) and, where the export has the ONNX
-tail, a Triton model repository for it (``triton/<model>/config.pbtxt`` + ``1/model.onnx``). Every file is
+tail, a Triton model repository of the split tail (``triton/``, :mod:`bottlefit.serve.triton`). Every file is
 returned as an aux :class:`Artifact`, so the manifest hashes it and ``bottlefit serve`` refuses a changed one."""
 
 from __future__ import annotations

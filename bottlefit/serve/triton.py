@@ -262,7 +262,13 @@ def kserve_manifest(name: str, storage_uri: str = DEFAULT_STORAGE_URI) -> str:
 
     import yaml
 
-    pins = " ".join(f"{p}=={metadata.version(p)}" for p in ("constriction", "zstandard"))
+    def pin(p: str) -> str:
+        try:
+            return f"{p}=={metadata.version(p)}"
+        except metadata.PackageNotFoundError:  # a base install, without bottlefit[serve]
+            return p
+
+    pins = " ".join(pin(p) for p in ("constriction", "zstandard"))
     head = (f"# KServe InferenceService for the Triton repository beside this file (bottlefit triton).\n"
             f"# Copy the repository to {storage_uri} (or set storageUri), then: kubectl apply -f {KSERVE_MANIFEST}\n"
             "# The decode step imports constriction and zstandard for the zstd/entropy/context codecs (raw needs\n"
