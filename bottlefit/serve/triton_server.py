@@ -75,20 +75,27 @@ def _pip(args: list[str], what: str, timeout: int = 900) -> None:
 
 
 def _build_once(final: Path, build) -> Path:
-    """``build(tmp)`` into a temporary folder beside ``final``, then renamed into place (safe against a crash)."""
+    """``build(tmp)`` into a temporary folder beside ``final``, then renamed into place, under a lock file (two
+    test runs on one cache build it once; a crash leaves no half-built folder)."""
+    import fcntl
+
     if (final / MARKER).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
-    try:
-        build(tmp)
-        (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MARKER).is_file():  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+        try:
+            build(tmp)
+            (tmp / MARKER).write_text("ok\n")
+            if final.exists():  # unfinished (no marker): not ours to trust
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
@@ -160,7 +167,8 @@ class TritonServer:
         return [str(self.install.binary), f"--model-repository={self.repo}",
                 f"--backend-directory={self.install.backends}", f"--http-port={self.http_port}",
                 f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--http-address=127.0.0.1",
-                "--grpc-address=127.0.0.1", "--exit-on-error=true", "--strict-readiness=true"]
+                "--grpc-address=127.0.0.1", "--exit-on-error=true", "--strict-readiness=true",
+                "--exit-timeout-secs=10"]
 
     def start(self, timeout_s: float = 120.0) -> TritonServer:
         with open(self.log_file, "wb") as log:
