@@ -49,6 +49,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--head", help="head artifact file for the device (default: the int8 head, TFLite first)")
     s.add_argument("--accuracy-images", type=int, help="images for top-1 per mode (default 1000; --quick 200)")
     s.add_argument("--no-tradeoff", action="store_true", help="skip the compression-accuracy trade-off")
+    s.add_argument("--server", default="serve", choices=["serve", "triton"],
+                   help="triton: the split mode also through a real tritonserver (the `bottlefit triton` ensemble, "
+                        "python backend; the nvidia-pytriton wheel, fetched once into the cache), in the same run, "
+                        "as mode split_triton; the wire is then a coded one")
     s.set_defaults(func=run_split)
 
 
@@ -77,6 +81,9 @@ def options(args: argparse.Namespace) -> Any:
     headline = (args.headline_link or ("lte" if "lte" in names else names[0])).lower()
     if headline not in names:
         raise UserError(f"--headline-link {args.headline_link!r} is not among --links ({', '.join(names)})")
+    if args.server == "triton" and args.wire not in ("auto", "raw", "zstd", "entropy", "context"):
+        raise UserError(f"--wire {args.wire} with --server triton: Triton's ensemble takes the coded wires (raw, zstd, "
+                        "entropy, context)")
     if args.export is not None and not Path(args.export).is_dir():
         raise UserError(f"--export {args.export}: no such directory")
     return BenchOptions(
@@ -85,7 +92,7 @@ def options(args: argparse.Namespace) -> Any:
         jpeg_quality=args.jpeg_quality, wire=args.wire, device=device, headline_link=headline,
         export=Path(args.export) if args.export else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, workdir=Path(args.workdir), head=args.head,
-        accuracy_images=args.accuracy_images or (200 if args.quick else 1000))
+        accuracy_images=args.accuracy_images or (200 if args.quick else 1000), triton=args.server == "triton")
 
 
 def _require_extras() -> None:

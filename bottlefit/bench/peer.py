@@ -48,6 +48,14 @@ def serve_side(spec: dict[str, Any]) -> None:
     tail = Server(Path(spec["export"]), ServeOptions(host="127.0.0.1", http_port=0, grpc_port=0, max_delay_ms=0.0,
                                                      workers=1, threads=1)).start()
     full = FullModelServer(FullModel(Path(spec["full"]), spec["card"], threads=1)).start()
+    backends = [("offload", full.port), ("split", tail.http_port)]
+    triton = None
+    if spec.get("triton"):
+        from bottlefit.serve.triton_server import TritonInstall, TritonServer
+
+        t = spec["triton"]
+        triton = TritonServer(TritonInstall(Path(t["root"]), Path(t["env"])), Path(t["repo"]), Path(t["log"]))
+        backends.append(("split_triton", triton.start().http_port))
     relays = Relays()
     try:
         ports: dict[str, int] = {}
@@ -57,7 +65,7 @@ def serve_side(spec: dict[str, Any]) -> None:
             one_way = link["rtt_ms"] / 2e3 if delays else 0.0
             # the handshake: one RTT, and SYN + SYN-ACK (74 B each) at the link's rate
             handshake = link["rtt_ms"] / 1e3 + 2 * 74 * 8 / rate if delays else 0.0
-            for mode, port in (("offload", full.port), ("split", tail.http_port)):
+            for mode, port in backends:
                 name = f"{link['name']}/{mode}"
                 ports[name] = relays.add(name, spec["bind"], ("127.0.0.1", port), one_way, handshake, rate)
         _say({"ready": True, "ports": ports, "split_model": tail.model.name, "full_model": full_name(spec)})
@@ -68,6 +76,8 @@ def serve_side(spec: dict[str, Any]) -> None:
         relays.close()
         full.stop()
         tail.stop()
+        if triton is not None:
+            triton.stop()
 
 
 def full_name(spec: dict[str, Any]) -> str:
@@ -163,18 +173,19 @@ class Device:
         ports, out = cmd["ports"], []
         pending: list[tuple[dict[str, Any], int | None]] = []  # networked request, counter at its start
         n = len(self.x) if cmd.get("images") is None else min(int(cmd["images"]), len(self.x))
+        modes = tuple(self.spec.get("modes") or MODES)
         for rep in range(int(cmd.get("repeats", 1))):
             for i in range(n):
                 # the modes in a rotating order, so no mode always runs right after another
-                k = (i + rep) % len(MODES)
-                for mode in MODES[k:] + MODES[:k]:
+                k = (i + rep) % len(modes)
+                for mode in modes[k:] + modes[:k]:
                     c = self.counter.read() if mode != "local" else None
                     if mode == "local":
                         rec = self.local(i)
                     elif mode == "offload":
                         rec = self.offload(i, ports["offload"])
-                    else:
-                        rec = self.split(i, ports["split"])
+                    else:  # split, split_triton: the same client and head, another server
+                        rec = self.split(i, ports[mode])
                     rec.update(mode=mode, image=i, rep=rep)
                     out.append(rec)
                     if mode != "local":

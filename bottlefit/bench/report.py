@@ -15,8 +15,9 @@ from typing import Any
 from bottlefit.files import atomic_write_bytes, atomic_write_text
 
 MODE_TEXT = {"local": "local (whole model on the device)", "offload": "offload (JPEG to the server)",
-             "split": "split (head on the device, bottleneck to the tail)"}
-COLORS = {"local": "#4c72b0", "offload": "#dd8452", "split": "#55a868"}
+             "split": "split (head on the device, bottleneck to the tail)",
+             "split_triton": "split through Triton (the same frames to the ensemble)"}
+COLORS = {"local": "#4c72b0", "offload": "#dd8452", "split": "#55a868", "split_triton": "#8172b3"}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -95,8 +96,10 @@ def _plots(result: dict[str, Any]) -> tuple[bytes, bytes]:
     meta = {"Software": None, "Creation Time": None}  # same run, same bytes: no timestamps in the PNGs
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    for mode in ("local", "offload", "split"):
+    for mode in ("local", "offload", "split", "split_triton"):
         rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["rate_mbit"])
+        if not rs:  # split_triton only with --server triton
+            continue
         x = [r["rate_mbit"] for r in rs]
         y = [r["latency_ms_median"] for r in rs]
         err = [[0 for _ in rs], [max(0.0, r["latency_ms_p95"] - r["latency_ms_median"]) for r in rs]]

@@ -70,6 +70,7 @@ class BenchOptions:
     workdir: Path = Path("out/demo")
     head: str | None = None
     accuracy_images: int = 1000
+    triton: bool = False  # the split mode also through a real tritonserver (mode split_triton)
 
 
 @dataclass
@@ -229,7 +230,7 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
     target, contract = pick_head(model.export, opts.head)
     if not contract.quantized:
         return "fp32", {}
-    wires = ["int8", *codecs.CODECS]
+    wires = list(codecs.CODECS) if opts.triton else ["int8", *codecs.CODECS]  # Triton's ensemble takes frames
     try:
         tables = load_tables(target, contract)
     except codecs.CodecError as e:  # the fitted symbol models cannot be had: the coders that need them are out
@@ -380,19 +381,36 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def triton_spec(model: Model, run_dir: Path, log: Log) -> dict[str, str]:
+    """The Triton server the server peer starts: the unpacked wheel and the models' environment (fetched here,
+    where the package index is reachable) and the repository written from the export (python-backend tail)."""
+    from bottlefit.serve.triton import RepositoryOptions, TailBackend, write_triton_repository
+    from bottlefit.serve.triton_server import ensure_server
+
+    install = ensure_server(log)
+    repo = run_dir / "triton-repo"
+    write_triton_repository(model.export, repo, options=RepositoryOptions(tail_backend=TailBackend.PYTHON))
+    log(f"split_triton: tritonserver ({install.root.name}) loads the ensemble written from {model.export}")
+    return {"root": str(install.root), "env": str(install.env), "repo": str(repo),
+            "log": str(run_dir / "tritonserver.log")}
+
+
 def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire: str, log: Log,
               ) -> tuple[LinkSetup, dict[str, Any]]:
     """Every link with all three modes: per link, per request, the device's and the relay's records."""
+    from bottlefit.bench.peer import MODES
     from bottlefit.bench.service import full_model_name
     from bottlefit.serve.contract import tail_model_name
 
     images = run_dir / "images.npz"
+    modes = [*MODES, "split_triton"] if opts.triton else list(MODES)
     with open_links(opts.link_model) as links:
         setup = links.setup if isinstance(links, Namespaces) else links
         log(f"links: {setup.describe()}")
         srv_prefix = links.exec_prefix("srv") if isinstance(links, Namespaces) else []
         dev_prefix = links.exec_prefix("dev") if isinstance(links, Namespaces) else []
         server = Peer("server", {"export": str(model.export), "full": str(full), "card": model.card,
+                                 "triton": triton_spec(model, run_dir, log) if opts.triton else None,
                                  "bind": setup.srv_addr, "relay_delays": setup.relay_delays,
                                  "links": [{"name": p.name, "rtt_ms": p.rtt_ms, "rate_mbit": p.rate_mbit}
                                            for p in opts.links]},
@@ -405,7 +423,7 @@ def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire:
                                      "srv_addr": setup.srv_addr, "iface": setup.dev_if or None,
                                      "split_model": tail_model_name(model.card),
                                      "full_model": full_model_name(model.card), "wire": wire, "head": opts.head,
-                                     "jpeg_quality": opts.jpeg_quality},
+                                     "jpeg_quality": opts.jpeg_quality, "modes": modes},
                           run_dir, dev_prefix, opts.out / "bench-logs")
             ready = server.read(180)
             if ready["split_model"] != tail_model_name(model.card):
@@ -416,7 +434,7 @@ def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire:
             for p in opts.links:
                 if isinstance(links, Namespaces):
                     links.apply(p)
-                ports = {m: ready["ports"][f"{p.name}/{m}"] for m in ("offload", "split")}
+                ports = {m: ready["ports"][f"{p.name}/{m}"] for m in modes if m != "local"}
                 # warm-up: connections, first-call allocations, ARP; recorded by nobody. Its time (all three
                 # modes on one image) bounds how long the measured loop may take.
                 t0 = time.perf_counter()
@@ -463,8 +481,10 @@ def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire
     rows, checks = [], []
     for p in opts.links:
         dev, relay = per_link[p.name]["device"], per_link[p.name]["relay"]
-        for mode in ("local", "offload", "split"):
+        for mode in ("local", "offload", "split", "split_triton"):
             recs = [r for r in dev if r["mode"] == mode]
+            if mode == "split_triton" and not recs:
+                continue
             ok = [r for r in recs if r.get("ok")]
             ex = relay.get(f"{p.name}/{mode}", []) if mode != "local" else []
             e2e, server_ms, link_bytes, link_model = [], [], [], []

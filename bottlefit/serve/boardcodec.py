@@ -1,8 +1,10 @@
-"""The ``context`` codec's model and its encoder, in the standard library and numpy only (Python >= 3.6).
+"""The ``context`` codec's model and its encoder, in the standard library and numpy only (Python >= 3.6), and the
+wire frame's header and payload decoders (constriction and zstandard, imported where used).
 
-This one file is the single source of the context model: :mod:`bottlefit.serve.codecs` imports it on the host
-(the server decodes with constriction), and the rpi and jetson board bundles ship a verbatim copy that their
-``client.py`` encodes with, so a board needs nothing from this package. Everything that decides a symbol's
+This one file is the single source of the context model and of the frame decoder: :mod:`bottlefit.serve.codecs`
+imports it on the host (``bottlefit serve`` decodes with it), the rpi and jetson board bundles ship a verbatim
+copy that their ``client.py`` encodes with, so a board needs nothing from this package, and the Triton
+repository's decode step ships another copy that it decodes with. Everything that decides a symbol's
 probability is integer arithmetic on integer tables: the board (ARM) and the server (x86) compute the same
 frequencies bit for bit, whatever their float units do.
 
@@ -461,3 +463,90 @@ def context_frame(tables, codes, dtype, layout, scale, zero_point):
     tid = table_id(tables["marginal_counts"], tables)
     return pack_header("context", dtype, tables["contract_id"], tid, sym, scale, zero_point, shape) + \
         encode(tables, sym)
+
+
+MARGINAL_FLOOR = 1e-3  # pseudo-count per symbol in the ``entropy`` codec's channel marginal
+
+
+def marginal(marginal_counts):
+    """The ``entropy`` codec's per-channel probabilities (C, 256) float64 from the integer counts."""
+    m = np.asarray(marginal_counts).astype(np.float64) + MARGINAL_FLOOR
+    return m / m.sum(axis=1, keepdims=True)
+
+
+def parse_header(frame):
+    """A frame's header -> (codec, dtype, contract id hex, model-table id, crc32, scale, zero point, shape, header
+    bytes). Raises ValueError for anything that is not a frame of this version."""
+    if len(frame) < HEADER.size:
+        raise ValueError(f"frame of {len(frame)} bytes is shorter than its {HEADER.size}-byte header")
+    magic, vc, dt, cid, tid, crc, scale, zp, ndim = HEADER.unpack_from(frame)
+    if magic != MAGIC or vc >> 4 != VERSION:
+        raise ValueError("not a bottlefit wire frame (bad magic or version)")
+    if (vc & 15) >= len(CODECS) or dt >= len(DTYPES):
+        raise ValueError(f"unknown codec id {vc & 15} or dtype id {dt}")
+    end = HEADER.size + 2 * ndim
+    if ndim > 8 or len(frame) < end:
+        raise ValueError("frame header truncated")
+    shape = struct.unpack_from(f"<{ndim}H", frame, HEADER.size)
+    return CODECS[vc & 15], DTYPES[dt], cid.hex(), tid, crc, scale, zp, tuple(shape), end
+
+
+def context_decode(payload, shape, tables, cum=None):
+    """A ``context`` stream -> symbols (C, H, W) uint8, decoded by constriction one step (every active channel's
+    wavefront) at a time: one vectorized prediction, context and frequency computation and one constriction
+    call per step. ``cum``: :func:`cumulative` of the tables, when cached."""
+    import constriction
+
+    c_count, h, w = shape
+    model = Adaptive(tables, cum)
+    bm = Batched(tables, plan(c_count, h, w))
+    pl = bm.plan
+    family = constriction.stream.model.Categorical(perfect=False)
+    dec = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+    sym, ares = bm.buffers()
+    for a, b in zip(pl.bounds[:-1].tolist(), pl.bounds[1:].tolist()):  # noqa: B905 - Python 3.6 on the board
+        p = bm.predict(sym, a, b)
+        k, zk = bm.contexts(sym, ares, p, a, b)
+        freq = alphabet_frequencies(tables, model.window(k, p), zk)
+        got = np.asarray(dec.decode(family, freq.astype(np.float64)), dtype=np.int64)
+        model.update(k, p, got)
+        at = pl.flat[a:b]
+        sym[at] = got
+        ares[at] = np.abs(got - p)
+    return sym[: pl.n].reshape(shape).astype(np.uint8)
+
+
+def decode_symbols(codec, payload, shape, tables=None, cum=None):
+    """A frame's payload -> the image's symbols (C, H, W) uint8, bit-exact. ``tables``: the context model's arrays
+    and ``marginal_counts`` (``entropy`` and ``context``). Raises ValueError for a damaged stream."""
+    c, h, w = shape
+    n = c * h * w
+    if codec == "raw":
+        if len(payload) != n:
+            raise ValueError(f"raw payload has {len(payload)} bytes, expected {n}")
+        return np.frombuffer(payload, dtype=np.uint8).reshape(shape).copy()
+    if codec == "zstd":
+        import zstandard
+
+        try:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n)
+        except zstandard.ZstdError as e:
+            raise ValueError(f"invalid zstd stream ({e})") from None
+        if len(data) != n:
+            raise ValueError(f"zstd stream holds {len(data)} bytes, expected {n}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
+    import constriction
+
+    if tables is None:
+        raise ValueError(f"codec {codec!r} is not available here (no fitted tables)")
+    if len(payload) % 4 or (not payload and codec == "entropy"):  # rANS of all-certain symbols may be empty
+        raise ValueError(f"{codec} stream of {len(payload)} bytes is not a whole number of 32-bit words")
+    family = constriction.stream.model.Categorical(perfect=False)
+    try:
+        if codec == "entropy":
+            dec = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+            probs = np.repeat(marginal(tables["marginal_counts"]), h * w, axis=0)
+            return np.asarray(dec.decode(family, probs), dtype=np.uint8).reshape(shape)
+        return context_decode(payload, shape, tables, cum)
+    except (ValueError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"invalid {codec} stream ({e})") from None

@@ -23,7 +23,8 @@ _SECURITY = {}
 def add_arguments(p):
     """The options every board client shares: where to send, what to send, how to retry, how to print."""
     p.add_argument("--server", default="http://127.0.0.1:8000")
-    p.add_argument("--fp32", action="store_true", help="send the dequantized bottleneck (FP32: what Triton takes)")
+    p.add_argument("--fp32", action="store_true",
+                   help="send the dequantized bottleneck (FP32; on Triton: --model <arch>_tail_fp32)")
     p.add_argument("--codec", choices=("none", "context"), default="none",
                    help="context: code the int8 codes losslessly with the export's context model (bottlefit serve)")
     p.add_argument("--topk", type=int, default=5)

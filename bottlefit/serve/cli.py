@@ -151,7 +151,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="http://127.0.0.1:8000")
     p.add_argument("--model-name", help="model name on the server (default <arch>_tail)")
     p.add_argument("--head", help="head artifact file (default: the int8 head)")
-    p.add_argument("--wire", default="int8", help="fp32 (also Triton), int8, raw, zstd, entropy, context")
+    p.add_argument("--wire", default="int8", help="fp32, int8, raw, zstd, entropy, context (Triton's ensemble: the "
+                   "coded ones; fp32: --model-name <arch>_tail_fp32)")
     p.add_argument("--reference", action="store_true", help="run the head under its reference semantics")
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=10.0)
@@ -163,21 +164,34 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_run_head)
 
     p = sub.add_parser("triton", parents=[common],
-                       help="write an NVIDIA Triton model repository for an export's ONNX tail (dynamic batch)")
-    p.add_argument("dir", help="OUT/onnx written by `bottlefit export --target onnx`")
+                       help="write an NVIDIA Triton model repository: the split tail as an ensemble taking the wire "
+                            "frames the device sends to `bottlefit serve`, and the FP32 tail")
+    p.add_argument("dir", help="the --out root of `bottlefit export` (every target's int8 heads are served), or "
+                               "OUT/onnx")
     p.add_argument("--repo", required=True, help="the model repository folder (created if missing)")
-    p.add_argument("--model-name", help="model name in the repository (default <arch>_tail)")
+    p.add_argument("--model-name", help="the ensemble's name (default <arch>_tail, what the clients call)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--tail-backend", choices=("onnxruntime", "python"), default="onnxruntime",
+                   help="onnxruntime: platform onnxruntime_onnx (NVIDIA's containers); python: ONNX Runtime inside a "
+                        "python-backend model (a Triton without the onnxruntime backend)")
+    p.add_argument("--storage-uri", default=None,
+                   help="where the KServe InferenceService written beside the models finds the repository "
+                        "(default pvc://bottlefit-models/triton)")
     p.set_defaults(func=_cmd_triton)
 
 
 def _cmd_triton(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bottlefit.serve.triton import write_triton_repository
+    from bottlefit.errors import UserError
+    from bottlefit.serve.triton import RepositoryOptions, TailBackend, write_triton_repository
 
-    model_dir = write_triton_repository(Path(args.dir), Path(args.repo), name=args.model_name,
-                                        max_batch_size=args.max_batch_size)
-    print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/model.onnx")
+    if args.max_batch_size < 0:
+        raise UserError(f"--max-batch-size {args.max_batch_size}: give 0 (no batching) or more")
+    repo = Path(args.repo)
+    files = write_triton_repository(Path(args.dir), repo, name=args.model_name, options=RepositoryOptions(
+        max_batch_size=args.max_batch_size, tail_backend=TailBackend(args.tail_backend),
+        **({"storage_uri": args.storage_uri} if args.storage_uri else {})))
+    for f in files:
+        print(f"wrote {f}")
     return 0
-

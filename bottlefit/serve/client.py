@@ -1,6 +1,7 @@
 """The device side: run the head artifact in its runtime, code the bottleneck, send it over the Open Inference
 Protocol (REST, binary tensor extension), get the logits. Standard library transport; works with ``bottlefit
-serve`` (every wire) and with Triton (``--wire fp32``)."""
+serve`` (every wire) and with the Triton repository of ``bottlefit triton`` (the coded wires; ``--wire fp32`` to
+its ``<arch>_tail_fp32``)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -42,7 +41,6 @@ CODECS = boardcodec.CODECS
 _CODEC_ID = {name: i for i, name in enumerate(CODECS)}
 _DTYPES = boardcodec.DTYPES
 _FIXED = boardcodec.HEADER
-_FLOOR = 1e-3  # pseudo-count per symbol in the channel marginal
 _SMOOTH_CTX = 64.0  # pseudo-counts pulling a context's residual histogram towards its channel's
 _RESIDUAL_SCALE = 1 << 20  # integer weight of a whole residual histogram
 _IRLS_STEPS = 6  # least-absolute-deviation fit of the predictor by iteratively reweighted least squares
@@ -103,8 +101,11 @@ class CodecTables:
         return boardcodec.table_id(self.marginal_counts, self.context)
 
     def marginal(self) -> np.ndarray:
-        m = self.marginal_counts.astype(np.float64) + _FLOOR
-        return m / m.sum(axis=1, keepdims=True)
+        return boardcodec.marginal(self.marginal_counts)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The context model's arrays and ``marginal_counts``, as :func:`boardcodec.decode_symbols` takes them."""
+        return {**self.context, "marginal_counts": self.marginal_counts}
 
     def cumulative(self) -> np.ndarray:
         cum = self.__dict__.get("_cum")
@@ -254,63 +255,15 @@ def _encode_payload(codec: str, sym: np.ndarray, tables: CodecTables | None) -> 
     return boardcodec.encode(tables.context, sym)
 
 
-def _context_decode(payload: bytes, shape: tuple[int, int, int], tables: CodecTables) -> np.ndarray:
-    """The board's rANS stream, decoded by constriction one step (every active channel's wavefront) at a time:
-    one vectorized prediction, context and frequency computation and one constriction call per step."""
-    import constriction
-
-    bc, t = boardcodec, tables.context
-    c_count, h, w = shape
-    model = bc.Adaptive(t, tables.cumulative())
-    bm = bc.Batched(t, bc.plan(c_count, h, w))
-    pl = bm.plan
-    family = constriction.stream.model.Categorical(perfect=False)
-    dec = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-    sym, ares = bm.buffers()
-    for a, b in zip(pl.bounds[:-1].tolist(), pl.bounds[1:].tolist(), strict=True):
-        p = bm.predict(sym, a, b)
-        k, zk = bm.contexts(sym, ares, p, a, b)
-        freq = bc.alphabet_frequencies(t, model.window(k, p), zk)
-        got = np.asarray(dec.decode(family, freq.astype(np.float64)), dtype=np.int64)
-        model.update(k, p, got)
-        at = pl.flat[a:b]
-        sym[at] = got
-        ares[at] = np.abs(got - p)
-    return sym[: pl.n].reshape(shape).astype(np.uint8)
-
-
 def _decode_payload(codec: str, payload: bytes, shape: tuple[int, int, int], tables: CodecTables | None
                     ) -> np.ndarray:
-    c, h, w = shape
-    n = c * h * w
-    if codec == "raw":
-        if len(payload) != n:
-            raise CodecError(f"raw payload has {len(payload)} bytes, expected {n}")
-        return np.frombuffer(payload, dtype=np.uint8).reshape(shape).copy()
-    if codec == "zstd":
-        import zstandard
-
-        try:
-            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n)
-        except zstandard.ZstdError as e:
-            raise CodecError(f"invalid zstd stream ({e})") from None
-        if len(data) != n:
-            raise CodecError(f"zstd stream holds {len(data)} bytes, expected {n}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
-    import constriction
-
-    assert tables is not None
-    if len(payload) % 4 or (not payload and codec == "entropy"):  # rANS of all-certain symbols may be empty
-        raise CodecError(f"{codec} stream of {len(payload)} bytes is not a whole number of 32-bit words")
-    family = constriction.stream.model.Categorical(perfect=False)
+    """The payload -> symbols, by the one decoder the Triton repository's decode step also ships
+    (:func:`boardcodec.decode_symbols`)."""
     try:
-        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-        if codec == "entropy":
-            probs = np.repeat(tables.marginal(), h * w, axis=0)
-            return np.asarray(dec.decode(family, probs), dtype=np.uint8).reshape(shape)
-        return _context_decode(payload, shape, tables)
-    except (ValueError, RuntimeError, AssertionError) as e:
-        raise CodecError(f"invalid {codec} stream ({e})") from None
+        return boardcodec.decode_symbols(codec, payload, shape, None if tables is None else tables.arrays(),
+                                         None if tables is None or codec != "context" else tables.cumulative())
+    except ValueError as e:
+        raise CodecError(str(e)) from None
 
 
 def encode_frame(contract: WireContract, codes: np.ndarray, codec: str, tables: CodecTables | None = None) -> bytes:
@@ -348,18 +301,10 @@ class FrameHeader:
 
 
 def read_header(frame: bytes) -> FrameHeader:
-    if len(frame) < _FIXED.size:
-        raise CodecError(f"frame of {len(frame)} bytes is shorter than its {_FIXED.size}-byte header")
-    magic, vc, dt, cid, tid, crc, scale, zp, ndim = _FIXED.unpack_from(frame)
-    if magic != MAGIC or vc >> 4 != VERSION:
-        raise CodecError("not a bottlefit wire frame (bad magic or version)")
-    if (vc & 15) >= len(CODECS) or dt >= len(_DTYPES):
-        raise CodecError(f"unknown codec id {vc & 15} or dtype id {dt}")
-    end = _FIXED.size + 2 * ndim
-    if ndim > 8 or len(frame) < end:
-        raise CodecError("frame header truncated")
-    shape = struct.unpack_from(f"<{ndim}H", frame, _FIXED.size)
-    return FrameHeader(CODECS[vc & 15], _DTYPES[dt], cid.hex(), tid, crc, scale, zp, tuple(shape), end)
+    try:
+        return FrameHeader(*boardcodec.parse_header(frame))
+    except ValueError as e:
+        raise CodecError(str(e)) from None
 
 
 def decode_frame(frame: bytes, contracts: Mapping[str, WireContract],

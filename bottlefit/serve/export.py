@@ -1,6 +1,6 @@
 """What an export writes for split serving, beside its artifacts: the codec tables of every int8 head
 (``codec/<contract id>.npz``, fitted on the export's own calibration images) and, where the export has the ONNX
-tail, a Triton model repository for it (``triton/<model>/config.pbtxt`` + ``1/model.onnx``). Every file is
+tail, a Triton model repository of the split tail (``triton/``, :mod:`bottlefit.serve.triton`). Every file is
 returned as an aux :class:`Artifact`, so the manifest hashes it and ``bottlefit serve`` refuses a changed one."""
 
 from __future__ import annotations
@@ -50,18 +50,42 @@ def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifac
     return out
 
 
-def write_triton(out_dir: Path, card: dict[str, Any], tail: Artifact, max_batch_size: int = 16,
-                 log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
-    """``triton/<model>/`` for the ONNX tail ``tail`` (already written under ``out_dir``)."""
-    from bottlefit.serve.triton import write_repository
+def write_triton(out_dir: Path, card: dict[str, Any], tail: Artifact, heads: list[Artifact] | None = None,
+                 max_batch_size: int = 16, log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
+    """``triton/``: the split repository (ensemble, decode step, FP32 tail) for the ONNX tail ``tail`` and the int8
+    heads among ``heads`` (already written under ``out_dir`` with their codec tables), or the FP32 tail alone when
+    no head is int8."""
+    from bottlefit.serve.codecs import CodecTables
+    from bottlefit.serve.triton import (
+        FP32_SUFFIX,
+        RepositoryOptions,
+        SplitContract,
+        write_repository,
+        write_split_repository,
+    )
 
     name = tail_model_name(card)
-    model_dir = write_repository(out_dir / tail.file, tail.to_dict(), out_dir / TRITON_DIR, name, max_batch_size)
-    log(f"Triton model repository for the tail: {TRITON_DIR}/{name}/ (point tritonserver --model-repository "
-        f"at {TRITON_DIR}/)")
-    rel = model_dir.relative_to(out_dir)
-    return [Artifact(f"{rel.as_posix()}/{f}", "aux", "none", "fp32", parity=False)
-            for f in ("config.pbtxt", "1/model.onnx")]
+    repo = out_dir / TRITON_DIR
+    options = RepositoryOptions(max_batch_size=max_batch_size)
+    contracts = []
+    for art in heads or []:
+        if art.role == "head" and art.precision == "int8" and art.outputs:
+            art.sha256 = sha256_file(out_dir / art.file)
+            c = head_contract(out_dir.name, card, art)
+            tables = out_dir / codec_path(c.contract_id) if c is not None else None
+            if c is not None and c.quantized and tables is not None and tables.is_file():
+                contracts.append(SplitContract(c, CodecTables.load(tables).to_bytes()))
+    if contracts:
+        files = write_split_repository(repo, name, out_dir / tail.file, tail.to_dict(), contracts, options)
+        log(f"Triton model repository: {TRITON_DIR}/{name}/ (the split tail as an ensemble taking the wire frames), "
+            f"{name}{FP32_SUFFIX}/ (the FP32 tail); point tritonserver --model-repository at {TRITON_DIR}/")
+    else:
+        model_dir, _ = write_repository(out_dir / tail.file, tail.to_dict(), repo, name + FP32_SUFFIX, options)
+        files = [model_dir / "config.pbtxt", model_dir / "1" / "model.onnx"]
+        log(f"Triton model repository for the FP32 tail: {TRITON_DIR}/{name}{FP32_SUFFIX}/ (no int8 head: no wire "
+            "frames to decode)")
+    return [Artifact(p.relative_to(out_dir).as_posix(), "aux", "none", "fp32", parity=False) for p in files
+            if p.is_file()]
 
 
 def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],

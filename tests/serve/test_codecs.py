@@ -154,7 +154,7 @@ def test_context_stream_is_pinned() -> None:
         payload = boardcodec.encode(tables, sym)
         digest.update(payload)
         ct = codecs.CodecTables("0" * 12, np.zeros((shape[0], 256), np.int64), tables)
-        assert np.array_equal(codecs._context_decode(payload, shape, ct), sym)
+        assert np.array_equal(codecs._decode_payload("context", payload, shape, ct), sym)
     assert digest.hexdigest() == "ed7d7e4820e9eb9b64528f3f2cf247f4ca6e0d84e72cff979a02e8cb83beb635"
 
 

@@ -4,7 +4,8 @@
 Python >= 3.6 (JetPack 4), the standard library and numpy; the head runs in TensorRT through trtexec (the
 engine build_engine.sh made), or its outputs come from a file. Same wire as the rpi bundle's client: the
 Open Inference Protocol (KServe v2) REST with the binary tensor extension, to `bottlefit serve OUT` or NVIDIA
-Triton (send --fp32 to Triton: it takes the dequantized bottleneck).
+Triton (the repository of `bottlefit triton`: --codec context as to bottlefit serve; --fp32 with
+--model <arch>_tail_fp32).
 
   python3 client.py --server http://edge:8000 --engine engines/qdq.engine --golden
   python3 client.py --server http://edge:8000 --engine engines/qdq.engine --input x.bin --codec context

@@ -3,7 +3,8 @@
 
 Python >= 3.9, numpy and the head's runtime (as run_head.py); the network part is the standard library only. It
 speaks the Open Inference Protocol (KServe v2) REST with the binary tensor extension, so the server is
-`bottlefit serve OUT` or NVIDIA Triton (send --fp32 to Triton: it takes the dequantized bottleneck).
+`bottlefit serve OUT` or NVIDIA Triton with the repository of `bottlefit triton` (--codec context as to bottlefit
+serve; --fp32 with --model <arch>_tail_fp32).
 
   python3 client.py --server http://edge:8000 --image cat.jpg
   python3 client.py --server http://edge:8000 --golden --json
