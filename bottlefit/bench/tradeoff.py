@@ -5,7 +5,9 @@ stages at several bottleneck channel counts from one shared teacher; each studen
 int8 Q/DQ head (the real pipeline: calibration, parity, manifest) and measured on the validation digits:
 
 - top-1 of the fp32 student, and of int8 head -> wire codes -> dequantize -> PyTorch tail, with the head run under
-  its reference semantics (ONNX spec Q/DQ: the same codes on any host);
+  its reference semantics (ONNX spec Q/DQ: the same codes on any host); how many validation digits the int8 path
+  flips against fp32, judged by the parity gate's own top-1 rule (bottlefit.parity.top1: near-ties, decisive
+  flips, the binomial bound), and what the export's parity check counted on its held-out digits;
 - bytes per image on the wire for each codec of bottlefit.serve.codecs (payload only; the frame header, the same
   for every codec, is reported apart); every frame is decoded back and compared with the codes;
 - offloading instead: the same inputs as 8-bit RGB JPEG at several qualities (Pillow), decoded and classified by
@@ -197,6 +199,8 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
     """One channel count: export, then top-1 (fp32, int8 head) and the payload of every codec per image."""
     from bottlefit.exporter.split import split
     from bottlefit.models.checkpoint import load
+    from bottlefit.parity import metrics, top1
+    from bottlefit.parity.tolerances import tolerances_for
     from bottlefit.serve import codecs
     from bottlefit.serve.contract import load_target
     from bottlefit.serve.head import HeadCodes
@@ -212,9 +216,23 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
     codes = head(x_val)
     tables = codecs.fit_tables(contract, np.stack([codecs.to_symbols(contract, c) for c in head(x_cal)]))
     sm = split(lm.model, lm.card)
+    z_int8 = contract.dequantize(codes)
     with torch.no_grad():
         sm.tail.eval()
-        int8_logits = sm.tail(torch.from_numpy(contract.dequantize(codes))).numpy()
+        sm.head.eval()
+        int8_logits = sm.tail(torch.from_numpy(z_int8)).numpy()
+        z_fp32 = sm.head(torch.from_numpy(x_val)).numpy()
+    fp32_logits = _logits(lm.model, x_val)
+    # the parity gate's rule on every validation digit, with the export's own trained int8 tolerances
+    art = target.artifact(contract.head)
+    tols = tolerances_for(art.file, "int8", {}, trained=True,
+                          scheme="symmetric" if art.quantization.get("symmetric") else "asymmetric")
+    bottleneck = {"bottleneck.sqnr_db": metrics.sqnr_db(z_fp32, z_int8),
+                  "bottleneck.cosine": metrics.cosine(z_fp32, z_int8)}
+    agreement = top1.judge(fp32_logits, int8_logits, tols["logits.top1_agreement"].value,
+                           scale=top1.gate_scale(bottleneck, tols))
+    parity_top1 = next(c for c in result.verdict.checks
+                       if c.artifact == art.file and c.metric == "logits.top1_agreement").detail
     sizes: dict[str, list[int]] = {c: [] for c in cfg.codecs}
     header = codecs.read_header(codecs.encode_frame(contract, codes[0], "raw")).size
     accepted = {contract.contract_id: contract}
@@ -229,13 +247,15 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
     return {
         "channels": channels,
         "bottleneck_shape": list(b.shape),
-        "top1_fp32": _top1(_logits(lm.model, x_val), y_val),
+        "top1_fp32": _top1(fp32_logits, y_val),
         "top1_int8": _top1(int8_logits, y_val),
+        "int8_vs_fp32": {**{k: round(v, 4) for k, v in bottleneck.items()}, "top1": agreement.to_dict()},
         "bytes_fp32": 4 * b.elements,
         **{f"bytes_{codec}": round(float(np.mean(s)), 2) for codec, s in sizes.items()},
         "frame_header_bytes": header,
         "wire": {"dtype": contract.dtype, "scale": contract.scale, "zero_point": contract.zero_point},
         "parity_passed": bool(result.verdict.passed),
+        "parity_top1": parity_top1.to_dict() if parity_top1 is not None else None,
     }
 
 
@@ -302,9 +322,9 @@ def _markdown(res: dict[str, Any]) -> str:
         f"on the lossless 8-bit inputs). Training time (when the cached models were trained): "
         f"{res['train_seconds']:.0f} s.",
         "",
-        "| channels | bottleneck | top-1 fp32 | top-1 int8 head | Δ | "
+        "| channels | bottleneck | top-1 fp32 | top-1 int8 head | Δ | int8 flips vs fp32 (near-tie) | "
         + "".join(f"{c} B | " for c in codecs) + "fp32 B | smallest JPEG at ≥ int8 top-1 |",
-        "|---:|---|---:|---:|---:|" + "---:|" * (len(codecs) + 1) + "---|",
+        "|---:|---|---:|---:|---:|---:|" + "---:|" * (len(codecs) + 1) + "---|",
     ]
     for r in res["rows"]:
         iso = _iso_jpeg(r, res["jpeg"])
@@ -317,6 +337,7 @@ def _markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['channels']} | {'x'.join(map(str, r['bottleneck_shape']))} | {pct(r['top1_fp32'])} "
             f"| {pct(r['top1_int8'])} | {100 * (r['top1_int8'] - r['top1_fp32']):+.2f} pp "
+            + (f"| {t['flips']} ({t['near_tie_flips']}) " if (t := r.get("int8_vs_fp32", {}).get("top1")) else "| — ")
             + "".join(f"| {r[f'bytes_{c}']:.1f} " for c in codecs) + f"| {r['bytes_fp32']} "
             f"| {iso_s} |")
     lines += [
@@ -329,6 +350,9 @@ def _markdown(res: dict[str, Any]) -> str:
         "- int8 head: the onnx target's head.int8.onnx (Q/DQ; min-max ranges on "
         f"{res['calibration_images']} training digits), run under ONNX reference semantics; its codes go through "
         "the wire codec, are decoded bit-exactly, dequantized with the contract's affine and fed to the PyTorch tail.",
+        "- int8 flips vs fp32: validation digits whose top-1 differs between the int8 path and the fp32 student; "
+        "near-tie: its fp32 margin is within the near-tie band of the parity gate's top-1 rule "
+        "(bottlefit.parity.top1), which counts only the other (decisive) flips.",
         "- bytes: payload per image, mean over the validation digits; the frame header "
         f"({res['rows'][0]['frame_header_bytes'] if res['rows'] else '?'} B, the same for every codec) is not "
         "counted. entropy: range coding with per-channel tables fitted on the calibration digits' codes.",

@@ -2,6 +2,22 @@
 
 fp32 is judged elementwise. int8 kernels legitimately differ by ±1 LSB between runtimes and from a
 fake-quant model, so int8 is judged by cosine, SQNR and top-1 agreement rather than elementwise.
+
+Top-1 agreement (every precision, every user; bottlefit.parity.top1 applies it): its tolerance is the agreement
+rate an artifact must not be *shown* to fall below, not a bar for the plain fraction of a few images, which one
+near-tie decides (15/16 = 0.9375 < 0.95 for a single flip of two classes 0.01 apart).
+
+- A flip is a near-tie, and not counted, when its fp32 top-1 margin is within ``NEAR_TIE_REACH`` times the
+  median over all judged images of the artifact's error reach on the logits (the most its error moved the gap
+  between any two classes of an image). The median, not the flipped image's own error, which always exceeds its
+  margin; and scaled down to an artifact at its error gates' limits when it breaks them, so a damaged artifact's
+  large error excuses nothing.
+- The remaining (decisive) flips are disagreements; the check fails when the one-sided Clopper-Pearson upper bound
+  on the agreement rate at ``TOP1_CONFIDENCE`` is below the tolerance. At 0.95: 16 images fail at 3 decisive flips,
+  200 images at 16.
+
+report.json records what was counted on each top-1 check (``detail``: images, flips, near-tie flips, the margin
+band, the bound), so a reader sees why it passed or failed.
 """
 
 from __future__ import annotations
@@ -60,8 +76,16 @@ TRAINED_INT8: dict[str, float] = {
     # Top-1 agreement depends on the model's margins as much as on the head: the demo trained 4 epochs per stage
     # agrees on 99.5-99.9% of its 1,000 validation digits, trained 1 epoch per stage on 99.4-99.5% (98.0% of
     # the 200 parity digits for the symmetric head). A damaged head flips far more than 5% of the decisions.
+    # Judged by the rule above (near-ties excused, a binomial bound on the decisive flips), not as a plain fraction.
     "logits.top1_agreement": 0.95,
 }
+# The top-1 agreement rule (module docstring). A healthy int8 head's error reach varies about 2x between images
+# (90th percentile 1.5-1.8x the median on the trade-off students' 300 validation digits), so twice the median
+# covers what a typical image sees: 27 of the 28 flips of those healthy heads (3 students, trained under 3 kernel
+# ISA pins) had fp32 margins within it, the other was 2.2x.
+NEAR_TIE_REACH = 2.0
+TOP1_CONFIDENCE = 0.95  # one-sided: a healthy artifact exactly at the tolerance fails 5% of runs at most
+
 # SQNR floors per quantization scheme (dB), trained models: symmetric grids (TensorRT) lose about a bit on
 # ReLU outputs (half the grid is negative), so their floor sits 2 dB under the asymmetric ones (ORT, TFLite).
 SQNR_FLOORS: dict[str, float] = {"symmetric": 30.0, "asymmetric": 32.0}

@@ -10,7 +10,9 @@ Two kinds of check, never mixed (shared/DESIGN.md §6):
 report.json schema (format_version 2; version 1 had no "kind" and no "execution"):
   {"format": "bottlefit-report", "format_version": 2, "passed": bool, "target": str,
    "images": {"source", "count", "sha256"},
-   "checks": [{"artifact", "metric", "value", "tolerance", "op", "passed", "kind": "fidelity", "semantics"}],
+   "checks": [{"artifact", "metric", "value", "tolerance", "op", "passed", "kind": "fidelity", "semantics",
+               "detail"}],  ("detail": only on logits.top1_agreement checks, what parity.top1's rule counted;
+               a key added within version 2, which readers of version 2 may ignore)
    "execution": [{"artifact", "runtime", "where": "host"|"emulated"|"board", "isa", "gated", "status":
                   "agrees"|"deviates"|"failed"|"not run", "metrics": {...}, "note"}],
    "skipped": [{"artifact", "reason"}],
@@ -33,7 +35,7 @@ import torch
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.manifest import write_json
 from bottlefit.exporter.split import SplitModel
-from bottlefit.parity import metrics
+from bottlefit.parity import metrics, top1
 from bottlefit.parity.tolerances import Override, OverrideSource, tolerances_for
 from bottlefit.runtimes import RuntimeUnavailable
 from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
@@ -59,6 +61,14 @@ class Check:
     passed: bool
     kind: str = "fidelity"
     semantics: str = ""
+    detail: top1.Top1Agreement | None = None  # what the top-1 rule counted (logits.top1_agreement only)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["detail"]
+        if self.detail is not None:  # checks without one keep the keys they always had
+            d["detail"] = self.detail.to_dict()
+        return d
 
 
 def agreement(reference: np.ndarray, got: np.ndarray, lsb: float | None) -> dict[str, Any]:
@@ -142,7 +152,7 @@ class Verdict:
             "passed": self.passed,
             "target": self.target,
             "images": self.images,
-            "checks": [{k: clean(v) for k, v in asdict(c).items()} for c in self.checks],
+            "checks": [{k: clean(v) for k, v in c.to_dict().items()} for c in self.checks],
             "execution": [clean(e.to_dict()) for e in self.execution],
             "skipped": self.skipped,
             "overrides": [o.to_dict() for o in self.overrides],
@@ -162,6 +172,10 @@ class Verdict:
             tol = "—" if c.tolerance is None else f"{c.op} {c.tolerance:g}"
             res = "—" if c.tolerance is None else ("pass" if c.passed else "**FAIL**")
             lines.append(f"| {c.artifact} | {c.semantics} | {c.metric} | {c.value:.6g} | {tol} | {res} |")
+        top1_lines = [f"- {c.artifact}: {c.detail.line()}" for c in self.checks if c.detail is not None]
+        if top1_lines:
+            lines += ["", "Top-1 agreement (a flip within the near-tie margin is not counted; fails when the upper "
+                      "bound on the agreement falls below the tolerance):", "", *top1_lines]
         if self.execution:
             lines += ["", "## Execution (the target runtime's kernels on a CPU, vs the reference semantics)", "",
                       "| artifact | runtime | where | ISA | status | gated | figures | note |",
@@ -204,7 +218,8 @@ class Verdict:
                 continue
             mark = "ok " if c.passed else "FAIL"
             tol = "" if c.tolerance is None else f" ({c.op} {c.tolerance:g})"
-            rows.append(f"  {mark} {c.artifact:22s} {c.metric:28s} {c.value:.4g}{tol}")
+            why = f": {c.detail.line()}" if c.detail is not None and c.detail.flips else ""
+            rows.append(f"  {mark} {c.artifact:22s} {c.metric:28s} {c.value:.4g}{tol}{why}")
         for e in self.execution:
             mark = ("ok " if e.status == "agrees" else "FAIL") if e.gated else "info"
             rows.append(f"  {mark} {e.line()}")
@@ -257,12 +272,16 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
             verdict.skipped.append({"artifact": art.file, "reason": str(e)})
             continue
         values["logits.max_abs_error"] = metrics.max_abs_error(ref_logits, got_logits)
-        values["logits.top1_agreement"] = metrics.top1_agreement(ref_logits, got_logits)
         for metric, value in values.items():
             tol = tols.get(metric)
             verdict.checks.append(Check(art.file, metric, float(value), tol.value if tol else None,
                                         tol.op if tol else None, tol.ok(value) if tol else True, "fidelity",
                                         semantics))
+        # top-1 agreement is judged by its rule (parity.top1: near-ties excused, a binomial bound on the rest)
+        tol = tols.get("logits.top1_agreement")
+        t1 = top1.judge(ref_logits, got_logits, tol.value if tol else None, scale=top1.gate_scale(values, tols))
+        verdict.checks.append(Check(art.file, "logits.top1_agreement", t1.agreement, tol.value if tol else None,
+                                    tol.op if tol else None, t1.passed, "fidelity", semantics, t1))
         failed = any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head"
         if failed:
             verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)

@@ -9,8 +9,9 @@ import pytest
 
 from bottlefit.bench import tradeoff
 from bottlefit.bench.tradeoff import QUICK, run_tradeoff
+from bottlefit.parity import top1
+from bottlefit.parity.tolerances import TRAINED_INT8
 
-INT8_MARGIN = 0.03  # |top-1 int8 head - top-1 fp32| on 300 digits (measured: at most 0.01)
 ZSTD_OVERHEAD = 12  # zstd frame: magic 4 + descriptor 1 + content size 1-2 + block header 3 (no checksum)
 RANGE_OVERHEAD = 8  # the range coder emits whole 32-bit words
 
@@ -54,10 +55,26 @@ def test_rows_bytes_and_accuracy_invariants(runs: dict) -> None:
         assert 0 < r["bytes_zstd"] <= r["bytes_raw"] + ZSTD_OVERHEAD
         assert 0 < r["bytes_entropy"] <= r["bytes_raw"] + RANGE_OVERHEAD
         assert r["wire"]["dtype"] in ("int8", "uint8") and r["wire"]["scale"] > 0
+        # Accuracy depends on how this host's kernels trained the students (65.7-67.3% for c=1 under three ATen /
+        # oneDNN / MKL ISA pins here); what is asserted holds for any trained student, or is an identity.
         for k in ("top1_fp32", "top1_int8"):
             assert 0.0 <= r[k] <= 1.0
             assert r[k] > 0.3  # 10 classes: the students learned something (chance is 0.1)
-        assert abs(r["top1_int8"] - r["top1_fp32"]) <= INT8_MARGIN, r
+        # int8 path vs fp32 on every validation digit, counted by the parity gate's own top-1 rule
+        t = r["int8_vs_fp32"]["top1"]
+        assert t["images"] == QUICK.n_val and t["flips"] == t["near_tie_flips"] + t["decisive_flips"]
+        assert t["threshold"] == TRAINED_INT8["logits.top1_agreement"]
+        assert abs(r["top1_int8"] - r["top1_fp32"]) <= t["flips"] / t["images"] + 1e-12  # only flips change top-1
+        # the export's parity check on its 16 held-out digits: what it counted and the verdict the rule gives it
+        p = r["parity_top1"]
+        assert (p["images"], p["threshold"]) == (QUICK.n_parity, TRAINED_INT8["logits.top1_agreement"])
+        assert p["flips"] == p["near_tie_flips"] + p["decisive_flips"]
+        assert p["passed"] is top1.consistent_with(p["images"] - p["decisive_flips"], p["images"], p["threshold"])
+        # a healthy int8 head of any trained student: few decisive flips (healthy heads measured 0-1 of 300), far
+        # under what fails (300 digits at 0.95: 22); a near-tie among the 16 parity digits decides nothing
+        assert t["passed"] and p["passed"], (t, p)
+        # nor does one more flip of any margin among them: the verdict is not one image's to decide
+        assert top1.consistent_with(p["images"] - p["decisive_flips"] - 1, p["images"], p["threshold"])
         assert r["parity_passed"] is True
     assert 0.0 <= res["teacher_top1"] <= 1.0 and res["input_bytes"] == 3 * 32 * 32
     jpeg = res["jpeg"]
