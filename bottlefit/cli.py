@@ -58,7 +58,7 @@ def export_request(args: argparse.Namespace) -> Any:
         calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
                                        seed=args.seed, equalize=args.equalize,
                                        fold_pool_bn=not args.keep_pool_bn, weight_rounding=args.weight_rounding,
-                                       bias_correction=args.bias_correction),
+                                       bias_correction=args.bias_correction, recipe=args.recipe),
         parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
                              emulate=Emulate.parse(args.emulate)),
         replace_failed=args.replace_failed,
@@ -173,16 +173,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration images: a folder (recursive), an ImageFolder tree or a .npz "
                    "(default: the built-in photos)")
     p.add_argument("--calib-count", type=int, help="use N calibration images (seeded choice)")
-    p.add_argument("--observer", default="minmax",
+    p.add_argument("--recipe", choices=["auto", "fast", "best"],
+                   help="int8 calibration recipe: fast (minmax, nearest rounding), best (search, gptq, bias "
+                        "correction, equalize), or auto (default: fast, then best when an int8 fidelity gate "
+                        "fails; the manifest records each try). Any of the four flags below fixes one recipe: "
+                        "those given, the rest from --recipe fast|best (fast when not given)")
+    p.add_argument("--observer",
                    help="range observer: minmax, percentile, entropy, mse, or search (per tensor, the candidate "
                         "range with the least error of the layer reading it)")
-    p.add_argument("--equalize", action="store_true",
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction,
                    help="equalize the bottleneck's channels across the split (scales folded into the encoder's "
                         "last and the decoder's first layer) so one int8 grid serves every channel")
-    p.add_argument("--weight-rounding", default="nearest", metavar="nearest|gptq",
+    p.add_argument("--weight-rounding", metavar="nearest|gptq",
                    help="how int8 heads round their conv weights: nearest, or gptq (Hessian-aware rounding on the "
                         "calibration images; every converter then writes the same integers)")
-    p.add_argument("--bias-correction", action="store_true",
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
                    help="correct each int8 conv's bias for the mean error its weight rounding adds")
     p.add_argument("--keep-pool-bn", action="store_true",
                    help="keep the head's BatchNorm after the max-pool as a layer of its own (by default it is folded "

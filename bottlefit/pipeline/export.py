@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from bottlefit.parity.tolerances import OverrideSource, override_records
 from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import outdir, source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
+from bottlefit.pipeline.recipe import Rung, climb
 from bottlefit.targets import BuildContext, get_target, names
 
 Log = Callable[[str], None]
@@ -92,14 +94,77 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     if card.weights == "untrained":
         log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
             "not accuracy")
-    sm = split(lm.model, card)
-    calib_set: Any = None
+    sm0 = split(lm.model, card)
+    requested, rungs = request.calibration.plan()
+    # one calibration set and one held-out set for every rung: image decoding is paid once
+    calibration = _once(lambda: calibration_images(card, request.calibration, log))
+    held_out = _once(lambda: heldout_images(card, request.parity, log))
+
+    attempt = outdir.open_attempt(out_root, target.name, log, sweep=names())
+    tmp = attempt.path
+    try:
+        def build_rung(rung: Rung) -> tuple[_Rung, Verdict, list[Any]]:
+            _empty(tmp)  # a rung that moved on leaves nothing behind
+            b = _build_rung(sm0, rung, target, options, tmp, request, calibration, held_out, overrides, log)
+            return b, b.verdict, b.artifacts
+
+        def finish(b: _Rung, verdict: Verdict) -> None:
+            verdict.execution += target.execute(tmp, b.artifacts, request.parity.emulate, log)
+
+        climbed = climb(requested, rungs, build_rung, finish, log)
+        b, verdict, artifacts, ctx = climbed.build, climbed.verdict, climbed.build.artifacts, climbed.build.ctx
+        verdict.overrides = override_records(request.parity.tolerance, OverrideSource.EXPORT)
+        verdict.write(tmp)
+        knobs = asdict(climbed.rung.knobs)
+        sections: dict[str, Any] = {
+            "split_check": {"max_abs_error": b.split_error},
+            "parity": parity_section(verdict, request.parity.tolerance),
+            "options": {"target": _plain(asdict(options)),
+                        "calibration": _plain(asdict(request.calibration) | knobs | {"recipe": str(requested)}),
+                        "model": _plain(asdict(request.model) | {"checkpoint": None})},
+            "recipe": climbed.record(),
+        }
+        if ctx.calibration_used is not None:
+            sections["calibration"] = ctx.calibration_used.describe()
+        if b.equalization is not None:
+            sections["equalization"] = b.equalization
+        if b.folds:
+            sections["head_folds"] = b.folds
+        if ctx.rounding is not None:
+            sections["weight_rounding"] = ctx.rounding
+        sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
+                            if a.role == "head" and a.outputs}
+        write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
+        final = attempt.publish(verdict.passed, replace_failed=request.replace_failed)
+    finally:
+        attempt.close()  # an unfinished attempt (an error, Ctrl-C, SIGTERM) is removed, with the OUT it made
+    log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
+    return ExportResult(final, verdict)
+
+
+@dataclass
+class _Rung:
+    """One rung's build: the artifacts in the temporary directory and their fidelity verdict."""
+
+    ctx: BuildContext
+    artifacts: list[Any]
+    verdict: Verdict
+    split_error: float
+    equalization: dict[str, Any] | None
+    folds: list[str]
+
+
+def _build_rung(sm: Any, rung: Rung, target: Any, options: Any, tmp: Path, request: ExportRequest,
+                calibration: Callable[[], Any], held_out: Callable[[], Any],
+                overrides: dict[tuple[str | None, str], float], log: Log) -> _Rung:
+    """Build ``target``'s artifacts into ``tmp`` with ``rung``'s recipe from the loaded split ``sm`` (left as it
+    is: every rung starts from the model itself) and judge their fidelity."""
+    card, knobs = sm.card, rung.knobs
     equalization: dict[str, Any] | None = None
-    if request.calibration.equalize:
+    if knobs.equalize:
         from bottlefit.exporter.equalize import equalize_split
 
-        calib_set = calibration_images(card, request.calibration, log)
-        sm, eq = equalize_split(sm, calib_set.images)
+        sm, eq = equalize_split(sm, calibration().images)
         equalization = eq.to_dict()
         log(f"equalized the bottleneck's {len(eq.scales)} channels ({eq.encoder_layer} x s, {eq.decoder_layer} / s)")
     folds: list[str] = []
@@ -111,47 +176,35 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     err = check_split(sm, torch.randn(2, *card.input_shape, generator=torch.Generator().manual_seed(0)))
     log(f"split at {card.bottleneck.module}: bottleneck {card.bottleneck.shape}; "
         f"max |tail(head(x)) - model(x)| = {err:.3g}")
+    ctx = BuildContext(sm, tmp, options, calibration, held_out, log, observer=knobs.observer,
+                       tolerance_overrides=overrides, weight_rounding=knobs.weight_rounding,
+                       bias_correction=knobs.bias_correction)
+    artifacts = target.build(ctx)
+    log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
+        "can run)")
+    held = ctx.heldout
+    verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
+    return _Rung(ctx, artifacts, verdict, err, equalization, folds)
 
-    attempt = outdir.open_attempt(out_root, target.name, log, sweep=names())
-    tmp = attempt.path
-    try:
-        ctx = BuildContext(sm, tmp, options,
-                           (lambda: calib_set) if calib_set is not None
-                           else (lambda: calibration_images(card, request.calibration, log)),
-                           lambda: heldout_images(card, request.parity, log), log,
-                           observer=request.calibration.observer, tolerance_overrides=overrides,
-                           weight_rounding=request.calibration.weight_rounding,
-                           bias_correction=request.calibration.bias_correction)
-        artifacts = target.build(ctx)
-        log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
-            "can run)")
-        held = ctx.heldout
-        verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
-        verdict.execution += target.execute(tmp, artifacts, request.parity.emulate, log)
-        verdict.overrides = override_records(request.parity.tolerance, OverrideSource.EXPORT)
-        verdict.write(tmp)
-        sections: dict[str, Any] = {
-            "split_check": {"max_abs_error": err},
-            "parity": parity_section(verdict, request.parity.tolerance),
-            "options": {"target": _plain(asdict(options)), "calibration": _plain(asdict(request.calibration)),
-                        "model": _plain(asdict(request.model) | {"checkpoint": None})},
-        }
-        if ctx.calibration_used is not None:
-            sections["calibration"] = ctx.calibration_used.describe()
-        if equalization is not None:
-            sections["equalization"] = equalization
-        if folds:
-            sections["head_folds"] = folds
-        if ctx.rounding is not None:
-            sections["weight_rounding"] = ctx.rounding
-        sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
-                            if a.role == "head" and a.outputs}
-        write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
-        final = attempt.publish(verdict.passed, replace_failed=request.replace_failed)
-    finally:
-        attempt.close()  # an unfinished attempt (an error, Ctrl-C, SIGTERM) is removed, with the OUT it made
-    log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
-    return ExportResult(final, verdict)
+
+def _once(make: Callable[[], Any]) -> Callable[[], Any]:
+    """``make()`` on the first call, the same object after."""
+    made: list[Any] = []
+
+    def get() -> Any:
+        if not made:
+            made.append(make())
+        return made[0]
+
+    return get
+
+
+def _empty(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

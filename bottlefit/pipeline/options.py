@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bottlefit.errors import UserError
 from bottlefit.targets import Emulate
+
+if TYPE_CHECKING:
+    from bottlefit.pipeline.recipe import Recipe, Rung
 
 DEFAULT_UNTRAINED = "custom_resnet152"
 
@@ -54,29 +57,44 @@ class CalibrationOptions:
     (``bottlefit.exporter.equalize``; head, tail and wire change together), and ``fold_pool_bn``: the head's
     stand-alone BatchNorm folded through the max-pool into the stem conv where that is exact
     (``bottlefit.exporter.split.fold_head``; one int8 layer fewer), ``weight_rounding`` (nearest | gptq) and
-    ``bias_correction`` for the int8 heads' weights (``bottlefit.exporter.rounding``)."""
+    ``bias_correction`` for the int8 heads' weights (``bottlefit.exporter.rounding``).
+
+    ``recipe`` (auto | fast | best; None: auto, or the knobs given) and the four knobs ``observer``,
+    ``weight_rounding``, ``bias_correction``, ``equalize`` (None: the recipe's) choose the int8 recipe
+    (``bottlefit.pipeline.recipe``: auto tries fast, then best while int8 fidelity gates fail; a knob given fixes
+    one recipe, the others from ``recipe`` or fast)."""
 
     source: str | None = None
     count: int | None = None
-    observer: str = "minmax"
+    observer: str | None = None
     seed: int = 0
-    equalize: bool = False
+    equalize: bool | None = None
     fold_pool_bn: bool = True
-    weight_rounding: str = "nearest"
-    bias_correction: bool = False
+    weight_rounding: str | None = None
+    bias_correction: bool | None = None
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         from bottlefit.calibration.observers import make_observer
         from bottlefit.exporter.rounding import check_method
 
-        make_observer(self.observer)  # UserError naming the choices
-        check_method(self.weight_rounding)
+        if self.observer is not None:
+            make_observer(self.observer)  # UserError naming the choices
+        if self.weight_rounding is not None:
+            check_method(self.weight_rounding)
+        self.plan()  # a recipe that contradicts the knobs given is refused before any work
         if self.count is not None and self.count < 1:
             raise UserError(f"--calib-count {self.count}: give a positive number of calibration images")
         if self.source:
             from bottlefit.calibration.dataset import CALIBRATION, check_source
 
             check_source(self.source, CALIBRATION, self.count, self.seed)  # before any model is loaded
+
+    def plan(self) -> tuple[Recipe, list[Rung]]:
+        """(the recipe asked for, the recipes to build with in order; ``bottlefit.pipeline.recipe.plan``)."""
+        from bottlefit.pipeline.recipe import KNOBS, plan
+
+        return plan(self.recipe, {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None})
 
 
 @dataclass(frozen=True)
