@@ -50,8 +50,9 @@ def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifac
     return out
 
 
-def write_triton(out_dir: Path, card: dict[str, Any], tail: Artifact, heads: list[Artifact] | None = None,
-                 max_batch_size: int = 16, log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
+def write_triton(out_dir: Path, target: str, card: dict[str, Any], tail: Artifact,
+                 heads: list[Artifact] | None = None, max_batch_size: int = 16,
+                 log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
     """``triton/``: the split repository (ensemble, decode step, FP32 tail) for the ONNX tail ``tail`` and the int8
     heads among ``heads`` (already written under ``out_dir`` with their codec tables), or the FP32 tail alone when
     no head is int8."""
@@ -71,7 +72,7 @@ def write_triton(out_dir: Path, card: dict[str, Any], tail: Artifact, heads: lis
     for art in heads or []:
         if art.role == "head" and art.precision == "int8" and art.outputs:
             art.sha256 = sha256_file(out_dir / art.file)
-            c = head_contract(out_dir.name, card, art)
+            c = head_contract(target, card, art)  # the target's name, not the build's tmp dir
             tables = out_dir / codec_path(c.contract_id) if c is not None else None
             if c is not None and c.quantized and tables is not None and tables.is_file():
                 contracts.append(SplitContract(c, CodecTables.load(tables).to_bytes()))

@@ -94,7 +94,7 @@ def test_fast_is_kept_when_it_passes(tmp_path: Path) -> None:
 
 def test_no_rung_passes_exits_1_with_the_last_rungs_verdict(tmp_path: Path, capsys) -> None:
     assert main([*BASE, "--out", str(tmp_path), "--tolerance", "head.int8.onnx:bottleneck.sqnr_db=60"]) == 1
-    d = tmp_path / "onnx"
+    d = tmp_path / "onnx.failed"  # a failed export goes beside the last passing one
     rec = read_manifest(d)["recipe"]
     assert rec["taken"] == "best" and [a["passed"] for a in rec["attempts"]] == [False, False]
     assert rec["attempts"][1]["outcome"].endswith("no recipe left")
@@ -106,7 +106,7 @@ def test_a_knob_given_fixes_one_recipe(tmp_path: Path) -> None:
     # --observer minmax: the fast recipe by the user's choice, no ladder, so the 37 dB gate fails (today's
     # behaviour for everyone who names the recipe's flags)
     assert main([*BASE, "--out", str(tmp_path), "--observer", "minmax", *GATE_37]) == 1
-    rec = read_manifest(tmp_path / "onnx")["recipe"]
+    rec = read_manifest(tmp_path / "onnx.failed")["recipe"]
     assert (rec["requested"], rec["taken"], len(rec["attempts"])) == ("custom", "fast", 1)
     assert rec["reason"].startswith("fixed by the calibration knobs given: fast failed (head.int8.onnx "
                                     "bottleneck.sqnr_db ")

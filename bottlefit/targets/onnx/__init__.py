@@ -62,7 +62,7 @@ def serving_files(ctx: BuildContext, arts: list[Artifact], triton: bool = True) 
                                     ctx.calibration.images, ctx.log)
     tail = next((a for a in arts if a.role == "tail" and a.runtime == "onnxruntime"), None)
     if triton and tail is not None:
-        extra += write_triton(ctx.out_dir, card, tail, arts, log=ctx.log)
+        extra += write_triton(ctx.out_dir, "onnx", card, tail, arts, log=ctx.log)
     return extra
 
 
