@@ -30,7 +30,7 @@ def test_readme_says_what_the_first_run_does_and_costs() -> None:
     paragraph = README.read_text().split("**The first run**", 1)[1].split("\n\n", 1)[0]
     first = " ".join(paragraph.split())
     for fact in ("7.6 GB", "2 min", "3 + 4 + 4 epochs", "arm64 sysroot", "110 MB downloaded", "447 MB on disk",
-                 "111 s wall", "1.33 GB peak memory", "Later runs reuse"):
+                 "55 s wall", "1.76 GB peak memory", "Later runs reuse"):
         assert fact in first, fact
     run = (README.parent / "run").read_text()
     assert "a few minutes" not in run and "about 7.6 GB" in run
