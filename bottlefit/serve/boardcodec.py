@@ -491,6 +491,25 @@ def parse_header(frame):
     return CODECS[vc & 15], DTYPES[dt], cid.hex(), tid, crc, scale, zp, tuple(shape), end
 
 
+def check_frame(dtype, shape, scale, zero_point, contract):
+    """A frame header's dtype, shape, scale and zero point against the contract it names (a mapping with
+    contract_id, dtype, shape, scale, zero_point): ValueError when they disagree. The server and Triton's decode
+    step both judge frames by this."""
+    cid = contract["contract_id"]
+    if dtype != contract["dtype"] or tuple(shape) != tuple(contract["shape"]):
+        raise ValueError(f"frame says {dtype}{list(shape)}, contract {cid} is {contract['dtype']}"
+                         f"{list(contract['shape'])}")
+    if np.float32(scale) != np.float32(contract["scale"]) or zero_point != contract["zero_point"]:
+        raise ValueError(f"frame's scale/zero point {scale}/{zero_point} differ from contract {cid}'s "
+                         f"{contract['scale']}/{contract['zero_point']}")
+
+
+def check_crc(codec, symbols, crc):
+    """Decoded symbols against the frame's crc32: ValueError for a damaged stream."""
+    if zlib.crc32(symbols.tobytes()) != crc:
+        raise ValueError(f"invalid {codec} stream: decoded codes fail the frame's crc32")
+
+
 def context_decode(payload, shape, tables, cum=None):
     """A ``context`` stream -> symbols (C, H, W) uint8, decoded by constriction one step (every active channel's
     wavefront) at a time: one vectorized prediction, context and frequency computation and one constriction

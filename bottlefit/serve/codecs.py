@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,12 +318,10 @@ def decode_frame(frame: bytes, contracts: Mapping[str, WireContract],
         known = ", ".join(f"{c.contract_id} ({c.target}/{c.head})" for c in contracts.values()) or "none"
         raise CodecError(f"payload made for contract {hdr.contract_id}, which this side does not serve (it serves "
                          f"{known}): the head that sent it belongs to another export; deploy the matching export")
-    if hdr.dtype != contract.dtype or hdr.shape != tuple(contract.shape):
-        raise CodecError(f"frame says {hdr.dtype}{list(hdr.shape)}, contract {contract.contract_id} is "
-                         f"{contract.dtype}{list(contract.shape)}")
-    if np.float32(hdr.scale) != np.float32(contract.scale) or hdr.zero_point != contract.zero_point:
-        raise CodecError(f"frame's scale/zero point {hdr.scale}/{hdr.zero_point} differ from contract "
-                         f"{contract.contract_id}'s {contract.scale}/{contract.zero_point}")
+    try:
+        boardcodec.check_frame(hdr.dtype, hdr.shape, hdr.scale, hdr.zero_point, contract.to_dict())
+    except ValueError as e:
+        raise CodecError(str(e)) from None
     tables = None
     if hdr.codec in ("entropy", "context"):
         if tables_for is None:
@@ -335,6 +332,8 @@ def decode_frame(frame: bytes, contracts: Mapping[str, WireContract],
                              f"{tables.table_id.hex()} for contract {contract.contract_id}: fit the tables on the "
                              "same calibration set (or ship the tables file with the export)")
     sym = _decode_payload(hdr.codec, frame[hdr.size:], contract.nchw_shape, tables)  # type: ignore[arg-type]
-    if zlib.crc32(sym.tobytes()) != hdr.crc:
-        raise CodecError(f"invalid {hdr.codec} stream: decoded codes fail the frame's crc32")
+    try:
+        boardcodec.check_crc(hdr.codec, sym, hdr.crc)
+    except ValueError as e:
+        raise CodecError(str(e)) from None
     return contract, from_symbols(contract, sym)

@@ -13,7 +13,6 @@ HTTP 400), and the model keeps serving.
 import json
 import os
 import sys
-import zlib
 
 import numpy as np
 
@@ -56,11 +55,7 @@ class FrameDecoder:
             known = ", ".join(f"{k} ({v['target']}/{v['head']})" for k, v in self.contracts.items())
             raise ValueError(f"payload made for contract {cid}, which this repository does not serve (it serves "
                              f"{known}): the head that sent it belongs to another export; deploy the matching export")
-        if dtype != c["dtype"] or list(shape) != list(c["shape"]):
-            raise ValueError(f"frame says {dtype}{list(shape)}, contract {cid} is {c['dtype']}{list(c['shape'])}")
-        if np.float32(scale) != np.float32(c["scale"]) or zp != c["zero_point"]:
-            raise ValueError(f"frame's scale/zero point {scale}/{zp} differ from contract {cid}'s "
-                             f"{c['scale']}/{c['zero_point']}")
+        boardcodec.check_frame(dtype, shape, scale, zp, c)
         tables = cum = None
         if codec in ("entropy", "context"):
             tables, have, cum = self.tables(c)
@@ -71,8 +66,7 @@ class FrameDecoder:
         if chw != self.tail_shape:
             raise ValueError(f"contract shape {chw} is not the tail's {self.tail_shape}")
         sym = boardcodec.decode_symbols(codec, frame[end:], chw, tables, cum if codec == "context" else None)
-        if zlib.crc32(sym.tobytes()) != crc:
-            raise ValueError(f"invalid {codec} stream: decoded codes fail the frame's crc32")
+        boardcodec.check_crc(codec, sym, crc)
         codes = sym.astype(np.int16) - (128 if dtype == "int8" else 0)  # the codes, C,H,W whatever the layout
         return (codes.astype(np.float32) - np.float32(c["zero_point"])) * np.float32(c["scale"])
 
