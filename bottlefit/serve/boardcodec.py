@@ -361,44 +361,189 @@ def alphabet_frequencies(tables, window, zk):
 def prepare(tables, sym):
     """Every symbol of one image (C, H, W) in coding order: (symbols, left cumulative, frequency), all int64."""
     sym = np.asarray(sym, dtype=np.int64)
-    c_count, h, w = sym.shape
-    bm = Batched(tables, plan(c_count, h, w))
-    pl = bm.plan
-    buf, ares = bm.buffers()
-    buf[: sym.size] = sym.reshape(-1)
-    # the encoder knows every symbol: the whole image at once, in blocks that bound the temporaries
-    blocks = [(a, min(a + BLOCK, pl.n)) for a in range(0, pl.n, BLOCK)]
-    p = np.concatenate([bm.predict(buf, a, b) for a, b in blocks])
-    s = buf[pl.flat]
-    ares[pl.flat] = np.abs(s - p)
-    kz = [bm.contexts(buf, ares, p[a:b], a, b) for a, b in blocks]
-    k, zk = np.concatenate([v[0] for v in kz]), np.concatenate([v[1] for v in kz])
-    left = np.zeros_like(s)
-    freq = np.zeros_like(s)
-    model = Adaptive(tables)
-    bounds = pl.bounds
-    for a, b in zip(bounds[:-1], bounds[1:]):  # noqa: B905 - Python 3.6 on the board
-        left[a:b], freq[a:b] = quantized(tables, model, k[a:b], p[a:b], zk[a:b], s[a:b])
-        model.update(k[a:b], p[a:b], s[a:b])
+    pl = plan(*sym.shape)
+    # the encoder knows every symbol: the whole image's model at once, in image layout, then in coding order
+    p, k, zk = (v.reshape(-1)[pl.flat] for v in image_model(tables, sym))
+    s = sym.reshape(-1)[pl.flat]
+    left, freq = quantized_all(tables, _cumulative(tables), pl, k, p, zk, s)
     return s, left, freq
+
+
+def _cached(tables, name, make):
+    """A value derived from ``tables``, kept in the dict (a board encodes many frames with one set of tables)."""
+    v = tables.get(name)
+    if v is None:
+        v = make(tables)
+        try:
+            tables[name] = v
+        except TypeError:  # a read-only mapping: derive it each frame
+            pass
+    return v
+
+
+def _slot_weights(tables):
+    """The predictor's weights (C, N_GRAD, 15 + C) float64 over one layout of inputs shared by every channel:
+    left, up, up-left, up-right; here, right, down, left, up of channel c - 1, then of c - 2; here of channels 0 ..
+    C - 1 (older than c - 2); the constant. Inputs a channel does not have weigh 0."""
+    wt = np.asarray(tables["weights"], dtype=np.int64)
+    c_count = wt.shape[0]
+    out = np.zeros((c_count, N_GRAD, 15 + c_count), dtype=np.float64)
+    for c in range(c_count):
+        slots = [0, 1, 2, 3]
+        for prev in range(c):
+            slots += [14 + prev] if prev < c - N_PREV_FULL else list(range(4, 9) if prev == c - 1 else range(9, 14))
+        slots.append(14 + c_count)
+        out[c][:, slots] = wt[c, :, : len(slots)]
+    return out
+
+
+def image_model(tables, sym):
+    """Predictions and (residual-table row, zero-table row) of every symbol of one image (C, H, W) int64, in image
+    layout, from shifted planes instead of per-symbol gathers: the integers of :class:`Batched` (the predictor's
+    sum runs as a float64 matrix product: products < 2**32 and sums < 2**37 of integers are exact in float64)."""
+    c_count, h, w = sym.shape
+    fill = np.asarray(tables["fill"], dtype=np.int64)
+    zsym = int(tables["zero_symbol"])
+    pf = np.empty((c_count, h + 1, w + 2), dtype=np.int64)  # fill outside: the causal neighbours
+    pf[:] = fill[:, None, None]
+    pf[:, 1:, 1:-1] = sym
+    left, up, upleft, upright = pf[:, 1:, :w], pf[:, :h, 1:-1], pf[:, :h, :w], pf[:, :h, 2:]
+    pe = np.empty((c_count, h + 2, w + 2), dtype=np.int64)  # clamped: the previous channels' neighbourhoods
+    pe[:, 1:-1, 1:-1] = sym
+    pe[:, 0], pe[:, -1] = pe[:, 1], pe[:, -2]
+    pe[:, :, 0], pe[:, :, -1] = pe[:, :, 1], pe[:, :, -2]
+    around = (sym, pe[:, 1:-1, 2:], pe[:, 2:, 1:-1], pe[:, 1:-1, :-2], pe[:, :-2, 1:-1])  # here right down left up
+    f = np.zeros((c_count, 15 + c_count, h, w), dtype=np.float64)
+    f[:, 0], f[:, 1], f[:, 2], f[:, 3] = left, up, upleft, upright
+    for o, plane in enumerate(around):
+        f[1:, 4 + o] = plane[:-1]
+        f[2:, 9 + o] = plane[:-2]
+    f[:, 14 : 14 + c_count] = sym[None]
+    f[:, 14 + c_count] = 1
+    grad = np.abs(left - upleft) + np.abs(up - upleft) + np.abs(up - upright)
+    g = np.zeros((c_count, h, w), dtype=np.int64)
+    for edge in np.asarray(tables["grad_edges"], dtype=np.int64).T:  # searchsorted(side="right"): edges <= grad
+        g += grad >= edge[:, None, None]
+    acc = np.matmul(_cached(tables, "_slot_weights", _slot_weights), f.reshape(c_count, 15 + c_count, h * w))
+    acc = np.take_along_axis(acc, g.reshape(c_count, 1, h * w), axis=1).reshape(c_count, h, w)
+    p = np.minimum(np.maximum((acc.astype(np.int64) + (1 << (FRAC - 1))) >> FRAC, 0), 255)
+    a = np.abs(sym - p)
+    pa = np.zeros((c_count, h + 1, w + 2), dtype=np.int64)  # 0 outside
+    pa[:, 1:, 1:-1] = a
+    e = 2 * pa[:, 1:, :w] + 2 * pa[:, :h, 1:-1] + pa[:, :h, :w] + pa[:, :h, 2:]
+    if c_count > 1:
+        older = np.cumsum(a[:-1], axis=0)  # channels before c: 0 .. c - 1
+        e[1:] += 2 * a[:-1] + (6 * older) // np.arange(1, c_count)[:, None, None]
+    ec = np.zeros((c_count, h, w), dtype=np.int64)
+    for edge in np.asarray(tables["energy_edges"], dtype=np.int64).T:
+        ec += e >= edge[:, None, None]
+    near = np.minimum(np.abs(p - zsym), N_NEAR - 1)
+    isz = np.zeros((c_count, h + 1, w + 2), dtype=np.int64)  # outside is never the zero point
+    isz[:, 1:, 1:-1] = sym == zsym
+    z = isz[:, 1:, :w] + isz[:, :h, 1:-1] + isz[:, :h, :w] + isz[:, :h, 2:]
+    z[1:] += isz[:-1, 1:, 1:-1]
+    z[2:] += isz[:-2, 1:, 1:-1]
+    z = np.minimum(z, N_ZERO - 1)
+    ch = np.arange(c_count)[:, None, None]
+    k = (ch * N_ENERGY + ec) * N_NEAR + near
+    return p, k, ((ch * N_NEAR + near) * N_ZERO + z) * N_ZERO_ENERGY + ec * N_ZERO_ENERGY // N_ENERGY
+
+
+def _cumulative(tables):
+    return _cached(tables, "_cumulative", cumulative)
+
+
+EVENT_BLOCK = 4  # events per block of the encoder's count table (see quantized_all)
+
+
+def quantized_all(tables, cum, pl, k, p, zk, s):
+    """:func:`quantized` of every symbol of an image at once, with :class:`Adaptive`'s counts as they stand at
+    each symbol's step, without stepping: a symbol of step t and row k reads the calibration's cumulative weights
+    plus ``ADAPT`` x the number of non-zero-point symbols ("events") of earlier steps in row k whose residual
+    column is below the column read. That is a 2-D dominance count: with the events sorted by (row, step), each
+    row's events padded to whole blocks of ``EVENT_BLOCK``, the earlier steps of row k are the positions [row
+    start, P); F(P, j), the events before position P with column < j, is a table at every block start plus the
+    few events of P's block before P. Same integers as stepping :class:`Adaptive` (tests/serve/
+    test_boardcodec_speed.py)."""
+    zsym = int(tables["zero_symbol"])
+    n_rows = cum.shape[0]
+    n_steps = pl.bounds.size - 1
+    B = EVENT_BLOCK
+    step = np.repeat(np.arange(n_steps), np.diff(pl.bounds))
+    ev = np.flatnonzero(s != zsym)
+    ek = k[ev]
+    srt = np.argsort(ek.astype(np.int16) if n_rows < 1 << 15 else ek, kind="stable")  # (row, step): steps ascend
+    ek = ek[srt]
+    ecol = (s - p + 255)[ev][srt]
+    key = k * n_steps + step
+    before = np.zeros(n_rows * n_steps + 1, dtype=np.int64)  # events before (row, step) in (row, step) order
+    np.cumsum(np.bincount(key[ev], minlength=n_rows * n_steps), out=before[1:])
+    count = np.bincount(ek, minlength=n_rows)
+    first = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(count, out=first[1:])
+    padded = np.zeros(n_rows + 1, dtype=np.int64)  # each row's first position, rows padded to whole blocks
+    np.cumsum((count + B - 1) // B * B, out=padded[1:])
+    pos = padded[ek] + np.arange(ek.size) - first[ek]
+    nb = int(padded[-1]) // B
+    pad = np.full(nb * B + B, 512, dtype=np.int64)  # 512: never below a column
+    pad[pos] = ecol
+    # the table's columns: the distinct event columns only (col < j <=> rank(col) < rank(j), rank(j) = how many
+    # distinct event columns lie below j); residuals cluster, so this is a few dozen columns, not 512
+    rank = np.zeros(513, dtype=np.int64)
+    np.cumsum(np.bincount(ecol, minlength=512) > 0, out=rank[1:])
+    wd = int(rank[-1]) + 1
+    hist = np.bincount((pos // B) * wd + rank[ecol] + 1, minlength=nb * wd).reshape(nb, wd)
+    table = np.zeros((nb + 1, wd), dtype=np.int64)  # table[b, rank(j)]: events before block b with column < j
+    np.cumsum(np.cumsum(hist, axis=1), axis=0, out=table[1:])
+    table = table.reshape(-1)
+    p0 = padded[k]
+    p1 = p0 + before[key] - first[k]  # row k's events of earlier steps: padded positions [p0, p1)
+    b1 = p1 // B
+    lane = np.arange(B)[:, None]
+    g1 = pad[b1 * B + lane]  # (B, n): the events of p1's block before p1, others 512
+    g1[lane >= (p1 - b1 * B)] = 512
+    b1, b0 = b1 * wd, (p0 // B) * wd
+    row = k * 512 + 255 - p  # residual -p of row k: symbol x is at column 255 - p + x
+    flat = cum.reshape(-1)
+
+    def now(x):  # Adaptive.now at symbol x of each symbol's window
+        j = 255 - p + x
+        r = rank[j]
+        seen = table[b1 + r] - table[b0 + r] + (g1 < j).sum(axis=0)
+        return flat[row + x] + ADAPT * seen
+
+    base = now(0)
+    at_z = now(zsym)
+    w_zero = now(zsym + 1) - at_z
+    mass = now(256) - base - w_zero
+    fz = _zero_freq(tables, zk)
+    rest = TOTAL - fz
+
+    def cq(x):  # quantized cumulative of the non-zero symbols below x (x: per symbol)
+        cw = now(x) - base
+        cw = np.where(x > zsym, cw - w_zero, cw)
+        return (rest * cw) // mass
+
+    lo = cq(s)
+    left = np.where(s > zsym, lo + fz, lo)
+    freq = np.where(s == zsym, fz, cq(s + 1) - lo)
+    return left, freq
 
 
 def ans_encode(left, freq):
     """rANS over (left cumulative, frequency) pairs in decoding order -> 32-bit words, exactly as constriction's
     AnsCoder(encode_reverse) with Categorical(perfect=False) over these integer frequencies writes them."""
-    starts = left.tolist()  # plain ints: the state exceeds int64
-    freqs = freq.tolist()
     words = []
-    x = 0
+    put = words.append
+    x = 0  # a plain int: the state exceeds int64
     mask = 0xFFFFFFFF
-    for i in range(len(freqs) - 1, -1, -1):
-        f = freqs[i]
-        if (x >> (64 - PRECISION)) >= f:
-            words.append(x & mask)
+    for start, f in zip(reversed(left.tolist()), reversed(freq.tolist())):  # noqa: B905 - Python 3.6 on the board
+        if x >> (64 - PRECISION) >= f:
+            put(x & mask)
             x >>= 32
-        x = ((x // f) << PRECISION) | (starts[i] + x % f)
+        x = (x // f << PRECISION) + start + x % f  # start + x % f < 2**PRECISION: + is the | of the format
     while x:
-        words.append(x & mask)
+        put(x & mask)
         x >>= 32
     return np.array(words, dtype="<u4").tobytes()
 
@@ -460,7 +605,7 @@ def context_frame(tables, codes, dtype, layout, scale, zero_point):
     """One image's codes -> a ``context`` frame (what the board sends; ``bottlefit serve`` decodes it)."""
     sym = symbols(codes, dtype, layout)
     shape = np.asarray(codes).shape[-3:]
-    tid = table_id(tables["marginal_counts"], tables)
+    tid = _cached(tables, "_table_id", lambda t: table_id(t["marginal_counts"], t))
     return pack_header("context", dtype, tables["contract_id"], tid, sym, scale, zero_point, shape) + \
         encode(tables, sym)
 

@@ -1,0 +1,163 @@
+"""The board's wire encoder (bottlefit/serve/boardcodec.py), counted: guest instructions per frame of each codec a
+board encodes, before and after a change, side by side in one run, on the emulated Raspberry Pi cores (qemu arm64
+user mode with the Pi OS Python 3.11 and numpy of the sysroot; bottlefit.serve.wirecost), with the predicted board
+milliseconds.
+
+Frames: ResNet-152 ver2 with 12 bottleneck channels (/work/ckpt/r152v2_12.pt, the authors' format, seed-0 weights),
+exported to int8 ONNX with bottlefit's defaults; its int8 head's codes on the built-in held-out photos and the
+export's shipped context tables are saved in bench/results/board_codec/frames_r152v2_12.npz (``--export OUT``
+rebuilds that file from an export). "before" is boardcodec.py at git revision ``--before``; "after" is this
+checkout's. Both encoders' bytes are compared on every saved frame first (on this host: the bytes are the
+format's, not the CPU's).
+
+Predicted ms: bottlefit.emulation.devicetime.predict_ms(instructions, board, "python", "fp32") when that module
+is present (Python + numpy at the IPC fitted for ncnn on the same core: an extrapolation, labelled so), else
+instructions / (clock x an assumed IPC of 1.0).
+
+    .venv/bin/python bench/bench_board_codec.py [--before REV] [--boards pi4,pi5] [--runs 3] [--export OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from bottlefit.emulation.arm64 import ensure_sysroot, get_core
+from bottlefit.serve import boardcodec, wirecost
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "board_codec"
+FRAMES = RESULTS / "frames_r152v2_12.npz"
+BEFORE = "8df7cb7"  # main before the vectorised encoder (issue 22 item 4)
+ASSUMED_IPC = 1.0
+CLOCK_GHZ = {"pi4": 1.5, "pi5": 2.4, "pi3": 1.4, "zero2": 1.0}  # used only without devicetime
+
+
+def save_frames(out: Path, path: Path) -> None:
+    """The export's int8 head codes on the built-in held-out photos and its context tables -> ``path``."""
+    from bottlefit.serve.contract import find_targets
+    from bottlefit.serve.head import calibration_symbols, load_tables
+
+    target = find_targets(out)[0]
+    contract = next(c for c in target.contracts if c.quantized)
+    t = load_tables(target, contract).arrays()
+    sym = calibration_symbols(target, contract, "heldout")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, symbols=sym, contract_id=np.array(contract.contract_id), dtype=np.array(contract.dtype),
+                        marginal_counts=t["marginal_counts"], **{k: t[k] for k in boardcodec.TABLE_KEYS})
+
+
+def load_frames(path: Path) -> tuple[dict, np.ndarray, str]:
+    with np.load(path, allow_pickle=False) as z:
+        tables = {k: np.asarray(z[k], dtype=np.int64) for k in boardcodec.TABLE_KEYS + ("marginal_counts",)}
+        tables["contract_id"] = str(z["contract_id"])
+        return tables, np.asarray(z["symbols"], dtype=np.uint8), str(z["dtype"])
+
+
+def module_at(rev: str, tmp: Path) -> tuple[Path, ModuleType]:
+    """boardcodec.py at git ``rev``: its file and the module imported from it."""
+    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:bottlefit/serve/boardcodec.py"],
+                         capture_output=True, text=True)
+    if src.returncode != 0:
+        sys.exit(f"error: git show {rev}:bottlefit/serve/boardcodec.py failed: {src.stderr.strip()}")
+    path = tmp / "before" / "boardcodec.py"
+    path.parent.mkdir()
+    path.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location("boardcodec_before", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return path, mod
+
+
+def predict(instructions: float, board: str) -> dict:
+    try:
+        from bottlefit.emulation import devicetime
+    except ImportError:
+        devicetime = None
+    if devicetime is not None:
+        return devicetime.predict_ms(instructions, board, "python", "fp32").to_dict()
+    ms = instructions / (CLOCK_GHZ[board] * 1e9 * ASSUMED_IPC) * 1e3
+    return {"ms": ms, "basis": "assumed", "why": f"{CLOCK_GHZ[board]} GHz x an assumed IPC of {ASSUMED_IPC} for "
+            "Python + numpy (no fitted device-time model in this checkout)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default=BEFORE, help=f"git revision of the baseline boardcodec.py (default {BEFORE})")
+    ap.add_argument("--boards", default="pi4,pi5", help="emulated boards (default pi4,pi5)")
+    ap.add_argument("--runs", type=int, default=3, help="frames counted per codec after the warm-up (default 3)")
+    ap.add_argument("--frames", type=Path, default=FRAMES, help=f"saved frames and tables (default {FRAMES})")
+    ap.add_argument("--export", type=Path, metavar="OUT", help="rebuild --frames from this export first")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    a = ap.parse_args()
+    if a.export is not None:
+        save_frames(a.export, a.frames)
+    if not a.frames.is_file():
+        sys.exit(f"error: {a.frames} not found: pass --export OUT (an int8 export of r152v2_12.pt) to build it")
+    tables, sym, dtype = load_frames(a.frames)
+    boards = [b for b in a.boards.split(",") if b]
+    with tempfile.TemporaryDirectory(prefix="bench-board-codec-") as d:
+        before_src, before = module_at(a.before, Path(d))
+        # 1. the same bytes: every saved frame, both encoders, on this host
+        same = [before.encode(dict(tables), s) == boardcodec.encode(tables, s) for s in sym]
+        payload = float(np.mean([len(boardcodec.encode(tables, s)) for s in sym]))
+        print(f"frames: {len(sym)} x {list(sym.shape[1:])} symbols ({dtype} contract {tables['contract_id']}), "
+              f"context payload {payload:.0f} B mean; before ({a.before}) and after encode identical bytes: "
+              f"{sum(same)}/{len(same)}")
+        if not all(same):
+            sys.exit("error: the encoders disagree: the wire format changed")
+        sysroot = ensure_sysroot(print)
+        rows = []
+        for board in boards:
+            core = get_core(board)
+            counted = {}
+            for label, src in (("before", before_src), ("after", Path(boardcodec.__file__))):
+                counted[label] = wirecost.count_codecs(sysroot, core, tables, sym, runs=a.runs, dtype=dtype,
+                                                       source=src)
+            for codec in wirecost.BOARD_CODECS:
+                b, n = counted["before"][codec], counted["after"][codec]
+                pb, pn = predict(b.instructions, board), predict(n.instructions, board)
+                rows.append({"board": board, "core": core.cpu, "codec": codec, "frame_bytes": n.frame_bytes,
+                             "before_instructions": b.instructions, "after_instructions": n.instructions,
+                             "ratio": b.instructions / n.instructions, "before_first_frame": b.first_frame,
+                             "after_first_frame": n.first_frame, "before_ms": pb, "after_ms": pn})
+    head = ("| board | codec | frame B | before M instr/frame | after M instr/frame | before / after | predicted "
+            "ms before | predicted ms after | basis |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    lines = [head] + [f"| {r['board']} ({r['core']}) | {r['codec']} | {r['frame_bytes']:.0f} | "
+                      f"{r['before_instructions'] / 1e6:.2f} | {r['after_instructions'] / 1e6:.2f} | "
+                      f"{r['ratio']:.2f}x | {r['before_ms']['ms']:.1f} | {r['after_ms']['ms']:.1f} | "
+                      f"{r['after_ms']['basis']} |" for r in rows]
+    print("\n".join(lines))
+    whys = sorted({r["after_ms"]["why"] for r in rows})
+    for w in whys:
+        print(f"  {w}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    meta = {"frames": str(a.frames.relative_to(HERE.parent)) if a.frames.is_relative_to(HERE.parent) else str(a.frames),
+            "shape": list(sym.shape[1:]), "dtype": dtype, "contract_id": tables["contract_id"], "before": a.before,
+            "runs": a.runs, "identical_bytes": f"{sum(same)}/{len(same)}", "context_payload_bytes": payload,
+            "sysroot": sysroot.describe(), "rows": rows,
+            "method": "guest instructions between marks around `runs` frames after one warm-up frame, per codec, "
+                      "one guest process per (board, encoder); qemu-user + bottlefit's counting plugin"}
+    (a.out / "board_codec.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    md = ["# The board's wire encoder, counted (bench/bench_board_codec.py)", "",
+          f"{len(sym)} held-out frames of ResNet-152 v2 12 ch ({list(sym.shape[1:])} {dtype} symbols, contract "
+          f"{tables['contract_id']}); counted: frames 0..{a.runs - 1} after a warm-up frame; before = boardcodec.py "
+          f"at {a.before}, after = this commit. Identical bytes before/after on {sum(same)}/{len(same)} frames; "
+          f"context payload {payload:.0f} B mean.", "", *lines, "", *(f"- {w}" for w in whys), "",
+          "Counted: guest instructions under qemu arm64 user-mode emulation (sysroot Python "
+          f"{sysroot.describe()['python']}, {', '.join(w for w in sysroot.describe()['wheels'] if 'numpy' in w)}). "
+          "Predicted: from those counts, not timed on a board."]
+    (a.out / "board_codec.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
