@@ -382,7 +382,7 @@ def _cached(tables, name, make):
 
 
 def _slot_weights(tables):
-    """The predictor's weights (C, N_GRAD, 15 + C) float64 over one layout of inputs shared by every channel:
+    """The predictor's weights, float64, over one layout of inputs shared by every channel:
     left, up, up-left, up-right; here, right, down, left, up of channel c - 1, then of c - 2; here of channels 0 ..
     C - 1 (older than c - 2); the constant. Inputs a channel does not have weigh 0."""
     wt = np.asarray(tables["weights"], dtype=np.int64)
@@ -394,7 +394,9 @@ def _slot_weights(tables):
             slots += [14 + prev] if prev < c - N_PREV_FULL else list(range(4, 9) if prev == c - 1 else range(9, 14))
         slots.append(14 + c_count)
         out[c][:, slots] = wt[c, :, : len(slots)]
-    return out
+    # (per-channel inputs and the constant (C, N_GRAD, 15), older channels here (C * N_GRAD, C)): the older
+    # channels are the same planes for every channel, one matrix product instead of C copies
+    return out[:, :, list(range(14)) + [14 + c_count]].copy(), out[:, :, 14 : 14 + c_count].reshape(-1, c_count)
 
 
 def image_model(tables, sym):
@@ -413,18 +415,19 @@ def image_model(tables, sym):
     pe[:, 0], pe[:, -1] = pe[:, 1], pe[:, -2]
     pe[:, :, 0], pe[:, :, -1] = pe[:, :, 1], pe[:, :, -2]
     around = (sym, pe[:, 1:-1, 2:], pe[:, 2:, 1:-1], pe[:, 1:-1, :-2], pe[:, :-2, 1:-1])  # here right down left up
-    f = np.zeros((c_count, 15 + c_count, h, w), dtype=np.float64)
+    f = np.zeros((c_count, 15, h, w), dtype=np.float64)  # the inputs that differ per channel, and the constant
     f[:, 0], f[:, 1], f[:, 2], f[:, 3] = left, up, upleft, upright
     for o, plane in enumerate(around):
         f[1:, 4 + o] = plane[:-1]
         f[2:, 9 + o] = plane[:-2]
-    f[:, 14 : 14 + c_count] = sym[None]
-    f[:, 14 + c_count] = 1
+    f[:, 14] = 1
     grad = np.abs(left - upleft) + np.abs(up - upleft) + np.abs(up - upright)
     g = np.zeros((c_count, h, w), dtype=np.int64)
     for edge in np.asarray(tables["grad_edges"], dtype=np.int64).T:  # searchsorted(side="right"): edges <= grad
         g += grad >= edge[:, None, None]
-    acc = np.matmul(_cached(tables, "_slot_weights", _slot_weights), f.reshape(c_count, 15 + c_count, h * w))
+    wl, wo = _cached(tables, "_slot_weights", _slot_weights)
+    acc = np.matmul(wl, f.reshape(c_count, 15, h * w))
+    acc += np.dot(wo, sym.reshape(c_count, h * w).astype(np.float64)).reshape(c_count, N_GRAD, h * w)
     acc = np.take_along_axis(acc, g.reshape(c_count, 1, h * w), axis=1).reshape(c_count, h, w)
     p = np.minimum(np.maximum((acc.astype(np.int64) + (1 << (FRAC - 1))) >> FRAC, 0), 255)
     a = np.abs(sym - p)

@@ -1,0 +1,148 @@
+"""The board's context encoder without stepping (bottlefit.serve.boardcodec.prepare / quantized_all /
+image_model) against the stepped encoder it replaced, kept here as the oracle: the same bytes on real R152 v2
+frames, synthetic frames and edge cases (all zero point, saturated, checkerboard, random, tiny and odd shapes,
+extreme weights); decode(encode(x)) round trips; and the count of the board's encoders under emulation on a tiny
+frame (skipped, with EmulationUnavailable's line, where qemu or the sysroot is missing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bottlefit.serve import boardcodec as bc
+from tests.serve.test_codecs import _synthetic_symbols, _synthetic_tables
+
+FRAMES = Path(__file__).resolve().parents[2] / "bench" / "results" / "board_codec" / "frames_r152v2_12.npz"
+
+
+def _stepped(tables, sym) -> bytes:
+    """The encoder before the vectorised one: one Adaptive update per step, the rANS loop as first written."""
+    sym = np.asarray(sym, dtype=np.int64)
+    bm = bc.Batched(tables, bc.plan(*sym.shape))
+    pl = bm.plan
+    buf, ares = bm.buffers()
+    buf[: sym.size] = sym.reshape(-1)
+    p = bm.predict(buf, 0, pl.n)
+    s = buf[pl.flat]
+    ares[pl.flat] = np.abs(s - p)
+    k, zk = bm.contexts(buf, ares, p, 0, pl.n)
+    left, freq = np.zeros_like(s), np.zeros_like(s)
+    model = bc.Adaptive(tables)
+    for a, b in zip(pl.bounds[:-1], pl.bounds[1:], strict=True):
+        left[a:b], freq[a:b] = bc.quantized(tables, model, k[a:b], p[a:b], zk[a:b], s[a:b])
+        model.update(k[a:b], p[a:b], s[a:b])
+    starts, freqs = (left + s).tolist(), (freq + 1).tolist()
+    words, x = [], 0
+    for i in range(len(freqs) - 1, -1, -1):
+        if (x >> (64 - bc.PRECISION)) >= freqs[i]:
+            words.append(x & 0xFFFFFFFF)
+            x >>= 32
+        x = ((x // freqs[i]) << bc.PRECISION) | (starts[i] + x % freqs[i])
+    while x:
+        words.append(x & 0xFFFFFFFF)
+        x >>= 32
+    return np.array(words, dtype="<u4").tobytes()
+
+
+def _real() -> tuple[dict, np.ndarray]:
+    with np.load(FRAMES, allow_pickle=False) as z:
+        return {k: np.asarray(z[k], dtype=np.int64) for k in bc.TABLE_KEYS}, np.asarray(z["symbols"], np.uint8)
+
+
+def _cases():
+    """(name, tables, symbols (C, H, W) uint8)."""
+    rng = np.random.default_rng(7)
+    for i, shape in enumerate(((1, 1, 1), (1, 1, 5), (1, 4, 1), (2, 2, 2), (3, 1, 6), (4, 7, 1), (5, 9, 11),
+                               (12, 8, 8), (7, 3, 13))):
+        t = _synthetic_tables(shape[0], 10 + i)
+        z = int(t["zero_symbol"])
+        yield f"spiky{shape}", t, _synthetic_symbols(shape, 200 + i)
+        yield f"uniform{shape}", t, rng.integers(0, 256, shape).astype(np.uint8)
+        yield f"zero-point{shape}", t, np.full(shape, z, np.uint8)
+        yield f"zeros{shape}", t, np.zeros(shape, np.uint8)
+        yield f"saturated{shape}", t, np.full(shape, 255, np.uint8)
+        yield f"checker{shape}", t, (255 * (np.indices(shape).sum(axis=0) % 2)).astype(np.uint8)
+    t = _synthetic_tables(6, 99)  # the fit's extreme weights: |w| = 4096 * 2**FRAC, sums far from the clamp
+    t["weights"] = np.where(np.random.default_rng(1).random(t["weights"].shape) < 0.5, -1, 1) * (4096 << bc.FRAC)
+    yield "extreme-weights", t, np.random.default_rng(2).integers(0, 256, (6, 10, 9)).astype(np.uint8)
+    tables, sym = _real()
+    for i in (0, 7, 20):
+        yield f"r152v2_12 held-out {i}", tables, sym[i]
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name,tables,sym", CASES, ids=[c[0] for c in CASES])
+def test_same_bytes_as_the_stepped_encoder(name, tables, sym) -> None:
+    assert bc.encode(dict(tables), sym) == _stepped(dict(tables), sym)
+
+
+def test_many_real_frames_and_reused_tables() -> None:
+    """Every saved R152 v2 frame, one tables dict for all (what a board does: derived tables cached in it)."""
+    tables, sym = _real()
+    shared = dict(tables)
+    for s in sym:
+        assert bc.encode(shared, s) == _stepped(dict(tables), s)
+    assert {"_cumulative"} <= set(shared)
+
+
+ROUND_TRIP = [c for c in CASES if c[0].endswith("(5, 9, 11)") or c[0] == "extreme-weights"]
+
+
+@pytest.mark.parametrize("name,tables,sym", ROUND_TRIP, ids=[c[0] for c in ROUND_TRIP])
+def test_round_trip(name, tables, sym) -> None:
+    payload = bc.encode(dict(tables), sym)
+    assert np.array_equal(bc.decode_symbols("context", payload, sym.shape, dict(tables)), sym)
+
+
+def test_round_trip_real_frame() -> None:
+    tables, sym = _real()
+    payload = bc.encode(dict(tables), sym[5])
+    assert len(payload) < sym[5].size  # the context codec codes a real bottleneck below 8 bits a symbol
+    assert np.array_equal(bc.decode_symbols("context", payload, sym[5].shape, dict(tables)), sym[5])
+
+
+def test_context_frame_table_id_is_cached_and_right() -> None:
+    tables, sym = _real()
+    t = dict(tables, marginal_counts=np.ones((sym.shape[1], 256), np.int64), contract_id="0123456789ab")
+    codes = (sym[0].astype(np.int16) - 128).astype(np.int8)
+    a = bc.context_frame(t, codes, "int8", "NCHW", 0.5, 0)
+    assert t["_table_id"] == bc.table_id(t["marginal_counts"], t)
+    assert bc.context_frame(t, codes, "int8", "NCHW", 0.5, 0) == a
+    assert bc.parse_header(a)[3] == bc.table_id(t["marginal_counts"], t)
+
+
+@pytest.fixture(scope="module")
+def sysroot():
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
+    from bottlefit.emulation.cost import ensure_plugin
+
+    try:
+        root = ensure_sysroot()
+        ensure_plugin()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+    return root
+
+
+def test_count_board_encoders_on_a_tiny_frame(sysroot) -> None:
+    """Guest instructions per frame of raw and context on the emulated Pi 4 core: both counted, context above raw
+    (it models and codes every symbol), the first frame above the steady state (it builds the plan)."""
+    from bottlefit.emulation.arm64 import get_core
+    from bottlefit.serve import wirecost
+
+    shape = (3, 4, 5)
+    tables = _synthetic_tables(shape[0], 3)
+    sym = np.stack([_synthetic_symbols(shape, 4), _synthetic_symbols(shape, 5)])
+    got = wirecost.count_codecs(sysroot, get_core("pi4"), tables, sym, runs=2)
+    assert set(got) == {"raw", "context"}
+    raw, ctx = got["raw"], got["context"]
+    assert raw.core == "cortex-a72" and raw.shape == shape and raw.frames == 2
+    assert raw.frame_bytes == bc.HEADER.size + 6 + 60
+    assert ctx.frame_bytes == bc.HEADER.size + 6 + np.mean([len(bc.encode(dict(tables), s)) for s in sym])
+    assert 1e4 < raw.instructions < ctx.instructions < 2e8
+    assert ctx.first_frame > ctx.instructions
+    assert ctx.source_sha256 == wirecost.source_hash()
