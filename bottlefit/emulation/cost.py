@@ -481,3 +481,87 @@ def ncnn_bench_instructions(sysroot: Sysroot, core: Core, param: Path, shape: tu
     count = count_guest_script(sysroot, core, NCNN_BENCH_GUEST, [str(Path(param).resolve()), w, h, c, threads, runs],
                                threads=threads, timeout=timeout, name=Path(param).name)
     return span_per_run(count, runs, Path(param).name)
+
+
+# -- wheels beside the sysroot (an overlay keyed on its own pins: adding them to arm64.WHEELS would change the
+# sysroot's key and rebuild it for everyone)
+
+OVERLAY_WHEELS: tuple[str, ...] = ("pillow==12.0.0",)  # what a board's `pip install pillow` gets (libjpeg-turbo inside)
+
+
+def ensure_overlay(pins: Sequence[str] = OVERLAY_WHEELS) -> Path:
+    """A folder of aarch64 cp311 wheels (``pins``) unzipped for the guest's PYTHONPATH, built once into the cache
+    (``overlay-<key>/site``) and never modified."""
+    from bottlefit.emulation.arm64 import _unzip_wheels
+
+    key = hashlib.sha256("\n".join(sorted(pins)).encode()).hexdigest()[:16]
+    final = cache_dir() / f"overlay-{key}"
+    if (final / "site").is_dir():
+        return final / "site"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".overlay.building-", dir=cache_dir()))
+    try:
+        _unzip_wheels(list(pins), building / "wheels", building / "site")
+        os.chmod(building, 0o755)
+        try:
+            os.rename(building, final)
+        except OSError:
+            if not (final / "site").is_dir():
+                raise
+            shutil.rmtree(building)  # another process made the same overlay first
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return final / "site"
+
+
+# JPEG encoding on the board: Pillow (its bundled libjpeg-turbo) encodes the model-sized RGB crop at QUALITY, as the
+# bench's offload mode does; one warm-up, then RUNS encodings of the same image between two marks.
+JPEG_GUEST = '''\
+import io
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+raw, h, w, quality, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+img = Image.fromarray(np.fromfile(raw, dtype=np.uint8).reshape(h, w, 3))
+
+
+def step():
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
+step()
+mark()
+for _ in range(runs):
+    out = step()
+mark()
+print("ok", len(out))
+'''.replace("@MARK_FD@", str(MARK_FD))
+
+
+def jpeg_instructions(sysroot: Sysroot, core: Core, rgb: object, quality: int, *, runs: int = 3) -> float:
+    """Guest instructions of one JPEG encoding of ``rgb`` ((H, W, 3) uint8) at ``quality`` with Pillow on ``core``."""
+    import numpy as np
+
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb of shape {rgb.shape}: (H, W, 3) uint8 expected")
+    site = ensure_overlay()
+    with tempfile.TemporaryDirectory(prefix="bottlefit-jpeg-") as tmp:
+        raw = Path(tmp) / "rgb.u8"
+        rgb.tofile(raw)
+        count = count_guest_script(sysroot, core, JPEG_GUEST, [str(raw), rgb.shape[0], rgb.shape[1], quality, runs],
+                                   extra_site=[site], name=f"JPEG q{quality} {rgb.shape[1]}x{rgb.shape[0]}")
+    return span_per_run(count, runs, "JPEG encoding")
