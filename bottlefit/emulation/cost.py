@@ -567,44 +567,7 @@ def jpeg_instructions(sysroot: Sysroot, core: Core, rgb: object, quality: int, *
     return span_per_run(count, runs, "JPEG encoding")
 
 
-# -- counting any guest Python script (added for the board's wire encoder; the head-inference path above is unchanged)
-
-
-def mark_source() -> str:
-    """Python source of ``mark()`` for a guest script: one call marks the running count (close(MARK_FD))."""
-    return (f"import os as _os\n\n\ndef mark():\n    try:\n        _os.close({MARK_FD})\n    except OSError:\n"
-            "        pass\n")
-
-
-def count_python(sysroot: Sysroot, core: Core, script: Path, args: Sequence[str] = (), *,
-                 pythonpath: Sequence[Path] = (), cwd: Path | None = None, timeout: float = 900,
-                 plugin: Plugin | None = None) -> Count:
-    """Guest instructions of one guest python process running ``script`` on ``core`` with the sysroot's Python and
-    wheels (``pythonpath`` folders first on the guest's path); the script sets its own marks around the spans it
-    wants counted (``mark_source()``, at most 64). A non-zero exit is EmulationUnavailable with its last line."""
-    plugin = plugin or ensure_plugin()
-    with tempfile.TemporaryDirectory(prefix="bottlefit-count-") as tmp:
-        out = Path(tmp) / "count.txt"
-        cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
-               str(sysroot.python()), "-X", "utf8", str(Path(script).resolve()), *map(str, args)]
-        path = os.pathsep.join([*(str(Path(p).resolve()) for p in pythonpath), str(sysroot.site)])
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
-               "QEMU_CPU": core.cpu, "PYTHONPATH": path, "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        try:
-            proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, errors="replace",
-                                  timeout=timeout)
-        except OSError as e:
-            raise EmulationUnavailable(f"{plugin.qemu} could not start ({e.strerror or e}): reinstall it with "
-                                       f"`apt-get install {QEMU_PACKAGE}`") from None
-        if proc.returncode != 0 or not out.is_file():
-            last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            raise EmulationUnavailable(f"counting {Path(script).name} on {core.cpu} failed (exit {proc.returncode}): "
-                                       f"{last[-1] if last else 'no output'}")
-        m = re.match(r"insns (\d+)", out.read_text())
-        if m is None:
-            raise EmulationUnavailable(f"the counting plugin wrote no count for {Path(script).name}")
-        return Count(int(m.group(1)), tuple(int(v) for v in re.findall(r"^mark (\d+)$", out.read_text(), re.M)))
+# -- spans of a guest that marks several (the board's wire encoders: bottlefit.serve.wirecost)
 
 
 def spans(count: Count) -> list[int]:

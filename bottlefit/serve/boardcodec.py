@@ -45,7 +45,6 @@ N_ZERO = 7  # known neighbours that are exactly the zero point: 0 .. 6+
 N_ZERO_ENERGY = 2  # error-energy classes of the zero point's probability
 ADAPT = 2048  # weight of a residual seen in this image (a calibration histogram weighs 2**20: 512 residuals)
 N_PREV_FULL = 2  # previous channels whose 5-neighbourhood feeds the predictor
-BLOCK = 16384  # symbols per vectorized prediction block of the encoder
 TABLE_KEYS = ("zero_symbol", "fill", "grad_edges", "weights", "energy_edges", "residual", "zero")
 
 
@@ -206,7 +205,8 @@ def _zero_freq(tables, zk):
 def quantized(tables, model, k, p, zk, s):
     """Left cumulative and frequency (before constriction's +1 per symbol) of symbols ``s`` (n,), given each
     symbol's prediction ``p``, residual-table row ``k`` (read from ``model``, an :class:`Adaptive`, now) and
-    zero-table row ``zk`` (the encoder; :func:`alphabet_frequencies` is the decoder's whole-alphabet form)."""
+    zero-table row ``zk``: the reference, one step at a time (:func:`quantized_all` gives the encoder every step's
+    at once; :func:`alphabet_frequencies` is the decoder's whole-alphabet form)."""
     zsym = int(tables["zero_symbol"])
     at = k * 512 + 255 - p  # residual -p of row k: symbol x is at + x
     now = model.now.reshape(-1)

@@ -34,13 +34,20 @@ BOARD_CODECS = ("raw", "context")  # the codecs a board's client encodes with bo
 
 GUEST = '''\
 import json
+import os
 import sys
 
 import numpy as np
 
 import boardcodec
 
-@MARK@
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
 
 tables = boardcodec.load(sys.argv[1])
 sym = np.load(sys.argv[2])
@@ -114,15 +121,14 @@ def count_codecs(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray],
         tmp = Path(d)
         (tmp / "lib").mkdir()
         shutil.copyfile(src, tmp / "lib" / "boardcodec.py")  # alone on the path, as in a board bundle
-        (tmp / "guest.py").write_text(GUEST.replace("@MARK@", cost.mark_source()))
         np.savez(tmp / "tables.npz", contract_id=np.array(str(tables.get("contract_id", "0" * 12))),
                  marginal_counts=np.asarray(tables.get("marginal_counts", np.zeros((sym.shape[1], 256))),
                                             dtype=np.int64),
                  **{k: np.asarray(tables[k], dtype=np.int64) for k in boardcodec.TABLE_KEYS})
         np.save(tmp / "sym.npy", sym)
-        c = cost.count_python(sysroot, core, tmp / "guest.py",
-                              [str(tmp / "tables.npz"), str(tmp / "sym.npy"), ",".join(codecs), str(runs), dtype],
-                              pythonpath=[tmp / "lib"], cwd=tmp, timeout=timeout)
+        c = cost.count_guest_script(sysroot, core, GUEST.replace("@MARK_FD@", str(cost.MARK_FD)),
+                                    [str(tmp / "tables.npz"), str(tmp / "sym.npy"), ",".join(codecs), str(runs),
+                                     dtype], extra_site=[tmp / "lib"], timeout=timeout, name="boardcodec")
         spans = cost.spans(c)
         if len(c.marks) != 3 * len(codecs):
             raise RuntimeError(f"the guest set {len(c.marks)} marks, expected {3 * len(codecs)}")

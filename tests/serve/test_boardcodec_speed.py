@@ -146,3 +146,21 @@ def test_count_board_encoders_on_a_tiny_frame(sysroot) -> None:
     assert 1e4 < raw.instructions < ctx.instructions < 2e8
     assert ctx.first_frame > ctx.instructions
     assert ctx.source_sha256 == wirecost.source_hash()
+
+
+def test_encode_instructions_is_cached(sysroot, monkeypatch) -> None:
+    """The second ask for the same codec, core, shape, source and tables is answered from the cache: no guest."""
+    from bottlefit.emulation.arm64 import get_core
+    from bottlefit.serve import wirecost
+
+    shape = (2, 3, 3)
+    tables = _synthetic_tables(shape[0], 8)
+    sym = _synthetic_symbols(shape, 9)
+    first = wirecost.encode_instructions(sysroot, get_core("pi4"), tables, sym, ["context"], runs=1)
+
+    def no_guest(*a, **k):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(wirecost, "count_codecs", no_guest)
+    again = wirecost.encode_instructions(sysroot, get_core("pi4"), tables, sym, ["context"], runs=1)
+    assert again == first and again["context"].shape == shape and again["context"].instructions > 0
