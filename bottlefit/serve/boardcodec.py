@@ -428,7 +428,8 @@ def image_model(tables, sym):
     wl, wo = _cached(tables, "_slot_weights", _slot_weights)
     acc = np.matmul(wl, f.reshape(c_count, 15, h * w))
     acc += np.dot(wo, sym.reshape(c_count, h * w).astype(np.float64)).reshape(c_count, N_GRAD, h * w)
-    acc = np.take_along_axis(acc, g.reshape(c_count, 1, h * w), axis=1).reshape(c_count, h, w)
+    # each position's gradient class (fancy indexing, not take_along_axis: JetPack 4's numpy is 1.13)
+    acc = acc[np.arange(c_count)[:, None], g.reshape(c_count, h * w), np.arange(h * w)].reshape(c_count, h, w)
     p = np.minimum(np.maximum((acc.astype(np.int64) + (1 << (FRAC - 1))) >> FRAC, 0), 255)
     a = np.abs(sym - p)
     pa = np.zeros((c_count, h + 1, w + 2), dtype=np.int64)  # 0 outside
@@ -475,7 +476,8 @@ def quantized_all(tables, cum, pl, k, p, zk, s):
     step = np.repeat(np.arange(n_steps), np.diff(pl.bounds))
     ev = np.flatnonzero(s != zsym)
     ek = k[ev]
-    srt = np.argsort(ek.astype(np.int16) if n_rows < 1 << 15 else ek, kind="stable")  # (row, step): steps ascend
+    # stable: (row, step), steps ascend ("mergesort": "stable" needs numpy >= 1.15; int16 rows sort by radix)
+    srt = np.argsort(ek.astype(np.int16) if n_rows < 1 << 15 else ek, kind="mergesort")
     ek = ek[srt]
     ecol = (s - p + 255)[ev][srt]
     key = k * n_steps + step
@@ -495,7 +497,8 @@ def quantized_all(tables, cum, pl, k, p, zk, s):
     rank = np.zeros(513, dtype=np.int64)
     np.cumsum(np.bincount(ecol, minlength=512) > 0, out=rank[1:])
     wd = int(rank[-1]) + 1
-    hist = np.bincount((pos // B) * wd + rank[ecol] + 1, minlength=nb * wd).reshape(nb, wd)
+    # minlength >= 1: numpy < 1.14 refuses 0 (an image whose every symbol is the zero point has no events)
+    hist = np.bincount((pos // B) * wd + rank[ecol] + 1, minlength=max(nb * wd, 1))[: nb * wd].reshape(nb, wd)
     table = np.zeros((nb + 1, wd), dtype=np.int64)  # table[b, rank(j)]: events before block b with column < j
     np.cumsum(np.cumsum(hist, axis=1), axis=0, out=table[1:])
     table = table.reshape(-1)
