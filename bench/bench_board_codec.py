@@ -78,6 +78,61 @@ def module_at(rev: str, tmp: Path) -> tuple[Path, ModuleType]:
     return path, mod
 
 
+# the after-encoder's stages on one frame (frame 1, after a warm-up on frame 0), between marks
+STAGES_GUEST = '''\
+import os
+import sys
+import zlib
+
+import numpy as np
+
+import boardcodec as bc
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
+t = bc.load(sys.argv[1])
+frames = np.load(sys.argv[2])
+bc.encode(t, frames[0])
+sym = np.asarray(frames[1], dtype=np.int64)
+mark()
+pl = bc.plan(*sym.shape)
+model = bc.image_model(t, sym)
+mark()
+p, k, zk = (v.reshape(-1)[pl.flat] for v in model)
+s = sym.reshape(-1)[pl.flat]
+mark()
+left, freq = bc.quantized_all(t, bc._cumulative(t), pl, k, p, zk, s)
+mark()
+bc.ans_encode(left + s, freq + 1)
+mark()
+zlib.crc32(frames[1].tobytes())
+mark()
+'''
+STAGES = ("image model (predictions, context rows)", "coding order (gathers)",
+          "adaptive counts and quantized frequencies", "rANS loop (pure Python)", "crc32 of the frame")
+
+
+def stages(sysroot, board: str, tables: dict, sym: np.ndarray, tmp: Path) -> dict[str, float]:
+    """Guest instructions of each stage of this checkout's context encoder on one frame."""
+    from bottlefit.emulation import cost
+
+    lib = tmp / "stages"
+    lib.mkdir()
+    (lib / "boardcodec.py").write_bytes(Path(boardcodec.__file__).read_bytes())
+    np.savez(lib / "tables.npz", contract_id=np.array(tables["contract_id"]),
+             **{k: tables[k] for k in boardcodec.TABLE_KEYS + ("marginal_counts",)})
+    np.save(lib / "sym.npy", sym[:2])
+    c = cost.count_guest_script(sysroot, get_core(board), STAGES_GUEST.replace("@MARK_FD@", str(cost.MARK_FD)),
+                                [str(lib / "tables.npz"), str(lib / "sym.npy")], extra_site=[lib], name="stages")
+    return dict(zip(STAGES, cost.spans(c), strict=True))
+
+
 def predict(instructions: float, board: str) -> dict:
     try:
         from bottlefit.emulation import devicetime
@@ -130,6 +185,7 @@ def main() -> None:
                              "before_instructions": b.instructions, "after_instructions": n.instructions,
                              "ratio": b.instructions / n.instructions, "before_first_frame": b.first_frame,
                              "after_first_frame": n.first_frame, "before_ms": pb, "after_ms": pn})
+        split = stages(sysroot, boards[0], tables, sym, Path(d))
     head = ("| board | codec | frame B (counted frames) | before M instr/frame | after M instr/frame | before / after "
             "| predicted ms before | predicted ms after | basis |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [head] + [f"| {r['board']} ({r['core']}) | {r['codec']} | {r['frame_bytes']:.0f} | "
@@ -137,6 +193,11 @@ def main() -> None:
                       f"{r['ratio']:.2f}x | {r['before_ms']['ms']:.1f} | {r['after_ms']['ms']:.1f} | "
                       f"{r['after_ms']['basis']} |" for r in rows]
     print("\n".join(lines))
+    total = sum(split.values())
+    stage_lines = ["| stage | M instr | share |", "|---|---:|---:|"] + \
+        [f"| {name} | {v / 1e6:.2f} | {v / total:.0%} |" for name, v in split.items()]
+    print(f"after-encoder stages on {boards[0]} (frame 1):")
+    print("\n".join(stage_lines))
     whys = [f"{r['board']}: {r['after_ms']['why']}" for r in rows if r["codec"] == "context"]
     for w in whys:
         print(f"  {w}")
@@ -144,6 +205,7 @@ def main() -> None:
     meta = {"frames": str(a.frames.relative_to(HERE.parent)) if a.frames.is_relative_to(HERE.parent) else str(a.frames),
             "shape": list(sym.shape[1:]), "dtype": dtype, "contract_id": tables["contract_id"], "before": a.before,
             "runs": a.runs, "identical_bytes": f"{sum(same)}/{len(same)}", "context_payload_bytes": payload,
+            "after_stages": {"board": boards[0], "frame": 1, "instructions": split},
             "sysroot": sysroot.describe(), "rows": rows,
             "method": "guest instructions between marks around `runs` frames after one warm-up frame, per codec, "
                       "one guest process per (board, encoder); qemu-user + bottlefit's counting plugin"}
@@ -153,6 +215,8 @@ def main() -> None:
           f"{tables['contract_id']}); counted: frames 0..{a.runs - 1} after a warm-up frame; before = boardcodec.py "
           f"at {a.before}, after = this commit. Identical bytes before/after on {sum(same)}/{len(same)} frames; "
           f"context payload {payload:.0f} B mean.", "", *lines, "", *(f"- {w}" for w in whys), "",
+          f"The after-encoder's context frame by stage on {boards[0]} (frame 1, guest instructions between marks; "
+          "the table id and the shape's plan are cached after the first frame):", "", *stage_lines, "",
           "Counted: guest instructions under qemu arm64 user-mode emulation (sysroot Python "
           f"{sysroot.describe()['python']}, {', '.join(w for w in sysroot.describe()['wheels'] if 'numpy' in w)}). "
           "Predicted: from those counts, not timed on a board."]
