@@ -65,15 +65,11 @@ def wavefront(h, w, d):
 
 
 def order(c_count, h, w):
-    """(channel, row, col) of every symbol in coding order."""
-    cs, hs, ws = [], [], []
-    for t in range(steps(c_count, h, w)):
-        for c in range(c_count):
-            rows, cols = wavefront(h, w, t - LAG * c)
-            cs.append(np.full(rows.size, c, dtype=np.int64))
-            hs.append(rows)
-            ws.append(cols)
-    return np.concatenate(cs), np.concatenate(hs), np.concatenate(ws)
+    """(channel, row, col) of every symbol in coding order: by step t = 2 * row + col + LAG * channel, then channel,
+    then row (one wavefront per channel per step, rows ascending)."""
+    cc, hh, ww = (a.reshape(-1) for a in np.indices((c_count, h, w)))
+    at = np.lexsort((hh, cc, 2 * hh + ww + LAG * cc))
+    return cc[at], hh[at], ww[at]
 
 
 OFFSETS = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, 0), (0, 1), (1, 0))
@@ -361,12 +357,34 @@ def alphabet_frequencies(tables, window, zk):
 def prepare(tables, sym):
     """Every symbol of one image (C, H, W) in coding order: (symbols, left cumulative, frequency), all int64."""
     sym = np.asarray(sym, dtype=np.int64)
-    pl = plan(*sym.shape)
+    flat, bounds = coding_order(*sym.shape)
     # the encoder knows every symbol: the whole image's model at once, in image layout, then in coding order
-    p, k, zk = (v.reshape(-1)[pl.flat] for v in image_model(tables, sym))
-    s = sym.reshape(-1)[pl.flat]
-    left, freq = quantized_all(tables, _cumulative(tables), pl, k, p, zk, s)
+    p, k, zk = (v.reshape(-1)[flat] for v in image_model(tables, sym))
+    s = sym.reshape(-1)[flat]
+    left, freq = quantized_all(tables, _cumulative(tables), bounds, k, p, zk, s)
     return s, left, freq
+
+
+_ORDERS = {}
+
+
+def coding_order(c_count, h, w):
+    """(image index of every symbol in coding order, each step's first symbol and the end): all the encoder needs
+    of a :class:`Plan` (whose gather tables the decoder needs), cached per shape."""
+    key = (c_count, h, w)
+    o = _ORDERS.get(key)
+    if o is None:
+        pl = _PLANS.get(key)
+        if pl is not None:
+            o = (pl.flat, pl.bounds)
+        else:
+            cc, hh, ww = order(c_count, h, w)
+            o = (cc * (h * w) + hh * w + ww,
+                 np.searchsorted(2 * hh + ww + LAG * cc, np.arange(steps(c_count, h, w) + 1)))
+        if len(_ORDERS) >= 8:  # one shape per served contract: a few at most
+            _ORDERS.clear()
+        _ORDERS[key] = o
+    return o
 
 
 def _cached(tables, name, make):
@@ -460,7 +478,7 @@ def _cumulative(tables):
 EVENT_BLOCK = 4  # events per block of the encoder's count table (see quantized_all)
 
 
-def quantized_all(tables, cum, pl, k, p, zk, s):
+def quantized_all(tables, cum, bounds, k, p, zk, s):
     """:func:`quantized` of every symbol of an image at once, with :class:`Adaptive`'s counts as they stand at
     each symbol's step, without stepping: a symbol of step t and row k reads the calibration's cumulative weights
     plus ``ADAPT`` x the number of non-zero-point symbols ("events") of earlier steps in row k whose residual
@@ -471,9 +489,9 @@ def quantized_all(tables, cum, pl, k, p, zk, s):
     test_boardcodec_speed.py)."""
     zsym = int(tables["zero_symbol"])
     n_rows = cum.shape[0]
-    n_steps = pl.bounds.size - 1
+    n_steps = bounds.size - 1
     B = EVENT_BLOCK
-    step = np.repeat(np.arange(n_steps), np.diff(pl.bounds))
+    step = np.repeat(np.arange(n_steps), np.diff(bounds))
     ev = np.flatnonzero(s != zsym)
     ek = k[ev]
     # stable: (row, step), steps ascend ("mergesort": "stable" needs numpy >= 1.15; int16 rows sort by radix)

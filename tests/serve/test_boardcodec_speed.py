@@ -164,3 +164,20 @@ def test_encode_instructions_is_cached(sysroot, monkeypatch) -> None:
     monkeypatch.setattr(wirecost, "count_codecs", no_guest)
     again = wirecost.encode_instructions(sysroot, get_core("pi4"), tables, sym, ["context"], runs=1)
     assert again == first and again["context"].shape == shape and again["context"].instructions > 0
+
+
+def test_order_is_the_wavefront_loop() -> None:
+    """The vectorised coding order against the loop it replaced (steps, then channels, one wavefront each)."""
+    for shape in ((1, 1, 1), (1, 1, 5), (1, 4, 1), (3, 1, 6), (4, 7, 1), (5, 9, 11), (12, 29, 29)):
+        c_count, h, w = shape
+        cs, hs, ws = [], [], []
+        for t in range(bc.steps(c_count, h, w)):
+            for c in range(c_count):
+                rows, cols = bc.wavefront(h, w, t - bc.LAG * c)
+                cs.append(np.full(rows.size, c))
+                hs.append(rows)
+                ws.append(cols)
+        got = bc.order(*shape)
+        assert all(np.array_equal(a, np.concatenate(b)) for a, b in zip(got, (cs, hs, ws), strict=True)), shape
+        flat, bounds = bc.coding_order(*shape)
+        assert np.array_equal(np.sort(flat), np.arange(c_count * h * w)) and bounds[-1] == flat.size
