@@ -181,3 +181,14 @@ def test_order_is_the_wavefront_loop() -> None:
         assert all(np.array_equal(a, np.concatenate(b)) for a, b in zip(got, (cs, hs, ws), strict=True)), shape
         flat, bounds = bc.coding_order(*shape)
         assert np.array_equal(np.sort(flat), np.arange(c_count * h * w)) and bounds[-1] == flat.size
+
+
+def test_export_encode_instructions(sysroot, heldout_codes, mini_export) -> None:
+    """What bench split asks: the count for one image's codes of an export, by wire; None for server-side wires."""
+    from bottlefit.serve import wirecost
+
+    _, contract, codes = heldout_codes
+    ctx = wirecost.export_encode_instructions("pi4", "context", codes[0], mini_export, contract.head)
+    assert ctx is not None and 1e5 < ctx < 1e9
+    assert wirecost.export_encode_instructions("pi4", "zstd", codes[0], mini_export) is None
+    assert wirecost.export_encode_instructions("pi4", "context", codes[0], mini_export, "no-such-head") is None
