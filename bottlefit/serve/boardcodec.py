@@ -29,6 +29,7 @@ constriction decodes.
 """
 
 import hashlib
+import os
 import struct
 import zlib
 
@@ -575,10 +576,196 @@ def ans_encode(left, freq):
     return np.array(words, dtype="<u4").tobytes()
 
 
-def encode(tables, sym):
-    """One image's symbols (C, H, W) -> the coded stream (bytes)."""
+def encode(tables, sym, jit=None):
+    """One image's symbols (C, H, W) -> the coded stream (bytes). ``jit``: use the compiled encoder (numba; None:
+    when numba is importable and BOARDCODEC_JIT is not 0); the same bytes either way."""
+    kernels = _kernels() if jit is None or jit else None
+    if jit and kernels is None:
+        raise RuntimeError("the compiled context encoder needs numba (pip install numba); jit=None falls back")
+    if kernels is not None:
+        return _encode_compiled(kernels, tables, sym)
     s, left, freq = prepare(tables, sym)
     return ans_encode(left + s, freq + 1)  # constriction's leak: one more count for every symbol
+
+
+# -- the compiled encoder (optional): the same integers as image_model, quantized_all and ans_encode, as plain loops
+# that numba compiles (numba is not required: a board without it, e.g. JetPack 4's Python 3.6, runs the numpy
+# path above). Compiled once per process, kept on disk by numba's cache (beside this file in __pycache__ when that
+# folder is writable, else in the user's ~/.cache/numba; NUMBA_CACHE_DIR overrides both).
+
+def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, p, k, zk):
+    """image_model's predictions and (residual row, zero row) of every symbol of sym (C, H, W) int64, into p, k,
+    zk (C, H, W) int64."""
+    c_count, h, w = sym.shape
+    n_grad_edges = grad_edges.shape[1]
+    n_energy_edges = energy_edges.shape[1]
+    for c in range(c_count):
+        fl = fill[c]
+        for y in range(h):
+            for x in range(w):
+                left = sym[c, y, x - 1] if x > 0 else fl
+                up = sym[c, y - 1, x] if y > 0 else fl
+                upleft = sym[c, y - 1, x - 1] if y > 0 and x > 0 else fl
+                upright = sym[c, y - 1, x + 1] if y > 0 and x < w - 1 else fl
+                grad = abs(left - upleft) + abs(up - upleft) + abs(up - upright)
+                g = 0
+                for j in range(n_grad_edges):
+                    if grad_edges[c, j] <= grad:
+                        g += 1
+                wt = weights[c, g]
+                acc = wt[0] * left + wt[1] * up + wt[2] * upleft + wt[3] * upright
+                i = 4
+                ym, yp, xm, xp = max(y - 1, 0), min(y + 1, h - 1), max(x - 1, 0), min(x + 1, w - 1)
+                for prev in range(c):
+                    if prev >= c - N_PREV_FULL:
+                        acc += (wt[i] * sym[prev, y, x] + wt[i + 1] * sym[prev, y, xp] + wt[i + 2] * sym[prev, yp, x]
+                                + wt[i + 3] * sym[prev, y, xm] + wt[i + 4] * sym[prev, ym, x])
+                        i += 5
+                    else:
+                        acc += wt[i] * sym[prev, y, x]
+                        i += 1
+                acc += wt[i]
+                v = (acc + (1 << (FRAC - 1))) >> FRAC
+                p[c, y, x] = min(max(v, 0), 255)
+    for c in range(c_count):
+        for y in range(h):
+            for x in range(w):
+                e = 0
+                z = 0
+                if x > 0:
+                    e += 2 * abs(sym[c, y, x - 1] - p[c, y, x - 1])
+                    z += sym[c, y, x - 1] == zsym
+                if y > 0:
+                    e += 2 * abs(sym[c, y - 1, x] - p[c, y - 1, x])
+                    z += sym[c, y - 1, x] == zsym
+                    if x > 0:
+                        e += abs(sym[c, y - 1, x - 1] - p[c, y - 1, x - 1])
+                        z += sym[c, y - 1, x - 1] == zsym
+                    if x < w - 1:
+                        e += abs(sym[c, y - 1, x + 1] - p[c, y - 1, x + 1])
+                        z += sym[c, y - 1, x + 1] == zsym
+                if c > 0:
+                    older = 0
+                    for prev in range(c):
+                        older += abs(sym[prev, y, x] - p[prev, y, x])
+                    e += 2 * abs(sym[c - 1, y, x] - p[c - 1, y, x]) + (6 * older) // c
+                    z += sym[c - 1, y, x] == zsym
+                    if c > 1:
+                        z += sym[c - 2, y, x] == zsym
+                ec = 0
+                for j in range(n_energy_edges):
+                    if energy_edges[c, j] <= e:
+                        ec += 1
+                near = min(abs(p[c, y, x] - zsym), N_NEAR - 1)
+                k[c, y, x] = (c * N_ENERGY + ec) * N_NEAR + near
+                zk[c, y, x] = ((c * N_NEAR + near) * N_ZERO + min(z, N_ZERO - 1)) * N_ZERO_ENERGY + \
+                    ec * N_ZERO_ENERGY // N_ENERGY
+
+
+def _code_kernel(cum, zero, flat, bounds, sym, p, k, zk, zsym, seen, left, freq, words):
+    """quantized_all (stepping the adaptive counts: ``seen`` (rows, 512) int32, zeroed here, holds ADAPT x the
+    running count of each row's residual columns below each column) and ans_encode, in coding order ``flat``
+    with steps ``bounds``; writes the words into ``words`` (n + 2 uint32) and returns how many."""
+    seen[:] = 0
+    for t in range(bounds.size - 1):
+        a, b = bounds[t], bounds[t + 1]
+        for i in range(a, b):
+            j = flat[i]
+            s, pr, row, zr = sym[j], p[j], k[j], zk[j]
+            col = 255 - pr
+            base = cum[row, col] + seen[row, col]
+            at_z = cum[row, col + zsym] + seen[row, col + zsym]
+            w_zero = cum[row, col + zsym + 1] + seen[row, col + zsym + 1] - at_z
+            mass = cum[row, col + 256] + seen[row, col + 256] - base - w_zero
+            fz = (TOTAL * (zero[zr, 0] + 1)) // (zero[zr, 1] + 2)
+            rest = TOTAL - fz
+            cw = cum[row, col + s] + seen[row, col + s] - base
+            if s > zsym:
+                cw -= w_zero
+            lo = (rest * cw) // mass
+            if s == zsym:
+                left[i] = lo
+                freq[i] = fz
+            else:
+                cw = cum[row, col + s + 1] + seen[row, col + s + 1] - base
+                if s + 1 > zsym:
+                    cw -= w_zero
+                left[i] = lo + fz if s > zsym else lo
+                freq[i] = (rest * cw) // mass - lo
+        for i in range(a, b):  # the step's residuals count from the next step on (a decoder knows them then)
+            j = flat[i]
+            s = sym[j]
+            if s != zsym:
+                row = k[j]
+                for q in range(s - p[j] + 256, 512):
+                    seen[row, q] += ADAPT
+    # rANS, last symbol first (constriction's AnsCoder, 64-bit state, 32-bit words, one more count per symbol)
+    n = 0
+    x = np.uint64(0)
+    one, thirty_two, mask = np.uint64(1), np.uint64(32), np.uint64(0xFFFFFFFF)
+    prec, top = np.uint64(PRECISION), np.uint64(64 - PRECISION)
+    for i in range(flat.size - 1, -1, -1):
+        f = np.uint64(freq[i]) + one
+        if (x >> top) >= f:
+            words[n] = np.uint32(x & mask)
+            n += 1
+            x = x >> thirty_two
+        x = ((x // f) << prec) + np.uint64(left[i] + sym[flat[i]]) + x % f
+    while x != np.uint64(0):
+        words[n] = np.uint32(x & mask)
+        n += 1
+        x = x >> thirty_two
+    return n
+
+
+_KERNELS = []
+
+
+def _kernels():
+    """(image kernel, code kernel) compiled by numba, or None without numba (or with BOARDCODEC_JIT=0)."""
+    if not _KERNELS:
+        _KERNELS.append(None)
+        if os.environ.get("BOARDCODEC_JIT", "1") != "0":
+            try:
+                import numba
+            except Exception:  # not installed, or built for another numpy: the numpy path is the same bytes
+                numba = None
+            if numba is not None:
+                def jit(fn):
+                    try:
+                        return numba.njit(cache=True, nogil=True)(fn)
+                    except RuntimeError:  # no writable cache folder anywhere: compile every process
+                        return numba.njit(nogil=True)(fn)
+
+                _KERNELS[0] = (jit(_image_kernel), jit(_code_kernel))
+    return _KERNELS[0]
+
+
+def _encode_compiled(kernels, tables, sym):
+    image, code = kernels
+    sym = np.ascontiguousarray(sym, dtype=np.int64)
+    c_count, h, w = sym.shape
+    flat, bounds = coding_order(c_count, h, w)
+    p, k, zk = np.empty_like(sym), np.empty_like(sym), np.empty_like(sym)
+    image(sym, np.asarray(tables["fill"], dtype=np.int64), _cached(tables, "_weights", _padded_weights),
+          tables["grad_edges"], tables["energy_edges"], int(tables["zero_symbol"]), p, k, zk)
+    cum = _cumulative(tables)
+    seen = _cached(tables, "_seen", lambda t: np.zeros(cum.shape, dtype=np.int32))
+    n = flat.size
+    left, freq = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    words = np.empty(n + 2, dtype=np.uint32)
+    m = code(cum, tables["zero"].reshape(-1, 2), flat, bounds, sym.reshape(-1), p.reshape(-1), k.reshape(-1),
+             zk.reshape(-1), int(tables["zero_symbol"]), seen, left, freq, words)
+    return words[:m].astype("<u4").tobytes()
+
+
+def _padded_weights(tables):
+    """The predictor's weights (C, N_GRAD, n_features(C - 1)) int64, zero past each channel's own features."""
+    wt = np.asarray(tables["weights"], dtype=np.int64)
+    out = np.zeros(wt.shape, dtype=np.int64)
+    for c in range(wt.shape[0]):
+        out[c, :, : n_features(c)] = wt[c, :, : n_features(c)]
+    return out
 
 
 def load(path):
