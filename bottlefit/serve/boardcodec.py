@@ -593,62 +593,58 @@ def encode(tables, sym, jit=None):
 # path above). Compiled once per process, kept on disk by numba's cache (beside this file in __pycache__ when that
 # folder is writable, else in the user's ~/.cache/numba; NUMBA_CACHE_DIR overrides both).
 
-def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, p, k, zk):
-    """image_model's predictions and (residual row, zero row) of every symbol of sym (C, H, W) int64, into p, k,
-    zk (C, H, W) int64."""
+def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, rank, so, po, ko, zko):
+    """:func:`image_model` of sym (C, H, W) int64: each symbol, its prediction and (residual row, zero row), written
+    at its coding position ``rank`` (image index -> position) into so, po, ko, zko."""
     c_count, h, w = sym.shape
     n_grad_edges = grad_edges.shape[1]
     n_energy_edges = energy_edges.shape[1]
+    pf = np.empty((c_count, h + 1, w + 2), dtype=np.int64)  # fill outside: the causal neighbours
+    pe = np.empty((c_count, h + 2, w + 2), dtype=np.int64)  # clamped: the previous channels' neighbourhoods
     for c in range(c_count):
-        fl = fill[c]
+        for y in range(h + 2):
+            yy = min(max(y - 1, 0), h - 1)
+            for x in range(w + 2):
+                pe[c, y, x] = sym[c, yy, min(max(x - 1, 0), w - 1)]
+        pf[c] = fill[c]
+        pf[c, 1:, 1 : w + 1] = sym[c]
+    pred = np.empty((c_count, h, w), dtype=np.int64)
+    for c in range(c_count):
         for y in range(h):
             for x in range(w):
-                left = sym[c, y, x - 1] if x > 0 else fl
-                up = sym[c, y - 1, x] if y > 0 else fl
-                upleft = sym[c, y - 1, x - 1] if y > 0 and x > 0 else fl
-                upright = sym[c, y - 1, x + 1] if y > 0 and x < w - 1 else fl
+                left, up, upleft, upright = pf[c, y + 1, x], pf[c, y, x + 1], pf[c, y, x], pf[c, y, x + 2]
                 grad = abs(left - upleft) + abs(up - upleft) + abs(up - upright)
                 g = 0
                 for j in range(n_grad_edges):
                     if grad_edges[c, j] <= grad:
                         g += 1
-                wt = weights[c, g]
-                acc = wt[0] * left + wt[1] * up + wt[2] * upleft + wt[3] * upright
+                acc = weights[c, g, 0] * left + weights[c, g, 1] * up + weights[c, g, 2] * upleft + \
+                    weights[c, g, 3] * upright
                 i = 4
-                ym, yp, xm, xp = max(y - 1, 0), min(y + 1, h - 1), max(x - 1, 0), min(x + 1, w - 1)
-                for prev in range(c):
-                    if prev >= c - N_PREV_FULL:
-                        acc += (wt[i] * sym[prev, y, x] + wt[i + 1] * sym[prev, y, xp] + wt[i + 2] * sym[prev, yp, x]
-                                + wt[i + 3] * sym[prev, y, xm] + wt[i + 4] * sym[prev, ym, x])
-                        i += 5
-                    else:
-                        acc += wt[i] * sym[prev, y, x]
-                        i += 1
-                acc += wt[i]
-                v = (acc + (1 << (FRAC - 1))) >> FRAC
-                p[c, y, x] = min(max(v, 0), 255)
+                for prev in range(c - N_PREV_FULL):  # older channels: here
+                    acc += weights[c, g, i] * sym[prev, y, x]
+                    i += 1
+                for prev in range(max(c - N_PREV_FULL, 0), c):  # here, right, down, left, up
+                    acc += weights[c, g, i] * pe[prev, y + 1, x + 1] + weights[c, g, i + 1] * pe[prev, y + 1, x + 2] \
+                        + weights[c, g, i + 2] * pe[prev, y + 2, x + 1] + weights[c, g, i + 3] * pe[prev, y + 1, x] \
+                        + weights[c, g, i + 4] * pe[prev, y, x + 1]
+                    i += 5
+                acc += weights[c, g, i]
+                pred[c, y, x] = min(max((acc + (1 << (FRAC - 1))) >> FRAC, 0), 255)
+    pa = np.zeros((h + 1, w + 2), dtype=np.int64)  # channel c's |residuals|, 0 outside
+    pz = np.zeros((h + 1, w + 2), dtype=np.int64)  # channel c's symbols that are the zero point, 0 outside
+    older = np.zeros((h, w), dtype=np.int64)  # |residuals| of the channels before c, summed
     for c in range(c_count):
         for y in range(h):
             for x in range(w):
-                e = 0
-                z = 0
-                if x > 0:
-                    e += 2 * abs(sym[c, y, x - 1] - p[c, y, x - 1])
-                    z += sym[c, y, x - 1] == zsym
-                if y > 0:
-                    e += 2 * abs(sym[c, y - 1, x] - p[c, y - 1, x])
-                    z += sym[c, y - 1, x] == zsym
-                    if x > 0:
-                        e += abs(sym[c, y - 1, x - 1] - p[c, y - 1, x - 1])
-                        z += sym[c, y - 1, x - 1] == zsym
-                    if x < w - 1:
-                        e += abs(sym[c, y - 1, x + 1] - p[c, y - 1, x + 1])
-                        z += sym[c, y - 1, x + 1] == zsym
+                pa[y + 1, x + 1] = abs(sym[c, y, x] - pred[c, y, x])
+                pz[y + 1, x + 1] = sym[c, y, x] == zsym
+        for y in range(h):
+            for x in range(w):
+                e = 2 * pa[y + 1, x] + 2 * pa[y, x + 1] + pa[y, x] + pa[y, x + 2]
+                z = pz[y + 1, x] + pz[y, x + 1] + pz[y, x] + pz[y, x + 2]
                 if c > 0:
-                    older = 0
-                    for prev in range(c):
-                        older += abs(sym[prev, y, x] - p[prev, y, x])
-                    e += 2 * abs(sym[c - 1, y, x] - p[c - 1, y, x]) + (6 * older) // c
+                    e += 2 * abs(sym[c - 1, y, x] - pred[c - 1, y, x]) + (6 * older[y, x]) // c
                     z += sym[c - 1, y, x] == zsym
                     if c > 1:
                         z += sym[c - 2, y, x] == zsym
@@ -656,61 +652,84 @@ def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, p, k, zk):
                 for j in range(n_energy_edges):
                     if energy_edges[c, j] <= e:
                         ec += 1
-                near = min(abs(p[c, y, x] - zsym), N_NEAR - 1)
-                k[c, y, x] = (c * N_ENERGY + ec) * N_NEAR + near
-                zk[c, y, x] = ((c * N_NEAR + near) * N_ZERO + min(z, N_ZERO - 1)) * N_ZERO_ENERGY + \
+                pr = pred[c, y, x]
+                near = min(abs(pr - zsym), N_NEAR - 1)
+                r = rank[(c * h + y) * w + x]
+                so[r] = sym[c, y, x]
+                po[r] = pr
+                ko[r] = (c * N_ENERGY + ec) * N_NEAR + near
+                zko[r] = ((c * N_NEAR + near) * N_ZERO + min(z, N_ZERO - 1)) * N_ZERO_ENERGY + \
                     ec * N_ZERO_ENERGY // N_ENERGY
+                older[y, x] += pa[y + 1, x + 1]
 
 
-def _code_kernel(cum, zero, flat, bounds, sym, p, k, zk, zsym, seen, left, freq, words):
-    """quantized_all (stepping the adaptive counts: ``seen`` (rows, 512) int32, zeroed here, holds ADAPT x the
-    running count of each row's residual columns below each column) and ans_encode, in coding order ``flat``
-    with steps ``bounds``; writes the words into ``words`` (n + 2 uint32) and returns how many."""
+def _below(tree, at, j):
+    """Events at columns below ``j`` of the Fenwick tree at ``tree[at : at + 512]``."""
+    n = 0
+    while j > 0:
+        n += tree[at + j - 1]
+        j &= j - 1
+    return n
+
+
+def _code_kernel(cum, zero, bounds, so, po, ko, zko, zsym, seen, left, freq, words):
+    """quantized_all and ans_encode over symbols ``so``, predictions ``po`` and rows ``ko``, ``zko`` in coding
+    order, stepping the adaptive counts step by step (``bounds``): ``seen`` (rows x 1024) int32, zeroed here,
+    holds per row a Fenwick tree of the residual columns seen (512) and each column's own count (512), so
+    :class:`Adaptive`'s ``now`` at column j is ``cum[row, j] + ADAPT * (events below j)``. ``cum``: flat
+    (rows x 512); ``zero``: the zero point's frequency per zero-table row. Writes the words into ``words`` (n + 2
+    uint32) and returns how many."""
     seen[:] = 0
     for t in range(bounds.size - 1):
         a, b = bounds[t], bounds[t + 1]
         for i in range(a, b):
-            j = flat[i]
-            s, pr, row, zr = sym[j], p[j], k[j], zk[j]
-            col = 255 - pr
-            base = cum[row, col] + seen[row, col]
-            at_z = cum[row, col + zsym] + seen[row, col + zsym]
-            w_zero = cum[row, col + zsym + 1] + seen[row, col + zsym + 1] - at_z
-            mass = cum[row, col + 256] + seen[row, col + 256] - base - w_zero
-            fz = (TOTAL * (zero[zr, 0] + 1)) // (zero[zr, 1] + 2)
+            s, row = so[i], ko[i]
+            col = 255 - po[i]
+            cb, tb = row * 512 + col, row * 1024
+            below_base = _below(seen, tb, col)
+            base = cum[cb] + ADAPT * below_base
+            below_z = _below(seen, tb, col + zsym)
+            at_z = cum[cb + zsym] + ADAPT * below_z
+            w_zero = cum[cb + zsym + 1] - cum[cb + zsym] + ADAPT * seen[tb + 512 + col + zsym]
+            mass = cum[cb + 256] + ADAPT * _below(seen, tb, col + 256) - base - w_zero
+            fz = zero[zko[i]]
             rest = TOTAL - fz
-            cw = cum[row, col + s] + seen[row, col + s] - base
-            if s > zsym:
-                cw -= w_zero
-            lo = (rest * cw) // mass
             if s == zsym:
-                left[i] = lo
+                left[i] = (rest * (at_z - base)) // mass
                 freq[i] = fz
             else:
-                cw = cum[row, col + s + 1] + seen[row, col + s + 1] - base
-                if s + 1 > zsym:
+                below = _below(seen, tb, col + s)
+                cw = cum[cb + s] + ADAPT * below - base
+                cw1 = cum[cb + s + 1] + ADAPT * (below + seen[tb + 512 + col + s]) - base
+                if s > zsym:
                     cw -= w_zero
+                if s + 1 > zsym:
+                    cw1 -= w_zero
+                lo = (rest * cw) // mass
                 left[i] = lo + fz if s > zsym else lo
-                freq[i] = (rest * cw) // mass - lo
+                freq[i] = (rest * cw1) // mass - lo
         for i in range(a, b):  # the step's residuals count from the next step on (a decoder knows them then)
-            j = flat[i]
-            s = sym[j]
+            s = so[i]
             if s != zsym:
-                row = k[j]
-                for q in range(s - p[j] + 256, 512):
-                    seen[row, q] += ADAPT
+                tb = ko[i] * 1024
+                c = s - po[i] + 255
+                seen[tb + 512 + c] += 1
+                q = c + 1
+                while q <= 512:
+                    seen[tb + q - 1] += 1
+                    q += q & -q
     # rANS, last symbol first (constriction's AnsCoder, 64-bit state, 32-bit words, one more count per symbol)
     n = 0
     x = np.uint64(0)
     one, thirty_two, mask = np.uint64(1), np.uint64(32), np.uint64(0xFFFFFFFF)
     prec, top = np.uint64(PRECISION), np.uint64(64 - PRECISION)
-    for i in range(flat.size - 1, -1, -1):
+    for i in range(so.size - 1, -1, -1):
         f = np.uint64(freq[i]) + one
         if (x >> top) >= f:
             words[n] = np.uint32(x & mask)
             n += 1
             x = x >> thirty_two
-        x = ((x // f) << prec) + np.uint64(left[i] + sym[flat[i]]) + x % f
+        x = ((x // f) << prec) + np.uint64(left[i] + so[i]) + x % f
     while x != np.uint64(0):
         words[n] = np.uint32(x & mask)
         n += 1
@@ -737,6 +756,8 @@ def _kernels():
                     except RuntimeError:  # no writable cache folder anywhere: compile every process
                         return numba.njit(nogil=True)(fn)
 
+                global _below
+                _below = jit(_below)  # the code kernel calls it: compiled first, inlined there by LLVM
                 _KERNELS[0] = (jit(_image_kernel), jit(_code_kernel))
     return _KERNELS[0]
 
@@ -745,18 +766,36 @@ def _encode_compiled(kernels, tables, sym):
     image, code = kernels
     sym = np.ascontiguousarray(sym, dtype=np.int64)
     c_count, h, w = sym.shape
-    flat, bounds = coding_order(c_count, h, w)
-    p, k, zk = np.empty_like(sym), np.empty_like(sym), np.empty_like(sym)
-    image(sym, np.asarray(tables["fill"], dtype=np.int64), _cached(tables, "_weights", _padded_weights),
-          tables["grad_edges"], tables["energy_edges"], int(tables["zero_symbol"]), p, k, zk)
-    cum = _cumulative(tables)
-    seen = _cached(tables, "_seen", lambda t: np.zeros(cum.shape, dtype=np.int32))
-    n = flat.size
+    rank, bounds = _coding_rank(c_count, h, w)
+    n = sym.size
+    so, po, ko, zko = (np.empty(n, dtype=np.int64) for _ in range(4))
+    image(sym, _cached(tables, "_fill", lambda t: np.asarray(t["fill"], dtype=np.int64)),
+          _cached(tables, "_weights", _padded_weights), tables["grad_edges"], tables["energy_edges"],
+          int(tables["zero_symbol"]), rank, so, po, ko, zko)
+    cum = _cached(tables, "_cumulative_flat", lambda t: _cumulative(t).reshape(-1))
+    seen = _cached(tables, "_seen", lambda t: np.zeros(cum.size * 2, dtype=np.int32))
+    fz = _cached(tables, "_zero_freqs", lambda t: _zero_freq(t, np.arange(t["zero"].size // 2)))
     left, freq = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     words = np.empty(n + 2, dtype=np.uint32)
-    m = code(cum, tables["zero"].reshape(-1, 2), flat, bounds, sym.reshape(-1), p.reshape(-1), k.reshape(-1),
-             zk.reshape(-1), int(tables["zero_symbol"]), seen, left, freq, words)
+    m = code(cum, fz, bounds, so, po, ko, zko, int(tables["zero_symbol"]), seen, left, freq, words)
     return words[:m].astype("<u4").tobytes()
+
+
+_RANKS = {}
+
+
+def _coding_rank(c_count, h, w):
+    """(coding position of every image index, each step's first position and the end), cached per shape."""
+    key = (c_count, h, w)
+    r = _RANKS.get(key)
+    if r is None:
+        flat, bounds = coding_order(c_count, h, w)
+        rank = np.empty(flat.size, dtype=np.int64)
+        rank[flat] = np.arange(flat.size)
+        if len(_RANKS) >= 8:
+            _RANKS.clear()
+        r = _RANKS[key] = (rank, np.asarray(bounds, dtype=np.int64))
+    return r
 
 
 def _padded_weights(tables):

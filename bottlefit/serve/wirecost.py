@@ -31,6 +31,10 @@ from bottlefit.emulation.arm64 import Core, Sysroot, cache_dir
 from bottlefit.serve import boardcodec
 
 BOARD_CODECS = ("raw", "context")  # the codecs a board's client encodes with boardcodec alone
+# the board's optional compiler of the context encoder (boardcodec._kernels): aarch64 cp311 wheels, an overlay
+# beside the sysroot (bottlefit.emulation.cost.ensure_overlay) so the sysroot's key and build stay as they are;
+# numba 0.68 admits the sysroot's numpy 2.4 (numba needs numpy < 2.6)
+JIT_WHEELS: tuple[str, ...] = ("numba==0.68.1", "llvmlite==0.50.0")
 
 GUEST = '''\
 import json
@@ -71,7 +75,7 @@ sizes = {}
 for name in codecs:
     fn = {"raw": raw, "context": context}[name]
     mark()
-    fn(codes[0])  # the board's first frame: builds the shape's plan
+    fn(codes[0])  # the board's first frame: builds the shape's plan (and imports and compiles numba, with it)
     mark()
     sizes[name] = [len(fn(codes[i % len(codes)])) for i in range(runs)]
     mark()
@@ -88,10 +92,12 @@ class WireCost:
     core: str  # qemu cpu, e.g. "cortex-a72"
     shape: tuple[int, int, int]  # C, H, W symbols
     instructions: float  # per frame, after the first
-    first_frame: int  # the first frame's instructions (plan building included)
+    first_frame: int  # the first frame's instructions (plan building included; with jit, numba's import and
+    # compile, or its load from numba's cache)
     frame_bytes: float  # mean frame size of the counted frames
     frames: int  # frames counted
     source_sha256: str  # the boardcodec.py counted
+    jit: bool = False  # counted with numba importable (boardcodec's compiled encoder)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,11 +109,16 @@ def source_hash(source: Path | None = None) -> str:
 
 def count_codecs(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray], sym: np.ndarray,
                  codecs: Sequence[str] = BOARD_CODECS, *, runs: int = 3, dtype: str = "int8",
-                 source: Path | None = None, timeout: float = 1800) -> dict[str, WireCost]:
+                 source: Path | None = None, timeout: float = 1800, jit: bool = False,
+                 numba_cache: Path | None = None) -> dict[str, WireCost]:
     """Count (no cache) the board's encoder ``source`` (default: this bottlefit's boardcodec.py) per codec on
     ``core``, on frames ``sym`` (N, C, H, W) uint8 symbols of a ``dtype`` contract (the head's codes are the symbols
     shifted back) with the context ``tables`` (boardcodec.load's dict). Frame ``i`` of the counted run is
-    ``sym[i % N]``; frame 0 is also the warm-up."""
+    ``sym[i % N]``; frame 0 is also the warm-up. ``jit``: with numba (:data:`JIT_WHEELS`) on the guest's path,
+    so boardcodec encodes with its compiled kernels; ``numba_cache``: a kept folder the source is copied into
+    (only when its bytes changed, so numba's cache in its ``__pycache__`` stays valid) instead of a new one each
+    call: the first call's first frame compiles, a later call's loads the compiled code, as a board's second
+    process does."""
     from bottlefit.emulation import cost
 
     unknown = [c for c in codecs if c not in BOARD_CODECS]
@@ -119,8 +130,10 @@ def count_codecs(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray],
     src = Path(source or boardcodec.__file__)
     with tempfile.TemporaryDirectory(prefix="bottlefit-wirecost-") as d:
         tmp = Path(d)
-        (tmp / "lib").mkdir()
-        shutil.copyfile(src, tmp / "lib" / "boardcodec.py")  # alone on the path, as in a board bundle
+        lib = tmp / "lib" if numba_cache is None else Path(numba_cache)
+        lib.mkdir(parents=True, exist_ok=True)
+        if not (lib / "boardcodec.py").is_file() or (lib / "boardcodec.py").read_bytes() != src.read_bytes():
+            shutil.copyfile(src, lib / "boardcodec.py")  # alone on the path, as in a board bundle
         np.savez(tmp / "tables.npz", contract_id=np.array(str(tables.get("contract_id", "0" * 12))),
                  marginal_counts=np.asarray(tables.get("marginal_counts", np.zeros((sym.shape[1], 256))),
                                             dtype=np.int64),
@@ -128,7 +141,9 @@ def count_codecs(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray],
         np.save(tmp / "sym.npy", sym)
         c = cost.count_guest_script(sysroot, core, GUEST.replace("@MARK_FD@", str(cost.MARK_FD)),
                                     [str(tmp / "tables.npz"), str(tmp / "sym.npy"), ",".join(codecs), str(runs),
-                                     dtype], extra_site=[tmp / "lib"], timeout=timeout, name="boardcodec")
+                                     dtype],
+                                    extra_site=[lib, *([cost.ensure_overlay(JIT_WHEELS)] if jit else [])],
+                                    timeout=timeout, name="boardcodec")
         spans = cost.spans(c)
         if len(c.marks) != 3 * len(codecs):
             raise RuntimeError(f"the guest set {len(c.marks)} marks, expected {3 * len(codecs)}")
@@ -138,7 +153,7 @@ def count_codecs(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray],
     for i, codec in enumerate(codecs):
         first, steady = spans[3 * i], spans[3 * i + 1]
         out[codec] = WireCost(codec, core.cpu, shape, steady / runs, first, _frame_bytes(codec, tables, sym, runs),
-                              runs, sha)
+                              runs, sha, jit)
     return out
 
 
@@ -151,10 +166,10 @@ def _frame_bytes(codec: str, tables: Mapping[str, np.ndarray], sym: np.ndarray, 
 
 
 def encode_instructions(sysroot: Sysroot, core: Core, tables: Mapping[str, np.ndarray], sym: np.ndarray,
-                        codecs: Sequence[str] = BOARD_CODECS, *, runs: int = 3, dtype: str = "int8"
-                        ) -> dict[str, WireCost]:
+                        codecs: Sequence[str] = BOARD_CODECS, *, runs: int = 3, dtype: str = "int8",
+                        jit: bool = False) -> dict[str, WireCost]:
     """Per codec, the board encoder's guest instructions per frame on ``core`` (:class:`WireCost`), from the cache
-    when this codec, core, frame shape, boardcodec source, tables and sysroot were counted before."""
+    when this codec, core, frame shape, boardcodec source, tables, sysroot and ``jit`` were counted before."""
     sym = np.asarray(sym, dtype=np.uint8)
     shape = tuple(int(v) for v in (sym.shape[1:] if sym.ndim == 4 else sym.shape))
     tid = boardcodec.table_id(np.asarray(tables.get("marginal_counts", np.zeros((shape[0], 256))), np.int64),
@@ -163,7 +178,8 @@ def encode_instructions(sysroot: Sysroot, core: Core, tables: Mapping[str, np.nd
     sha = source_hash()
     out, missing = {}, []
     for codec in codecs:
-        key = hashlib.sha256(json.dumps([codec, core.cpu, shape, sha, tid, sysroot.key, dtype, runs]).encode()
+        key = hashlib.sha256(json.dumps([codec, core.cpu, shape, sha, tid, sysroot.key, dtype, runs]
+                                        + ([JIT_WHEELS] if jit else [])).encode()
                              ).hexdigest()[:16]
         path = folder / f"{codec}-{key}.json"
         if path.is_file():
@@ -172,7 +188,8 @@ def encode_instructions(sysroot: Sysroot, core: Core, tables: Mapping[str, np.nd
         else:
             missing.append((codec, path))
     if missing:
-        counted = count_codecs(sysroot, core, tables, sym, [c for c, _ in missing], runs=runs, dtype=dtype)
+        counted = count_codecs(sysroot, core, tables, sym, [c for c, _ in missing], runs=runs, dtype=dtype,
+                               jit=jit)
         folder.mkdir(parents=True, exist_ok=True)
         for codec, path in missing:
             fd, tmp = tempfile.mkstemp(prefix=".wirecost-", dir=folder)
