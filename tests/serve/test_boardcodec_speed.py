@@ -2,7 +2,9 @@
 image_model) against the stepped encoder it replaced, kept here as the oracle: the same bytes on real R152 v2
 frames, synthetic frames and edge cases (all zero point, saturated, checkerboard, random, tiny and odd shapes,
 extreme weights); decode(encode(x)) round trips; and the count of the board's encoders under emulation on a tiny
-frame (skipped, with EmulationUnavailable's line, where qemu or the sysroot is missing)."""
+frame (skipped, with EmulationUnavailable's line, where qemu or the sysroot is missing). The compiled encoder
+(numba, optional: the ``board`` extra) is held to the same oracle on the same cases, on this host and, slow, on
+the emulated Pi 4 core."""
 
 from __future__ import annotations
 
@@ -75,9 +77,36 @@ def _cases():
 CASES = list(_cases())
 
 
+def _numba() -> None:
+    if bc._kernels() is None:
+        pytest.skip("numba is not importable here (pip install bottlefit[board]), or BOARDCODEC_JIT=0")
+
+
 @pytest.mark.parametrize("name,tables,sym", CASES, ids=[c[0] for c in CASES])
 def test_same_bytes_as_the_stepped_encoder(name, tables, sym) -> None:
-    assert bc.encode(dict(tables), sym) == _stepped(dict(tables), sym)
+    assert bc.encode(dict(tables), sym, jit=False) == _stepped(dict(tables), sym)
+
+
+@pytest.mark.parametrize("name,tables,sym", CASES, ids=[c[0] for c in CASES])
+def test_compiled_encoder_same_bytes(name, tables, sym) -> None:
+    """numba's kernels (this host's compile) against the same oracle."""
+    _numba()
+    assert bc.encode(dict(tables), sym, jit=True) == _stepped(dict(tables), sym)
+
+
+def test_compiled_encoder_is_the_default_when_importable(monkeypatch) -> None:
+    """encode() picks the kernels when numba imports, the numpy path with BOARDCODEC_JIT=0; jit=True without numba
+    is an error, not a silent fallback."""
+    _numba()
+    tables, sym = _real()
+    calls = []
+    monkeypatch.setattr(bc, "_encode_compiled", lambda *a: calls.append(1) or b"")
+    bc.encode(dict(tables), sym[0])
+    assert calls == [1]
+    monkeypatch.setattr(bc, "_KERNELS", [None])  # what _kernels() leaves without numba / with BOARDCODEC_JIT=0
+    assert bc.encode(dict(tables), sym[0]) == _stepped(dict(tables), sym[0]) and calls == [1]
+    with pytest.raises(RuntimeError, match="needs numba"):
+        bc.encode(dict(tables), sym[0], jit=True)
 
 
 def test_many_real_frames_and_reused_tables() -> None:
@@ -85,7 +114,10 @@ def test_many_real_frames_and_reused_tables() -> None:
     tables, sym = _real()
     shared = dict(tables)
     for s in sym:
-        assert bc.encode(shared, s) == _stepped(dict(tables), s)
+        want = _stepped(dict(tables), s)
+        assert bc.encode(shared, s, jit=False) == want
+        if bc._kernels() is not None:
+            assert bc.encode(shared, s, jit=True) == want
     assert {"_cumulative"} <= set(shared)
 
 
@@ -192,3 +224,58 @@ def test_export_encode_instructions(sysroot, heldout_codes, mini_export) -> None
     assert ctx is not None and 1e5 < ctx < 1e9
     assert wirecost.export_encode_instructions("pi4", "zstd", codes[0], mini_export) is None
     assert wirecost.export_encode_instructions("pi4", "context", codes[0], mini_export, "no-such-head") is None
+
+
+JIT_GUEST = """\
+import hashlib
+import sys
+
+import numpy as np
+
+import boardcodec as bc
+
+t = bc.load(sys.argv[1])
+sym = np.load(sys.argv[2])
+for s in sym:
+    print(hashlib.sha256(bc.encode(t, s, jit=True)).hexdigest(), hashlib.sha256(bc.encode(t, s, jit=False)).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_compiled_encoder_on_the_emulated_pi4(sysroot, tmp_path) -> None:
+    """numba's aarch64 wheels on the Pi 4 core (qemu): the kernels compile there and write the oracle's bytes; the
+    counted steady state is below the numpy path's, the first frame (numba's import and compile) far above it.
+    A few minutes under qemu (LLVM compiles the kernels in the guest, three times)."""
+    import hashlib
+
+    from bottlefit.emulation import cost
+    from bottlefit.emulation.arm64 import EmulationUnavailable, get_core, run_python
+    from bottlefit.serve import wirecost
+
+    shape = (6, 10, 9)
+    tables = dict(_synthetic_tables(shape[0], 21), marginal_counts=np.ones((shape[0], 256), np.int64),
+                  contract_id="0123456789ab")
+    sym = np.stack([_synthetic_symbols(shape, 22), _synthetic_symbols(shape, 23)])
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "boardcodec.py").write_bytes(Path(bc.__file__).read_bytes())
+    np.savez(tmp_path / "t.npz", contract_id=np.array(tables["contract_id"]), marginal_counts=tables["marginal_counts"],
+             **{k: tables[k] for k in bc.TABLE_KEYS})
+    np.save(tmp_path / "s.npy", sym)
+    script = tmp_path / "guest.py"
+    script.write_text(JIT_GUEST)
+    try:
+        overlay = cost.ensure_overlay(wirecost.JIT_WHEELS)
+    except EmulationUnavailable as e:  # no network for the wheels
+        pytest.skip(str(e))
+    proc = run_python(sysroot, get_core("pi4"), script, [tmp_path / "t.npz", tmp_path / "s.npy"],
+                      env={"PYTHONPATH": f"{lib}:{overlay}:{sysroot.site}"}, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = [hashlib.sha256(_stepped(dict(tables), s)).hexdigest() for s in sym]
+    assert [line.split() for line in proc.stdout.splitlines() if line] == [[h, h] for h in want]
+    core = get_core("pi4")
+    jit = wirecost.count_codecs(sysroot, core, tables, sym, ["context"], runs=2, jit=True)["context"]
+    pure = wirecost.count_codecs(sysroot, core, tables, sym, ["context"], runs=2)["context"]
+    assert jit.jit and not pure.jit and jit.frame_bytes == pure.frame_bytes
+    assert jit.instructions < pure.instructions
+    assert jit.first_frame > 100 * pure.first_frame
