@@ -7,8 +7,11 @@ Frames: ResNet-152 ver2 with 12 bottleneck channels (/work/ckpt/r152v2_12.pt, th
 exported to int8 ONNX with bottlefit's defaults; its int8 head's codes on the built-in held-out photos and the
 export's shipped context tables are saved in bench/results/board_codec/frames_r152v2_12.npz (``--export OUT``
 rebuilds that file from an export). "before" is boardcodec.py at git revision ``--before``; "after" is this
-checkout's. Both encoders' bytes are compared on every saved frame first (on this host: the bytes are the
-format's, not the CPU's).
+checkout's numpy path (numba not importable: what a board without the optional ``board`` extra runs); "numba" is
+this checkout with numba 0.68.1 on the guest's path (wirecost.JIT_WHEELS, an overlay beside the sysroot): its
+steady state, its first frame in a fresh process (numba's import and the kernels' compile), and its first frame in
+a second process (numba's import and the compiled kernels loaded from numba's on-disk cache). All encoders' bytes
+are compared on every saved frame first (on this host: the bytes are the format's, not the CPU's).
 
 Predicted ms: bottlefit.emulation.devicetime.predict_ms(instructions, board, "python", "fp32") when that module
 is present (Python + numpy at the IPC fitted for ncnn on the same core: an extrapolation, labelled so), else
@@ -163,10 +166,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-board-codec-") as d:
         before_src, before = module_at(a.before, Path(d))
         # 1. the same bytes: every saved frame, both encoders, on this host
-        same = [before.encode(dict(tables), s) == boardcodec.encode(tables, s) for s in sym]
+        jit = boardcodec._kernels() is not None
+        same = [before.encode(dict(tables), s) == boardcodec.encode(tables, s, jit=False) ==
+                (boardcodec.encode(tables, s, jit=True) if jit else boardcodec.encode(tables, s, jit=False))
+                for s in sym]
         payload = float(np.mean([len(boardcodec.encode(tables, s)) for s in sym]))
         print(f"frames: {len(sym)} x {list(sym.shape[1:])} symbols ({dtype} contract {tables['contract_id']}), "
-              f"context payload {payload:.0f} B mean; before ({a.before}) and after encode identical bytes: "
+              f"context payload {payload:.0f} B mean; before ({a.before}), after and "
+              f"{'numba (this host)' if jit else 'not numba (not installed here)'} encode identical bytes: "
               f"{sum(same)}/{len(same)}")
         if not all(same):
             sys.exit("error: the encoders disagree: the wire format changed")
@@ -178,6 +185,23 @@ def main() -> None:
             for label, src in (("before", before_src), ("after", Path(boardcodec.__file__))):
                 counted[label] = wirecost.count_codecs(sysroot, core, tables, sym, runs=a.runs, dtype=dtype,
                                                        source=src)
+            keep = Path(d) / f"numba-{board}"  # one folder: the second process loads what the first compiled
+            numba = [wirecost.count_codecs(sysroot, core, tables, sym, ["context"], runs=a.runs, dtype=dtype,
+                                           jit=True, numba_cache=keep)["context"] for _ in range(2)]
+            if numba[0].frame_bytes != counted["after"]["context"].frame_bytes:
+                sys.exit("error: the compiled encoder's frames differ")
+            j = numba[0]
+            pj = predict(j.instructions, board)
+            numba_row = {"board": board, "core": core.cpu, "codec": "context (numba)", "frame_bytes": j.frame_bytes,
+                         "before_instructions": counted["before"]["context"].instructions,
+                         "after_instructions": j.instructions,
+                         "ratio": counted["before"]["context"].instructions / j.instructions,
+                         "before_first_frame": counted["before"]["context"].first_frame,
+                         "after_first_frame": j.first_frame, "after_first_frame_cached": numba[1].first_frame,
+                         "steady_cached_process": numba[1].instructions,
+                         "before_ms": predict(counted["before"]["context"].instructions, board), "after_ms": pj,
+                         "first_frame_ms": predict(j.first_frame, board),
+                         "first_frame_cached_ms": predict(numba[1].first_frame, board)}
             for codec in wirecost.BOARD_CODECS:
                 b, n = counted["before"][codec], counted["after"][codec]
                 pb, pn = predict(b.instructions, board), predict(n.instructions, board)
@@ -185,6 +209,7 @@ def main() -> None:
                              "before_instructions": b.instructions, "after_instructions": n.instructions,
                              "ratio": b.instructions / n.instructions, "before_first_frame": b.first_frame,
                              "after_first_frame": n.first_frame, "before_ms": pb, "after_ms": pn})
+            rows.append(numba_row)
         split = stages(sysroot, boards[0], tables, sym, Path(d))
     head = ("| board | codec | frame B (counted frames) | before M instr/frame | after M instr/frame | before / after "
             "| predicted ms before | predicted ms after | basis |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
@@ -193,18 +218,25 @@ def main() -> None:
                       f"{r['ratio']:.2f}x | {r['before_ms']['ms']:.1f} | {r['after_ms']['ms']:.1f} | "
                       f"{r['after_ms']['basis']} |" for r in rows]
     print("\n".join(lines))
+    first = ["| board | numba first frame, fresh cache: M instr | predicted s | numba first frame, cached: M instr "
+             "| predicted s |", "|---|---:|---:|---:|---:|"] + \
+        [f"| {r['board']} ({r['core']}) | {r['after_first_frame'] / 1e6:.0f} | {r['first_frame_ms']['ms'] / 1e3:.1f} | "
+         f"{r['after_first_frame_cached'] / 1e6:.0f} | {r['first_frame_cached_ms']['ms'] / 1e3:.1f} |"
+         for r in rows if r["codec"] == "context (numba)"]
+    print("\n".join(first))
     total = sum(split.values())
     stage_lines = ["| stage | M instr | share |", "|---|---:|---:|"] + \
         [f"| {name} | {v / 1e6:.2f} | {v / total:.0%} |" for name, v in split.items()]
     print(f"after-encoder stages on {boards[0]} (frame 1):")
     print("\n".join(stage_lines))
-    whys = [f"{r['board']}: {r['after_ms']['why']}" for r in rows if r["codec"] == "context"]
+    whys = [f"{r['board']}: {r['after_ms']['why']}" for r in rows if r["codec"] == "context (numba)"]
     for w in whys:
         print(f"  {w}")
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"frames": str(a.frames.relative_to(HERE.parent)) if a.frames.is_relative_to(HERE.parent) else str(a.frames),
             "shape": list(sym.shape[1:]), "dtype": dtype, "contract_id": tables["contract_id"], "before": a.before,
-            "runs": a.runs, "identical_bytes": f"{sum(same)}/{len(same)}", "context_payload_bytes": payload,
+            "runs": a.runs, "jit_wheels": list(wirecost.JIT_WHEELS),
+            "identical_bytes": f"{sum(same)}/{len(same)}", "context_payload_bytes": payload,
             "after_stages": {"board": boards[0], "frame": 1, "instructions": split},
             "sysroot": sysroot.describe(), "rows": rows,
             "method": "guest instructions between marks around `runs` frames after one warm-up frame, per codec, "
@@ -213,8 +245,13 @@ def main() -> None:
     md = ["# The board's wire encoder, counted (bench/bench_board_codec.py)", "",
           f"{len(sym)} held-out frames of ResNet-152 v2 12 ch ({list(sym.shape[1:])} {dtype} symbols, contract "
           f"{tables['contract_id']}); counted: frames 0..{a.runs - 1} after a warm-up frame; before = boardcodec.py "
-          f"at {a.before}, after = this commit. Identical bytes before/after on {sum(same)}/{len(same)} frames; "
-          f"context payload {payload:.0f} B mean.", "", *lines, "", *(f"- {w}" for w in whys), "",
+          f"at {a.before}, after = this commit's numpy path (no numba), context (numba) = this commit with "
+          f"{' and '.join(wirecost.JIT_WHEELS)} (its 'before' column repeats the numpy-only baseline). Identical "
+          f"bytes before/after/numba on {sum(same)}/{len(same)} frames (this host); context payload {payload:.0f} B "
+          "mean.", "", *lines, "", *(f"- {w}" for w in whys), "",
+          "numba compiles the kernels on a process's first frame (cold: nothing in numba's cache) or loads them "
+          "from its on-disk cache (a later process on the same board); the import of numba is in both:", "",
+          *first, "",
           f"The after-encoder's context frame by stage on {boards[0]} (frame 1, guest instructions between marks; "
           "the table id and the shape's plan are cached after the first frame):", "", *stage_lines, "",
           "Counted: guest instructions under qemu arm64 user-mode emulation (sysroot Python "
