@@ -246,7 +246,7 @@ def main() -> None:
           f"{len(sym)} held-out frames of ResNet-152 v2 12 ch ({list(sym.shape[1:])} {dtype} symbols, contract "
           f"{tables['contract_id']}); counted: frames 0..{a.runs - 1} after a warm-up frame; before = boardcodec.py "
           f"at {a.before}, after = this commit's numpy path (no numba), context (numba) = this commit with "
-          f"{' and '.join(wirecost.JIT_WHEELS)} (its 'before' column repeats the numpy-only baseline). Identical "
+          f"{' and '.join(wirecost.JIT_WHEELS)} (before: the same {a.before} baseline). Identical "
           f"bytes before/after/numba on {sum(same)}/{len(same)} frames (this host); context payload {payload:.0f} B "
           "mean.", "", *lines, "", *(f"- {w}" for w in whys), "",
           "numba compiles the kernels on a process's first frame (cold: nothing in numba's cache) or loads them "
