@@ -595,10 +595,15 @@ def encode(tables, sym, jit=None):
 
 def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, rank, so, po, ko, zko):
     """:func:`image_model` of sym (C, H, W) int64: each symbol, its prediction and (residual row, zero row), written
-    at its coding position ``rank`` (image index -> position) into so, po, ko, zko."""
+    at its coding position ``rank`` (image index -> position) into so, po, ko, zko. Flat arrays, indexed by
+    unsigned integers (``_u``): numba then skips the negative-index wraparound it adds to every signed index."""
     c_count, h, w = sym.shape
     n_grad_edges = grad_edges.shape[1]
     n_energy_edges = energy_edges.shape[1]
+    nf = weights.shape[2]
+    hw, we = h * w, w + 2
+    he = (h + 2) * we
+    sf, wf, gf, ef_ = sym.reshape(-1), weights.reshape(-1), grad_edges.reshape(-1), energy_edges.reshape(-1)
     pf = np.empty((c_count, h + 1, w + 2), dtype=np.int64)  # fill outside: the causal neighbours
     pe = np.empty((c_count, h + 2, w + 2), dtype=np.int64)  # clamped: the previous channels' neighbourhoods
     for c in range(c_count):
@@ -608,99 +613,105 @@ def _image_kernel(sym, fill, weights, grad_edges, energy_edges, zsym, rank, so, 
                 pe[c, y, x] = sym[c, yy, min(max(x - 1, 0), w - 1)]
         pf[c] = fill[c]
         pf[c, 1:, 1 : w + 1] = sym[c]
-    pred = np.empty((c_count, h, w), dtype=np.int64)
+    ff, ee = pf.reshape(-1), pe.reshape(-1)
+    pred = np.empty(c_count * hw, dtype=np.int64)
     for c in range(c_count):
         for y in range(h):
             for x in range(w):
-                left, up, upleft, upright = pf[c, y + 1, x], pf[c, y, x + 1], pf[c, y, x], pf[c, y, x + 2]
+                at = c * (h + 1) * we + (y + 1) * we + x  # pf at (c, y + 1, x): left
+                left, up, upleft, upright = ff[_u(at)], ff[_u(at - we + 1)], ff[_u(at - we)], ff[_u(at - we + 2)]
                 grad = abs(left - upleft) + abs(up - upleft) + abs(up - upright)
                 g = 0
                 for j in range(n_grad_edges):
-                    if grad_edges[c, j] <= grad:
+                    if gf[_u(c * n_grad_edges + j)] <= grad:
                         g += 1
-                acc = weights[c, g, 0] * left + weights[c, g, 1] * up + weights[c, g, 2] * upleft + \
-                    weights[c, g, 3] * upright
-                i = 4
+                i = (c * N_GRAD + g) * nf
+                acc = wf[_u(i)] * left + wf[_u(i + 1)] * up + wf[_u(i + 2)] * upleft + wf[_u(i + 3)] * upright
+                i += 4
+                here = y * w + x
                 for prev in range(c - N_PREV_FULL):  # older channels: here
-                    acc += weights[c, g, i] * sym[prev, y, x]
+                    acc += wf[_u(i)] * sf[_u(prev * hw + here)]
                     i += 1
                 for prev in range(max(c - N_PREV_FULL, 0), c):  # here, right, down, left, up
-                    acc += weights[c, g, i] * pe[prev, y + 1, x + 1] + weights[c, g, i + 1] * pe[prev, y + 1, x + 2] \
-                        + weights[c, g, i + 2] * pe[prev, y + 2, x + 1] + weights[c, g, i + 3] * pe[prev, y + 1, x] \
-                        + weights[c, g, i + 4] * pe[prev, y, x + 1]
+                    e = prev * he + (y + 1) * we + x + 1
+                    acc += wf[_u(i)] * ee[_u(e)] + wf[_u(i + 1)] * ee[_u(e + 1)] + wf[_u(i + 2)] * ee[_u(e + we)] \
+                        + wf[_u(i + 3)] * ee[_u(e - 1)] + wf[_u(i + 4)] * ee[_u(e - we)]
                     i += 5
-                acc += weights[c, g, i]
-                pred[c, y, x] = min(max((acc + (1 << (FRAC - 1))) >> FRAC, 0), 255)
-    pa = np.zeros((h + 1, w + 2), dtype=np.int64)  # channel c's |residuals|, 0 outside
-    pz = np.zeros((h + 1, w + 2), dtype=np.int64)  # channel c's symbols that are the zero point, 0 outside
-    older = np.zeros((h, w), dtype=np.int64)  # |residuals| of the channels before c, summed
+                acc += wf[_u(i)]
+                pred[_u(c * hw + here)] = min(max((acc + (1 << (FRAC - 1))) >> FRAC, 0), 255)
+    pa = np.zeros((h + 1) * we, dtype=np.int64)  # channel c's |residuals|, 0 outside
+    pz = np.zeros((h + 1) * we, dtype=np.int64)  # channel c's symbols that are the zero point, 0 outside
+    older = np.zeros(hw, dtype=np.int64)  # |residuals| of the channels before c, summed
     for c in range(c_count):
         for y in range(h):
             for x in range(w):
-                pa[y + 1, x + 1] = abs(sym[c, y, x] - pred[c, y, x])
-                pz[y + 1, x + 1] = sym[c, y, x] == zsym
+                at = c * hw + y * w + x
+                pa[_u((y + 1) * we + x + 1)] = abs(sf[_u(at)] - pred[_u(at)])
+                pz[_u((y + 1) * we + x + 1)] = sf[_u(at)] == zsym
         for y in range(h):
             for x in range(w):
-                e = 2 * pa[y + 1, x] + 2 * pa[y, x + 1] + pa[y, x] + pa[y, x + 2]
-                z = pz[y + 1, x] + pz[y, x + 1] + pz[y, x] + pz[y, x + 2]
+                here = y * w + x
+                at = c * hw + here
+                q = (y + 1) * we + x  # left in pa / pz
+                e = 2 * pa[_u(q)] + 2 * pa[_u(q - we + 1)] + pa[_u(q - we)] + pa[_u(q - we + 2)]
+                z = pz[_u(q)] + pz[_u(q - we + 1)] + pz[_u(q - we)] + pz[_u(q - we + 2)]
                 if c > 0:
-                    e += 2 * abs(sym[c - 1, y, x] - pred[c - 1, y, x]) + (6 * older[y, x]) // c
-                    z += sym[c - 1, y, x] == zsym
+                    e += 2 * abs(sf[_u(at - hw)] - pred[_u(at - hw)]) + (6 * older[_u(here)]) // c
+                    z += sf[_u(at - hw)] == zsym
                     if c > 1:
-                        z += sym[c - 2, y, x] == zsym
+                        z += sf[_u(at - 2 * hw)] == zsym
                 ec = 0
                 for j in range(n_energy_edges):
-                    if energy_edges[c, j] <= e:
+                    if ef_[_u(c * n_energy_edges + j)] <= e:
                         ec += 1
-                pr = pred[c, y, x]
+                pr = pred[_u(at)]
                 near = min(abs(pr - zsym), N_NEAR - 1)
-                r = rank[(c * h + y) * w + x]
-                so[r] = sym[c, y, x]
+                r = _u(rank[_u(at)])
+                so[r] = sf[_u(at)]
                 po[r] = pr
                 ko[r] = (c * N_ENERGY + ec) * N_NEAR + near
                 zko[r] = ((c * N_NEAR + near) * N_ZERO + min(z, N_ZERO - 1)) * N_ZERO_ENERGY + \
                     ec * N_ZERO_ENERGY // N_ENERGY
-                older[y, x] += pa[y + 1, x + 1]
+                older[_u(here)] += pa[_u(q + 1)]
+
+
+def _u(i):
+    """An index as unsigned (numba adds no negative-index wraparound to unsigned indices; every index here is >= 0)."""
+    return np.uint64(i)
 
 
 def _below(tree, at, j):
-    """Events at columns below ``j`` of the Fenwick tree at ``tree[at : at + 512]``."""
-    n = 0
-    while j > 0:
-        n += tree[at + j - 1]
-        j &= j - 1
-    return n
+    """Events at columns below ``j`` of the row at ``tree[at:]``: those of j's block of 16 columns below j (at + j),
+    plus those of earlier blocks (at + 512 + j // 16)."""
+    return tree[_u(at + j)] + tree[_u(at + 512 + (j >> 4))]
 
 
 def _code_kernel(cum, zero, bounds, so, po, ko, zko, zsym, seen, left, freq, words):
     """quantized_all and ans_encode over symbols ``so``, predictions ``po`` and rows ``ko``, ``zko`` in coding
     order, stepping the adaptive counts step by step (``bounds``): ``seen`` (rows x 1024) int32, zeroed here,
-    holds per row a Fenwick tree of the residual columns seen (512) and each column's own count (512), so
-    :class:`Adaptive`'s ``now`` at column j is ``cum[row, j] + ADAPT * (events below j)``. ``cum``: flat
-    (rows x 512); ``zero``: the zero point's frequency per zero-table row. Writes the words into ``words`` (n + 2
-    uint32) and returns how many."""
+    holds per row the events (residual columns seen) below each column within its block of 16 columns (512) and
+    below each block (32), so :class:`Adaptive`'s ``now`` at column j is ``cum[row, j] + ADAPT * (events below
+    j)``. ``cum``: flat (rows x 512); ``zero``: the zero point's frequency per zero-table row. Writes the words into
+    ``words`` (n + 2 uint32) and returns how many."""
     seen[:] = 0
     for t in range(bounds.size - 1):
         a, b = bounds[t], bounds[t + 1]
-        for i in range(a, b):
+        for i in range(_u(a), _u(b)):
             s, row = so[i], ko[i]
             col = 255 - po[i]
             cb, tb = row * 512 + col, row * 1024
-            below_base = _below(seen, tb, col)
-            base = cum[cb] + ADAPT * below_base
-            below_z = _below(seen, tb, col + zsym)
-            at_z = cum[cb + zsym] + ADAPT * below_z
-            w_zero = cum[cb + zsym + 1] - cum[cb + zsym] + ADAPT * seen[tb + 512 + col + zsym]
-            mass = cum[cb + 256] + ADAPT * _below(seen, tb, col + 256) - base - w_zero
-            fz = zero[zko[i]]
+            base = cum[_u(cb)] + ADAPT * _below(seen, tb, col)
+            at_z = cum[_u(cb + zsym)] + ADAPT * _below(seen, tb, col + zsym)
+            w_zero = cum[_u(cb + zsym + 1)] + ADAPT * _below(seen, tb, col + zsym + 1) - at_z
+            mass = cum[_u(cb + 256)] + ADAPT * _below(seen, tb, col + 256) - base - w_zero
+            fz = zero[_u(zko[i])]
             rest = TOTAL - fz
             if s == zsym:
                 left[i] = (rest * (at_z - base)) // mass
                 freq[i] = fz
             else:
-                below = _below(seen, tb, col + s)
-                cw = cum[cb + s] + ADAPT * below - base
-                cw1 = cum[cb + s + 1] + ADAPT * (below + seen[tb + 512 + col + s]) - base
+                cw = cum[_u(cb + s)] + ADAPT * _below(seen, tb, col + s) - base
+                cw1 = cum[_u(cb + s + 1)] + ADAPT * _below(seen, tb, col + s + 1) - base
                 if s > zsym:
                     cw -= w_zero
                 if s + 1 > zsym:
@@ -708,30 +719,30 @@ def _code_kernel(cum, zero, bounds, so, po, ko, zko, zsym, seen, left, freq, wor
                 lo = (rest * cw) // mass
                 left[i] = lo + fz if s > zsym else lo
                 freq[i] = (rest * cw1) // mass - lo
-        for i in range(a, b):  # the step's residuals count from the next step on (a decoder knows them then)
+        for i in range(_u(a), _u(b)):  # the step's residuals count from the next step on (a decoder knows them then)
             s = so[i]
             if s != zsym:
                 tb = ko[i] * 1024
                 c = s - po[i] + 255
-                seen[tb + 512 + c] += 1
-                q = c + 1
-                while q <= 512:
-                    seen[tb + q - 1] += 1
-                    q += q & -q
+                for q in range(_u(tb + c + 1), _u(tb + (c | 15) + 1)):
+                    seen[q] += 1
+                for q in range(_u(tb + 512 + (c >> 4) + 1), _u(tb + 544)):
+                    seen[q] += 1
     # rANS, last symbol first (constriction's AnsCoder, 64-bit state, 32-bit words, one more count per symbol)
     n = 0
     x = np.uint64(0)
     one, thirty_two, mask = np.uint64(1), np.uint64(32), np.uint64(0xFFFFFFFF)
     prec, top = np.uint64(PRECISION), np.uint64(64 - PRECISION)
-    for i in range(so.size - 1, -1, -1):
+    for r in range(so.size):
+        i = _u(so.size - 1 - r)
         f = np.uint64(freq[i]) + one
         if (x >> top) >= f:
-            words[n] = np.uint32(x & mask)
+            words[_u(n)] = np.uint32(x & mask)
             n += 1
             x = x >> thirty_two
         x = ((x // f) << prec) + np.uint64(left[i] + so[i]) + x % f
     while x != np.uint64(0):
-        words[n] = np.uint32(x & mask)
+        words[_u(n)] = np.uint32(x & mask)
         n += 1
         x = x >> thirty_two
     return n
@@ -756,8 +767,9 @@ def _kernels():
                     except RuntimeError:  # no writable cache folder anywhere: compile every process
                         return numba.njit(nogil=True)(fn)
 
-                global _below
-                _below = jit(_below)  # the code kernel calls it: compiled first, inlined there by LLVM
+                global _u, _below
+                _u = jit(_u)  # the kernels call these: compiled first, inlined there by LLVM
+                _below = jit(_below)
                 _KERNELS[0] = (jit(_image_kernel), jit(_code_kernel))
     return _KERNELS[0]
 
