@@ -53,6 +53,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="triton: the split mode also through a real tritonserver (the `bottlefit triton` ensemble, "
                         "python backend; the nvidia-pytriton wheel, fetched once into the cache), in the same run, "
                         "as mode split_triton; the wire is then a coded one")
+    s.add_argument("--paper", action="store_true",
+                   help="the BottleFit paper's comparison on its model: ResNet-152 ver2 224x224, 12 and 3 channels, "
+                        "default Pi head, on pi4 and pi5 over the links; split vs local / offload, latency and an "
+                        "energy model, beside the paper's figures (OUT/paper.{md,json,png})")
+    s.add_argument("--paper-checkpoints", metavar="C=PATH[,C=PATH]",
+                   help="--paper: the models' checkpoints by channel count (default: untrained, seed 0)")
+    s.add_argument("--boards", default="pi4,pi5", help="--paper: boards (default pi4,pi5)")
+    s.add_argument("--no-count", action="store_true",
+                   help="--paper: no counting under emulation (device ms = this host's x the device factor)")
     s.set_defaults(func=run_split)
 
 
@@ -107,7 +116,35 @@ def _require_extras() -> None:
         raise EnvironmentProblem(f"{', '.join(missing)} not installed: pip install 'bottlefit[serve,demo]'")
 
 
+def run_paper_mode(args: argparse.Namespace) -> int:
+    """``--paper``: the composed comparison of bottlefit.bench.paper (no peers; see its docstring)."""
+    from bottlefit.bench.links import parse_links
+    from bottlefit.bench.paper import PaperOptions, parse_sources, run_paper, write_report
+    from bottlefit.serve.client import WIRES
+
+    if args.wire not in ("auto", *WIRES):
+        raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
+    boards = tuple(b.strip() for b in args.boards.split(",") if b.strip())
+    for b in boards:
+        if b not in ("pi4", "pi5"):
+            raise UserError(f"--boards {b!r}: the energy model has pi4 and pi5")
+    if args.images is not None and args.images < 1:
+        raise UserError(f"--images {args.images}: must be at least 1")
+    links = parse_links(args.links)
+    opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
+                        links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
+                        workdir=Path(args.workdir), headline_link=(args.headline_link or "lte").lower(),
+                        count=not args.no_count)
+    result = run_paper(opts, _log)
+    paths = write_report(opts.out, result)
+    print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
+    print(result["headline"])
+    return 0
+
+
 def run_split(args: argparse.Namespace) -> int:
+    if args.paper:
+        return run_paper_mode(args)
     opts = options(args)
     _require_extras()
     from bottlefit.bench.report import table, write_report

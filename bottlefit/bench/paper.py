@@ -1,0 +1,678 @@
+"""``bottlefit bench split --paper``: the BottleFit paper's comparison (split vs local, split vs offload, latency
+and energy) on its own model, ResNet-152 ver2 at 224x224 with 12 and 3 bottleneck channels, on a Pi 4 and a Pi 5
+over the bench's four links.
+
+The run composes figures each taken where it can be had honestly, and every figure says which kind it is:
+
+* **measured** here, on the built-in held-out photos: JPEG bytes of the 224x224 crop (offload's payload), the coded
+  bottleneck bytes per wire (split's payload), the server's milliseconds (the tail plus the wire's decoding for
+  split; JPEG decoding plus the whole model for offload), on this host's CPU;
+* **predicted**: the device's milliseconds of the exported head (the default Pi head) and of the whole model (the
+  export's fp32 head.onnx + tail.onnx, what "local" runs), from guest instructions counted per inference under
+  emulation on the board's core (:mod:`bottlefit.emulation.cost`) and the device-time model
+  (``bottlefit.emulation.devicetime``) where this install has it;
+* **assumed**: what has no count yet (JPEG and wire encoding on the device; device time when the device-time model
+  is absent): this host's milliseconds x the device class's stated factor (:data:`bottlefit.bench.split.DEVICES`);
+* **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
+  link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.bench.energy`).
+
+Counts are slow for the whole R152 (minutes under qemu): they are cached in the user cache keyed by the artifact's
+sha256, the core and the runtime, and written into the result JSON; a JSON from an earlier run in OUT seeds the
+cache, so the committed report can be re-made without re-counting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bottlefit.bench import energy
+from bottlefit.bench.links import PROFILES, LinkProfile
+from bottlefit.errors import EnvironmentProblem, UserError
+from bottlefit.files import atomic_write_bytes, atomic_write_text, user_cache_dir
+
+Log = Callable[[str], None]
+SCHEMA = "bottlefit.bench.paper/1"
+ARCH = "custom_resnet152"
+CHANNELS = (12, 3)
+BOARDS = ("pi4", "pi5")
+# BottleFit (Matsubara et al., WoWMoM 2022), abstract: "up to" figures, best case over its boards and links
+PAPER = {"latency_vs_local_pct": -89.0, "latency_vs_offload_pct": -55.0,
+         "energy_vs_local_pct": -49.0, "energy_vs_offload_pct": -37.0}
+PAPER_CITE = ("Y. Matsubara, D. Callegaro, S. Singh, M. Levorato, F. Restuccia, \"BottleFit: Learning Compressed "
+              "Representations in Deep Neural Networks for Effective and Efficient Split Computing\", IEEE WoWMoM "
+              "2022, arXiv:2201.02693 (abstract: up to -89% latency / -49% power vs local, -55% / -37% vs edge "
+              "offloading; Jetson Nano and a Raspberry Pi)")
+# Bytes around the payload (assumed, not measured here): HTTP/1.1 request line and headers with the KServe v2 JSON
+# header, and the response (headers + top-k JSON). The netns bench measures them per request on the link.
+REQUEST_OVERHEAD_B = 400
+RESPONSE_B = 600
+THREADS = 1  # the device runs one inference thread (as the bench's device peer)
+
+
+class Basis(StrEnum):
+    MEASURED = "measured"
+    PREDICTED = "predicted"
+    ASSUMED = "assumed"
+    MODELLED = "modelled"
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    basis: Basis
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "basis": str(self.basis), "why": self.why}
+
+
+# -- what is measured on the host, per model
+
+
+@dataclass
+class Measured:
+    """One model's host-side figures on the images (medians); the inputs of :func:`compose`."""
+
+    channels: int
+    images: int
+    jpeg_quality: int
+    jpeg_bytes: float
+    jpeg_encode_host_ms: float
+    wire: str
+    wires: dict[str, dict[str, float]]  # wire -> bytes, encode_host_ms, decode_server_ms
+    head: str  # target/file of the device's head
+    head_runtime: str
+    head_host_ms: float
+    full_host_ms: float
+    tail_server_ms: float  # the tail on the server (this host)
+    offload_server_ms: float  # JPEG decode + the whole model on the server (this host)
+    head_sha256: str = ""
+    full_sha256: str = ""
+    raw_bytes: int = 0  # uint8 RGB of the crop
+
+    @property
+    def payload_bytes(self) -> float:
+        return self.wires[self.wire]["bytes"]
+
+    @property
+    def wire_encode_host_ms(self) -> float:
+        return self.wires[self.wire]["encode_host_ms"]
+
+    @property
+    def split_server_ms(self) -> float:
+        return self.tail_server_ms + self.wires[self.wire]["decode_server_ms"]
+
+
+# -- device milliseconds
+
+
+@dataclass
+class DeviceTimes:
+    """Per board: each device-side piece of work as a :class:`Figure` (ms)."""
+
+    board: str
+    head: Figure
+    full: Figure
+    jpeg_encode: Figure
+    wire_encode: Figure
+
+    def mode_ms(self, mode: str) -> float:
+        if mode == "local":
+            return self.full.value
+        if mode == "offload":
+            return self.jpeg_encode.value
+        return self.head.value + self.wire_encode.value
+
+    def mode_basis(self, mode: str) -> str:
+        parts = {"local": [self.full], "offload": [self.jpeg_encode], "split": [self.head, self.wire_encode]}[mode]
+        return " + ".join(str(f.basis) for f in parts)
+
+
+def _factor(board: str) -> tuple[float, str]:
+    from bottlefit.bench.split import DEVICES
+
+    d = DEVICES[board]
+    return d.factor, d.basis
+
+
+def assumed_ms(host_ms: float, board: str, what: str) -> Figure:
+    f, basis = _factor(board)
+    return Figure(host_ms * f, Basis.ASSUMED, f"{what}: this host's {host_ms:.2f} ms x {f:g} ({basis})")
+
+
+def predicted_ms(insns: float | None, board: str, runtime: str, precision: str, host_ms: float, what: str,
+                 ) -> Figure:
+    """The device-time model's prediction from the counted instructions where both exist, else assumed."""
+    if insns is not None:
+        try:
+            from bottlefit.emulation import devicetime  # type: ignore[attr-defined]
+        except ImportError:
+            devicetime = None
+        if devicetime is not None:
+            p = devicetime.predict_ms(insns, board, runtime, precision, threads=THREADS)
+            return Figure(float(p.ms), Basis.PREDICTED,
+                          f"{what}: {insns / 1e6:.1f} M guest instructions counted on {board}'s core, "
+                          f"{p.basis}: {p.why}")
+    fig = assumed_ms(host_ms, board, what)
+    note = (f"; {insns / 1e6:.1f} M guest instructions counted on {board}'s core, no device-time model in this "
+            "install to turn them into ms" if insns is not None else "")
+    return Figure(fig.value, fig.basis, fig.why + note)
+
+
+# -- composing latency and energy
+
+
+def network_ms(link: LinkProfile, up_payload: float) -> tuple[float, float, float]:
+    """(total, uplink, downlink) ms of one request on ``link``: the handshake's and the request's round trips, and
+    each direction's bytes (payload + headers, framed) at the link's rate (the bench's analytic model)."""
+    from bottlefit.bench.split import _framed
+
+    up = link.transfer_ms(_framed(int(round(up_payload)) + REQUEST_OVERHEAD_B))
+    down = link.transfer_ms(_framed(RESPONSE_B))
+    return 2 * link.rtt_ms + up + down, up, down
+
+
+MODES = ("local", "offload", "split")
+
+
+def compose(m: Measured, dev: DeviceTimes, links: Sequence[LinkProfile]) -> list[dict[str, Any]]:
+    """One row per mode and link: device, network, server and end-to-end ms, and the energy model's joules."""
+    rows = []
+    power = energy.board(dev.board)
+    for p in links:
+        for mode in MODES:
+            device = dev.mode_ms(mode)
+            if mode == "local":
+                net = up = down = server = 0.0
+                payload = 0.0
+                e = energy.inference_energy(power, device_ms=device, wait_ms=0.0, threads=THREADS)
+            else:
+                payload = m.jpeg_bytes if mode == "offload" else m.payload_bytes
+                server = m.offload_server_ms if mode == "offload" else m.split_server_ms
+                net, up, down = network_ms(p, payload)
+                e = energy.inference_energy(power, device_ms=device, wait_ms=net + server,
+                                            radio=energy.radio_for_link(p.name), up_ms=up, down_ms=down,
+                                            rate_mbit=p.rate_mbit, threads=THREADS)
+            rows.append({"channels": m.channels, "board": dev.board, "link": p.name, "mode": mode,
+                         "device_ms": device, "device_basis": dev.mode_basis(mode), "network_ms": net,
+                         "uplink_ms": up, "server_ms": server, "latency_ms": device + net + server,
+                         "payload_bytes": payload, "energy_j": e.total_j, "energy_compute_j": e.compute_j,
+                         "energy_wait_j": e.wait_j, "energy_radio_j": e.radio_j,
+                         "energy_connection_j": e.connection_j})
+    return rows
+
+
+def pct(a: float, b: float) -> float:
+    return 100.0 * (a / b - 1.0)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per channels, board and link: split against local and offload, latency and energy, as % change."""
+    out = []
+    keys = sorted({(r["channels"], r["board"], r["link"]) for r in rows},
+                  key=lambda k: (-k[0], k[1], PROFILES[k[2]].rate_mbit if k[2] in PROFILES else 0.0))
+    for c, b, link in keys:
+        by = {r["mode"]: r for r in rows if (r["channels"], r["board"], r["link"]) == (c, b, link)}
+        s, lo, of = by["split"], by["local"], by["offload"]
+        out.append({"channels": c, "board": b, "link": link,
+                    "latency_vs_local_pct": pct(s["latency_ms"], lo["latency_ms"]),
+                    "latency_vs_offload_pct": pct(s["latency_ms"], of["latency_ms"]),
+                    "energy_vs_local_pct": pct(s["energy_j"], lo["energy_j"]),
+                    "energy_vs_offload_pct": pct(s["energy_j"], of["energy_j"])})
+    return out
+
+
+def best(rs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each of the paper's four figures, the most favourable row for split (the paper's "up to")."""
+    return {k: min(rs, key=lambda r, k=k: r[k]) for k in PAPER}
+
+
+def signed(v: float) -> str:
+    return f"{'−' if v < 0 else '+'}{abs(v):.1f}%"
+
+
+def headline(rs: list[dict[str, Any]], model: str = "R152 v2") -> str:
+    b = best(rs)
+
+    def where(r: dict[str, Any]) -> str:
+        return f"{r['board']} {PROFILES[r['link']].label if r['link'] in PROFILES else r['link']} {r['channels']} ch"
+
+    return (f"{model}, up to (best board/link/channels): latency split vs local "
+            f"{signed(b['latency_vs_local_pct']['latency_vs_local_pct'])} ({where(b['latency_vs_local_pct'])}; "
+            f"paper {signed(PAPER['latency_vs_local_pct'])}), split vs offload "
+            f"{signed(b['latency_vs_offload_pct']['latency_vs_offload_pct'])} ({where(b['latency_vs_offload_pct'])}; "
+            f"paper {signed(PAPER['latency_vs_offload_pct'])}); energy (model) split vs local "
+            f"{signed(b['energy_vs_local_pct']['energy_vs_local_pct'])} (paper {signed(PAPER['energy_vs_local_pct'])}),"
+            f" vs offload {signed(b['energy_vs_offload_pct']['energy_vs_offload_pct'])} "
+            f"(paper {signed(PAPER['energy_vs_offload_pct'])})")
+
+
+# -- counting (cached)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def counts_path() -> Path:
+    return user_cache_dir() / "bench-paper-counts.json"
+
+
+def count_key(sha: str, core: str, runtime: str, threads: int = THREADS) -> str:
+    return f"{sha}:{core}:{runtime}:t{threads}"
+
+
+def load_counts(seed: Path | None = None) -> dict[str, float]:
+    """The cached counts, with those of an earlier result JSON (``seed``) added."""
+    counts: dict[str, float] = {}
+    p = counts_path()
+    if p.is_file():
+        try:
+            counts.update(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            pass
+    if seed is not None and seed.is_file():
+        try:
+            counts.update(json.loads(seed.read_text()).get("counts", {}))
+        except (OSError, ValueError):
+            pass
+    return counts
+
+
+def save_counts(counts: dict[str, float]) -> None:
+    p = counts_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(dict(sorted(counts.items())), indent=1) + "\n")
+
+
+def count(counts: dict[str, float], artifact: Path, sha: str, board: str, runtime: str, log: Log,
+          ort_config: dict[str, str] | None = None) -> float | None:
+    """Guest instructions per inference of ``artifact`` on ``board``'s core, from the cache or counted now; None
+    (with the reason logged) where this machine cannot emulate."""
+    key = count_key(sha, board, runtime)
+    if key in counts:
+        return counts[key]
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core
+    from bottlefit.emulation.cost import instructions_per_inference
+
+    t0 = time.perf_counter()
+    log(f"counting {artifact.name} ({runtime}) on {board}'s core under emulation (once; cached)")
+    try:
+        n = instructions_per_inference(ensure_sysroot(log), get_core(board), artifact, runtime, runs=1,
+                                       ort_config=ort_config)
+    except EmulationUnavailable as e:
+        log(f"no count for {artifact.name} on {board}: {e}")
+        return None
+    counts[key] = n
+    save_counts(counts)
+    log(f"  {n / 1e6:.1f} M instructions in {time.perf_counter() - t0:.0f} s")
+    return n
+
+
+# -- the models
+
+
+@dataclass(frozen=True)
+class PaperSource:
+    """One of the paper's models: a checkpoint file, or the architecture untrained (seed 0)."""
+
+    channels: int
+    checkpoint: Path | None = None
+    arch: str = ARCH
+
+    def key(self) -> str:
+        if self.checkpoint is None:
+            return f"{self.arch}_{self.channels}-untrained-seed0"
+        return f"{self.checkpoint.stem}-{sha256(self.checkpoint)[:12]}"
+
+    def describe(self) -> str:
+        return (f"checkpoint {self.checkpoint}" if self.checkpoint is not None else
+                f"{self.arch}{' ver2' if self.arch == ARCH else ''}, {self.channels} channels, untrained (seed 0)")
+
+
+def parse_sources(spec: str | None) -> list[PaperSource]:
+    """``--paper-checkpoints 12=A.pt,3=B.pt`` (None: both models untrained, seed 0)."""
+    if not spec:
+        return [PaperSource(c) for c in CHANNELS]
+    out = []
+    for item in spec.split(","):
+        c, sep, path = item.partition("=")
+        if not sep or not c.strip().isdigit():
+            raise UserError(f"--paper-checkpoints {item!r}: write CHANNELS=PATH, e.g. 12=r152v2_12.pt")
+        p = Path(path.strip())
+        if not p.is_file():
+            raise UserError(f"--paper-checkpoints: {p}: no such checkpoint")
+        out.append(PaperSource(int(c), p))
+    return out
+
+
+def model_label(sources: Sequence[PaperSource]) -> str:
+    archs = {s.arch for s in sources if s.checkpoint is None}
+    return "R152 v2" if archs <= {ARCH} else ", ".join(sorted(archs))
+
+
+def export_model(src: PaperSource, workdir: Path, log: Log) -> Path:
+    """The model exported for rpi (the default Pi head) and onnx (fp32 head + tail), cached in the work dir."""
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+    from bottlefit.targets.onnx import OnnxOptions
+    from bottlefit.targets.rpi import RpiOptions
+
+    root = workdir / "paper-export" / src.key()
+    model = (ModelSource(checkpoint=src.checkpoint) if src.checkpoint is not None else
+             ModelSource(untrained=True, arch=src.arch, bottleneck_channel=src.channels,
+                         bottleneck_ver="2" if src.arch == ARCH else None))
+    for target, options in (("rpi", RpiOptions()), ("onnx", OnnxOptions(triton=False))):
+        if (root / target / "manifest.json").is_file():
+            continue
+        log(f"model: exporting {src.describe()} for {target} into {root} (once; cached)")
+        export(ExportRequest(model, target, root, options, parity=ParityOptions(emulate=Emulate.parse("none"))),
+               log=lambda m: None)
+    return root
+
+
+# -- measuring on the host
+
+
+def _median_ms(fn: Callable[[int], Any], n: int) -> float:
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str, headline_link: LinkProfile,
+            log: Log) -> tuple[Measured, Path, Path]:
+    """The host-side figures of one exported model on the built-in held-out photos; returns them with the
+    device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
+    from bottlefit.bench.service import decode_jpeg, normalize
+    from bottlefit.bench.split import Model, full_onnx, jpeg, load_images
+    from bottlefit.models.card import ModelCard
+    from bottlefit.runtimes import get_runner
+    from bottlefit.serve import codecs
+    from bottlefit.serve.client import build_request, pick_head
+    from bottlefit.serve.contract import find_targets
+    from bottlefit.serve.head import HeadCodes, load_tables
+
+    owner = next((t for t in find_targets(root) if t.tail() is not None), None)
+    if owner is None:
+        raise UserError(f"{root}: no ONNX tail (tail.onnx); export with --target onnx")
+    model = Model(root, owner.card, str(root), "none")
+    full = root / "full.onnx"
+    if not full.is_file():
+        full_onnx(model, full)
+    imgs = load_images(model, images)
+    n = len(imgs.x)
+    if n < 1:
+        raise UserError(f"{root}: no images")
+    card = ModelCard.from_dict(model.card)
+    target, contract = pick_head(root, None)
+    head = HeadCodes(target, contract, num_threads=THREADS)
+    head_file = target.path / target.artifact(contract.head).file
+    tail_art = owner.tail()
+    assert tail_art is not None
+    tail = get_runner("onnxruntime", owner.path / tail_art.file, num_threads=THREADS)
+    runner = get_runner("onnxruntime", full, num_threads=THREADS)
+    fin, fout = runner.input_names[0], runner.output_names[0]
+    tin = tail.input_names[0]
+
+    head(imgs.x[:1])  # first-call allocations out of the medians
+    codes = [head(imgs.x[i : i + 1])[0] for i in range(n)]
+    head_ms = _median_ms(lambda i: head(imgs.x[i : i + 1]), n)
+    runner.infer({fin: imgs.x[:1]})
+    full_ms = _median_ms(lambda i: runner.infer({fin: imgs.x[i : i + 1]}), n)
+    jpegs = [jpeg(imgs.rgb[i], jpeg_quality) for i in range(n)]
+    jpeg_ms = _median_ms(lambda i: jpeg(imgs.rgb[i], jpeg_quality), n)
+    offload_ms = _median_ms(lambda i: runner.infer({fin: normalize(decode_jpeg(jpegs[i], card)[None], card)}), n)
+    z = [(contract.dequantize(c[None]) if contract.quantized else c[None]).astype(np.float32) for c in codes]
+    tail.infer({tin: z[0]})
+    tail_ms = _median_ms(lambda i: tail.infer({tin: z[i]}), n)
+
+    wires: dict[str, dict[str, float]] = {}
+    candidates = ["int8", *codecs.CODECS] if contract.quantized else ["fp32"]
+    tables = None
+    if any(w in ("entropy", "context") for w in candidates):
+        try:
+            tables = load_tables(target, contract)
+        except codecs.CodecError as e:
+            log(f"entropy and context coders left out ({e})")
+            candidates = [w for w in candidates if w not in ("entropy", "context")]
+    for w in candidates:
+        sizes, enc, dec = [], [], []
+        for c in codes:
+            t0 = time.perf_counter()
+            body, hl, nbytes = build_request(contract, c, w, "bottleneck", tables)
+            enc.append((time.perf_counter() - t0) * 1e3)
+            sizes.append(nbytes)
+            if w in codecs.CODECS:
+                t0 = time.perf_counter()
+                codecs.decode_frame(body[hl + 4 :], {contract.contract_id: contract}, lambda _c: tables)
+                dec.append((time.perf_counter() - t0) * 1e3)
+        wires[w] = {"bytes": float(np.median(sizes)), "encode_host_ms": float(statistics.median(enc)),
+                    "decode_server_ms": float(statistics.median(dec)) if dec else 0.0}
+    if wire == "auto":
+        # the bench's rule: least device encoding (assumed, x the pi4 factor) + decoding + bytes at the headline link
+        f, _ = _factor("pi4")
+        wire = min(wires, key=lambda w: (f * wires[w]["encode_host_ms"] + wires[w]["decode_server_ms"]
+                                         + headline_link.transfer_ms(wires[w]["bytes"]), w))
+    elif wire not in wires:
+        raise UserError(f"--wire {wire}: not available for {contract.head} (choose {', '.join(wires)} or auto)")
+    h, w_, _ = card.input_shape
+    m = Measured(channels=channels, images=n, jpeg_quality=jpeg_quality,
+                 jpeg_bytes=float(np.median([len(j) for j in jpegs])), jpeg_encode_host_ms=jpeg_ms, wire=wire,
+                 wires=wires, head=f"{contract.target}/{contract.head}", head_runtime=contract.runtime,
+                 head_host_ms=head_ms, full_host_ms=full_ms, tail_server_ms=tail_ms, offload_server_ms=offload_ms,
+                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(h * w_ * 3))
+    return m, head_file, full
+
+
+def device_times(m: Measured, board: str, head_insns: float | None, full_insns: float | None) -> DeviceTimes:
+    head_precision = "int8" if "int8" in m.head else "fp32"
+    return DeviceTimes(
+        board=board,
+        head=predicted_ms(head_insns, board, m.head_runtime, head_precision, m.head_host_ms, f"head {m.head}"),
+        full=predicted_ms(full_insns, board, "onnxruntime", "fp32", m.full_host_ms,
+                          "whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)"),
+        jpeg_encode=assumed_ms(m.jpeg_encode_host_ms, board, f"JPEG q{m.jpeg_quality} encoding (Pillow)"),
+        wire_encode=assumed_ms(m.wire_encode_host_ms, board, f"wire {m.wire} encoding"))
+
+
+# -- the run
+
+
+@dataclass
+class PaperOptions:
+    out: Path
+    sources: list[PaperSource] = field(default_factory=lambda: [PaperSource(c) for c in CHANNELS])
+    boards: tuple[str, ...] = BOARDS
+    links: list[LinkProfile] = field(default_factory=lambda: list(PROFILES.values()))
+    images: int = 16
+    jpeg_quality: int = 95
+    wire: str = "auto"
+    workdir: Path = Path("out/demo")
+    headline_link: str = "lte"
+    count: bool = True  # count under emulation (False: host x factor only, as without qemu)
+
+
+def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    link = next((p for p in opts.links if p.name == opts.headline_link), opts.links[0])
+    counts = load_counts(opts.out / "paper.json")
+    models, rows, devices = [], [], []
+    for src in opts.sources:
+        root = export_model(src, opts.workdir, log)
+        m, head_file, full = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
+        log(f"{src.channels} ch: JPEG q{m.jpeg_quality} {m.jpeg_bytes:.0f} B, wire {m.wire} {m.payload_bytes:.0f} B, "
+            f"host ms: head {m.head_host_ms:.1f}, whole model {m.full_host_ms:.1f}, tail {m.tail_server_ms:.1f}")
+        for board in opts.boards:
+            hi = fi = None
+            if opts.count:
+                hi = count(counts, head_file, m.head_sha256, board, m.head_runtime, log)
+                fi = count(counts, full, m.full_sha256, board, "onnxruntime", log)
+            dev = device_times(m, board, hi, fi)
+            devices.append({"channels": src.channels, **{k: (v.to_dict() if isinstance(v, Figure) else v)
+                                                          for k, v in asdict(dev).items() if k != "board"},
+                            "board": board, "head_instructions": hi, "full_instructions": fi})
+            rows.extend(compose(m, dev, opts.links))
+        models.append({"source": src.describe(), "export": str(root), **asdict(m)})
+    rs = ratios(rows)
+    used = {count_key(m["head_sha256"], b, m["head_runtime"]) for m in models for b in opts.boards} | \
+        {count_key(m["full_sha256"], b, "onnxruntime") for m in models for b in opts.boards}
+    return {
+        "schema": SCHEMA, "paper": PAPER, "paper_cite": PAPER_CITE,
+        "untrained": [s.describe() for s in opts.sources if s.checkpoint is None],
+        "models": models, "devices": devices, "rows": rows, "ratios": rs, "headline": headline(rs, model_label(opts.sources)),
+        "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms} for p in opts.links],
+        "assumed": {"request_overhead_bytes": REQUEST_OVERHEAD_B, "response_bytes": RESPONSE_B, "threads": THREADS},
+        "energy_constants": energy.constants(), "energy_citations": energy.citations(),
+        "counts": {k: v for k, v in counts.items() if k in used},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+# -- the report
+
+
+def _label(link: str) -> str:
+    return PROFILES[link].label if link in PROFILES else link
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"# bottlefit bench split --paper\n\n**{r['headline']}**\n"]
+    lines.append(f"Against: {r['paper_cite']}.\n")
+    if r["untrained"]:
+        lines.append("**Untrained models** (" + "; ".join(r["untrained"]) + "): accuracy means nothing here; "
+                     "latency, bytes and energy do.\n")
+    else:
+        lines.append("Models: " + "; ".join(m["source"] for m in r["models"]) + ". Random-weight checkpoints "
+                     "(seed 0) unless their source says otherwise: accuracy is not reported; latency, bytes and "
+                     "energy do not depend on the weights' training.\n")
+    lines.append("Every figure is one of: **measured** (on this host, a 2-core x86 machine shared with other jobs: "
+                 "the server's ms are a loaded CPU's, not an edge GPU's), **predicted** (guest instructions counted "
+                 "under emulation on the board's core -> the device-time model), **assumed** (this host's ms x the "
+                 "device class's stated factor), **modelled** (network: RTT x 2 + framed bytes at the link's rate; "
+                 "energy: the model below).\n")
+    lines.append("## What each mode costs, per model (the reasons for the gap)\n")
+    lines.append("| channels | JPEG q B | split wire | payload B | raw RGB B | head host ms | whole model host ms "
+                 "| server ms split (measured) | server ms offload (measured) |\n|---:|---:|---|---:|---:|---:|---:|"
+                 "---:|---:|")
+    for m in r["models"]:
+        lines.append(f"| {m['channels']} | {m['jpeg_bytes']:.0f} (q{m['jpeg_quality']}) | {m['wire']} "
+                     f"| {m['wires'][m['wire']]['bytes']:.0f} | {m['raw_bytes']} | {m['head_host_ms']:.2f} "
+                     f"| {m['full_host_ms']:.1f} | {m['tail_server_ms'] + m['wires'][m['wire']]['decode_server_ms']:.1f} "
+                     f"| {m['offload_server_ms']:.1f} |")
+    lines.append("\nDevice ms per board (basis: how each was had):\n")
+    lines.append("| channels | board | head ms | whole model ms | JPEG encode ms | wire encode ms | head M insns "
+                 "| whole model M insns |\n|---:|---|---:|---:|---:|---:|---:|---:|")
+    for d in r["devices"]:
+        def fig(k: str, d: dict[str, Any] = d) -> str:
+            return f"{d[k]['value']:.1f} ({d[k]['basis']})"
+
+        hi = f"{d['head_instructions'] / 1e6:.1f}" if d["head_instructions"] else "–"
+        fi = f"{d['full_instructions'] / 1e6:.0f}" if d["full_instructions"] else "–"
+        lines.append(f"| {d['channels']} | {d['board']} | {fig('head')} | {fig('full')} | {fig('jpeg_encode')} "
+                     f"| {fig('wire_encode')} | {hi} | {fi} |")
+    lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}"
+                                   for d in r["devices"]))
+    lines.append("\n## Latency and energy per mode\n")
+    lines.append("| channels | board | link | mode | device ms | network ms | server ms | end-to-end ms | payload B "
+                 "| energy mJ (model) |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for x in r["rows"]:
+        lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {x['mode']} | {x['device_ms']:.1f} "
+                     f"({x['device_basis']}) | {x['network_ms']:.1f} | {x['server_ms']:.1f} | {x['latency_ms']:.1f} "
+                     f"| {x['payload_bytes']:.0f} | {1e3 * x['energy_j']:.0f} |")
+    p = r["paper"]
+    lines.append("\n## Split against local and offload, beside the paper\n")
+    lines.append(f"| channels | board | link | latency vs local (paper {signed(p['latency_vs_local_pct'])}) "
+                 f"| latency vs offload (paper {signed(p['latency_vs_offload_pct'])}) "
+                 f"| energy vs local (paper {signed(p['energy_vs_local_pct'])}) "
+                 f"| energy vs offload (paper {signed(p['energy_vs_offload_pct'])}) |\n|---:|---|---|---:|---:|---:|---:|")
+    for x in r["ratios"]:
+        lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {signed(x['latency_vs_local_pct'])} "
+                     f"| {signed(x['latency_vs_offload_pct'])} | {signed(x['energy_vs_local_pct'])} "
+                     f"| {signed(x['energy_vs_offload_pct'])} |")
+    lines.append("\n## The energy model (a model, not a measurement)\n")
+    lines.append("Energy per inference = the board's busy watts x device ms + its idle watts x the wait (network + "
+                 "server) + the radio: (alpha x rate + beta) while each direction transfers, tail watts while "
+                 "connected and waiting. Frames are streamed over a kept-alive connection: each connection's "
+                 "promotion and tail energy (below) is not in the per-inference figure. "
+                 f"{r['energy_constants']['busy_power_rule']}. {r['energy_constants']['link_radio_note']}.\n")
+    conn = sorted({(x["link"], x["energy_connection_j"]) for x in r["rows"] if x["mode"] != "local"})
+    lines.append("Per connection (promotion + tail), not included above: " +
+                 ", ".join(f"{_label(k)} {v:.2f} J" for k, v in conn) + ".\n")
+    lines.append("Sources:\n\n" + "\n".join(f"- {c}" for c in r["energy_citations"]) + "\n")
+    a = r["assumed"]
+    lines.append(f"Assumed bytes around each payload: {a['request_overhead_bytes']} B of request headers, "
+                 f"{a['response_bytes']} B of response; one inference thread on the device. Wall time "
+                 f"{r['wall_s']} s.\n")
+    lines.append("![latency](paper_latency.png)\n![energy](paper_energy.png)\n")
+    return "\n".join(lines)
+
+
+def plots(r: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    colors = {"local": "#4c72b0", "offload": "#dd8452", "split": "#55a868"}
+    groups = sorted({(x["channels"], x["board"]) for x in r["rows"]}, key=lambda g: (-g[0], g[1]))
+    links = [p["name"] for p in r["links"]]
+    for key, unit, scale, name in (("latency_ms", "end-to-end ms", 1.0, "paper_latency.png"),
+                                   ("energy_j", "energy per inference, mJ (model)", 1e3, "paper_energy.png")):
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, sharey=True)
+        for ax, (c, b) in zip(axes[0], groups, strict=True):
+            xs = np.arange(len(links))
+            for k, mode in enumerate(MODES):
+                vals = [next(x[key] for x in r["rows"] if (x["channels"], x["board"], x["link"], x["mode"])
+                             == (c, b, link, mode)) * scale for link in links]
+                ax.bar(xs + (k - 1) * 0.27, vals, 0.27, label=mode, color=colors[mode])
+            ax.set_xticks(xs, [_label(link) for link in links])
+            ax.set_yscale("log")
+            ax.set_title(f"R152 v2 {c} ch, {b}")
+        axes[0][0].set_ylabel(unit)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        out[name] = buf.getvalue()
+    return out
+
+
+def write_report(out: Path, r: dict[str, Any]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "paper.json", out / "paper.md"]
+    atomic_write_text(paths[0], json.dumps(r, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(paths[1], markdown(r))
+    try:
+        images = plots(r)
+    except ImportError as e:
+        raise EnvironmentProblem(f"{e.name} not installed: pip install 'bottlefit[demo]' for the plots") from None
+    for name, data in images.items():
+        atomic_write_bytes(out / name, data)
+        paths.append(out / name)
+    return paths
+
+
+__all__ = ["Basis", "Figure", "Measured", "DeviceTimes", "PaperOptions", "PaperSource", "compose", "ratios",
+           "headline", "run_paper", "write_report", "PAPER"]
