@@ -431,7 +431,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     assert tail_art is not None
     tail = get_runner("onnxruntime", owner.path / tail_art.file, num_threads=THREADS)
     runner = get_runner("onnxruntime", full, num_threads=THREADS)
-    fin, fout = runner.input_names[0], runner.output_names[0]
+    fin = runner.input_names[0]
     tin = tail.input_names[0]
 
     head(imgs.x[:1])  # first-call allocations out of the medians
@@ -539,7 +539,8 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "paper": PAPER, "paper_cite": PAPER_CITE,
         "untrained": [s.describe() for s in opts.sources if s.checkpoint is None],
-        "models": models, "devices": devices, "rows": rows, "ratios": rs, "headline": headline(rs, model_label(opts.sources)),
+        "models": models, "devices": devices, "rows": rows, "ratios": rs,
+        "headline": headline(rs, model_label(opts.sources)),
         "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms} for p in opts.links],
         "assumed": {"request_overhead_bytes": REQUEST_OVERHEAD_B, "response_bytes": RESPONSE_B, "threads": THREADS},
         "energy_constants": energy.constants(), "energy_citations": energy.citations(),
@@ -575,9 +576,10 @@ def markdown(r: dict[str, Any]) -> str:
                  "| server ms split (measured) | server ms offload (measured) |\n|---:|---:|---|---:|---:|---:|---:|"
                  "---:|---:|")
     for m in r["models"]:
+        w = m["wires"][m["wire"]]
         lines.append(f"| {m['channels']} | {m['jpeg_bytes']:.0f} (q{m['jpeg_quality']}) | {m['wire']} "
-                     f"| {m['wires'][m['wire']]['bytes']:.0f} | {m['raw_bytes']} | {m['head_host_ms']:.2f} "
-                     f"| {m['full_host_ms']:.1f} | {m['tail_server_ms'] + m['wires'][m['wire']]['decode_server_ms']:.1f} "
+                     f"| {w['bytes']:.0f} | {m['raw_bytes']} | {m['head_host_ms']:.2f} "
+                     f"| {m['full_host_ms']:.1f} | {m['tail_server_ms'] + w['decode_server_ms']:.1f} "
                      f"| {m['offload_server_ms']:.1f} |")
     lines.append("\nDevice ms per board (basis: how each was had):\n")
     lines.append("| channels | board | head ms | whole model ms | JPEG encode ms | wire encode ms | head M insns "
@@ -604,7 +606,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines.append(f"| channels | board | link | latency vs local (paper {signed(p['latency_vs_local_pct'])}) "
                  f"| latency vs offload (paper {signed(p['latency_vs_offload_pct'])}) "
                  f"| energy vs local (paper {signed(p['energy_vs_local_pct'])}) "
-                 f"| energy vs offload (paper {signed(p['energy_vs_offload_pct'])}) |\n|---:|---|---|---:|---:|---:|---:|")
+                 f"| energy vs offload (paper {signed(p['energy_vs_offload_pct'])}) |\n"
+                 "|---:|---|---|---:|---:|---:|---:|")
     for x in r["ratios"]:
         lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {signed(x['latency_vs_local_pct'])} "
                      f"| {signed(x['latency_vs_offload_pct'])} | {signed(x['energy_vs_local_pct'])} "
