@@ -118,18 +118,18 @@ def _require_extras() -> None:
 
 def run_paper_mode(args: argparse.Namespace) -> int:
     """``--paper``: the composed comparison of bottlefit.bench.paper (no peers; see its docstring)."""
+    boards = tuple(b.strip() for b in args.boards.split(",") if b.strip())
+    for b in boards:
+        if b not in ("pi4", "pi5"):
+            raise UserError(f"--boards {b!r}: the energy model has power figures for pi4 and pi5 only")
+    if args.images is not None and args.images < 1:
+        raise UserError(f"--images {args.images}: must be at least 1")
     from bottlefit.bench.links import parse_links
     from bottlefit.bench.paper import PaperOptions, parse_sources, run_paper, write_report
     from bottlefit.serve.client import WIRES
 
     if args.wire not in ("auto", *WIRES):
         raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
-    boards = tuple(b.strip() for b in args.boards.split(",") if b.strip())
-    for b in boards:
-        if b not in ("pi4", "pi5"):
-            raise UserError(f"--boards {b!r}: the energy model has pi4 and pi5")
-    if args.images is not None and args.images < 1:
-        raise UserError(f"--images {args.images}: must be at least 1")
     links = parse_links(args.links)
     opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
                         links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,

@@ -512,11 +512,41 @@ class PaperOptions:
     count: bool = True  # count under emulation (False: host x factor only, as without qemu)
 
 
+def device_record(channels: int, dev: DeviceTimes, head_insns: float | None, full_insns: float | None,
+                  ) -> dict[str, Any]:
+    figs = {k: v.to_dict() for k, v in vars(dev).items() if isinstance(v, Figure)}
+    return {"channels": channels, "board": dev.board, **figs, "head_instructions": head_insns,
+            "full_instructions": full_insns}
+
+
+def assemble(sources: Sequence[PaperSource], measured: Sequence[Measured], exports: Sequence[Path],
+             devices: Sequence[dict[str, Any]], rows: list[dict[str, Any]], links: Sequence[LinkProfile],
+             counts: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The result JSON (what the report renders): the models, device figures, rows, ratios, headline, constants."""
+    rs = ratios(rows)
+    models = [{"source": src.describe(), "export": str(root), **asdict(m)}
+              for src, m, root in zip(sources, measured, exports, strict=True)]
+    boards = sorted({d["board"] for d in devices})
+    used = {count_key(m.head_sha256, b, m.head_runtime) for m in measured for b in boards} | \
+        {count_key(m.full_sha256, b, "onnxruntime") for m in measured for b in boards}
+    return {
+        "schema": SCHEMA, "paper": PAPER, "paper_cite": PAPER_CITE,
+        "untrained": [s.describe() for s in sources if s.checkpoint is None],
+        "models": models, "devices": list(devices), "rows": rows, "ratios": rs,
+        "headline": headline(rs, model_label(sources)),
+        "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms} for p in links],
+        "assumed": {"request_overhead_bytes": REQUEST_OVERHEAD_B, "response_bytes": RESPONSE_B, "threads": THREADS},
+        "energy_constants": energy.constants(), "energy_citations": energy.citations(),
+        "counts": {k: v for k, v in sorted(counts.items()) if k in used},
+        "wall_s": wall_s,
+    }
+
+
 def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
     t0 = time.perf_counter()
     link = next((p for p in opts.links if p.name == opts.headline_link), opts.links[0])
     counts = load_counts(opts.out / "paper.json")
-    models, rows, devices = [], [], []
+    measured, exports, rows, devices = [], [], [], []
     for src in opts.sources:
         root = export_model(src, opts.workdir, log)
         m, head_file, full = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
@@ -528,25 +558,12 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
                 hi = count(counts, head_file, m.head_sha256, board, m.head_runtime, log)
                 fi = count(counts, full, m.full_sha256, board, "onnxruntime", log)
             dev = device_times(m, board, hi, fi)
-            devices.append({"channels": src.channels, **{k: (v.to_dict() if isinstance(v, Figure) else v)
-                                                          for k, v in asdict(dev).items() if k != "board"},
-                            "board": board, "head_instructions": hi, "full_instructions": fi})
+            devices.append(device_record(src.channels, dev, hi, fi))
             rows.extend(compose(m, dev, opts.links))
-        models.append({"source": src.describe(), "export": str(root), **asdict(m)})
-    rs = ratios(rows)
-    used = {count_key(m["head_sha256"], b, m["head_runtime"]) for m in models for b in opts.boards} | \
-        {count_key(m["full_sha256"], b, "onnxruntime") for m in models for b in opts.boards}
-    return {
-        "schema": SCHEMA, "paper": PAPER, "paper_cite": PAPER_CITE,
-        "untrained": [s.describe() for s in opts.sources if s.checkpoint is None],
-        "models": models, "devices": devices, "rows": rows, "ratios": rs,
-        "headline": headline(rs, model_label(opts.sources)),
-        "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms} for p in opts.links],
-        "assumed": {"request_overhead_bytes": REQUEST_OVERHEAD_B, "response_bytes": RESPONSE_B, "threads": THREADS},
-        "energy_constants": energy.constants(), "energy_citations": energy.citations(),
-        "counts": {k: v for k, v in counts.items() if k in used},
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
+        measured.append(m)
+        exports.append(root)
+    return assemble(opts.sources, measured, exports, devices, rows, opts.links, counts,
+                    round(time.perf_counter() - t0, 1))
 
 
 # -- the report
@@ -594,6 +611,11 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {fig('wire_encode')} | {hi} | {fi} |")
     lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}"
                                    for d in r["devices"]))
+    lines.append("\nEvery wire on these images (median payload B, encoding ms on this host, decoding ms on the "
+                 "server): " + "; ".join(f"{m['channels']} ch: " + ", ".join(
+                     f"{w} {f['bytes']:.0f} B {f['encode_host_ms']:.2f}+{f['decode_server_ms']:.2f} ms"
+                     for w, f in m["wires"].items()) for m in r["models"]) + ". The split mode uses the wire "
+                 "named in the first table (`--wire`, default auto: least device encoding + decoding + bytes at LTE).")
     lines.append("\n## Latency and energy per mode\n")
     lines.append("| channels | board | link | mode | device ms | network ms | server ms | end-to-end ms | payload B "
                  "| energy mJ (model) |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
