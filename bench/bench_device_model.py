@@ -1,0 +1,230 @@
+"""Re-fit the device-time model (bottlefit/emulation/devicetime.py) and write its one data file,
+bottlefit/emulation/boards.json.
+
+Three steps, each rewriting the data file in place (the board table it holds is edited by hand):
+
+* ``--table README.md --commit SHA``: import the published timings from ncnn's ``benchmark/README.md`` (the rows of
+  the boards in CALIBRATION: Raspberry Pi 3 B+, 4, 5, Zero 2 W, and RK3399's big and little cores; 1 and n threads;
+  every model benchncnn times except the ones in SKIP) and each model's input shape from ``benchmark/benchncnn.cpp``
+  (``--benchncnn``), with the source (repository, path, commit).
+* ``--count --params DIR``: count the guest instructions of one inference of each model (``DIR/<model>.param``,
+  zero weights, benchncnn's options) under qemu arm64 emulation on each calibration core, with the ncnn the arm64
+  sysroot pins (bottlefit.emulation.cost.ncnn_bench_instructions); counts already in the file are kept unless
+  ``--recount``. Slow: seconds to a minute per model and core (``--models`` / ``--cores`` narrow it).
+* ``--fit``: fit IPC per (core, precision) and thread speed-ups, with leave-one-model-out errors
+  (devicetime.fit), into the file; ``--out DIR`` writes device_model.md / device_model.json there.
+
+    git -C ncnn show SHA:benchmark/README.md > /tmp/README.md   # and benchncnn.cpp, benchmark/models/*.param
+    PYTHONPATH=. .venv/bin/python bench/bench_device_model.py --table /tmp/README.md --benchncnn /tmp/benchncnn.cpp \\
+        --commit SHA --count --params /tmp/params --fit --out bench/results/device_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bottlefit.emulation import devicetime
+
+# (board in the data file, the README section's title starts with, powersave value of the rows to take or None)
+CALIBRATION: tuple[tuple[str, str, int | None], ...] = (
+    ("pi3", "Raspberry Pi 3 Model B+", None),
+    ("pi4", "Raspberry Pi 4 Model B", None),
+    ("pi5", "Raspberry Pi 5 Broadcom BCM2712, Cortex-A76", None),
+    ("zero2", "Raspberry Pi Zero 2 W", None),
+    ("rk3399-a72", "Rockchip RK3399 (Cortex-A72", 2),  # powersave 2: the big cores
+    ("rk3399-a53", "Rockchip RK3399 (Cortex-A72", 1),  # powersave 1: the little cores
+)
+# vision_transformer takes minutes per count and has one row per board; its weights-free run is not an image model
+SKIP = ("vision_transformer",)
+RUNTIME = "ncnn"
+ROW = re.compile(r"\s*([\w.-]+)\s+min\s*=\s*[\d.]+\s+max\s*=\s*[\d.]+\s+avg\s*=\s*([\d.]+)")
+REPOSITORY = "Tencent/ncnn"
+
+
+def parse_table(text: str) -> dict[str, list[dict[str, Any]]]:
+    """{section title: [{"threads", "powersave", "model", "ms"} ...]} from benchmark/README.md (avg column; CPU
+    rows only: gpu_device = -1)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    title, threads, powersave, gpu = "", 0, 0, -1
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title, gpu = line[4:].strip(), -1
+            out[title] = []
+            continue
+        if m := re.match(r"\s*num_threads\s*=\s*(\d+)", line):
+            threads = int(m.group(1))
+        elif m := re.match(r"\s*powersave\s*=\s*(\d+)", line):
+            powersave = int(m.group(1))
+        elif m := re.match(r"\s*gpu_device\s*=\s*(-?\d+)", line):
+            gpu = int(m.group(1))
+        elif title and gpu == -1 and (m := ROW.match(line)):
+            out[title].append({"threads": threads, "powersave": powersave, "model": m.group(1),
+                               "ms": float(m.group(2))})
+    return out
+
+
+def parse_shapes(cpp: str) -> dict[str, list[int]]:
+    """{model: [w, h, c]} from benchncnn.cpp's ``benchmark("name", ncnn::Mat(w, h, c), ...)`` calls."""
+    return {m.group(1): [int(m.group(2)), int(m.group(3)), int(m.group(4))]
+            for m in re.finditer(r'benchmark\("([\w.-]+)",\s*ncnn::Mat\((\d+),\s*(\d+),\s*(\d+)\)', cpp)}
+
+
+def import_table(doc: dict[str, Any], readme: Path, benchncnn: Path, commit: str) -> None:
+    sections = parse_table(readme.read_text())
+    shapes = parse_shapes(benchncnn.read_text())
+    published, used = [], {}
+    for name, prefix, powersave in CALIBRATION:
+        title = next((t for t in sections if t.startswith(prefix)), None)
+        if title is None:
+            sys.exit(f"{readme}: no section starting {prefix!r}")
+        used[name] = title
+        for r in sections[title]:
+            if (powersave is not None and r["powersave"] != powersave) or r["model"] in SKIP:
+                continue
+            if r["model"] not in shapes:
+                sys.exit(f"{benchncnn}: no input shape for {r['model']}")
+            published.append({"board": name, "model": r["model"], "runtime": RUNTIME,
+                              "precision": "int8" if r["model"].endswith("_int8") else "fp32",
+                              "threads": r["threads"], "ms": r["ms"], "source": "ncnn-benchmark"})
+    doc["sources"] = {"ncnn-benchmark": {
+        "repository": REPOSITORY, "path": "benchmark/README.md", "commit": commit,
+        "sections": used, "shapes_from": "benchmark/benchncnn.cpp", "column": "avg",
+        "tool": "benchncnn LOOP THREADS POWERSAVE -1 COOLING (fp16 storage/arithmetic where the core has it, int8, "
+                "winograd, sgemm, packing, light mode; zero weights)"}}
+    doc["published"] = published
+    models = sorted({r["model"] for r in published})
+    old = doc.get("models", {})
+    doc["models"] = {m: {"input_whc": shapes[m], "precision": "int8" if m.endswith("_int8") else "fp32",
+                         **({"param_sha256": old[m]["param_sha256"]} if "param_sha256" in old.get(m, {}) else {})}
+                     for m in models}
+
+
+def count(doc: dict[str, Any], params: Path, cores: list[str], models: list[str] | None, recount: bool) -> None:
+    from bottlefit.emulation.arm64 import CORES, Core, ensure_sysroot
+    from bottlefit.emulation.cost import ensure_plugin, ncnn_bench_instructions
+
+    sysroot = ensure_sysroot()
+    plugin = ensure_plugin()
+    info = sysroot.describe()
+    ncnn_wheel = next(w for w in info["wheels"] if w.startswith("ncnn-"))
+    doc["counted_with"] = {"ncnn_wheel": ncnn_wheel, "sysroot_key": info["key"], "qemu": info["qemu"],
+                           "qemu_plugin_source": plugin.qemu_source_version, "runs": 1, "threads": 1,
+                           "how": "bottlefit.emulation.cost.ncnn_bench_instructions: one warm-up, then the marked "
+                                  "span of one inference"}
+    by_cpu = {c.cpu: c for c in CORES.values()}
+    counts = doc.setdefault("counts", {}).setdefault(RUNTIME, {})
+    for cpu in cores:
+        core: Core = by_cpu[cpu]
+        have = counts.setdefault(cpu, {})
+        for m in models or sorted(doc["models"]):
+            if m in have and not recount:
+                continue
+            param = params / f"{m}.param"
+            sha = hashlib.sha256(param.read_bytes()).hexdigest()
+            old = doc["models"][m].get("param_sha256")
+            if old and old != sha:
+                sys.exit(f"{param}: sha256 {sha[:12]} differs from the data file's {old[:12]}: recount all cores")
+            doc["models"][m]["param_sha256"] = sha
+            t0 = time.monotonic()
+            n = ncnn_bench_instructions(sysroot, core, param, tuple(doc["models"][m]["input_whc"]))
+            have[m] = round(n)
+            print(f"  {cpu:11s} {m:20s} {n / 1e6:10.1f} M instructions  ({time.monotonic() - t0:.0f} s)", flush=True)
+            write(doc)
+
+
+def write(doc: dict[str, Any], path: Path = devicetime.DATA) -> None:
+    from bottlefit.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    devicetime._load.cache_clear()
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    table = {b.name: b for b in devicetime.boards(doc)}
+    src = doc["sources"]["ncnn-benchmark"]
+    lines = ["# Device-time model: ncnn IPC fitted on published board timings", "",
+             f"Published timings: {src['repository']} `{src['path']}` at `{src['commit']}` ({src['column']} of "
+             f"benchncnn, {src['tool']}).", "",
+             f"Counted: {doc['counted_with']['ncnn_wheel']} under {doc['counted_with']['qemu']} on the matching "
+             "emulated core, one inference after one warm-up (the guest instructions between two marks).", "",
+             "`ms = instructions / (clock_GHz x 1e6 x IPC)`; IPC is the geometric mean of the one-thread rows' "
+             "implied IPC; the leave-one-model-out (LOO) error predicts each model's rows at the IPC of the other "
+             "models.", "", "## Fitted IPC per core", "",
+             "| core | precision | rows (models) | IPC | LOO median | LOO worst |", "|---|---|---|---|---|---|"]
+    for core, per in doc["fit"]["ipc"][RUNTIME].items():
+        for prec in ("fp32", "int8", "all"):
+            if prec not in per:
+                continue
+            f = per[prec]
+            rows = f"{f['rows']} ({f['models']})" if prec != "all" else ""
+            ipc = f"{f['ipc']:.3f}" if prec != "all" else "(both)"
+            lines.append(f"| {core} | {prec} | {rows} | {ipc} | {f['loo_median_pct']:.1f}% | "
+                         f"{f['loo_worst_pct']:.1f}% ({f['loo_worst']}) |")
+    lines += ["", "## Thread speed-up (over one thread, same board and model)", "",
+              "| core | threads | rows | speed-up | LOO median | LOO worst |", "|---|---|---|---|---|---|"]
+    for core, per in doc["fit"]["threads"].items():
+        for n, f in per.items():
+            lines.append(f"| {core} | {n} | {f['rows']} | {f['speedup']:.2f} | {f['loo_median_pct']:.1f}% | "
+                         f"{f['loo_worst_pct']:.1f}% ({f['loo_worst']}) |")
+    lines += ["", "## Published one-thread timings, counted instructions, implied IPC", "",
+              "| board | core | GHz | model | published ms | counted M instr. | implied IPC | predicted ms | err |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    counts = doc["counts"][RUNTIME]
+    for r in doc["published"]:
+        b = table[r["board"]]
+        n = counts.get(b.core, {}).get(r["model"])
+        if r["threads"] != 1 or n is None:
+            continue
+        fit = doc["fit"]["ipc"][RUNTIME][b.core][r["precision"]]["ipc"]
+        pred = devicetime.ms_from(n, b.clock_ghz, fit)
+        lines.append(f"| {r['board']} | {b.core} | {b.clock_ghz:g} | {r['model']} | {r['ms']:.2f} | {n / 1e6:.1f} | "
+                     f"{devicetime.row_ipc(n, b.clock_ghz, r['ms']):.3f} | {pred:.2f} | "
+                     f"{100 * (pred / r['ms'] - 1):+.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=Path, help="ncnn's benchmark/README.md")
+    ap.add_argument("--benchncnn", type=Path, help="ncnn's benchmark/benchncnn.cpp (input shapes)")
+    ap.add_argument("--commit", help="the ncnn commit both files are from")
+    ap.add_argument("--count", action="store_true")
+    ap.add_argument("--params", type=Path, help="folder of ncnn's benchmark/models/*.param")
+    ap.add_argument("--cores", default="cortex-a72,cortex-a53,cortex-a76")
+    ap.add_argument("--models", help="comma-separated subset to count")
+    ap.add_argument("--recount", action="store_true")
+    ap.add_argument("--fit", action="store_true")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    doc = json.loads(devicetime.DATA.read_text())
+    if a.table:
+        if not (a.benchncnn and a.commit):
+            ap.error("--table needs --benchncnn and --commit")
+        import_table(doc, a.table, a.benchncnn, a.commit)
+        write(doc)
+    if a.count:
+        if not a.params:
+            ap.error("--count needs --params")
+        count(doc, a.params, a.cores.split(","), a.models.split(",") if a.models else None, a.recount)
+    if a.fit:
+        doc["fit"] = devicetime.fit(doc)
+        write(doc)
+        text = markdown(doc)
+        print(text)
+        if a.out:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / "device_model.md").write_text(text)
+            (a.out / "device_model.json").write_text(json.dumps({k: doc[k] for k in ("sources", "counted_with",
+                                                                                     "fit")}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
