@@ -7,18 +7,19 @@ The run composes figures each taken where it can be had honestly, and every figu
 * **measured** here, on the built-in held-out photos: JPEG bytes of the 224x224 crop (offload's payload), the coded
   bottleneck bytes per wire (split's payload), the server's milliseconds (the tail plus the wire's decoding for
   split; JPEG decoding plus the whole model for offload), on this host's CPU;
-* **predicted**: the device's milliseconds of the exported head (the default Pi head) and of the whole model (the
-  export's fp32 head.onnx + tail.onnx, what "local" runs), from guest instructions counted per inference under
-  emulation on the board's core (:mod:`bottlefit.emulation.cost`) and the device-time model
-  (``bottlefit.emulation.devicetime``) where this install has it;
-* **assumed**: what has no count yet (JPEG and wire encoding on the device; device time when the device-time model
-  is absent): this host's milliseconds x the device class's stated factor (:data:`bottlefit.bench.split.DEVICES`);
+* **predicted** (or extrapolated, as the device-time model labels it): the device's milliseconds of the exported
+  head (the default Pi head), of the whole model (the export's fp32 head.onnx + tail.onnx, what "local" runs) and
+  of JPEG encoding (Pillow), from guest instructions counted under emulation on the board's core
+  (:mod:`bottlefit.emulation.cost`) through :mod:`bottlefit.emulation.devicetime`;
+* **assumed**: what has no count (the wire encoder; everything with ``--no-count`` or without emulation): this
+  host's milliseconds x the board's stated host-relative factor (:func:`bottlefit.bench.device.host_factor`);
 * **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
   link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.bench.energy`).
 
-Counts are slow for the whole R152 (minutes under qemu): they are cached in the user cache keyed by the artifact's
-sha256, the core and the runtime, and written into the result JSON; a JSON from an earlier run in OUT seeds the
-cache, so the committed report can be re-made without re-counting.
+Counting is ``bench split --device``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
+for the whole R152 (minutes under qemu). The counts go into the result JSON with what they depend on (the
+artifacts' and the JPEG crop's sha256); a later run into the same OUT re-predicts from them without counting, so the
+committed report can be re-made (for example after the device-time model is re-fitted) in seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from bottlefit.bench import energy
 from bottlefit.bench.links import PROFILES, LinkProfile
 from bottlefit.errors import EnvironmentProblem, UserError
-from bottlefit.files import atomic_write_bytes, atomic_write_text, user_cache_dir
+from bottlefit.files import atomic_write_bytes, atomic_write_text
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.paper/1"
@@ -63,6 +64,7 @@ THREADS = 1  # the device runs one inference thread (as the bench's device peer)
 class Basis(StrEnum):
     MEASURED = "measured"
     PREDICTED = "predicted"
+    EXTRAPOLATED = "extrapolated"  # counted, at the IPC of another runtime (bottlefit.emulation.devicetime)
     ASSUMED = "assumed"
     MODELLED = "modelled"
 
@@ -99,6 +101,7 @@ class Measured:
     offload_server_ms: float  # JPEG decode + the whole model on the server (this host)
     head_sha256: str = ""
     full_sha256: str = ""
+    jpeg_rgb_sha256: str = ""  # the crop whose JPEG encoding is counted on the device (the first image)
     raw_bytes: int = 0  # uint8 RGB of the crop
 
     @property
@@ -139,35 +142,81 @@ class DeviceTimes:
         return " + ".join(str(f.basis) for f in parts)
 
 
-def _factor(board: str) -> tuple[float, str]:
-    from bottlefit.bench.split import DEVICES
-
-    d = DEVICES[board]
-    return d.factor, d.basis
-
-
 def assumed_ms(host_ms: float, board: str, what: str) -> Figure:
-    f, basis = _factor(board)
-    return Figure(host_ms * f, Basis.ASSUMED, f"{what}: this host's {host_ms:.2f} ms x {f:g} ({basis})")
+    """This host's ms x the board's host-relative factor (bottlefit.bench.device.host_factor): assumed."""
+    from bottlefit.bench.device import host_factor
+
+    f = host_factor(board)
+    return Figure(host_ms * f, Basis.ASSUMED, f"{what}: this host's {host_ms:.2f} ms x {f:.2f} ({board}'s "
+                                              "host-relative factor, assumed)")
 
 
-def predicted_ms(insns: float | None, board: str, runtime: str, precision: str, host_ms: float, what: str,
-                 ) -> Figure:
-    """The device-time model's prediction from the counted instructions where both exist, else assumed."""
-    if insns is not None:
-        try:
-            from bottlefit.emulation import devicetime  # type: ignore[attr-defined]
-        except ImportError:
-            devicetime = None
-        if devicetime is not None:
-            p = devicetime.predict_ms(insns, board, runtime, precision, threads=THREADS)
-            return Figure(float(p.ms), Basis.PREDICTED,
-                          f"{what}: {insns / 1e6:.1f} M guest instructions counted on {board}'s core, "
-                          f"{p.basis}: {p.why}")
-    fig = assumed_ms(host_ms, board, what)
-    note = (f"; {insns / 1e6:.1f} M guest instructions counted on {board}'s core, no device-time model in this "
-            "install to turn them into ms" if insns is not None else "")
-    return Figure(fig.value, fig.basis, fig.why + note)
+def _figure(what: str, p: Any) -> Figure:
+    return Figure(float(p.ms), Basis(str(p.basis)), f"{what}: {p.why}")
+
+
+def from_counts(m: Measured, board: str, counts: dict[str, float]) -> DeviceTimes:
+    """Device ms from guest instructions counted on ``board``'s core ({"head", "full", "jpeg"}) through the
+    device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --device``)."""
+    from bottlefit.bench.device import encode_part
+    from bottlefit.emulation.devicetime import predict_ms
+
+    head_precision = "int8" if "int8" in m.head else "fp32"
+    return DeviceTimes(
+        board=board,
+        head=_figure(f"head {m.head}", predict_ms(counts["head"], board, m.head_runtime, head_precision, THREADS)),
+        full=_figure("whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)",
+                     predict_ms(counts["full"], board, "onnxruntime", "fp32", THREADS)),
+        jpeg_encode=_figure(f"JPEG q{m.jpeg_quality} encoding (Pillow)",
+                            predict_ms(counts["jpeg"], board, "pillow", "fp32", THREADS)),
+        wire_encode=_figure(f"wire {m.wire} encoding", encode_part(board, None, m.wire_encode_host_ms)))
+
+
+def host_times(m: Measured, board: str) -> DeviceTimes:
+    """Without counts (--no-count, or no emulation here): every part is this host's ms x the board's factor."""
+    return DeviceTimes(board=board, head=assumed_ms(m.head_host_ms, board, f"head {m.head}"),
+                       full=assumed_ms(m.full_host_ms, board, "whole model (ONNX Runtime)"),
+                       jpeg_encode=assumed_ms(m.jpeg_encode_host_ms, board, f"JPEG q{m.jpeg_quality} encoding"),
+                       wire_encode=assumed_ms(m.wire_encode_host_ms, board, f"wire {m.wire} encoding"))
+
+
+def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.ndarray, log: Log,
+                ) -> dict[str, float] | None:
+    """Guest instructions per inference of the head and the whole model, and of one JPEG encoding of ``rgb``, on
+    ``board``'s core: ``bench split --device``'s counting (bottlefit.bench.device.plan, cached in the user cache);
+    None (the reason logged) where this machine cannot emulate."""
+    from bottlefit.bench.device import DEVICES, plan
+    from bottlefit.emulation.arm64 import EmulationUnavailable
+
+    try:
+        p = plan(DEVICES[board], head=head_file, head_runtime=m.head_runtime,
+                 head_precision="int8" if "int8" in m.head else "fp32", full=full, rgb=rgb,
+                 jpeg_quality=m.jpeg_quality, encode_instructions=None, encode_host_ms=m.wire_encode_host_ms,
+                 timings=None, log=log)
+    except EmulationUnavailable as e:
+        log(f"no counts on {board}: {e}")
+        return None
+    return {"head": float(p.counts[head_file.name]["instructions"]),
+            "full": float(p.counts[full.name]["instructions"]), "jpeg": float(p.counts["jpeg"]["instructions"])}
+
+
+def count_key(m: Measured, board: str) -> dict[str, Any]:
+    """What the counts of one (model, board) depend on: a result JSON's counts are reused where this matches."""
+    return {"board": board, "head_sha256": m.head_sha256, "full_sha256": m.full_sha256,
+            "jpeg_rgb_sha256": m.jpeg_rgb_sha256, "jpeg_quality": m.jpeg_quality}
+
+
+def earlier_counts(path: Path) -> list[dict[str, Any]]:
+    """The device records (with "key" and "counts") of an earlier result JSON; [] when there is none."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [d for d in doc.get("devices", []) if isinstance(d, dict) and d.get("counts") and d.get("key")]
+
+
+def reuse(earlier: Sequence[dict[str, Any]], key: dict[str, Any]) -> dict[str, float] | None:
+    return next(({k: float(v) for k, v in d["counts"].items()} for d in earlier if d["key"] == key), None)
 
 
 # -- composing latency and energy
@@ -258,70 +307,10 @@ def headline(rs: list[dict[str, Any]], model: str = "R152 v2") -> str:
             f"(paper {signed(PAPER['energy_vs_offload_pct'])})")
 
 
-# -- counting (cached)
-
-
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from bottlefit.files import sha256_file
 
-
-def counts_path() -> Path:
-    return user_cache_dir() / "bench-paper-counts.json"
-
-
-def count_key(sha: str, core: str, runtime: str, threads: int = THREADS) -> str:
-    return f"{sha}:{core}:{runtime}:t{threads}"
-
-
-def load_counts(seed: Path | None = None) -> dict[str, float]:
-    """The cached counts, with those of an earlier result JSON (``seed``) added."""
-    counts: dict[str, float] = {}
-    p = counts_path()
-    if p.is_file():
-        try:
-            counts.update(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            pass
-    if seed is not None and seed.is_file():
-        try:
-            counts.update(json.loads(seed.read_text()).get("counts", {}))
-        except (OSError, ValueError):
-            pass
-    return counts
-
-
-def save_counts(counts: dict[str, float]) -> None:
-    p = counts_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(dict(sorted(counts.items())), indent=1) + "\n")
-
-
-def count(counts: dict[str, float], artifact: Path, sha: str, board: str, runtime: str, log: Log,
-          ort_config: dict[str, str] | None = None) -> float | None:
-    """Guest instructions per inference of ``artifact`` on ``board``'s core, from the cache or counted now; None
-    (with the reason logged) where this machine cannot emulate."""
-    key = count_key(sha, board, runtime)
-    if key in counts:
-        return counts[key]
-    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core
-    from bottlefit.emulation.cost import instructions_per_inference
-
-    t0 = time.perf_counter()
-    log(f"counting {artifact.name} ({runtime}) on {board}'s core under emulation (once; cached)")
-    try:
-        n = instructions_per_inference(ensure_sysroot(log), get_core(board), artifact, runtime, runs=1,
-                                       ort_config=ort_config)
-    except EmulationUnavailable as e:
-        log(f"no count for {artifact.name} on {board}: {e}")
-        return None
-    counts[key] = n
-    save_counts(counts)
-    log(f"  {n / 1e6:.1f} M instructions in {time.perf_counter() - t0:.0f} s")
-    return n
+    return sha256_file(path)
 
 
 # -- the models
@@ -400,7 +389,7 @@ def _median_ms(fn: Callable[[int], Any], n: int) -> float:
 
 
 def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str, headline_link: LinkProfile,
-            log: Log) -> tuple[Measured, Path, Path]:
+            log: Log) -> tuple[Measured, Path, Path, np.ndarray]:
     """The host-side figures of one exported model on the built-in held-out photos; returns them with the
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
     from bottlefit.bench.service import decode_jpeg, normalize
@@ -470,7 +459,9 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
                     "decode_server_ms": float(statistics.median(dec)) if dec else 0.0}
     if wire == "auto":
         # the bench's rule: least device encoding (assumed, x the pi4 factor) + decoding + bytes at the headline link
-        f, _ = _factor("pi4")
+        from bottlefit.bench.device import host_factor
+
+        f = host_factor("pi4")
         wire = min(wires, key=lambda w: (f * wires[w]["encode_host_ms"] + wires[w]["decode_server_ms"]
                                          + headline_link.transfer_ms(wires[w]["bytes"]), w))
     elif wire not in wires:
@@ -480,19 +471,14 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
                  jpeg_bytes=float(np.median([len(j) for j in jpegs])), jpeg_encode_host_ms=jpeg_ms, wire=wire,
                  wires=wires, head=f"{contract.target}/{contract.head}", head_runtime=contract.runtime,
                  head_host_ms=head_ms, full_host_ms=full_ms, tail_server_ms=tail_ms, offload_server_ms=offload_ms,
-                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(h * w_ * 3))
-    return m, head_file, full
+                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(h * w_ * 3),
+                 jpeg_rgb_sha256=_rgb_sha(imgs.rgb[0]))
+    return m, head_file, full, imgs.rgb[0]
 
 
-def device_times(m: Measured, board: str, head_insns: float | None, full_insns: float | None) -> DeviceTimes:
-    head_precision = "int8" if "int8" in m.head else "fp32"
-    return DeviceTimes(
-        board=board,
-        head=predicted_ms(head_insns, board, m.head_runtime, head_precision, m.head_host_ms, f"head {m.head}"),
-        full=predicted_ms(full_insns, board, "onnxruntime", "fp32", m.full_host_ms,
-                          "whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)"),
-        jpeg_encode=assumed_ms(m.jpeg_encode_host_ms, board, f"JPEG q{m.jpeg_quality} encoding (Pillow)"),
-        wire_encode=assumed_ms(m.wire_encode_host_ms, board, f"wire {m.wire} encoding"))
+def _rgb_sha(rgb: np.ndarray) -> str:
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    return hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
 
 
 # -- the run
@@ -512,23 +498,21 @@ class PaperOptions:
     count: bool = True  # count under emulation (False: host x factor only, as without qemu)
 
 
-def device_record(channels: int, dev: DeviceTimes, head_insns: float | None, full_insns: float | None,
+def device_record(channels: int, dev: DeviceTimes, key: dict[str, Any] | None, counts: dict[str, float] | None,
                   ) -> dict[str, Any]:
+    """One (model, board): each part's Figure, and the counts it came from with what they depend on (a later run
+    into the same OUT re-predicts from these counts instead of counting again)."""
     figs = {k: v.to_dict() for k, v in vars(dev).items() if isinstance(v, Figure)}
-    return {"channels": channels, "board": dev.board, **figs, "head_instructions": head_insns,
-            "full_instructions": full_insns}
+    return {"channels": channels, "board": dev.board, **figs, "key": key, "counts": counts}
 
 
 def assemble(sources: Sequence[PaperSource], measured: Sequence[Measured], exports: Sequence[Path],
              devices: Sequence[dict[str, Any]], rows: list[dict[str, Any]], links: Sequence[LinkProfile],
-             counts: dict[str, float], wall_s: float) -> dict[str, Any]:
+             wall_s: float) -> dict[str, Any]:
     """The result JSON (what the report renders): the models, device figures, rows, ratios, headline, constants."""
     rs = ratios(rows)
     models = [{"source": src.describe(), "export": str(root), **asdict(m)}
               for src, m, root in zip(sources, measured, exports, strict=True)]
-    boards = sorted({d["board"] for d in devices})
-    used = {count_key(m.head_sha256, b, m.head_runtime) for m in measured for b in boards} | \
-        {count_key(m.full_sha256, b, "onnxruntime") for m in measured for b in boards}
     return {
         "schema": SCHEMA, "paper": PAPER, "paper_cite": PAPER_CITE,
         "untrained": [s.describe() for s in sources if s.checkpoint is None],
@@ -537,7 +521,6 @@ def assemble(sources: Sequence[PaperSource], measured: Sequence[Measured], expor
         "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms} for p in links],
         "assumed": {"request_overhead_bytes": REQUEST_OVERHEAD_B, "response_bytes": RESPONSE_B, "threads": THREADS},
         "energy_constants": energy.constants(), "energy_citations": energy.citations(),
-        "counts": {k: v for k, v in sorted(counts.items()) if k in used},
         "wall_s": wall_s,
     }
 
@@ -545,25 +528,28 @@ def assemble(sources: Sequence[PaperSource], measured: Sequence[Measured], expor
 def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
     t0 = time.perf_counter()
     link = next((p for p in opts.links if p.name == opts.headline_link), opts.links[0])
-    counts = load_counts(opts.out / "paper.json")
+    earlier = earlier_counts(opts.out / "paper.json")
     measured, exports, rows, devices = [], [], [], []
     for src in opts.sources:
         root = export_model(src, opts.workdir, log)
-        m, head_file, full = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
+        m, head_file, full, rgb0 = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
         log(f"{src.channels} ch: JPEG q{m.jpeg_quality} {m.jpeg_bytes:.0f} B, wire {m.wire} {m.payload_bytes:.0f} B, "
             f"host ms: head {m.head_host_ms:.1f}, whole model {m.full_host_ms:.1f}, tail {m.tail_server_ms:.1f}")
         for board in opts.boards:
-            hi = fi = None
+            key = count_key(m, board)
+            counts = None
             if opts.count:
-                hi = count(counts, head_file, m.head_sha256, board, m.head_runtime, log)
-                fi = count(counts, full, m.full_sha256, board, "onnxruntime", log)
-            dev = device_times(m, board, hi, fi)
-            devices.append(device_record(src.channels, dev, hi, fi))
+                counts = reuse(earlier, key)
+                if counts is not None:
+                    log(f"{src.channels} ch on {board}: the counts of {opts.out / 'paper.json'} (same artifacts)")
+                else:
+                    counts = count_parts(m, board, head_file, full, rgb0, log)
+            dev = from_counts(m, board, counts) if counts is not None else host_times(m, board)
+            devices.append(device_record(src.channels, dev, key if counts else None, counts))
             rows.extend(compose(m, dev, opts.links))
         measured.append(m)
         exports.append(root)
-    return assemble(opts.sources, measured, exports, devices, rows, opts.links, counts,
-                    round(time.perf_counter() - t0, 1))
+    return assemble(opts.sources, measured, exports, devices, rows, opts.links, round(time.perf_counter() - t0, 1))
 
 
 # -- the report
@@ -583,11 +569,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append("Models: " + "; ".join(m["source"] for m in r["models"]) + ". Random-weight checkpoints "
                      "(seed 0) unless their source says otherwise: accuracy is not reported; latency, bytes and "
                      "energy do not depend on the weights' training.\n")
-    lines.append("Every figure is one of: **measured** (on this host, a 2-core x86 machine shared with other jobs: "
-                 "the server's ms are a loaded CPU's, not an edge GPU's), **predicted** (guest instructions counted "
-                 "under emulation on the board's core -> the device-time model), **assumed** (this host's ms x the "
-                 "device class's stated factor), **modelled** (network: RTT x 2 + framed bytes at the link's rate; "
-                 "energy: the model below).\n")
+    lines.append("Every figure is one of: **measured** (on this host, an x86 machine shared with other jobs: "
+                 "the server's ms are a loaded CPU's, not an edge GPU's), **predicted** / **extrapolated** (guest "
+                 "instructions counted under emulation on the board's core -> the device-time model "
+                 "bottlefit.emulation.devicetime, whose own label says whether its IPC is fitted for that runtime, "
+                 "borrowed from another (extrapolated) or still assumed), **assumed** (this host's ms x the board's "
+                 "stated factor), **modelled** (network: RTT x 2 + framed bytes at the link's rate; energy: the "
+                 "model below).\n")
     lines.append("## What each mode costs, per model (the reasons for the gap)\n")
     lines.append("| channels | JPEG q B | split wire | payload B | raw RGB B | head host ms | whole model host ms "
                  "| server ms split (measured) | server ms offload (measured) |\n|---:|---:|---|---:|---:|---:|---:|"
@@ -600,17 +588,19 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {m['offload_server_ms']:.1f} |")
     lines.append("\nDevice ms per board (basis: how each was had):\n")
     lines.append("| channels | board | head ms | whole model ms | JPEG encode ms | wire encode ms | head M insns "
-                 "| whole model M insns |\n|---:|---|---:|---:|---:|---:|---:|---:|")
+                 "| whole model M insns | JPEG M insns |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for d in r["devices"]:
         def fig(k: str, d: dict[str, Any] = d) -> str:
             return f"{d[k]['value']:.1f} ({d[k]['basis']})"
 
-        hi = f"{d['head_instructions'] / 1e6:.1f}" if d["head_instructions"] else "–"
-        fi = f"{d['full_instructions'] / 1e6:.0f}" if d["full_instructions"] else "–"
+        c = d.get("counts") or {}
+        hi = f"{c['head'] / 1e6:.1f}" if "head" in c else "–"
+        fi = f"{c['full'] / 1e6:.0f}" if "full" in c else "–"
+        ji = f"{c['jpeg'] / 1e6:.1f}" if "jpeg" in c else "–"
         lines.append(f"| {d['channels']} | {d['board']} | {fig('head')} | {fig('full')} | {fig('jpeg_encode')} "
-                     f"| {fig('wire_encode')} | {hi} | {fi} |")
-    lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}"
-                                   for d in r["devices"]))
+                     f"| {fig('wire_encode')} | {hi} | {fi} | {ji} |")
+    lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}; "
+                                   f"{d['jpeg_encode']['why']}; {d['wire_encode']['why']}" for d in r["devices"]))
     lines.append("\nEvery wire on these images (median payload B, encoding ms on this host, decoding ms on the "
                  "server): " + "; ".join(f"{m['channels']} ch: " + ", ".join(
                      f"{w} {f['bytes']:.0f} B {f['encode_host_ms']:.2f}+{f['decode_server_ms']:.2f} ms"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from bottlefit.bench import energy, paper
+from bottlefit.bench.device import host_factor
 from bottlefit.bench.links import PROFILES, LinkProfile
 from bottlefit.bench.paper import Basis, DeviceTimes, Figure, Measured, PaperSource
-from bottlefit.bench.split import DEVICES, _framed
+from bottlefit.bench.split import _framed
 from bottlefit.cli import main
 
 LINK = LinkProfile("lte", "LTE", 5.85, 60.0, 0.1)
@@ -112,19 +113,22 @@ def test_ratios_and_headline_against_the_paper() -> None:
 
 
 def test_device_time_labels() -> None:
-    f = DEVICES["pi4"].factor
+    from bottlefit.emulation.devicetime import predict_ms
+
+    f = host_factor("pi4")
     a = paper.assumed_ms(2.0, "pi4", "JPEG")
-    assert a.basis is Basis.ASSUMED and a.value == pytest.approx(2.0 * f) and f"x {f:g}" in a.why
-    none = paper.predicted_ms(None, "pi4", "litert", "int8", 2.0, "head")
-    assert none.basis is Basis.ASSUMED and none.value == pytest.approx(2.0 * f)
-    counted = paper.predicted_ms(5e6, "pi4", "litert", "int8", 2.0, "head")
-    assert "5.0 M guest instructions" in counted.why
-    try:
-        from bottlefit.emulation import devicetime  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        assert counted.basis is Basis.ASSUMED and "no device-time model" in counted.why
-    else:
-        assert counted.basis is Basis.PREDICTED
+    assert a.basis is Basis.ASSUMED and a.value == pytest.approx(2.0 * f) and f"x {f:.2f}" in a.why
+    m = measured()
+    host = paper.host_times(m, "pi5")
+    assert {host.head.basis, host.full.basis, host.jpeg_encode.basis, host.wire_encode.basis} == {Basis.ASSUMED}
+    assert host.full.value == pytest.approx(100.0 * host_factor("pi5"))
+    counted = paper.from_counts(m, "pi4", {"head": 5e6, "full": 9e9, "jpeg": 2e7})
+    ref = predict_ms(9e9, "pi4", "onnxruntime", "fp32")
+    # the device-time model's own figure and label, whatever its fit's state
+    assert counted.full.value == pytest.approx(ref.ms) and str(counted.full.basis) == str(ref.basis)
+    assert counted.head.value == pytest.approx(predict_ms(5e6, "pi4", "litert", "int8").ms)
+    assert counted.jpeg_encode.value == pytest.approx(predict_ms(2e7, "pi4", "pillow", "fp32").ms)
+    assert counted.wire_encode.basis is Basis.ASSUMED  # the wire encoder is not counted
 
 
 def test_report_labels_every_kind_of_figure(tmp_path: Path) -> None:
@@ -132,9 +136,10 @@ def test_report_labels_every_kind_of_figure(tmp_path: Path) -> None:
     dev = times()
     rows = paper.compose(m, dev, [LINK])
     src = PaperSource(12)
-    r = paper.assemble([src], [m], [tmp_path], [paper.device_record(12, dev, 5e6, 9e9)], rows, [LINK],
-                       {paper.count_key("h" * 64, "pi4", "litert"): 5e6, "unused": 1.0}, 1.0)
-    assert r["counts"] == {paper.count_key("h" * 64, "pi4", "litert"): 5e6}  # only this run's counts
+    counts = {"head": 5e6, "full": 9e9, "jpeg": 2e7}
+    r = paper.assemble([src], [m], [tmp_path], [paper.device_record(12, dev, paper.count_key(m, "pi4"), counts)],
+                       rows, [LINK], 1.0)
+    assert r["devices"][0]["counts"] == counts and r["devices"][0]["key"]["head_sha256"] == "h" * 64
     assert r["untrained"] == [src.describe()]
     md = paper.markdown(r)
     for word in ("**measured**", "**predicted**", "**assumed**", "**modelled**", "(predicted)", "(assumed)",
@@ -144,16 +149,19 @@ def test_report_labels_every_kind_of_figure(tmp_path: Path) -> None:
     json.dumps(r)  # the result is JSON as it stands
 
 
-def test_counts_seed_from_an_earlier_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BOTTLEFIT_CACHE", str(tmp_path / "cache"))
+def test_counts_are_reused_from_an_earlier_result_of_the_same_artifacts(tmp_path: Path) -> None:
+    m = measured()
+    key = paper.count_key(m, "pi4")
+    counts = {"head": 5e6, "full": 9e9, "jpeg": 2e7}
     earlier = tmp_path / "paper.json"
-    earlier.write_text(json.dumps({"counts": {"abc:pi4:litert:t1": 123.0}}))
-    counts = paper.load_counts(earlier)
-    assert counts == {"abc:pi4:litert:t1": 123.0}
-    # a cached count is not counted again (no emulation needed)
-    assert paper.count(counts, tmp_path / "x.tflite", "abc", "pi4", "litert", lambda _m: None) == 123.0
-    paper.save_counts(counts)
-    assert paper.load_counts() == counts
+    earlier.write_text(json.dumps({"devices": [paper.device_record(12, times(), key, counts),
+                                               paper.device_record(12, times(), None, None)]}))
+    found = paper.earlier_counts(earlier)
+    assert len(found) == 1
+    assert paper.reuse(found, key) == counts
+    assert paper.reuse(found, {**key, "full_sha256": "other"}) is None  # another artifact: counted again
+    assert paper.reuse(found, paper.count_key(m, "pi5")) is None
+    assert paper.earlier_counts(tmp_path / "missing.json") == []
 
 
 def test_paper_checkpoints_parsing(tmp_path: Path) -> None:
