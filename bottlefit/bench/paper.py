@@ -624,6 +624,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {signed(x['latency_vs_local_pct'])} "
                      f"| {signed(x['latency_vs_offload_pct'])} | {signed(x['energy_vs_local_pct'])} "
                      f"| {signed(x['energy_vs_offload_pct'])} |")
+    lines.append("\n### Where split wins and loses against offload (the gap, from the figures above)\n")
+    lines.extend(gap_lines(r))
     lines.append("\n## The energy model (a model, not a measurement)\n")
     lines.append("Energy per inference = the board's busy watts x device ms + its idle watts x the wait (network + "
                  "server) + the radio: (alpha x rate + beta) while each direction transfers, tail watts while "
@@ -640,6 +642,25 @@ def markdown(r: dict[str, Any]) -> str:
                  f"{r['wall_s']} s.\n")
     lines.append("![latency](paper_latency.png)\n![energy](paper_energy.png)\n")
     return "\n".join(lines)
+
+
+def gap_lines(r: dict[str, Any], link: str = "lte") -> list[str]:
+    """Per model and board at ``link``: split's saving on the link against offload's, and what it pays on the
+    device and the server, so a gap to the paper can be traced to a part."""
+    out = []
+    for (c, b) in sorted({(x["channels"], x["board"]) for x in r["rows"]}, key=lambda k: (-k[0], k[1])):
+        by = {x["mode"]: x for x in r["rows"] if (x["channels"], x["board"], x["link"]) == (c, b, link)}
+        if len(by) < 3:
+            continue
+        s, of, lo = by["split"], by["offload"], by["local"]
+        out.append(f"- {c} ch, {b}, {_label(link)}: the link costs split {s['network_ms']:.0f} ms for "
+                   f"{s['payload_bytes']:.0f} B against offload's {of['network_ms']:.0f} ms for "
+                   f"{of['payload_bytes']:.0f} B of JPEG ({s['network_ms'] - of['network_ms']:+.0f} ms); the device "
+                   f"{s['device_ms']:.0f} ms (head + wire encoding) against {of['device_ms']:.0f} ms (JPEG encoding) "
+                   f"({s['device_ms'] - of['device_ms']:+.0f} ms); the server {s['server_ms']:.0f} ms (tail) against "
+                   f"{of['server_ms']:.0f} ms (whole model) ({s['server_ms'] - of['server_ms']:+.0f} ms). Local: "
+                   f"{lo['device_ms']:.0f} ms on the device.")
+    return out
 
 
 def plots(r: dict[str, Any]) -> dict[str, bytes]:
