@@ -67,6 +67,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--paper-checkpoints", metavar="C=PATH[,C=PATH]",
                    help="--paper: the models' checkpoints by channel count (default: untrained, seed 0)")
     s.add_argument("--boards", default="pi4,pi5", help="--paper: boards (default pi4,pi5)")
+    s.add_argument("--paper-share-count", action="store_true",
+                   help="--paper: count the whole model of the first checkpoint only; the others (which differ "
+                        "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
     s.add_argument("--no-count", action="store_true",
                    help="--paper: no counting under emulation (device ms = this host's x the device factor)")
     s.set_defaults(func=run_split)
@@ -153,7 +156,7 @@ def run_paper_mode(args: argparse.Namespace) -> int:
     opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
                         links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
                         workdir=Path(args.workdir), headline_link=(args.headline_link or "lte").lower(),
-                        count=not args.no_count)
+                        count=not args.no_count, share_count=args.paper_share_count)
     result = run_paper(opts, _log)
     paths = write_report(opts.out, result)
     print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")

@@ -155,7 +155,7 @@ def _figure(what: str, p: Any) -> Figure:
     return Figure(float(p.ms), Basis(str(p.basis)), f"{what}: {p.why}")
 
 
-def from_counts(m: Measured, board: str, counts: dict[str, float]) -> DeviceTimes:
+def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: str = "") -> DeviceTimes:
     """Device ms from guest instructions counted on ``board``'s core ({"head", "full", "jpeg"}) through the
     device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --device``)."""
     from bottlefit.bench.device import encode_part
@@ -165,7 +165,7 @@ def from_counts(m: Measured, board: str, counts: dict[str, float]) -> DeviceTime
     return DeviceTimes(
         board=board,
         head=_figure(f"head {m.head}", predict_ms(counts["head"], board, m.head_runtime, head_precision, THREADS)),
-        full=_figure("whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)",
+        full=_figure("whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)" + full_note,
                      predict_ms(counts["full"], board, "onnxruntime", "fp32", THREADS)),
         jpeg_encode=_figure(f"JPEG q{m.jpeg_quality} encoding (Pillow)",
                             predict_ms(counts["jpeg"], board, "pillow", "fp32", THREADS)),
@@ -200,10 +200,37 @@ def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.nd
             "full": float(p.counts[full.name]["instructions"]), "jpeg": float(p.counts["jpeg"]["instructions"])}
 
 
-def count_key(m: Measured, board: str) -> dict[str, Any]:
-    """What the counts of one (model, board) depend on: a result JSON's counts are reused where this matches."""
-    return {"board": board, "head_sha256": m.head_sha256, "full_sha256": m.full_sha256,
-            "jpeg_rgb_sha256": m.jpeg_rgb_sha256, "jpeg_quality": m.jpeg_quality}
+def count_key(m: Measured, board: str, full_counted_sha256: str | None = None) -> dict[str, Any]:
+    """What the counts of one (model, board) depend on: a result JSON's counts are reused where this matches.
+    ``full_counted_sha256``: the whole model actually counted, where it is another model's (--paper-share-count)."""
+    key = {"board": board, "head_sha256": m.head_sha256, "full_sha256": m.full_sha256,
+           "jpeg_rgb_sha256": m.jpeg_rgb_sha256, "jpeg_quality": m.jpeg_quality}
+    if full_counted_sha256 and full_counted_sha256 != m.full_sha256:
+        key["full_counted_sha256"] = full_counted_sha256
+    return key
+
+
+def conv_macs(model_path: Path) -> int:
+    """Multiply-accumulates of one inference of an ONNX model's Conv and Gemm/MatMul nodes (batch 1), from its
+    shapes: enough to say how far apart two whole models are."""
+    import onnx
+    from onnx import shape_inference
+
+    m = shape_inference.infer_shapes(onnx.load(str(model_path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in m.graph.initializer})
+    total = 0
+    for node in m.graph.node:
+        if node.op_type == "Conv":
+            w, out = shapes.get(node.input[1]), shapes.get(node.output[0])
+            if w and out:
+                total += int(np.prod([v or 1 for v in out])) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a and out:
+                total += int(np.prod([v or 1 for v in out])) * int(a[-1] or 1)
+    return total
 
 
 def earlier_counts(path: Path) -> list[dict[str, Any]]:
@@ -496,6 +523,7 @@ class PaperOptions:
     workdir: Path = Path("out/demo")
     headline_link: str = "lte"
     count: bool = True  # count under emulation (False: host x factor only, as without qemu)
+    share_count: bool = False  # the first model's whole-model count stands for the others' (labelled)
 
 
 def device_record(channels: int, dev: DeviceTimes, key: dict[str, Any] | None, counts: dict[str, float] | None,
@@ -530,21 +558,30 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
     link = next((p for p in opts.links if p.name == opts.headline_link), opts.links[0])
     earlier = earlier_counts(opts.out / "paper.json")
     measured, exports, rows, devices = [], [], [], []
+    first: tuple[int, Path, Measured] | None = None
     for src in opts.sources:
         root = export_model(src, opts.workdir, log)
         m, head_file, full, rgb0 = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
         log(f"{src.channels} ch: JPEG q{m.jpeg_quality} {m.jpeg_bytes:.0f} B, wire {m.wire} {m.payload_bytes:.0f} B, "
             f"host ms: head {m.head_host_ms:.1f}, whole model {m.full_host_ms:.1f}, tail {m.tail_server_ms:.1f}")
+        first = first or (src.channels, full, m)
+        counted_full, note = full, ""
+        if opts.share_count and first[1] != full:
+            # the whole models differ only in the bottleneck's two convs: count the first one's (minutes less)
+            counted_full = first[1]
+            a, b = conv_macs(full), conv_macs(first[1])
+            note = (f" [the {first[0]}-ch whole model's count: the two differ only in the bottleneck conv and the "
+                    f"decoder's first conv, {a / 1e9:.3f} vs {b / 1e9:.3f} G MACs ({pct(a, b):+.2f}%)]")
         for board in opts.boards:
-            key = count_key(m, board)
+            key = count_key(m, board, sha256(counted_full) if counted_full != full else None)
             counts = None
             if opts.count:
                 counts = reuse(earlier, key)
                 if counts is not None:
                     log(f"{src.channels} ch on {board}: the counts of {opts.out / 'paper.json'} (same artifacts)")
                 else:
-                    counts = count_parts(m, board, head_file, full, rgb0, log)
-            dev = from_counts(m, board, counts) if counts is not None else host_times(m, board)
+                    counts = count_parts(m, board, head_file, counted_full, rgb0, log)
+            dev = from_counts(m, board, counts, note) if counts is not None else host_times(m, board)
             devices.append(device_record(src.channels, dev, key if counts else None, counts))
             rows.extend(compose(m, dev, opts.links))
         measured.append(m)

@@ -164,6 +164,24 @@ def test_counts_are_reused_from_an_earlier_result_of_the_same_artifacts(tmp_path
     assert paper.earlier_counts(tmp_path / "missing.json") == []
 
 
+def test_conv_macs_of_a_tiny_graph(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((8, 3, 2, 2), np.float32), "w")
+    fc = numpy_helper.from_array(np.zeros((8 * 4 * 4, 10), np.float32), "fc")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2]),
+         helper.make_node("Flatten", ["y"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 10])], [w, fc])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    # conv: 8x4x4 outputs x (3x2x2) each; matmul: 10 outputs x 128 each
+    assert paper.conv_macs(path) == 8 * 4 * 4 * 12 + 10 * 128
+
+
 def test_paper_checkpoints_parsing(tmp_path: Path) -> None:
     assert [s.channels for s in paper.parse_sources(None)] == [12, 3]
     ck = tmp_path / "a.pt"
