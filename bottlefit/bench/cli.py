@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--paper-share-count", action="store_true",
                    help="--paper: count the whole model of the first checkpoint only; the others (which differ "
                         "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
+    s.add_argument("--paper-repredict", action="store_true",
+                   help="--paper: re-make OUT/paper.* from OUT/paper.json with the device-time model as it is now "
+                        "(recorded counts re-predicted; nothing measured or counted again)")
     s.add_argument("--no-count", action="store_true",
                    help="--paper: no counting under emulation (device ms = this host's x the device factor)")
     s.set_defaults(func=run_split)
@@ -147,8 +151,20 @@ def run_paper_mode(args: argparse.Namespace) -> int:
     if args.images is not None and args.images < 1:
         raise UserError(f"--images {args.images}: must be at least 1")
     from bottlefit.bench.links import parse_links
-    from bottlefit.bench.paper import PaperOptions, parse_sources, run_paper, write_report
+    from bottlefit.bench.paper import PaperOptions, parse_sources, repredict, run_paper, write_report
     from bottlefit.serve.client import WIRES
+
+    if args.paper_repredict:
+        src = Path(args.out) / "paper.json"
+        try:
+            earlier = json.loads(src.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--paper-repredict: cannot read {src} ({e}); run --paper into --out first") from None
+        result = repredict(earlier)
+        paths = write_report(Path(args.out), result)
+        print(f"wrote {', '.join(str(p) for p in paths)} (re-predicted from {src})")
+        print(result["headline"])
+        return 0
 
     if args.wire not in ("auto", *WIRES):
         raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")

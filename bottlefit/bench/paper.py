@@ -527,11 +527,36 @@ class PaperOptions:
 
 
 def device_record(channels: int, dev: DeviceTimes, key: dict[str, Any] | None, counts: dict[str, float] | None,
-                  ) -> dict[str, Any]:
+                  full_note: str = "") -> dict[str, Any]:
     """One (model, board): each part's Figure, and the counts it came from with what they depend on (a later run
     into the same OUT re-predicts from these counts instead of counting again)."""
     figs = {k: v.to_dict() for k, v in vars(dev).items() if isinstance(v, Figure)}
-    return {"channels": channels, "board": dev.board, **figs, "key": key, "counts": counts}
+    return {"channels": channels, "board": dev.board, **figs, "key": key, "counts": counts, "full_note": full_note}
+
+
+def repredict(r: dict[str, Any]) -> dict[str, Any]:
+    """A result JSON's report again with the device-time model as it is now: every counted part re-predicted from
+    its recorded counts, the host figures and bytes as measured then; nothing is run or counted."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(Measured)}
+    by_channels = {int(x["channels"]): Measured(**{k: v for k, v in x.items() if k in names}) for x in r["models"]}
+    links = [PROFILES[p["name"]] for p in r["links"]]
+    rows, devices = [], []
+    for d in r["devices"]:
+        m = by_channels[int(d["channels"])]
+        counts = d.get("counts")
+        note = d.get("full_note", "")
+        dev = from_counts(m, d["board"], counts, note) if counts else host_times(m, d["board"])
+        devices.append(device_record(m.channels, dev, d.get("key"), counts, note))
+        rows.extend(compose(m, dev, links))
+    sources = [PaperSource(int(x["channels"]), Path(x["source"].removeprefix("checkpoint ")))
+               if x["source"].startswith("checkpoint ") else PaperSource(int(x["channels"])) for x in r["models"]]
+    out = assemble(sources, list(by_channels.values()), [Path(x["export"]) for x in r["models"]], devices, rows,
+                   links, r["wall_s"])
+    out["untrained"] = r.get("untrained", out["untrained"])
+    out["models"] = r["models"]  # as measured (sources included)
+    return out
 
 
 def assemble(sources: Sequence[PaperSource], measured: Sequence[Measured], exports: Sequence[Path],
@@ -582,7 +607,7 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
                 else:
                     counts = count_parts(m, board, head_file, counted_full, rgb0, log)
             dev = from_counts(m, board, counts, note) if counts is not None else host_times(m, board)
-            devices.append(device_record(src.channels, dev, key if counts else None, counts))
+            devices.append(device_record(src.channels, dev, key if counts else None, counts, note))
             rows.extend(compose(m, dev, opts.links))
         measured.append(m)
         exports.append(root)

@@ -149,6 +149,21 @@ def test_report_labels_every_kind_of_figure(tmp_path: Path) -> None:
     json.dumps(r)  # the result is JSON as it stands
 
 
+def test_repredict_remakes_the_report_from_recorded_counts(tmp_path: Path) -> None:
+    m = measured()
+    counts = {"head": 5e6, "full": 9e9, "jpeg": 2e7}
+    devs = [paper.from_counts(m, b, counts) for b in ("pi4", "pi5")]
+    rows = [row for d in devs for row in paper.compose(m, d, [LINK])]
+    records = [paper.device_record(12, d, paper.count_key(m, d.board), counts) for d in devs]
+    r = json.loads(json.dumps(paper.assemble([PaperSource(12)], [m], [tmp_path], records, rows, [LINK], 1.0)))
+    again = paper.repredict(r)
+    assert [x["latency_ms"] for x in again["rows"]] == pytest.approx([x["latency_ms"] for x in r["rows"]])
+    assert again["headline"] == r["headline"] and again["models"] == r["models"]
+    # a record without counts is re-made from the host figures x factor
+    r["devices"][0]["counts"] = None
+    assert paper.repredict(r)["devices"][0]["full"]["basis"] == "assumed"
+
+
 def test_counts_are_reused_from_an_earlier_result_of_the_same_artifacts(tmp_path: Path) -> None:
     m = measured()
     key = paper.count_key(m, "pi4")
