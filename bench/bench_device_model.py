@@ -216,7 +216,24 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['board']} | {b.core} | {b.clock_ghz:g} | {r['model']} | {r['ms']:.2f} | {n / 1e6:.1f} | "
                      f"{devicetime.row_ipc(n, b.clock_ghz, r['ms']):.3f} | {pred:.2f} | "
                      f"{100 * (pred / r['ms'] - 1):+.0f}% |")
+    lines += applied()
     return "\n".join(lines) + "\n"
+
+
+def applied() -> list[str]:
+    """The model applied to the R152 v2 (12 ch) heads whose counts bottlefit/targets/rpi/profiles.py keeps."""
+    from bottlefit.targets.rpi.profiles import COST_HEAD, PROFILES
+
+    lines = ["", f"## Applied: the Pi heads of {COST_HEAD} (counts from bottlefit/targets/rpi/profiles.py)", "",
+             "| board | head | runtime | M instr. | predicted ms (1 thread) | basis |", "|---|---|---|---|---|---|"]
+    for name, prof in PROFILES.items():
+        for key in (prof.default_key, "head.int8.onnx/cpu-u8", "head.fp32.tflite/xnnpack"):
+            model = key.partition("/")[0]
+            runtime = {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
+            n = prof.costs[key] * 1e6
+            p = devicetime.predict_ms(n, name, runtime, "int8" if "int8" in model else "fp32")
+            lines.append(f"| {name} | {key} | {runtime} | {n / 1e6:.1f} | {p.ms:.1f} | {p.basis} |")
+    return lines
 
 
 def main() -> int:

@@ -190,6 +190,15 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
     return out
 
 
+def encoder_instructions(board: str, wire: str, codes: np.ndarray, export: Path, head: str | None,
+                         log: Log) -> float | None:
+    """Guest instructions of the board's wire encoder (bottlefit/serve/boardcodec.py, the code a board runs) for
+    one image's ``codes`` in ``wire`` on ``board``'s core, or None where it is not counted (then the encoder's
+    milliseconds are this host's x an assumed factor, labelled so). Not counted yet: the counting belongs with
+    boardcodec's guest runner."""
+    return None
+
+
 def encode_part(board: str, instructions: float | None, host_ms: float) -> Prediction:
     """The wire encoder on ``board``: from its counted guest instructions (Python + numpy on the board's core, at
     the ncnn IPC: extrapolated), else this host's measured ms x the board's host-relative factor (assumed)."""
