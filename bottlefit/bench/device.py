@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.emulation.devicetime import Basis, Prediction, assumed_factor, measured, predict_ms
+from bottlefit.emulation.devicetime import board as devicetime_board
 from bottlefit.errors import UserError
 
 Log = Callable[[str], None]
@@ -45,13 +46,16 @@ class DeviceClass:
 # A Pi's compute is counted under emulation on its core and predicted by the device-time model; the Jetson Nano's
 # CPU has no emulated profile here, so it stays a stated assumption (measure with `bottlefit run-head` and pass
 # --device-factor or --device-timings).
+def _pi(name: str) -> DeviceClass:
+    """A Pi of the device-time model's board table (its title, core and clock come from there)."""
+    b = devicetime_board(name)
+    return DeviceClass(name, None, f"{b.title}, {b.core.replace('cortex', 'Cortex').replace('-a', '-A')} "
+                                   f"{b.clock_ghz:g} GHz: counted under emulation, predicted", name)
+
+
 DEVICES: dict[str, DeviceClass] = {d.name: d for d in (
     DeviceClass("host", 1.0, "this machine's own compute, measured"),
-    DeviceClass("pi5", None, "Raspberry Pi 5 (Cortex-A76 2.4 GHz): counted under emulation, predicted", "pi5"),
-    DeviceClass("pi4", None, "Raspberry Pi 4 (Cortex-A72 1.8 GHz): counted under emulation, predicted", "pi4"),
-    DeviceClass("pi3", None, "Raspberry Pi 3 B+ (Cortex-A53 1.4 GHz): counted under emulation, predicted", "pi3"),
-    DeviceClass("zero2", None, "Raspberry Pi Zero 2 W (Cortex-A53 1.0 GHz): counted under emulation, predicted",
-                "zero2"),
+    *(_pi(n) for n in ("pi5", "pi4", "pi3", "zero2")),
     DeviceClass("nano", 8.0, "Jetson Nano CPU (Cortex-A57 1.43 GHz): assumed 8x this host's core"),
 )}
 
@@ -85,7 +89,7 @@ class DevicePlan:
     def why(self, mode: str) -> str:
         if not self.counted:
             return self.device.basis
-        return "; ".join(f"{p}: {self.parts[p].ms:.2f} ms {self.parts[p].basis} ({self.parts[p].why})"
+        return "; ".join(f"{p} {self.parts[p].ms:.2f} ms {self.parts[p].basis}: {self.parts[p].why}"
                          for p in self.mode_parts(mode))
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +190,15 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
     return out
 
 
+def encoder_instructions(board: str, wire: str, codes: np.ndarray, export: Path, head: str | None,
+                         log: Log) -> float | None:
+    """Guest instructions of the board's wire encoder (bottlefit/serve/boardcodec.py, the code a board runs) for
+    one image's ``codes`` in ``wire`` on ``board``'s core, or None where it is not counted (then the encoder's
+    milliseconds are this host's x an assumed factor, labelled so). Not counted yet: the counting belongs with
+    boardcodec's guest runner."""
+    return None
+
+
 def encode_part(board: str, instructions: float | None, host_ms: float) -> Prediction:
     """The wire encoder on ``board``: from its counted guest instructions (Python + numpy on the board's core, at
     the ncnn IPC: extrapolated), else this host's measured ms x the board's host-relative factor (assumed)."""
@@ -210,11 +223,10 @@ PI4_HOST_FACTOR = 6.0
 
 
 def host_factor(board: str) -> float:
-    from bottlefit.emulation.devicetime import board as get_board
     from bottlefit.emulation.devicetime import ipc
 
     def speed(name: str) -> float:
-        b = get_board(name)
+        b = devicetime_board(name)
         return b.clock_ghz * ipc(b.core, "ncnn", "fp32")[0]
 
     return PI4_HOST_FACTOR * speed("pi4") / speed(board)
