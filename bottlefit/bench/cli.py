@@ -71,6 +71,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--paper-share-count", action="store_true",
                    help="--paper: count the whole model of the first checkpoint only; the others (which differ "
                         "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
+    s.add_argument("--paper-count-timeout", type=float, default=900.0, metavar="S",
+                   help="--paper: seconds the whole model's count may take under emulation (default 900; 0: not "
+                        "counted, its ms assumed); the head and JPEG encoding are always counted")
     s.add_argument("--paper-repredict", action="store_true",
                    help="--paper: re-make OUT/paper.* from OUT/paper.json with the device-time model as it is now "
                         "(recorded counts re-predicted; nothing measured or counted again)")
@@ -150,6 +153,8 @@ def run_paper_mode(args: argparse.Namespace) -> int:
             raise UserError(f"--boards {b!r}: the energy model has power figures for pi4 and pi5 only")
     if args.images is not None and args.images < 1:
         raise UserError(f"--images {args.images}: must be at least 1")
+    if args.paper_count_timeout < 0:
+        raise UserError(f"--paper-count-timeout {args.paper_count_timeout:g}: must be >= 0 (0: not counted)")
     from bottlefit.bench.links import parse_links
     from bottlefit.bench.paper import PaperOptions, parse_sources, repredict, run_paper, write_report
     from bottlefit.serve.client import WIRES
@@ -172,7 +177,8 @@ def run_paper_mode(args: argparse.Namespace) -> int:
     opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
                         links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
                         workdir=Path(args.workdir), headline_link=(args.headline_link or "lte").lower(),
-                        count=not args.no_count, share_count=args.paper_share_count)
+                        count=not args.no_count, share_count=args.paper_share_count,
+                        count_timeout=args.paper_count_timeout)
     result = run_paper(opts, _log)
     paths = write_report(opts.out, result)
     print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
