@@ -72,8 +72,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="--paper: count the whole model of the first checkpoint only; the others (which differ "
                         "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
     s.add_argument("--paper-count-timeout", type=float, default=900.0, metavar="S",
-                   help="--paper: seconds the whole model's count may take under emulation (default 900; 0: not "
-                        "counted, its ms assumed); the head and JPEG encoding are always counted")
+                   help="--paper: seconds the whole model's count may take under emulation (default 900; a cached "
+                        "count is used whatever this says; 0: not counted, its ms assumed); the head and JPEG "
+                        "encoding are always counted")
     s.add_argument("--paper-repredict", action="store_true",
                    help="--paper: re-make OUT/paper.* from OUT/paper.json with the device-time model as it is now "
                         "(recorded counts re-predicted; nothing measured or counted again)")
