@@ -333,7 +333,8 @@ def pct(a: float, b: float) -> float:
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per channels, board and link: split against local and offload, latency and energy, as % change."""
+    """Per channels, board and link: split against local and offload, latency and energy, as % change; and the
+    latency ratios again with the server's ms left out (the bound an edge GPU server approaches)."""
     out = []
     keys = sorted({(r["channels"], r["board"], r["link"]) for r in rows},
                   key=lambda k: (-k[0], k[1], PROFILES[k[2]].rate_mbit if k[2] in PROFILES else 0.0))
@@ -344,7 +345,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "latency_vs_local_pct": pct(s["latency_ms"], lo["latency_ms"]),
                     "latency_vs_offload_pct": pct(s["latency_ms"], of["latency_ms"]),
                     "energy_vs_local_pct": pct(s["energy_j"], lo["energy_j"]),
-                    "energy_vs_offload_pct": pct(s["energy_j"], of["energy_j"])})
+                    "energy_vs_offload_pct": pct(s["energy_j"], of["energy_j"]),
+                    "latency_vs_local_pct_no_server": pct(s["latency_ms"] - s["server_ms"], lo["latency_ms"]),
+                    "latency_vs_offload_pct_no_server": pct(s["latency_ms"] - s["server_ms"],
+                                                            of["latency_ms"] - of["server_ms"])})
     return out
 
 
@@ -534,12 +538,11 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
                                          + headline_link.transfer_ms(wires[w]["bytes"]), w))
     elif wire not in wires:
         raise UserError(f"--wire {wire}: not available for {contract.head} (choose {', '.join(wires)} or auto)")
-    h, w_, _ = card.input_shape
     m = Measured(channels=channels, images=n, jpeg_quality=jpeg_quality,
                  jpeg_bytes=float(np.median([len(j) for j in jpegs])), jpeg_encode_host_ms=jpeg_ms, wire=wire,
                  wires=wires, head=f"{contract.target}/{contract.head}", head_runtime=contract.runtime,
                  head_host_ms=head_ms, full_host_ms=full_ms, tail_server_ms=tail_ms, offload_server_ms=offload_ms,
-                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(h * w_ * 3),
+                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(np.prod(card.input_shape)),
                  jpeg_rgb_sha256=_rgb_sha(imgs.rgb[0]))
     return m, head_file, full, imgs.rgb[0]
 
@@ -731,6 +734,16 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {signed(x['latency_vs_local_pct'])} "
                      f"| {signed(x['latency_vs_offload_pct'])} | {signed(x['energy_vs_local_pct'])} "
                      f"| {signed(x['energy_vs_offload_pct'])} |")
+    lines.append("\nThe server's ms above are this x86 CPU's, one thread (about as long as the whole model on a Pi 5). "
+                 "With the server's ms left out (the bound a GPU edge server approaches), latency split vs local / "
+                 "vs offload:\n")
+    lines.append("| channels | board | link | vs local, no server ms | vs offload, no server ms |\n"
+                 "|---:|---|---|---:|---:|")
+    for x in r["ratios"]:
+        if "latency_vs_local_pct_no_server" in x:
+            lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} "
+                         f"| {signed(x['latency_vs_local_pct_no_server'])} "
+                         f"| {signed(x['latency_vs_offload_pct_no_server'])} |")
     lines.append("\n### Where split wins and loses against offload (the gap, from the figures above)\n")
     lines.extend(gap_lines(r))
     lines.append("\n## The energy model (a model, not a measurement)\n")

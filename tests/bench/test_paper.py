@@ -107,6 +107,8 @@ def test_ratios_and_headline_against_the_paper() -> None:
     assert r["latency_vs_offload_pct"] == pytest.approx(
         100 * (by["split"]["latency_ms"] / by["offload"]["latency_ms"] - 1))
     assert r["energy_vs_local_pct"] == pytest.approx(100 * (by["split"]["energy_j"] / by["local"]["energy_j"] - 1))
+    assert r["latency_vs_offload_pct_no_server"] == pytest.approx(100 * (
+        (by["split"]["latency_ms"] - 40.0) / (by["offload"]["latency_ms"] - 45.0) - 1))
     h = paper.headline([r])
     assert "paper −89.0%" in h and "paper −55.0%" in h and "paper −49.0%" in h and "paper −37.0%" in h
     assert paper.signed(r["latency_vs_local_pct"]) in h
