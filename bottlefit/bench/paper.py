@@ -734,7 +734,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {signed(x['latency_vs_local_pct'])} "
                      f"| {signed(x['latency_vs_offload_pct'])} | {signed(x['energy_vs_local_pct'])} "
                      f"| {signed(x['energy_vs_offload_pct'])} |")
-    lines.append("\nThe server's ms above are this x86 CPU's, one thread (about as long as the whole model on a Pi 5). "
+    lines.append("\nThe server's ms above are this x86 CPU's, one thread (CPU time). "
                  "With the server's ms left out (the bound a GPU edge server approaches), latency split vs local / "
                  "vs offload:\n")
     lines.append("| channels | board | link | vs local, no server ms | vs offload, no server ms |\n"
