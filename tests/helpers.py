@@ -28,7 +28,7 @@ def clone_export(src: Path, dst: Path) -> Path:
 
 
 def authors_dict(lm: LoadedModel, arch: str, params: dict) -> dict:
-    """A checkpoint laid out as torchdistill 0.3.2's save_ckpt writes it (shared/BOTTLEFIT.md §2.1)."""
+    """A checkpoint laid out as torchdistill 0.3.2's save_ckpt writes it (docs/checkpoints.md)."""
     trainable = [p for p in lm.model.parameters()][:2]
     opt = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5], gamma=0.1)

@@ -1,4 +1,4 @@
-"""The bottleneck wire contract: what the head sends is exactly what the tail decodes (shared/DESIGN.md §4)."""
+"""The bottleneck wire contract: what the head sends is exactly what the tail decodes (docs/wire.md)."""
 
 from __future__ import annotations
 

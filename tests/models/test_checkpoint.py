@@ -29,7 +29,7 @@ def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> N
 
 
 def test_plain_torch_load_refuses_authors_file_but_we_do_not(authors_r152: Path) -> None:
-    # The reason this module exists: the argparse.Namespace in 'args' (shared/BOTTLEFIT.md §2.4).
+    # The reason this module exists: the argparse.Namespace in 'args' (docs/checkpoints.md).
     with pytest.raises(pickle.UnpicklingError, match="Namespace"):
         torch.load(authors_r152, weights_only=True)
 

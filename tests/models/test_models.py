@@ -1,4 +1,4 @@
-"""Architectures: shapes, parameter counts and key names of shared/BOTTLEFIT.md §1.4, §1.6, §2.2."""
+"""Architectures: shapes, parameter counts and key names (docs/checkpoints.md), from the authors' layer specs."""
 
 from __future__ import annotations
 

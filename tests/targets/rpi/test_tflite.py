@@ -99,7 +99,7 @@ def test_fp32_tflite_matches_pytorch() -> None:
 
 def _head_with_float_island() -> RewrittenHead:
     # GELU has no int8 kernel in the PT2E quantizer's patterns: it stays float between DEQUANTIZE/QUANTIZE.
-    # (A BatchNorm island behaves the same, shared/STACK.md, but its PT2E conv-BN fold pass costs ~1 min.)
+    # (A BatchNorm island behaves the same, docs/tensorrt.md, but its PT2E conv-BN fold pass costs ~1 min.)
     rw = rewritten("r152v1")
     conv, relu, pool = rw.module
     origin = {"0": rw.origin["0"], "1": rw.origin["1"], "2": ["bottleneck.extra"], "3": rw.origin["2"]}
