@@ -302,5 +302,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print(f"  sample inputs: {len(images)} digits in {images[0].parent}/ (the label is in each name)")
     print(f"Next: serve the tail with `bottlefit serve {out}`, then in another terminal send the digits "
-          f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png` (README: Next steps)")
+          f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png` (README: After the demo)")
     return 0 if all(verdicts.values()) else 1
