@@ -51,6 +51,7 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     return cp, tmp / "dist", emulate
 
 
+@pytest.mark.slow
 def test_script_exports_verifies_and_gathers_bundles(recipe_run) -> None:
     cp, dist, emulate = recipe_run
     assert cp.returncode == 0, cp.stderr[-3000:]

@@ -55,6 +55,7 @@ def ort_outputs(path: Path, images: np.ndarray) -> np.ndarray:
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_int8_builtin_set_passes_parity(r152_int8_export: Path) -> None:
     report = json.loads((r152_int8_export / "report.json").read_text())
     assert report["passed"] is True
@@ -73,6 +74,7 @@ def test_export_int8_builtin_set_passes_parity(r152_int8_export: Path) -> None:
     assert art["outputs"][0]["shape"] == [1, 12, 29, 29]
 
 
+@pytest.mark.slow
 def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8_export: Path) -> None:
     model = onnx.load(str(r152_int8_export / "head.int8.onnx"))
     ops = [n.op_type for n in model.graph.node]
@@ -109,6 +111,7 @@ def write_photos(folder: Path) -> list[str]:
     return sorted(photos)
 
 
+@pytest.mark.slow
 def test_export_int8_user_folder_densenet169(tmp_path: Path) -> None:
     names = write_photos(tmp_path / "calib")
     out = tmp_path / "out"

@@ -28,6 +28,7 @@ def exported(authors_r152: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return out / "onnx", rc
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r152) -> None:
     d, rc = exported
     assert rc == 0
@@ -47,6 +48,7 @@ def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r
         assert np.abs(logits - ref[i : i + 1]).max() <= DEFAULTS["fp32"]["logits.max_abs_error"]
 
 
+@pytest.mark.slow
 def test_manifest_records_what_was_built(exported, authors_r152: Path) -> None:
     d, _ = exported
     m = json.loads((d / "manifest.json").read_text())
