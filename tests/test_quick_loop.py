@@ -15,6 +15,9 @@ ALL_SLOW = {
     "serve/test_triton_server.py": "a real tritonserver; the repository it loads: serve/test_triton.py",
     "targets/rpi/test_diagnose_tflite.py": "a DenseNet-169 rpi export; the diagnosis itself: parity/test_diagnose.py",
     "targets/rpi/test_emulated.py": "the R152 rpi bundle on emulated Pis; emulation: emulation/test_arm64.py",
+    "targets/rpi/test_litert_runner.py": "the R152 head's .tflite; the LiteRT runner: runtimes/test_runners.py",
+    "targets/rpi/test_onnx_int8.py": "the R152 head's asymmetric int8 ONNX; the asymmetric Q/DQ writer: "
+                                     "calibration/test_recipe.py",
     "training/test_ddp.py": "two torchrun processes training; the loop's steps: training/test_loop_steps.py",
 }
 

@@ -18,6 +18,7 @@ from bottlefit.models.checkpoint import save, untrained
 from tests.helpers import authors_dict
 
 
+@pytest.mark.slow
 def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> None:
     lm = checkpoint.load(authors_r152)
     assert lm.source == "torchdistill"
@@ -28,6 +29,7 @@ def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> N
         assert torch.equal(lm.model.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_plain_torch_load_refuses_authors_file_but_we_do_not(authors_r152: Path) -> None:
     # The reason this module exists: the argparse.Namespace in 'args' (shared/BOTTLEFIT.md §2.4).
     with pytest.raises(pickle.UnpicklingError, match="Namespace"):
@@ -120,6 +122,7 @@ def test_missing_file_and_directory(tmp_path: Path, capsys) -> None:
     assert "is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_other_architecture_or_channels_than_asked(authors_r152: Path) -> None:
     with pytest.raises(UserError, match="holds a custom_resnet152 checkpoint, but --arch custom_densenet169"):
         checkpoint.load(authors_r152, arch="custom_densenet169")

@@ -67,6 +67,7 @@ def test_manifest_records_what_was_built(exported, authors_r152: Path) -> None:
     assert not list(d.parent.glob(".onnx.tmp-*")), "temporary directory left behind"
 
 
+@pytest.mark.slow
 def test_inspect_reports_card_and_wire_bytes(authors_r152: Path, capsys) -> None:
     assert main(["inspect", str(authors_r152), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -77,6 +78,7 @@ def test_inspect_reports_card_and_wire_bytes(authors_r152: Path, capsys) -> None
     assert "12x29x29 = 10,092 values (6.70% of the raw uint8 RGB input)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,params", [
     ("custom_resnet152", {"bottleneck_ver": "1", "bottleneck_channel": 3}),
     ("custom_resnet152", {"bottleneck_ver": "3", "bottleneck_channel": 12, "bq": True}),

@@ -35,6 +35,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+@pytest.mark.slow
 def test_int8_onnx_is_qdq_with_float_io_and_close_to_pytorch() -> None:
     res, data = _export()
     inputs, outputs, ops = onnx_specs(res.path)
@@ -54,6 +55,7 @@ def test_int8_onnx_is_qdq_with_float_io_and_close_to_pytorch() -> None:
     assert sqnr_db(ref, got) > SQNR_MIN_DB
 
 
+@pytest.mark.slow
 def test_activations_are_asymmetric_int8_and_weights_int8_per_channel() -> None:
     res, data = _export()
     rec = res.quantization_record()
@@ -75,6 +77,7 @@ def test_activations_are_asymmetric_int8_and_weights_int8_per_channel() -> None:
         assert w.dtype == np.int8 and s.shape == (w.shape[0],)
 
 
+@pytest.mark.slow
 def test_ranges_are_ours_not_ort_calibrators() -> None:
     res, data = _export()
     calib = images("calibration", CALIB_COUNT)
@@ -94,11 +97,13 @@ def test_ranges_are_ours_not_ort_calibrators() -> None:
     assert zp != 0
 
 
+@pytest.mark.slow
 def test_same_inputs_give_the_same_file() -> None:
     (_, a), (_, b) = _export(0), _export(1)
     assert a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{"symmetric": False, "activation_dtype": "int4"},
                                 {"symmetric": True, "activation_dtype": "uint8"}])
 def test_bad_activation_dtype_is_a_user_error(kw: dict[str, object], tmp_path: Path) -> None:
