@@ -18,9 +18,9 @@ from tests.targets.rpi import images
 
 
 @pytest.fixture(scope="module")
-def r152v2():
-    lm = untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"}, seed=0)
-    return fold_head(split(lm.model, lm.card))[0]
+def r152v2(r152):
+    """The session's ResNet-152 ver2 (12 ch, seed 0), its head folded (a new module: the session's stays as is)."""
+    return fold_head(split(r152.model, r152.card))[0]
 
 
 def _ints(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

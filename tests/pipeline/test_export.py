@@ -16,8 +16,8 @@ from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.cli import main
 from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.split import check_split, split
-from bottlefit.models.checkpoint import untrained
 from bottlefit.parity.tolerances import DEFAULTS
+from tests.helpers import shared_untrained
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_inspect_reports_card_and_wire_bytes(authors_r152: Path, capsys) -> None
     ("custom_densenet201", {"bottleneck_channel": 12}),
 ])
 def test_split_reproduces_the_model(arch: str, params: dict) -> None:
-    lm = untrained(arch, params)
+    lm = shared_untrained(arch, params)  # split shares its parameters and changes nothing
     sm = split(lm.model, lm.card)
     x = torch.randn(2, 3, 224, 224)
     assert check_split(sm, x) <= 1e-5
