@@ -83,6 +83,7 @@ def _export(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                            "none", *extra], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_console_shows_only_our_lines_unless_verbose(tmp_path: Path) -> None:
     quiet = _export(tmp_path / "q")
     assert quiet.returncode == 0, quiet.stderr[-2000:]

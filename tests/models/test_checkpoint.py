@@ -36,6 +36,7 @@ def test_plain_torch_load_refuses_authors_file_but_we_do_not(authors_r152: Path)
         torch.load(authors_r152, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sc2bench_and_bare_state_dict(tmp_path: Path, d169) -> None:
     sd = d169.model.state_dict()
     sc2 = {k.replace("features.bottleneck.", "bottleneck_layer."): v for k, v in sd.items()}
@@ -142,6 +143,7 @@ def test_truncated_zip_is_not_a_zip(tmp_path: Path, d169) -> None:
     assert not zipfile.is_zipfile(p)
 
 
+@pytest.mark.slow
 def test_authors_dict_of_densenet_with_bq_config(tmp_path: Path, d169) -> None:
     params = {"bottleneck_channel": 12, "bottleneck_idx": 7,
               "compressor": {"name": "Quantizer", "params": {"num_bits": 8}},
