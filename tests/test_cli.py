@@ -10,11 +10,45 @@ from pathlib import Path
 import pytest
 
 from bottlefit.cli import main
-from bottlefit.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE, EXIT_VERIFICATION
+from bottlefit.errors import EnvironmentProblem, UserError, VerificationError
+from bottlefit.runtimes import RuntimeUnavailable
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_exit_code_contract_is_stable() -> None:
-    assert (EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE, EXIT_ENVIRONMENT) == (0, 1, 2, 3)
+def _readme_exit_codes() -> dict[str, int]:
+    """The README's stable exit-code sentence: code -> what it says the code means (first words)."""
+    text = " ".join(README.read_text().split("Exit codes (stable, for CI): ", 1)[1].split(";", 1)[0].split())
+    return {m.group(2).strip(): int(m.group(1)) for m in re.finditer(r"\*\*(\d)\*\* ([a-z ]+)", text)}
+
+
+@pytest.mark.parametrize(("raised", "meaning"), [
+    (None, "success"),
+    (VerificationError("head.int8.onnx: bottleneck.sqnr_db 12.0 < 25"), "a verification failed"),
+    (UserError("--images x: no such folder"), "bad input or usage"),
+    (EnvironmentProblem("qemu-user-static is missing: apt-get install qemu-user-static"), "this machine"),
+    (RuntimeUnavailable("TensorRT is not installed here"), "this machine"),
+])
+def test_exit_code_is_what_the_readme_promises_for_each_kind_of_problem(
+        monkeypatch: pytest.MonkeyPatch, capsys, raised: Exception | None, meaning: str) -> None:
+    """The stable contract CI scripts read: each kind of problem, raised inside a command, leaves it with the code
+    the README gives that kind, and one line on stderr that is the problem's own message."""
+    import bottlefit.pipeline.inspect as inspect_mod
+
+    codes = _readme_exit_codes()
+    assert sorted(codes.values()) == [0, 1, 2, 3], codes
+    want = next(c for text, c in codes.items() if text.startswith(meaning))
+    if raised is not None:
+        def fail(_lm: object) -> dict:
+            raise raised
+
+        monkeypatch.setattr(inspect_mod, "describe", fail)
+    assert main(["inspect", "--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2"]) == want
+    err = capsys.readouterr().err
+    if raised is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and str(raised) in err and "internal error" not in err
 
 
 def test_internal_error_is_exit_3_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -49,6 +83,7 @@ def _export(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                            "none", *extra], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_console_shows_only_our_lines_unless_verbose(tmp_path: Path) -> None:
     quiet = _export(tmp_path / "q")
     assert quiet.returncode == 0, quiet.stderr[-2000:]

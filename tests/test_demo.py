@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bottlefit.cli import main
 from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
 
 
+@pytest.mark.slow
 def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None:
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work)]) == 0

@@ -30,6 +30,7 @@ def bq_export(tmp_path_factory: pytest.TempPathFactory):
     return lm, out / "onnx", rc
 
 
+@pytest.mark.slow
 def test_bq_payload_round_trip_through_onnx_head_and_tail(bq_export) -> None:
     lm, d, rc = bq_export
     assert rc == 0
