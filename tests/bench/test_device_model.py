@@ -187,4 +187,5 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
     assert rows["local"]["device_ms_median"] == pytest.approx(parts["local"]["ms"])
     assert rows["split"]["device_ms_median"] == pytest.approx(4.25 + parts["split_encode"]["ms"])
     md = (out / "split.md").read_text()
-    assert "**extrapolated**" in md and "**measured**" in md and "| device basis |" in md
+    assert "**extrapolated**" in md and "split_head 4.25 ms measured: run-head --json" in md
+    assert "| device basis |" in md and "| local | 5G |" in md
