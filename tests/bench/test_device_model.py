@@ -189,3 +189,44 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
     md = (out / "split.md").read_text()
     assert "**extrapolated**" in md and "split_head 4.25 ms measured: run-head --json" in md
     assert "| device basis |" in md and "| local | 5G |" in md
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device-timings", "t.json"], "--device-timings needs --device pi4|pi5|pi3|zero2"),
+    (["--device", "pi4", "--device-timings", "missing.json"], "--device-timings missing.json: cannot read it"),
+    (["--device", "pi4", "--device-factor", "0"], "--device-factor 0.0: must be > 0"),
+])
+def test_bad_device_flags_are_one_line_exit_2(args: list[str], needle: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from bottlefit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "split", "--out", str(tmp_path / "r"), "--no-tradeoff", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def _conv_param(path: Path, cout: int) -> Path:
+    """An ncnn model of one 3x3 conv 16 -> cout on 32x32 (weights come from DataReaderFromEmpty: zeros)."""
+    path.write_text("7767517\n2 2\nInput data 0 1 data 0=32 1=32 2=16\n"
+                    f"Convolution conv 1 1 data out 0={cout} 1=3 4=1 5=1 6={cout * 16 * 9}\n")
+    return path
+
+
+def test_benchncnn_counting_scales_with_the_work(tmp_path: Path) -> None:
+    """bottlefit.emulation.cost.ncnn_bench_instructions (what the fit counts): 4x the output channels, 2.5 to
+    4.5x the guest instructions of one inference, on the A72 under emulation."""
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
+    from bottlefit.emulation.cost import ensure_plugin, ncnn_bench_instructions
+
+    try:
+        sysroot, _ = ensure_sysroot(), ensure_plugin()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+    small, big = (ncnn_bench_instructions(sysroot, CORES["pi4"], _conv_param(tmp_path / f"c{c}.param", c),
+                                          (32, 32, 16)) for c in (32, 128))
+    assert small > 32 * 32 * 32 * 16 * 9 / 8  # >= an eighth of the direct MACs (4 NEON lanes, winograd)
+    assert 2.5 < big / small < 4.5, (small, big)  # 4x the MACs; the input transform is shared
