@@ -6,8 +6,8 @@ were had (:class:`bottlefit.emulation.devicetime.Basis`).
   on the board's core (guest instructions per run, bottlefit.emulation.cost) and turned into milliseconds by the
   device-time model (bottlefit.emulation.devicetime): the head artifact the split mode runs (in its runtime), JPEG
   encoding of the crop for offload (Pillow), the whole model for local (ONNX Runtime), and the wire encoder.
-  Counts are cached in the user cache, keyed by the artifact's sha256, the core, the runtime and the sysroot's
-  wheels, so a repeated run does not recount.
+  Counts are cached in the user cache (``device-counts/``), keyed by the artifact's sha256, the core, the runtime,
+  the sysroot's wheels and the guest script, so a repeated run does not recount.
 * ``--device-factor X``: this host's measured milliseconds x X (the user's own measured ratio): assumed.
 * ``--device-timings FILE``: ``bottlefit run-head --json`` output from the real board: the head's milliseconds are
   measured; the other parts stay predicted.
@@ -151,7 +151,13 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
     if device.board is None:
         return DevicePlan(device)
     from bottlefit.emulation.arm64 import ensure_sysroot, get_core
-    from bottlefit.emulation.cost import OVERLAY_WHEELS, instructions_per_inference, jpeg_instructions
+    from bottlefit.emulation.cost import (
+        GUEST,
+        JPEG_GUEST,
+        OVERLAY_WHEELS,
+        instructions_per_inference,
+        jpeg_instructions,
+    )
     from bottlefit.targets.rpi.profiles import PROFILES
 
     board = device.board
@@ -164,6 +170,7 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
 
     def artifact(path: Path, runtime: str) -> float:
         key = {"what": "inference", "sha256": _sha(path), "core": core.cpu, "runtime": runtime, "wheels": wheels,
+               "guest": hashlib.sha256(GUEST.encode()).hexdigest()[:16],
                "ort_config": ort_config if runtime == "onnxruntime" else {}, "runs": 1}
         log(f"device {board}: counting {path.name} ({runtime}) on {core.cpu} under emulation (cached)")
         n, hit = cached_count(key, lambda: instructions_per_inference(
@@ -181,7 +188,8 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
         out.parts["split_head"] = predict_ms(artifact(head, head_runtime), board, head_runtime, head_precision)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     key = {"what": "jpeg", "sha256": hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest(),
-           "quality": jpeg_quality, "core": core.cpu, "wheels": wheels, "overlay": list(OVERLAY_WHEELS), "runs": 3}
+           "quality": jpeg_quality, "core": core.cpu, "wheels": wheels, "overlay": list(OVERLAY_WHEELS), "runs": 3,
+           "guest": hashlib.sha256(JPEG_GUEST.encode()).hexdigest()[:16]}
     log(f"device {board}: counting JPEG q{jpeg_quality} encoding (Pillow) on {core.cpu} under emulation (cached)")
     n_jpeg, hit = cached_count(key, lambda: jpeg_instructions(sysroot, core, rgb, jpeg_quality), log)
     out.counts["jpeg"] = {"instructions": n_jpeg, "core": core.cpu, "runtime": "pillow", "cached": hit}
