@@ -158,8 +158,8 @@ def export_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_path: Path) -> None:
-    """--device pi4 with the board's own run-head --json: the head measured, the whole model and JPEG counted under
-    emulation (ONNX Runtime / Pillow at ncnn's IPC: extrapolated), the uncounted encoder assumed."""
+    """--device pi4 with the board's own run-head --json: the head measured, the whole model, JPEG and the int8 wire
+    counted under emulation (ONNX Runtime / Pillow / numpy at ncnn's IPC: extrapolated)."""
     from bottlefit.cli import main
     from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
     from bottlefit.emulation.cost import ensure_plugin
@@ -179,11 +179,12 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
     r = json.loads((out / "split.json").read_text())
     parts = r["device"]["parts"]
     assert {k: v["basis"] for k, v in parts.items()} == {
-        "local": "extrapolated", "offload": "extrapolated", "split_head": "measured", "split_encode": "assumed"}
+        "local": "extrapolated", "offload": "extrapolated", "split_head": "measured", "split_encode": "extrapolated"}
     assert parts["split_head"]["ms"] == 4.25
     assert r["device"]["counts"]["full.onnx"]["instructions"] > 0 and r["device"]["counts"]["jpeg"]["instructions"] > 0
     rows = {x["mode"]: x for x in r["rows"]}
-    assert rows["local"]["device_basis"] == "extrapolated" and rows["split"]["device_basis"] == "assumed"
+    assert rows["local"]["device_basis"] == "extrapolated" and rows["split"]["device_basis"] == "extrapolated"
+    assert r["device"]["counts"]["wire"]["instructions"] > 0
     assert rows["local"]["device_ms_median"] == pytest.approx(parts["local"]["ms"])
     assert rows["split"]["device_ms_median"] == pytest.approx(4.25 + parts["split_encode"]["ms"])
     md = (out / "split.md").read_text()
