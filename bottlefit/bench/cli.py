@@ -16,8 +16,8 @@ def _log(msg: str) -> None:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    from bottlefit.bench.device import DEVICES
     from bottlefit.bench.links import PROFILES
-    from bottlefit.bench.split import DEVICES
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks: `bench split` (local vs. offload vs. split)")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -38,9 +38,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="split payload: int8, raw, zstd, entropy, context, fp32, or auto (least encode + decode + "
                         "transfer time at the headline link, measured here)")
     s.add_argument("--device", default="host", choices=sorted(DEVICES),
-                   help="device class: its compute = this host's x a stated factor (" +
-                        ", ".join(f"{d.name} x{d.factor:g}" for d in DEVICES.values()) + ")")
-    s.add_argument("--device-factor", type=float, help="override the device class's factor")
+                   help="the device: host (this machine, measured); pi4, pi5, pi3, zero2: what the device runs "
+                        "(head, whole model, JPEG encoding) counted under arm64 emulation on the board's core and "
+                        "predicted by the device-time model fitted on published board timings; nano: assumed x" +
+                        f"{DEVICES['nano'].factor:g} this host")
+    s.add_argument("--device-factor", type=float,
+                   help="your measured ratio of the board to this host: device compute = this host's ms x it "
+                        "(labelled assumed; no emulation)")
+    s.add_argument("--device-timings", metavar="FILE",
+                   help="`bottlefit run-head --json` output from the real board: the head's ms, measured (the other "
+                        "parts stay predicted); with --device pi4|pi5|pi3|zero2")
     s.add_argument("--headline-link", help="the link of the headline line (default lte, else the first of --links)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--export", help="an export root holding onnx/ (tail.onnx, head.onnx) and its heads")
@@ -59,8 +66,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def options(args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
+    from bottlefit.bench.device import DEVICES
     from bottlefit.bench.links import parse_links
-    from bottlefit.bench.split import DEVICES, BenchOptions
+    from bottlefit.bench.split import BenchOptions
     from bottlefit.serve.client import WIRES
 
     if args.wire not in ("auto", *WIRES):
@@ -75,7 +83,17 @@ def options(args: argparse.Namespace) -> Any:
     if args.device_factor is not None:
         if not args.device_factor > 0:
             raise UserError(f"--device-factor {args.device_factor}: must be > 0")
-        device = replace(device, factor=args.device_factor, basis=f"{device.basis}; factor set by --device-factor")
+        device = replace(device, factor=args.device_factor,
+                         basis=f"{device.name}: x{args.device_factor:g} this host's measured compute, the factor set "
+                               "by --device-factor (assumed: the user's own measured ratio)")
+    timings = None
+    if args.device_timings is not None:
+        from bottlefit.bench.device import read_timings
+
+        if device.board is None or device.factor is not None:
+            raise UserError("--device-timings needs --device pi4|pi5|pi3|zero2 without --device-factor")
+        timings = Path(args.device_timings)
+        read_timings(timings)  # one clear line now, not after the accuracy pass
     links = parse_links(args.links)
     names = [p.name for p in links]
     headline = (args.headline_link or ("lte" if "lte" in names else names[0])).lower()
@@ -92,7 +110,8 @@ def options(args: argparse.Namespace) -> Any:
         jpeg_quality=args.jpeg_quality, wire=args.wire, device=device, headline_link=headline,
         export=Path(args.export) if args.export else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, workdir=Path(args.workdir), head=args.head,
-        accuracy_images=args.accuracy_images or (200 if args.quick else 1000), triton=args.server == "triton")
+        accuracy_images=args.accuracy_images or (200 if args.quick else 1000), triton=args.server == "triton",
+        device_timings=timings)
 
 
 def _require_extras() -> None:
@@ -120,7 +139,10 @@ def run_split(args: argparse.Namespace) -> int:
     paths = write_report(opts.out, result)
     print(table(result))
     print(f"links: {result['link_setup_text']}")
-    print(f"device: {result['device']['name']} x{result['device']['factor']:g} ({result['device']['basis']})")
+    dev = result["device"]
+    print(f"device: {dev['name']}, {dev['label']} ({dev['basis']})")
+    for mode, m in dev["modes"].items():
+        print(f"  {mode}: {m['basis']}: {m['why']}")
     print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
     print(result["headline"])
     failed = sum(r["failed"] for r in result["rows"])

@@ -21,15 +21,22 @@ COLORS = {"local": "#4c72b0", "offload": "#dd8452", "split": "#55a868", "split_t
 
 
 def table(result: dict[str, Any]) -> str:
-    head = ("| mode | link | median ms | p95 ms | device ms | network ms | server ms | payload B | link B | failed |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| mode | link | median ms | p95 ms | device ms | device basis | network ms | server ms | payload B "
+            "| link B | failed |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     lines = [head]
     labels = {p["name"]: p["label"] for p in result["links"]}
     for r in sorted(result["rows"], key=lambda r: (r["mode"], r["rate_mbit"])):
         lines.append(f"| {r['mode']} | {labels[r['link']]} | {r['latency_ms_median']:.1f} | {r['latency_ms_p95']:.1f} "
-                     f"| {r['device_ms_median']:.2f} | {r['network_ms_median']:.1f} | {r['server_ms_median']:.2f} "
+                     f"| {r['device_ms_median']:.2f} | {r.get('device_basis', '')} | {r['network_ms_median']:.1f} "
+                     f"| {r['server_ms_median']:.2f} "
                      f"| {r['payload_bytes_median']:.0f} | {r['link_bytes_median']:.0f} | {r['failed']} |")
     return "\n".join(lines)
+
+
+def device_lines(dev: dict[str, Any]) -> str:
+    """One line per mode: the device's milliseconds and how they were had (measured / predicted / extrapolated /
+    assumed)."""
+    return "\n".join(f"  - {mode}: **{m['basis']}**: {m['why']}" for mode, m in dev.get("modes", {}).items())
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -56,9 +63,10 @@ Model: {result['model']['source']} ({result['model']['arch']}). {result['images'
 repeat(s) per link and mode, the three modes interleaved image by image in one run; wall time {result['wall_s']} s.
 
 - Links: {result['link_setup_text']}.
-- Device: {dev['name']}, factor {dev['factor']:g} ({dev['basis']}); {dev['how']}.
+- Device: {dev['name']}, {dev['label']} ({dev['basis']}); {dev['how']}.
+{device_lines(dev)}
 - Split: head {acc['head']} ({acc['head_runtime']}), wire `{result['wire']}` (per wire on these images: mean
-  payload, device-side encoding (x the device factor) + server-side decoding: {wires}).
+  payload, device-side encoding + server-side decoding: {wires}).
   Offload: JPEG quality {result['jpeg_quality']} of the model's input crop (mean {acc['jpeg_bytes_mean']:.0f} B).
 - Server time: measured at the server side's relay, from the request's last byte to the response's first.
   Network ms = the client's round trip; the link profile alone accounts for {model_text} of it (two round trips
@@ -112,7 +120,7 @@ def _plots(result: dict[str, Any]) -> tuple[bytes, bytes]:
     ax.set_yscale("log")
     ax.set_xlabel("link rate (Mbit/s)")
     ax.set_ylabel("end-to-end latency (ms, median; bar to p95)")
-    ax.set_title(f"{result['model']['arch']}, device {result['device']['name']} (x{result['device']['factor']:g})")
+    ax.set_title(f"{result['model']['arch']}, device {result['device']['name']} ({result['device']['label']})")
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(y=0.15)
     ax.legend(fontsize=8, loc="center right")

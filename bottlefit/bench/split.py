@@ -28,29 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from bottlefit.bench.device import DEVICES, DeviceClass, DevicePlan, encode_ms
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
 from bottlefit.errors import EnvironmentProblem, UserError
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.split/1"
-
-
-@dataclass(frozen=True)
-class DeviceClass:
-    name: str
-    factor: float
-    basis: str
-
-
-# Device-side compute = this host's measured time x factor. The factors are stated assumptions (single-core ratio
-# of the board's CPU to a current x86 server core for small convolution nets), not measurements: measure on the
-# board with `bottlefit run-head` and pass --device-factor.
-DEVICES: dict[str, DeviceClass] = {d.name: d for d in (
-    DeviceClass("host", 1.0, "this machine's own compute, unscaled"),
-    DeviceClass("pi5", 3.0, "Raspberry Pi 5 (Cortex-A76 2.4 GHz): assumed 3x this host's core"),
-    DeviceClass("pi4", 6.0, "Raspberry Pi 4 (Cortex-A72 1.5 GHz): assumed 6x this host's core"),
-    DeviceClass("nano", 8.0, "Jetson Nano CPU (Cortex-A57 1.43 GHz): assumed 8x this host's core"),
-)}
 
 
 @dataclass
@@ -71,6 +54,7 @@ class BenchOptions:
     head: str | None = None
     accuracy_images: int = 1000
     triton: bool = False  # the split mode also through a real tritonserver (mode split_triton)
+    device_timings: Path | None = None  # `bottlefit run-head --json` output from the board: the head's ms, measured
 
 
 @dataclass
@@ -222,7 +206,9 @@ def jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> tuple[str, dict[str, Any]]:
     """The split mode's wire: ``--wire``, or (auto) the one with the least estimated cost per image at the headline
     link: device-side encoding (host ms x the device factor) + server-side decoding + the payload at the link's
-    rate, each measured here on these images' codes. Returns (wire, per-wire figures)."""
+    rate, each measured here on these images' codes; the device's encoding as bottlefit.bench.device.encode_ms says
+    (this host's ms x the device's factor, or the board's predicted / assumed ms). Returns (wire, per-wire figures).
+    """
     from bottlefit.serve import codecs
     from bottlefit.serve.client import build_request, pick_head
     from bottlefit.serve.head import load_tables
@@ -251,11 +237,13 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
                 t0 = time.perf_counter()
                 codecs.decode_frame(body[hl + 4 :], {contract.contract_id: contract}, lambda _c: tables)
                 dec.append((time.perf_counter() - t0) * 1e3)
-        e, d = opts.device.factor * statistics.median(enc), statistics.median(dec) if dec else 0.0
-        figures[w] = {"bytes": float(np.mean(sizes)), "encode_ms_device": e, "decode_ms_server": d,
+        host = statistics.median(enc)
+        e, d = encode_ms(opts.device, w, host).ms, statistics.median(dec) if dec else 0.0
+        figures[w] = {"bytes": float(np.mean(sizes)), "encode_ms_device": e, "encode_ms_host": host,
+                      "encode_basis": str(encode_ms(opts.device, w, host).basis), "decode_ms_server": d,
                       "cost_ms": e + d + link.transfer_ms(float(np.mean(sizes)))}
     wire = opts.wire if opts.wire != "auto" else min(figures, key=lambda w: (figures[w]["cost_ms"], w))
-    why = f"auto: least encode x device factor + decode + bytes at {link.label}" if opts.wire == "auto" else "--wire"
+    why = f"auto: least device encode + decode + bytes at {link.label}" if opts.wire == "auto" else "--wire"
     log(f"split wire ({why}): " + ", ".join(
         f"{w} {f['bytes']:.0f} B {f['encode_ms_device']:.1f}+{f['decode_ms_server']:.1f} ms -> {f['cost_ms']:.1f} ms"
         for w, f in figures.items()) + f"; using {wire}")
@@ -473,10 +461,13 @@ def _framed(nbytes: int) -> int:
     return nbytes + FRAME_HEADERS * -(-nbytes // MSS)
 
 
-def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire: str) -> dict[str, Any]:
+def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire: str,
+            cost: DevicePlan | None = None) -> dict[str, Any]:
+    """Per link and mode the medians; the device's share of each request is ``cost.ms`` (this host's measured ms,
+    x a factor, or the board's counted-and-predicted ms)."""
     from bottlefit.serve import codecs
 
-    f = opts.device.factor
+    cost = cost or DevicePlan(opts.device)
     split_framing = FRAMING["split_bytes"] if wire in codecs.CODECS else FRAMING["split_tensor"]
     rows, checks = [], []
     for p in opts.links:
@@ -500,7 +491,7 @@ def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire
                     # each direction's bytes at the profile's rate
                     up, down = _framed(x["up_bytes"]), _framed(x["down_bytes"])
                     net += 2 * p.rtt_ms + p.transfer_ms(up) + p.transfer_ms(down)
-                e2e.append(f * r["device_ms"] + net)
+                e2e.append(cost.ms(mode, r["device_ms"]) + net)
                 if x is not None:
                     server_ms.append(x["server_ms"])
                     # what the profile alone costs this request (both round trips, each direction's frames at the
@@ -526,9 +517,12 @@ def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire
                 "requests": len(recs), "failed": len(recs) - len(ok),
                 "latency_ms_median": statistics.median(e2e) if e2e else float("nan"),
                 "latency_ms_p95": _pct(e2e, 95),
-                "device_ms_median": f * statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
+                "device_ms_median": statistics.median([cost.ms(mode, r["device_ms"]) for r in ok]) if ok
+                else float("nan"),
+                "device_basis": str(cost.basis(mode)), "device_why": cost.why(mode),
                 "device_ms_host_median": statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
-                "network_ms_median": statistics.median([e - f * r["device_ms"] for e, r in zip(e2e, ok, strict=True)])
+                "network_ms_median": statistics.median([e - cost.ms(mode, r["device_ms"])
+                                                        for e, r in zip(e2e, ok, strict=True)])
                 if ok else float("nan"),
                 "payload_bytes_median": statistics.median([r["payload_bytes"] for r in ok]) if ok else 0,
                 "link_bytes_median": statistics.median(link_bytes) if link_bytes else 0,
@@ -569,10 +563,53 @@ def headline(result: dict[str, Any]) -> str:
     smaller = 100.0 * (1 - s["payload_bytes_median"] / of["payload_bytes_median"])
     d = acc["split"] - acc["offload"]
     label = next(p["label"] for p in result["links"] if p["name"] == link)
-    return (f"{label}, device {result['device']['name']} (x{result['device']['factor']:g}): split vs local "
+    return (f"{label}, device {result['device']['name']} ({result['device']['label']}): split vs local "
             f"{change(s['latency_ms_median'], lo['latency_ms_median'])} latency, split vs offload "
             f"{change(s['latency_ms_median'], of['latency_ms_median'])}, payload {smaller:.1f}% smaller than JPEG "
             f"q{acc['jpeg_quality']} at Δtop-1 {signed(d)}")
+
+
+def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opts: BenchOptions, log: Log,
+                ) -> DevicePlan:
+    """The device's milliseconds per mode (bottlefit.bench.device): on a Pi, the split mode's head artifact, the
+    whole model, JPEG encoding of the first crop and the chosen wire's encoder, counted under emulation on its core."""
+    from bottlefit.bench.device import encoder_instructions, plan, read_timings
+    from bottlefit.emulation.arm64 import EmulationUnavailable
+    from bottlefit.serve.client import pick_head
+
+    if opts.device.factor is not None or opts.device.board is None:
+        return DevicePlan(opts.device)
+    from bottlefit.serve.head import HeadCodes
+
+    target, contract = pick_head(model.export, opts.head)
+    wire_fig = acc["wires"].get(acc["wire"], {})
+    codes = HeadCodes(target, contract)(imgs.x[:1])[0]  # the first image's, what the encoder is counted on
+    try:
+        return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
+                    head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
+                    jpeg_quality=opts.jpeg_quality,
+                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log),
+                    encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
+                    timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
+    except EmulationUnavailable as e:
+        raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
+                                   "emulation; without it pass your measured --device-factor)") from None
+
+
+def device_record(device: DeviceClass, dev: DevicePlan) -> dict[str, Any]:
+    """report.json's "device": what the device's milliseconds are and how each mode's was had."""
+    if dev.counted:
+        how = ("each mode's device compute counted under qemu arm64 emulation on the board's core and predicted "
+               "by the device-time model (bottlefit/emulation/boards.json); see parts")
+        label = "counted under emulation, predicted"
+    elif device.name == "host":
+        how, label = "device-side compute measured on this host", "measured here"
+    else:
+        how = "device-side compute measured on this host, multiplied by the factor (assumed)"
+        label = f"x{device.factor:g} assumed"
+    return {"name": device.name, "factor": device.factor, "basis": device.basis, "how": how, "label": label,
+            "board": device.board, "modes": {m: {"basis": str(dev.basis(m)), "why": dev.why(m)}
+                                             for m in ("local", "offload", "split")}, **dev.to_dict()}
 
 
 def run_bench(opts: BenchOptions, log: Log) -> dict[str, Any]:
@@ -598,8 +635,9 @@ def run_bench(opts: BenchOptions, log: Log) -> dict[str, Any]:
             n = min(opts.images, len(acc_imgs.x))
             np.savez(run_dir / "images.npz", x=acc_imgs.x[:n], rgb=acc_imgs.rgb[:n])
             opts.images = n
+            dev = device_plan(model, full, acc_imgs, acc, opts, log)
             setup, per_link = run_links(model, full, run_dir, opts, acc["wire"], log)
-        figures = analyse(setup, per_link, opts, acc["wire"])
+        figures = analyse(setup, per_link, opts, acc["wire"], dev)
         labels = acc_imgs.labels
         for r in figures["rows"]:
             ids = r.pop("top1_ids")
@@ -608,8 +646,7 @@ def run_bench(opts: BenchOptions, log: Log) -> dict[str, Any]:
         result: dict[str, Any] = {
             "schema": SCHEMA, "quick": opts.quick, "model": {"source": model.source, "export": str(model.export),
                                                             "arch": model.card.get("arch")},
-            "device": {"name": opts.device.name, "factor": opts.device.factor, "basis": opts.device.basis,
-                       "how": "device-side compute measured on this host, multiplied by the factor"},
+            "device": device_record(opts.device, dev),
             "link_setup": setup.to_dict(), "link_setup_text": setup.describe(),
             "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
                        "loss_pct": p.loss_pct} for p in opts.links],

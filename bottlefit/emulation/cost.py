@@ -371,3 +371,197 @@ def _step(name: str, cmd: Sequence[str], fix: str, cwd: Path | None = None) -> s
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise EmulationUnavailable(f"{name} failed (exit {proc.returncode}: {lines[-1] if lines else ''}): {fix}")
     return proc
+
+
+# -- ncnn's own benchmark models (benchncnn), for the device-time model's fit (bottlefit.emulation.devicetime)
+
+# The guest side of one benchncnn model: its .param alone with every weight zero (what benchncnn's
+# DataReaderFromEmpty loads), benchncnn's options (fp16 storage and arithmetic, int8, winograd, sgemm, packing, light
+# mode), its input filled with 0.01, one warm-up, then RUNS extractions between two marks.
+NCNN_BENCH_GUEST = '''\
+import os
+import sys
+
+import ncnn
+
+param, w, h, c, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
+    int(sys.argv[5]), int(sys.argv[6])
+net = ncnn.Net()
+o = net.opt
+o.lightmode = True
+o.num_threads = threads
+o.use_winograd_convolution = o.use_sgemm_convolution = o.use_int8_inference = True
+o.use_fp16_packed = o.use_fp16_storage = o.use_fp16_arithmetic = True
+o.use_int8_storage = o.use_int8_arithmetic = o.use_packing_layout = True
+o.use_vulkan_compute = False
+if net.load_param(param) != 0:
+    sys.exit("load_param failed: " + param)
+net.load_model(ncnn.DataReaderFromEmpty())
+x = ncnn.Mat(w, h, c)
+x.fill(0.01)
+ins, outs = net.input_names(), net.output_names()
+
+
+def step():
+    ex = net.create_extractor()
+    for name in ins:
+        ex.input(name, x)
+    for name in outs:
+        ex.extract(name)
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
+step()
+mark()
+for _ in range(runs):
+    step()
+mark()
+print("ok", runs)
+'''.replace("@MARK_FD@", str(MARK_FD))
+
+
+def count_guest_script(sysroot: Sysroot, core: Core, script: str, args: Sequence[str], *, threads: int = 1,
+                       extra_site: Sequence[Path] = (), timeout: float = 1800, plugin: Plugin | None = None,
+                       name: str = "guest") -> Count:
+    """Guest instructions of ``script`` (Python source, run by the guest's python3.11 on ``core`` with ``args``):
+    all it retired and the running count at each ``close(MARK_FD)`` it made. ``extra_site``: folders put before
+    the sysroot's site on the guest's PYTHONPATH (an overlay of wheels the sysroot does not hold)."""
+    plugin = plugin or ensure_plugin()
+    digest = hashlib.sha256(script.encode()).hexdigest()[:12]
+    path = cache_dir() / f"count-guest-{digest}.py"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".count-guest-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(prefix="bottlefit-cost-") as tmp_name:
+        out = Path(tmp_name) / "count.txt"
+        cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
+               str(sysroot.python()), "-X", "utf8", str(path), *map(str, args)]
+        site = os.pathsep.join([*(str(p) for p in extra_site), str(sysroot.site)])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
+               "QEMU_CPU": core.cpu, "PYTHONPATH": site, "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(threads)}
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace", timeout=timeout)
+        except OSError as e:
+            raise EmulationUnavailable(f"{plugin.qemu} could not start ({e.strerror or e}): reinstall it with "
+                                       f"`apt-get install {QEMU_PACKAGE}`") from None
+        if proc.returncode != 0 or not out.is_file():
+            last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            raise EmulationUnavailable(f"counting {name} on {core.cpu} failed (exit {proc.returncode}): "
+                                       f"{last[-1] if last else 'no output'}")
+        text = out.read_text()
+        m = re.match(r"insns (\d+)", text)
+        if m is None:
+            raise EmulationUnavailable(f"the counting plugin wrote no count ({text[:80]!r})")
+        return Count(int(m.group(1)), tuple(int(v) for v in re.findall(r"^mark (\d+)$", text, re.M)))
+
+
+def span_per_run(count: Count, runs: int, name: str) -> float:
+    """Instructions of one run: the span between a count's two marks divided by ``runs``."""
+    if len(count.marks) != 2:
+        raise EmulationUnavailable(f"the counting plugin recorded {len(count.marks)} marks, not 2, for {name}")
+    return (count.marks[1] - count.marks[0]) / runs
+
+
+def ncnn_bench_instructions(sysroot: Sysroot, core: Core, param: Path, shape: tuple[int, int, int], *,
+                            threads: int = 1, runs: int = 1, timeout: float = 3600) -> float:
+    """Guest instructions of one inference of a benchncnn model (``param`` alone, zero weights, input ``shape`` =
+    (w, h, c) as benchncnn gives it) on ``core`` with the sysroot's ncnn and benchncnn's options."""
+    w, h, c = shape
+    count = count_guest_script(sysroot, core, NCNN_BENCH_GUEST, [str(Path(param).resolve()), w, h, c, threads, runs],
+                               threads=threads, timeout=timeout, name=Path(param).name)
+    return span_per_run(count, runs, Path(param).name)
+
+
+# -- wheels beside the sysroot (an overlay keyed on its own pins: adding them to arm64.WHEELS would change the
+# sysroot's key and rebuild it for everyone)
+
+OVERLAY_WHEELS: tuple[str, ...] = ("pillow==12.0.0",)  # what a board's `pip install pillow` gets (libjpeg-turbo inside)
+
+
+def ensure_overlay(pins: Sequence[str] = OVERLAY_WHEELS) -> Path:
+    """A folder of aarch64 cp311 wheels (``pins``) unzipped for the guest's PYTHONPATH, built once into the cache
+    (``overlay-<key>/site``) and never modified."""
+    from bottlefit.emulation.arm64 import _unzip_wheels
+
+    key = hashlib.sha256("\n".join(sorted(pins)).encode()).hexdigest()[:16]
+    final = cache_dir() / f"overlay-{key}"
+    if (final / "site").is_dir():
+        return final / "site"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".overlay.building-", dir=cache_dir()))
+    try:
+        _unzip_wheels(list(pins), building / "wheels", building / "site")
+        os.chmod(building, 0o755)
+        try:
+            os.rename(building, final)
+        except OSError:
+            if not (final / "site").is_dir():
+                raise
+            shutil.rmtree(building)  # another process made the same overlay first
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return final / "site"
+
+
+# JPEG encoding on the board: Pillow (its bundled libjpeg-turbo) encodes the model-sized RGB crop at QUALITY, as the
+# bench's offload mode does; one warm-up, then RUNS encodings of the same image between two marks.
+JPEG_GUEST = '''\
+import io
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+raw, h, w, quality, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+img = Image.fromarray(np.fromfile(raw, dtype=np.uint8).reshape(h, w, 3))
+
+
+def step():
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
+step()
+mark()
+for _ in range(runs):
+    out = step()
+mark()
+print("ok", len(out))
+'''.replace("@MARK_FD@", str(MARK_FD))
+
+
+def jpeg_instructions(sysroot: Sysroot, core: Core, rgb: object, quality: int, *, runs: int = 3) -> float:
+    """Guest instructions of one JPEG encoding of ``rgb`` ((H, W, 3) uint8) at ``quality`` with Pillow on ``core``."""
+    import numpy as np
+
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb of shape {rgb.shape}: (H, W, 3) uint8 expected")
+    site = ensure_overlay()
+    with tempfile.TemporaryDirectory(prefix="bottlefit-jpeg-") as tmp:
+        raw = Path(tmp) / "rgb.u8"
+        rgb.tofile(raw)
+        count = count_guest_script(sysroot, core, JPEG_GUEST, [str(raw), rgb.shape[0], rgb.shape[1], quality, runs],
+                                   extra_site=[site], name=f"JPEG q{quality} {rgb.shape[1]}x{rgb.shape[0]}")
+    return span_per_run(count, runs, "JPEG encoding")

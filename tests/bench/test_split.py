@@ -22,7 +22,7 @@ def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     out = tmp_path_factory.mktemp("report")
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
                "--links", "3g,5g", "--images", str(IMAGES), "--accuracy-images", str(IMAGES), "--wire", "int8",
-               "--device", "pi4"])
+               "--device", "pi4", "--device-factor", "6"])
     return rc, out, json.loads((out / "split.json").read_text())
 
 
@@ -48,7 +48,8 @@ def test_runs_and_writes_the_report(bench: tuple[int, Path, dict]) -> None:
     assert sorted((x["mode"], x["link"]) for x in r["rows"]) == sorted(
         (m, k) for m in ("local", "offload", "split") for k in ("3g", "5g"))
     assert all(x["requests"] == IMAGES and x["failed"] == 0 for x in r["rows"])
-    assert r["device"] == {**r["device"], "name": "pi4", "factor": 6.0}
+    assert r["device"] == {**r["device"], "name": "pi4", "factor": 6.0, "label": "x6 assumed"}
+    assert {x["device_basis"] for x in r["rows"]} == {"assumed"}
     assert r["tradeoff"] == {"skipped": "--no-tradeoff"}
     assert r["headline"].startswith("3G, device pi4") and "JPEG q95" in r["headline"]
     rows = {(x["mode"], x["link"]): x for x in r["rows"]}
@@ -109,7 +110,7 @@ def test_latency_grows_as_bandwidth_falls(bench: tuple[int, Path, dict]) -> None
             assert rows[(mode, link)]["link_model_ms_median"] > 2 * rtt
     for link in ("3g", "5g"):
         local = rows[("local", link)]
-        # local sends nothing: its latency is the device's compute (host x the pi4 factor)
+        # local sends nothing: its latency is the device's compute (host x the --device-factor)
         assert local["network_ms_median"] == 0
         assert local["latency_ms_median"] == pytest.approx(local["device_ms_median"], rel=1e-9)
         assert local["device_ms_median"] == pytest.approx(6.0 * local["device_ms_host_median"])
