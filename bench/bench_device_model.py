@@ -236,6 +236,51 @@ def applied() -> list[str]:
     return lines
 
 
+def loo_points(doc: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(core, precision, published ms, leave-one-model-out predicted ms) per one-thread row."""
+    table = {b.name: b for b in devicetime.boards(doc)}
+    counts = doc["counts"][RUNTIME]
+    rows = [(r, table[r["board"]]) for r in doc["published"]
+            if r["threads"] == 1 and r["model"] in counts.get(table[r["board"]].core, {})]
+    out = []
+    for r, b in rows:
+        n = counts[b.core][r["model"]]
+        others = [devicetime.row_ipc(counts[o.core][q["model"]], o.clock_ghz, q["ms"]) for q, o in rows
+                  if o.core == b.core and q["precision"] == r["precision"] and q["model"] != r["model"]]
+        out.append((b.core, r["precision"], r["ms"], devicetime.ms_from(n, b.clock_ghz, devicetime.geomean(others))))
+    return out
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = loo_points(doc)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    colors = {"cortex-a53": "#4c72b0", "cortex-a72": "#dd8452", "cortex-a76": "#55a868"}
+    for core, color in colors.items():
+        for prec, marker in (("fp32", "o"), ("int8", "^")):
+            xs = [p[2] for p in pts if p[0] == core and p[1] == prec]
+            ys = [p[3] for p in pts if p[0] == core and p[1] == prec]
+            if xs:
+                ax.scatter(xs, ys, s=14, c=color, marker=marker, label=f"{core} {prec}")
+    lo, hi = min(p[2] for p in pts) * 0.8, max(p[2] for p in pts) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    for f in (0.8, 1.2):
+        ax.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("published ms (ncnn benchmark/README.md, 1 thread)")
+    ax.set_ylabel("predicted ms, leave-one-model-out (counted instr. / clock x IPC)")
+    ax.set_title("Device-time model: ncnn on Pi 3 B+/4/5/Zero 2 W, RK3399")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", type=Path, help="ncnn's benchmark/README.md")
@@ -267,6 +312,7 @@ def main() -> int:
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "device_model.md").write_text(text)
+            plot(doc, a.out / "device_model.png")
             (a.out / "device_model.json").write_text(json.dumps({k: doc[k] for k in ("sources", "counted_with",
                                                                                      "fit")}, indent=1) + "\n")
     return 0

@@ -26,10 +26,51 @@ from bottlefit.errors import (
     VerificationError,
 )
 
+DESCRIPTION = """BottleFit: take a trained split-computing image classifier (a BottleFit checkpoint) to verified
+int8 head and fp32 tail artifacts for ONNX Runtime, NVIDIA Jetson (TensorRT) and Raspberry Pi (LiteRT, ONNX Runtime,
+ncnn); serve the tail, run the head on a device, and measure whether splitting pays."""
+EPILOG = """start here:
+  bottlefit demo                       train a small model on built-in digits, export and verify every target
+                                       (writes out/demo/export/ and sample images in out/demo/images/)
+  bottlefit serve out/demo/export      serve the tail (KServe v2 REST on :8000, gRPC on :8001)
+  bottlefit run-head out/demo/export/onnx out/demo/images/*.png
+                                       run the head here and send each bottleneck to that server
+  bottlefit bench split --quick --out out/bench
+                                       local vs. offload vs. split over emulated 3G/LTE/Wi-Fi/5G links
+  bottlefit export CKPT --target rpi --out out
+                                       your own checkpoint: out/rpi/ with the board bundle
+  bottlefit profiles                   the boards, emulated cores and network links these commands know
+
+`bottlefit COMMAND --help` shows a command's options and their defaults. Exit codes: 0 success, 1 a verification
+failed, 2 bad input or usage, 3 this machine lacks something (the message says what). Documentation: README.md
+and docs/ in the source tree."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless its text already names it or it has none (an unset
+    value, a switch that is off); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default == argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command's parsers (subcommands' included: argparse makes them of the parent's class): defaults in help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="architecture, when the checkpoint does not say (custom_resnet152, "
-                   "custom_densenet169, custom_densenet201)")
+    from bottlefit.models.registry import names as arch_names
+
+    p.add_argument("--arch", help=f"architecture, when the checkpoint does not say ({', '.join(arch_names())})")
     p.add_argument("--bottleneck-channel", type=int, help="bottleneck channels, when the checkpoint does not say")
     p.add_argument("--bottleneck-ver", choices=["1", "2", "3"], help="ResNet-152 bottleneck version")
     p.add_argument("--bq", action="store_true", help="add the authors' 8-bit per-image bottleneck quantizer")
@@ -138,6 +179,73 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(v.passed for _, v in results) else 1
 
 
+def profiles_catalog() -> dict[str, Any]:
+    """What ``bottlefit profiles`` lists, read from the tables the commands use: boards (``export --target jetson
+    --profile``, ``--target rpi --profile``), emulated cores (``--emulate``) and network links (``bench split
+    --links``)."""
+    from bottlefit.bench.links import PROFILES as LINKS
+    from bottlefit.emulation.arm64 import CORES
+    from bottlefit.targets.jetson import profiles as jetson
+    from bottlefit.targets.rpi import profiles as rpi
+
+    defaults = {p.name: p for p in reversed(jetson.PROFILES)}  # the first row of a name is its default
+    return {
+        "boards": {
+            "jetson": [{"name": p.name, "jetpack": list(p.jetpack), "tensorrt": p.trt_version, "gpu": p.gpu,
+                        "sm": p.sm, "int8": p.fast_int8, "dla_cores": p.dla_cores, "max_opset": p.max_opset,
+                        "default_precision": p.default_precision, "board_python": p.board_python,
+                        "default_for_name": defaults[p.name] is p} for p in jetson.PROFILES],
+            "rpi": [{"name": p.name, "board": p.board, "core": p.core, "threads": p.threads, "head": p.model,
+                     "runtime": p.runtime, "delegate": p.delegate,
+                     "head_minstr_per_inference": p.costs.get(p.default_key),
+                     "ratio_vs_fp32_tflite": None if p.ratio() is None else round(p.ratio(), 3),
+                     "default": p.name == rpi.DEFAULT} for p in rpi.PROFILES.values()],
+        },
+        "cores": [{"name": c.profile, "cpu": c.cpu, "board": c.board, "cpuinfo_part": c.cpuinfo_part,
+                   "features": c.features.split()} for c in CORES.values()],
+        "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
+                   "loss_pct": p.loss_pct} for p in LINKS.values()],
+    }
+
+
+def render_profiles(c: dict[str, Any]) -> str:
+    lines = ["Jetson boards (export --target jetson --profile NAME [--jetpack X]; the first row of a name is its "
+             "default):"]
+    for b in c["boards"]["jetson"]:
+        lines.append(f"  {b['name']:10s} JetPack {'/'.join(b['jetpack']):8s} TensorRT {b['tensorrt']:7s} "
+                     f"{b['gpu']} SM {b['sm']}, int8 {'yes' if b['int8'] else 'no'}, {b['dla_cores']} DLA, "
+                     f"opset <= {b['max_opset']}, default {b['default_precision']}, python {b['board_python']}"
+                     f"{'' if b['default_for_name'] else ' (--jetpack ' + b['jetpack'][0] + ')'}")
+    lines.append("Raspberry Pi boards (export --target rpi --profile NAME; the head its bundle runs by default, "
+                 "by measured cost):")
+    for b in c["boards"]["rpi"]:
+        cost = (f", {b['head_minstr_per_inference']:.1f} M instructions ({b['ratio_vs_fp32_tflite']:.2f}x fp32 "
+                f"TFLite)" if b["ratio_vs_fp32_tflite"] is not None else "")
+        lines.append(f"  {b['name']:10s} {b['board']}, {b['core']}, {b['threads']} threads: {b['head']} in "
+                     f"{b['runtime']}{cost}{' (default)' if b['default'] else ''}")
+    lines.append("Emulated cores (export/verify --emulate NAME[,NAME]; qemu-user):")
+    for k in c["cores"]:
+        lines.append(f"  {k['name']:10s} {k['cpu']} ({k['board']}), features: {' '.join(k['features'])}")
+    lines.append("Network links (bench split --links NAME[,NAME]):")
+    for link in c["links"]:
+        lines.append(f"  {link['name']:10s} {link['label']}: {link['rate_mbit']:g} Mbit/s each way, RTT "
+                     f"{link['rtt_ms']:g} ms, loss {link['loss_pct']:g}%")
+    return "\n".join(lines)
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    catalog = profiles_catalog()
+    print(json.dumps(catalog, indent=2) if args.json else render_profiles(catalog))
+    return 0
+
+
+def _register_profiles(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("profiles", parents=[common],
+                       help="list the boards, emulated cores and network links the other commands take")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_profiles)
+
+
 def _command_word(argv: Sequence[str]) -> str | None:
     """The subcommand named on the command line (the top-level options take no values)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -148,13 +256,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     others imports torch (the export and training flags), which a tail server must not load."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show third-party logs and warnings, and tracebacks")
-    parser = argparse.ArgumentParser(prog="bottlefit", description=__doc__.splitlines()[0], parents=[common])
+    parser = Parser(prog="bottlefit", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"bottlefit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from bottlefit.serve import cli as serve_cli
 
     if command in serve_cli.COMMANDS:
         serve_cli.register(sub, common)
+        return parser
+    if command == "profiles":
+        _register_profiles(sub, common)
         return parser
     from bottlefit import targets
 
@@ -240,6 +351,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     jetson_cli.register(sub, common)
     serve_cli.register(sub, common)
     bench_cli.register(sub, common)
+    _register_profiles(sub, common)
     return parser
 
 
@@ -254,6 +366,9 @@ def _quiet_third_party() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _command_word(argv) is None and "--version" in argv and "-h" not in argv and "--help" not in argv:
+        print(f"bottlefit {__version__}")  # without building every subcommand's parser (that imports torch)
+        return 0
     parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     if not args.verbose:

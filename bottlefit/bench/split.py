@@ -588,8 +588,7 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
         return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
                     head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
                     jpeg_quality=opts.jpeg_quality,
-                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, model.export,
-                                                             opts.head, log),
+                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log),
                     encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
                     timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
     except EmulationUnavailable as e:

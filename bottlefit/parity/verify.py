@@ -1,6 +1,6 @@
 """Every artifact against PyTorch fp32 on held-out images: the verdict and its reports.
 
-Two kinds of check, never mixed (shared/DESIGN.md §6):
+Two kinds of check, never mixed (docs/reference-semantics.md):
 - **fidelity**: the artifact under its reference semantics (Q/DQ as the ONNX spec defines it, TFLite's reference
   kernels; fp32 artifacts in their runtime), the same figures on any host. The tolerances gate here.
 - **execution**: the artifact in the runtime the target uses, on some CPU, compared with its own reference

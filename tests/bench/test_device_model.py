@@ -158,8 +158,8 @@ def export_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_path: Path) -> None:
-    """--device pi4 with the board's own run-head --json: the head measured, the whole model and JPEG counted under
-    emulation (ONNX Runtime / Pillow at ncnn's IPC: extrapolated), the uncounted encoder assumed."""
+    """--device pi4 with the board's own run-head --json: the head measured, the whole model, JPEG and the int8 wire
+    counted under emulation (ONNX Runtime / Pillow / numpy at ncnn's IPC: extrapolated)."""
     from bottlefit.cli import main
     from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
     from bottlefit.emulation.cost import ensure_plugin
@@ -179,12 +179,55 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
     r = json.loads((out / "split.json").read_text())
     parts = r["device"]["parts"]
     assert {k: v["basis"] for k, v in parts.items()} == {
-        "local": "extrapolated", "offload": "extrapolated", "split_head": "measured", "split_encode": "assumed"}
+        "local": "extrapolated", "offload": "extrapolated", "split_head": "measured", "split_encode": "extrapolated"}
     assert parts["split_head"]["ms"] == 4.25
     assert r["device"]["counts"]["full.onnx"]["instructions"] > 0 and r["device"]["counts"]["jpeg"]["instructions"] > 0
     rows = {x["mode"]: x for x in r["rows"]}
-    assert rows["local"]["device_basis"] == "extrapolated" and rows["split"]["device_basis"] == "assumed"
+    assert rows["local"]["device_basis"] == "extrapolated" and rows["split"]["device_basis"] == "extrapolated"
+    assert r["device"]["counts"]["wire"]["instructions"] > 0
     assert rows["local"]["device_ms_median"] == pytest.approx(parts["local"]["ms"])
     assert rows["split"]["device_ms_median"] == pytest.approx(4.25 + parts["split_encode"]["ms"])
     md = (out / "split.md").read_text()
-    assert "**extrapolated**" in md and "**measured**" in md and "| device basis |" in md
+    assert "**extrapolated**" in md and "split_head 4.25 ms measured: run-head --json" in md
+    assert "| device basis |" in md and "| local | 5G |" in md
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device-timings", "t.json"], "--device-timings needs --device pi4|pi5|pi3|zero2"),
+    (["--device", "pi4", "--device-timings", "missing.json"], "--device-timings missing.json: cannot read it"),
+    (["--device", "pi4", "--device-factor", "0"], "--device-factor 0.0: must be > 0"),
+])
+def test_bad_device_flags_are_one_line_exit_2(args: list[str], needle: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from bottlefit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "split", "--out", str(tmp_path / "r"), "--no-tradeoff", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def _conv_param(path: Path, cout: int) -> Path:
+    """An ncnn model of one 3x3 conv 16 -> cout on 32x32 (weights come from DataReaderFromEmpty: zeros)."""
+    path.write_text("7767517\n2 2\nInput data 0 1 data 0=32 1=32 2=16\n"
+                    f"Convolution conv 1 1 data out 0={cout} 1=3 4=1 5=1 6={cout * 16 * 9}\n")
+    return path
+
+
+def test_benchncnn_counting_scales_with_the_work(tmp_path: Path) -> None:
+    """bottlefit.emulation.cost.ncnn_bench_instructions (what the fit counts): 4x the output channels, 2.5 to
+    4.5x the guest instructions of one inference, on the A72 under emulation."""
+    from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
+    from bottlefit.emulation.cost import ensure_plugin, ncnn_bench_instructions
+
+    try:
+        sysroot, _ = ensure_sysroot(), ensure_plugin()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+    small, big = (ncnn_bench_instructions(sysroot, CORES["pi4"], _conv_param(tmp_path / f"c{c}.param", c),
+                                          (32, 32, 16)) for c in (32, 128))
+    assert small > 32 * 32 * 32 * 16 * 9 / 8  # >= an eighth of the direct MACs (4 NEON lanes, winograd)
+    assert 2.5 < big / small < 4.5, (small, big)  # 4x the MACs; the input transform is shared
