@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class Progress:
 class ExportResult:
     path: Path  # OUT/<target>, or OUT/<target>.failed when parity failed (bottlefit.pipeline.outdir)
     verdict: Verdict
+    target: str = ""
 
 
 def heldout_images(card: Any, options: ParityOptions, log: Log) -> Any:
@@ -76,7 +77,21 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     """Build, verify and record one target's artifacts under ``request.out/<target>``; nothing half-written is
     left behind when any step fails, and an attempt that fails parity goes beside the last passing one
     (``bottlefit.pipeline.outdir``)."""
-    log = log or Progress()
+    return export_targets([request], log)[0]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One target of an export, checked before any work: its target, options, ``--out`` and tolerances."""
+
+    request: ExportRequest
+    target: Any
+    options: Any
+    out_root: outdir.OutRoot
+    overrides: dict[tuple[str | None, str], float]
+
+
+def _plan(request: ExportRequest) -> _Plan:
     target = get_target(request.target)
     options = request.target_options if request.target_options is not None else target.options_type()
     if not isinstance(options, target.options_type):
@@ -85,22 +100,63 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     out_root = outdir.prepare_out_dir(Path(request.out), target.name)
     overrides = request.parity.overrides()
     target.validate(options)
+    return _Plan(request, target, options, out_root, overrides)
 
-    ckpt = request.model.checkpoint
+
+def export_targets(requests: Sequence[ExportRequest], log: Log | None = None) -> list[ExportResult]:
+    """``export`` for several targets in one run (``bottlefit export --target jetson,rpi``): the model is loaded
+    and split once, and the calibration and held-out images are decoded once, for all of them; each target's
+    ``OUT/<target>`` is then exactly what ``export`` of that target alone writes (the same bytes), built and
+    published on its own (``bottlefit.pipeline.outdir``), one target after the other in the order given.
+
+    The requests differ in ``target`` and ``target_options`` only. Every target is checked (its options, its
+    output directory) before the model is loaded. A target whose parity fails does not stop the others (its
+    result says so); an error (bad input, a converter's failure) stops the run, and the targets published before
+    it stay."""
+    log = log or Progress()
+    if not requests:
+        raise ValueError("export_targets: no targets")
+    first = requests[0]
+    shared = ("model", "out", "calibration", "parity", "replace_failed")
+    for r in requests[1:]:
+        differ = [f for f in shared if getattr(r, f) != getattr(first, f)]
+        if differ:
+            raise ValueError(f"export_targets: requests differ in {', '.join(differ)}; only target and "
+                             "target_options may")
+    seen = [r.target for r in requests]
+    if len(set(seen)) != len(seen):
+        dup = next(t for t in seen if seen.count(t) > 1)
+        raise UserError(f"--target {','.join(seen)}: {dup} is named twice; name each target once")
+    plans = [_plan(r) for r in requests]  # every target refuses what it cannot honour before any work
+
+    ckpt = first.model.checkpoint
     log(f"loading {f'checkpoint {ckpt}' if ckpt else 'untrained architecture'}")
-    lm = source.load(request.model)
+    lm = source.load(first.model)
     source.remember(lm)
     card = lm.card
     if card.weights == "untrained":
         log(f"NOTE: {card.arch} has UNTRAINED (random) weights: the figures below check the toolchain, "
             "not accuracy")
     sm0 = split(lm.model, card)
-    requested, rungs = request.calibration.plan()
-    # one calibration set and one held-out set for every rung: image decoding is paid once
-    calibration = _once(lambda: calibration_images(card, request.calibration, log))
-    held_out = _once(lambda: heldout_images(card, request.parity, log))
+    # one calibration set and one held-out set for every target and rung: image decoding is paid once
+    calibration = _once(lambda: calibration_images(card, first.calibration, log))
+    held_out = _once(lambda: heldout_images(card, first.parity, log))
+    results = []
+    for plan in plans:
+        if len(plans) > 1:
+            log(f"target {plan.target.name} ({len(results) + 1} of {len(plans)})")
+        results.append(_export_target(plan, lm, sm0, calibration, held_out, log))
+    return results
 
-    attempt = outdir.open_attempt(out_root, target.name, log, sweep=names())
+
+def _export_target(plan: _Plan, lm: Any, sm0: Any, calibration: Callable[[], Any], held_out: Callable[[], Any],
+                   log: Log) -> ExportResult:
+    """One target's attempt: its recipe ladder from the loaded split ``sm0`` (left as it is), the manifest, and
+    the swap into ``OUT/<target>``."""
+    request, target, options, overrides = plan.request, plan.target, plan.options, plan.overrides
+    card = lm.card
+    requested, rungs = request.calibration.plan()
+    attempt = outdir.open_attempt(plan.out_root, target.name, log, sweep=names())
     tmp = attempt.path
     try:
         def build_rung(rung: Rung) -> tuple[_Rung, Verdict, list[Any]]:
@@ -139,7 +195,7 @@ def export(request: ExportRequest, log: Log | None = None) -> ExportResult:
     finally:
         attempt.close()  # an unfinished attempt (an error, Ctrl-C, SIGTERM) is removed, with the OUT it made
     log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
-    return ExportResult(final, verdict)
+    return ExportResult(final, verdict, target.name)
 
 
 @dataclass
