@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,23 +179,19 @@ def export_targets(requests: Sequence[ExportRequest], log: Log | None = None) ->
     mark(log, "split")
     sm0 = split(lm.model, card)
     # one calibration set and one held-out set for every target and rung: image decoding is paid once
-    calibration = _once(lambda: calibration_images(card, first.calibration, log))
-    held_out = _once(lambda: heldout_images(card, first.parity, log))
-    splits: dict[tuple[bool, bool], _RungSplit] = {}  # each rung's split, for every target
-    references: dict[Any, Any] = {}  # the fp32 model's outputs parity compares with (_Remembered)
+    shared = _Shared(_once(lambda: calibration_images(card, first.calibration, log)),
+                     _once(lambda: heldout_images(card, first.parity, log)))
     results = []
     for plan in plans:
         if len(plans) > 1:
             log(f"target {plan.target.name} ({len(results) + 1} of {len(plans)})")
         mark(log, f"target {plan.target.name}")
-        results.append(_export_target(plan, lm, sm0, calibration, held_out, splits, references, log))
+        results.append(_export_target(plan, lm, sm0, shared, log))
         gc.collect()  # the target's build (its int8 copies of the head, converter state) before the next one
     return results
 
 
-def _export_target(plan: _Plan, lm: Any, sm0: Any, calibration: Callable[[], Any], held_out: Callable[[], Any],
-                   splits: dict[tuple[bool, bool], _RungSplit], references: dict[Any, Any],
-                   log: Log) -> ExportResult:
+def _export_target(plan: _Plan, lm: Any, sm0: Any, shared: _Shared, log: Log) -> ExportResult:
     """One target's attempt: its recipe ladder from the loaded split ``sm0`` (left as it is), the manifest, and
     the swap into ``OUT/<target>``."""
     request, target, options, overrides = plan.request, plan.target, plan.options, plan.overrides
@@ -206,8 +202,7 @@ def _export_target(plan: _Plan, lm: Any, sm0: Any, calibration: Callable[[], Any
     try:
         def build_rung(rung: Rung) -> tuple[_Rung, Verdict, list[Any]]:
             _empty(tmp)  # a rung that moved on leaves nothing behind
-            b = _build_rung(sm0, rung, target, options, tmp, request, calibration, held_out, overrides, splits,
-                            references, log)
+            b = _build_rung(sm0, rung, target, options, tmp, request, shared, overrides, log)
             return b, b.verdict, b.artifacts
 
         def finish(b: _Rung, verdict: Verdict) -> None:
@@ -260,23 +255,22 @@ class _Rung:
 
 
 def _build_rung(sm: Any, rung: Rung, target: Any, options: Any, tmp: Path, request: ExportRequest,
-                calibration: Callable[[], Any], held_out: Callable[[], Any],
-                overrides: dict[tuple[str | None, str], float], splits: dict[tuple[bool, bool], _RungSplit],
-                references: dict[Any, Any], log: Log) -> _Rung:
+                shared: _Shared, overrides: dict[tuple[str | None, str], float], log: Log) -> _Rung:
     """Build ``target``'s artifacts into ``tmp`` with ``rung``'s recipe from the loaded split ``sm`` (left as it
     is: every rung starts from the model itself) and judge their fidelity."""
     knobs = rung.knobs
     mark(log, "rung setup")
     key = (knobs.equalize, request.calibration.fold_pool_bn)
-    if key not in splits:  # the same for every target: made once, its lines said again for each
-        splits[key] = _rung_split(sm, knobs.equalize, request.calibration.fold_pool_bn, calibration, log)
-    rs = splits[key]
+    if key not in shared.splits:  # the same for every target: made once, its lines said again for each
+        shared.splits[key] = _rung_split(sm, knobs.equalize, request.calibration.fold_pool_bn, shared.calibration,
+                                         log)
+    rs = shared.splits[key]
     for line in rs.lines:
         log(line)
     sm, err = rs.split, rs.error
-    ctx = BuildContext(sm, tmp, options, calibration, held_out, log, observer=knobs.observer,
+    ctx = BuildContext(sm, tmp, options, shared.calibration, shared.held_out, log, observer=knobs.observer,
                        tolerance_overrides=overrides, weight_rounding=knobs.weight_rounding,
-                       bias_correction=knobs.bias_correction)
+                       bias_correction=knobs.bias_correction, shared=shared.contexts)
     mark(log, "build")
     artifacts = target.build(ctx)
     log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
@@ -284,9 +278,21 @@ def _build_rung(sm: Any, rung: Rung, target: Any, options: Any, tmp: Path, reque
     held = ctx.heldout
     mark(log, "parity")
     # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
-    sm = replace(sm, model=_Remembered(sm.model, references))
+    sm = replace(sm, model=_Remembered(sm.model, shared.references))
     verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
     return _Rung(ctx, artifacts, verdict, err, rs.equalization, rs.folds)
+
+
+@dataclass
+class _Shared:
+    """What every target of one export shares: the images (made on first use), each rung's split, parity's fp32
+    reference outputs, and what the targets' build contexts share (``BuildContext.shared``)."""
+
+    calibration: Callable[[], Any]
+    held_out: Callable[[], Any]
+    splits: dict[tuple[bool, bool], _RungSplit] = field(default_factory=dict)
+    references: dict[Any, Any] = field(default_factory=dict)
+    contexts: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from bottlefit.cli import main
 
 MINI = ["--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2", "--calib-count", "8",
         "--parity-count", "8", "--emulate", "none"]
+# the best recipe: what the targets share includes its equalized split and its gptq-rounded int8 head
+BEST = ["--recipe", "best"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -28,15 +30,16 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  ("both", "onnx,rpi", ["--int8", "--layout", "nchw"])):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            assert main(["export", *MINI, "--target", targets, "--out", str(root / name), *extra]) == 0
+            assert main(["export", *MINI, *BEST, "--target", targets, "--out", str(root / name), *extra]) == 0
         (root / f"{name}.stdout").write_text(stdout.getvalue())
     return root
 
 
 @pytest.mark.parametrize("target", ["onnx", "rpi"])
 def test_each_target_of_one_run_is_byte_identical_to_its_own_run(exports: Path, target: str) -> None:
-    """Shared load, split, calibration and held-out images change no byte of any target's directory; each
-    target's flags (--int8 for onnx, --layout for rpi) reach it alone."""
+    """Shared load, split, calibration and held-out images, the rung's equalized split, the rounded int8 head and
+    parity's fp32 reference change no byte of any target's directory; each target's flags (--int8 for onnx,
+    --layout for rpi) reach it alone."""
     alone, together = _tree(exports / target / target), _tree(exports / "both" / target)
     assert sorted(together) == sorted(alone)
     assert [f for f in alone if alone[f] != together[f]] == []
