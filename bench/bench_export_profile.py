@@ -84,7 +84,7 @@ class Recorder:
     """Intervals between stage boundaries: (target, stage, wall s, CPU s, peak RSS MB)."""
 
     def __init__(self, target: str) -> None:
-        self.target, self.stack, self.sub, self.marked = target, ["start"], None, False
+        self.target, self.stack, self.sub, self.marked = target, ["startup"], None, False
         self.rows: list[dict[str, Any]] = []
         self.t, self.c = time.perf_counter(), _cpu()
         _reset_hwm()
@@ -132,7 +132,7 @@ class Recorder:
 def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
-        if r["stage"] in ("start", "done") and r["cpu_s"] < 0.05:
+        if r["stage"] in ("startup", "done") and r["cpu_s"] < 0.05:
             continue
         a = out.setdefault((r["target"], r["stage"]), {"target": r["target"], "stage": r["stage"], "wall_s": 0.0,
                                                         "cpu_s": 0.0, "peak_rss_mb": 0.0, "intervals": 0})

@@ -4,7 +4,9 @@ export of that target alone writes; flags apply to the targets that take them.""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from bottlefit.cli import main
 
 MINI = ["--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2", "--calib-count", "8",
         "--parity-count", "8", "--emulate", "none"]
+BENCH = Path(__file__).parents[2] / "bench" / "bench_export_profile.py"
 # the best recipe: what the targets share includes its equalized split and its gptq-rounded int8 head
 BEST = ["--recipe", "best"]
 
@@ -28,11 +31,23 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("multi")
     for name, targets, extra in (("onnx", "onnx", ["--int8"]), ("rpi", "rpi", ["--layout", "nchw"]),
                                  ("both", "onnx,rpi", ["--int8", "--layout", "nchw"])):
+        args = [*MINI, *BEST, "--target", targets, "--out", str(root / name), *extra]
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            assert main(["export", *MINI, *BEST, "--target", targets, "--out", str(root / name), *extra]) == 0
+            if name == "both":  # through the profiler (bench/bench_export_profile.py): its stages are checked below
+                (root / "profile.json").write_text(json.dumps(_bench().profile(args)))
+            else:
+                assert main(["export", *args]) == 0
         (root / f"{name}.stdout").write_text(stdout.getvalue())
     return root
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_export_profile", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("target", ["onnx", "rpi"])
@@ -52,6 +67,25 @@ def test_multi_target_output_names_each_target(exports: Path) -> None:
     both = exports / "both"
     assert out.index("onnx:") < out.index(f"PASS: {both / 'onnx'}") < out.index("rpi:") \
         < out.index(f"PASS: {both / 'rpi'}")
+
+
+def test_the_profile_has_every_stage_of_every_target(exports: Path) -> None:
+    """The profiler sees the pipeline's stage marks: load and split once, then each target's rung setup, build (cut
+    into its heads by their progress lines), parity and manifest; the stages' CPU seconds add up to the run's."""
+    d = json.loads((exports / "profile.json").read_text())
+    assert d["exit_code"] == 0
+    stages = {(s["target"], s["stage"]) for s in d["stages"]}
+    assert {("-", "load"), ("-", "split")} <= stages
+    for target in ("onnx", "rpi"):
+        assert {(target, "rung setup"), (target, "parity"), (target, "manifest")} <= stages
+    assert {("onnx", "build: head.onnx"), ("onnx", "build: tail.onnx"), ("rpi", "build: head.int8.tflite"),
+            ("rpi", "build: head.fp32.tflite"), ("rpi", "build: head.int8.ncnn")} <= stages
+    # made once: the split check of the best rung's equalized split, and the images, belong to the first target
+    assert ("rpi", "split check") not in stages and ("onnx", "split check") in stages
+    assert ("rpi", "calibration images") not in stages
+    cpu = sum(s["cpu_s"] for s in d["stages"])
+    assert 0.9 * d["total"]["cpu_s"] <= cpu <= d["total"]["cpu_s"] + 0.01
+    assert d["total"]["peak_rss_mb"] == max(s["peak_rss_mb"] for s in d["stages"])
 
 
 @pytest.mark.parametrize("targets,given,err", [
