@@ -86,24 +86,83 @@ def model_source(args: argparse.Namespace) -> Any:
                        untrained=args.untrained, seed=args.seed)
 
 
-def export_request(args: argparse.Namespace) -> Any:
-    """``bottlefit export``'s flags as the pipeline's typed request (every value checked here, once)."""
+def target_names(text: str) -> list[str]:
+    """``--target``: one target or a comma list of them (``jetson,rpi``), each known and named once."""
+    from bottlefit.errors import UserError
+    from bottlefit.targets import get_target, names
+
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    if not chosen:
+        raise UserError(f"--target {text!r}: name a target, or several separated by commas: {', '.join(names())}")
+    for t in chosen:
+        get_target(t)  # an unknown name is refused here, naming the choices
+    twice = next((t for t in chosen if chosen.count(t) > 1), None)
+    if twice:
+        raise UserError(f"--target {text}: {twice} is named twice; name each target once")
+    return chosen
+
+
+def export_requests(args: argparse.Namespace) -> list[Any]:
+    """``bottlefit export``'s flags as the pipeline's typed requests, one per target of ``--target`` (every value
+    checked here, once). A target's flag applies to each chosen target that takes it (README: "Several targets in
+    one run")."""
     from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
     from bottlefit.targets import Emulate, get_target, options_from
 
-    target = get_target(args.target)
-    check_target_flags(args, target)
-    return ExportRequest(
-        model=model_source(args), target=args.target, out=Path(args.out),
-        target_options=options_from(target.options_type, vars(args)),
-        calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
-                                       seed=args.seed, equalize=args.equalize,
-                                       fold_pool_bn=not args.keep_pool_bn, weight_rounding=args.weight_rounding,
-                                       bias_correction=args.bias_correction, recipe=args.recipe),
-        parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
-                             emulate=Emulate.parse(args.emulate)),
-        replace_failed=args.replace_failed,
-    )
+    targets = [get_target(t) for t in target_names(args.target)]
+    check_target_flags(args, targets)
+    boards = board_options(args, targets)
+    model = model_source(args)
+    calibration = CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
+                                     seed=args.seed, equalize=args.equalize, fold_pool_bn=not args.keep_pool_bn,
+                                     weight_rounding=args.weight_rounding, bias_correction=args.bias_correction,
+                                     recipe=args.recipe)
+    parity = ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
+                           emulate=Emulate.parse(args.emulate))
+    return [ExportRequest(model=model, target=t.name, out=Path(args.out),
+                          target_options=options_from(t.options_type, vars(args) | boards.get(t.name, {})),
+                          calibration=calibration, parity=parity, replace_failed=args.replace_failed)
+            for t in targets]
+
+
+def board_options(args: argparse.Namespace, targets: list[Any]) -> dict[str, dict[str, Any]]:
+    """``--profile`` names a board, and each target has its own boards: with several targets that take it, it is a
+    comma list (``--profile orin,pi5``) and each target gets the board of its own table (none named: its
+    default). A board no chosen target has, or two boards for one target, is refused. One target: the value as
+    given (that target's own check names its boards)."""
+    from dataclasses import fields
+
+    from bottlefit.errors import UserError
+
+    value = getattr(args, "profile", None)
+    takers = [t for t in targets if "profile" in {f.name for f in fields(t.options_type)}]
+    if value is None or (len(takers) <= 1 and "," not in value):
+        return {}
+    given: dict[str, list[str]] = {t.name: [] for t in takers}
+    label = ",".join(t.name for t in targets)
+    for board in (b.strip() for b in value.split(",") if b.strip()):
+        owners = [t for t in takers if _has_board(t, board)]
+        if not owners:
+            raise UserError(f"--profile {board}: no board of that name for --target {label}; see "
+                            "`bottlefit export --help` for each target's boards")
+        for t in owners:
+            given[t.name].append(board)
+    for name, named in given.items():
+        if len(named) > 1:
+            raise UserError(f"--profile {value}: {' and '.join(named)} are both boards of --target {name}; name one "
+                            "board per target")
+    return {name: {"profile": named[0] if named else None} for name, named in given.items()}
+
+
+def _has_board(target: Any, board: str) -> bool:
+    """Whether ``target`` knows ``board``: its own check of its default options with that board."""
+    from bottlefit.errors import UserError
+
+    try:
+        target.validate(target.options_type(profile=board))
+    except UserError:
+        return False
+    return True
 
 
 class _FlagRecorder:
@@ -118,24 +177,27 @@ class _FlagRecorder:
         return action
 
 
-def check_target_flags(args: argparse.Namespace, target: Any) -> None:
-    """Every target's flags share one parser, and ``options_from`` keeps only the chosen target's fields: a flag the
-    user set that the chosen target does not take is refused here (exit 2) instead of being dropped silently."""
+def check_target_flags(args: argparse.Namespace, targets: list[Any]) -> None:
+    """Every target's flags share one parser, and ``options_from`` keeps only each chosen target's fields: a flag
+    the user set that no chosen target takes is refused here (exit 2) instead of being dropped silently. With
+    several targets, a flag taken by some of them applies to those only."""
     from dataclasses import fields
 
     from bottlefit.errors import UserError
     from bottlefit.targets import get_target, names
 
-    own = {f.name for f in fields(target.options_type)}
+    own = {f.name for t in targets for f in fields(t.options_type)}
+    label = ",".join(t.name for t in targets)
     for action in args.target_flag_actions:
         if action.dest in own or getattr(args, action.dest) == action.default:
             continue
         takers = [n for n in names() if action.dest in {f.name for f in fields(get_target(n).options_type)}]
-        raise UserError(f"{action.option_strings[0]} is not an option of --target {target.name} (it is for --target "
+        raise UserError(f"{action.option_strings[0]} is not an option of --target {label} (it is for --target "
                         f"{' and '.join(takers)}); drop it")
     emulate = getattr(args, "emulate", "auto")
-    if emulate not in ("auto", "none", None) and not getattr(target, "emulates", False):
-        raise UserError(f"--emulate {emulate}: --target {target.name} has no board to emulate (only --target rpi "
+    if emulate not in ("auto", "none", None) and not any(getattr(t, "emulates", False) for t in targets):
+        has = "has" if len(targets) == 1 else "have"
+        raise UserError(f"--emulate {emulate}: --target {label} {has} no board to emulate (only --target rpi "
                         "does); drop it or pass --emulate none")
 
 
@@ -149,12 +211,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bottlefit.pipeline.export import Progress, export
+    from bottlefit.pipeline.export import Progress, export_targets
 
-    result = export(export_request(args), Progress(args.quiet))
-    print(result.verdict.summary())
-    print(f"{'PASS' if result.verdict.passed else 'FAIL'}: {result.path}")
-    return 0 if result.verdict.passed else 1
+    results = export_targets(export_requests(args), Progress(args.quiet))
+    for result in results:
+        if len(results) > 1:
+            print(f"{result.target}:")
+        print(result.verdict.summary())
+        print(f"{'PASS' if result.verdict.passed else 'FAIL'}: {result.path}")
+    return 0 if all(r.verdict.passed for r in results) else 1
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -277,7 +342,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="split a checkpoint and build verified artifacts for a target")
     p.add_argument("checkpoint", nargs="?")
-    p.add_argument("--target", required=True, choices=targets.names())
+    p.add_argument("--target", required=True, metavar="{" + ",".join(targets.names()) + "}[,...]",
+                   help="the target, or several separated by commas (jetson,rpi): the model is loaded, split and "
+                        "calibrated once, and each OUT/<target>/ is what an export of that target alone writes; "
+                        "a target's flag applies to the chosen targets that take it")
     p.add_argument("--out", required=True, help="output root; artifacts go to OUT/<target>/")
     target_flag_actions = [p.add_argument("--opset", type=int,
                                           help="ONNX opset (default: the target's; 13 for onnx)")]
