@@ -19,7 +19,8 @@ def row(mode: str, link: str, median: float, payload: float) -> dict[str, Any]:
     rate = next(p["rate_mbit"] for p in LINKS if p["name"] == link)
     rtt = next(p["rtt_ms"] for p in LINKS if p["name"] == link)
     return {"mode": mode, "link": link, "rate_mbit": rate, "rtt_ms": rtt, "latency_ms_median": median,
-            "latency_ms_p95": median * 1.25, "device_ms_median": 1.234, "network_ms_median": median - 2.0,
+            "latency_ms_p95": median * 1.25, "device_ms_median": 1.234, "device_basis": "predicted",
+            "network_ms_median": median - 2.0,
             "server_ms_median": 0.5, "payload_bytes_median": payload,
             "link_bytes_median": payload + 700 if payload else 0.0, "failed": 0,
             "link_model_ms_median": 2 * rtt + 1.0}
@@ -31,7 +32,8 @@ def result(setup_kind: str = "analytic") -> dict[str, Any]:
     return {"schema": "bottlefit.bench.split/1", "headline": "3G, device pi4: split 400 ms", "links": LINKS,
             "rows": rows, "model": {"source": "export out", "arch": "mini_resnet"}, "images": 3, "repeats": 1,
             "wall_s": 12.5, "link_setup": {"kind": setup_kind}, "link_setup_text": "the analytic model",
-            "device": {"name": "pi4", "factor": 6.0, "basis": "measured", "how": "host ms x 6"},
+            "device": {"name": "pi4", "factor": 6.0, "basis": "measured", "how": "host ms x 6", "label": "x6 assumed",
+                       "modes": {"split": {"basis": "predicted", "why": "head counted on cortex-a72"}}},
             "wire": "int8", "jpeg_quality": 95,
             "accuracy": {"images": 3, "against": "agreement", "local": 100.0, "offload": 66.667, "split": 100.0,
                          "jpeg_quality": 95, "jpeg_bytes_mean": 20_000.4, "head": "onnx/head.int8.onnx",
@@ -49,8 +51,8 @@ def test_table_rows_sorted_by_mode_then_rate_with_their_figures() -> None:
     assert len(lines) == 2 + 6
     assert [tuple(c.strip() for c in ln.split("|")[1:3]) for ln in lines[2:]] == [
         ("local", "3G"), ("local", "5G"), ("offload", "3G"), ("offload", "5G"), ("split", "3G"), ("split", "5G")]
-    # median, p95 (1 decimal), device (2), network (1), server (2), bytes (0), failures
-    assert lines[-1] == "| split | 5G | 30.0 | 37.5 | 1.23 | 28.0 | 0.50 | 3364 | 4064 | 0 |"
+    # median, p95 (1 decimal), device (2) and how it was obtained, network (1), server (2), bytes (0), failures
+    assert lines[-1] == "| split | 5G | 30.0 | 37.5 | 1.23 | predicted | 28.0 | 0.50 | 3364 | 4064 | 0 |"
 
 
 def test_markdown_states_ratios_links_and_byte_counting() -> None:
@@ -58,6 +60,7 @@ def test_markdown_states_ratios_links_and_byte_counting() -> None:
     assert md.startswith("# bottlefit bench split\n\n**3G, device pi4: split 400 ms**")
     assert "| 3G | +700.0% | -55.6% | -83.2% |" in md  # payload vs JPEG: smaller is negative
     assert "| 5G | -40.0% | -50.0% | -83.2% |" in md
+    assert "  - split: **predicted**: head counted on cortex-a72" in md  # each mode says how its device ms was had
     assert "| 5G | 100 | 20 | 0.5 |" in md
     assert "offload/3G 301.0 ms" in md and "split/5G 41.0 ms" in md and "local/" not in md
     assert "int8 3364 B, 0.2 ms + 0.1 ms" in md  # one decimal, as format() rounds 0.25 and 0.05
