@@ -203,6 +203,14 @@ def test_every_covered_op_is_bit_exact(zoo_dir: Path) -> None:
                                   LiteRTRunner(path, reference=True).infer({name: photos[0]})[out])
 
 
+def test_float64_accumulation_is_exact_too(zoo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convs whose partial sums could pass 2^24 accumulate in float64: force that path everywhere, still exact."""
+    monkeypatch.setattr(tr, "FLOAT32_EXACT", 0)
+    path = zoo(zoo_dir)
+    (name, spec), = TFLiteReferenceRunner(path).input_specs().items()
+    assert assert_bit_exact(path, adversarial_inputs(spec.shape, []))["max_abs_diff"] == 0
+
+
 def test_an_uncovered_op_falls_back_to_the_interpreter_and_says_so(zoo_dir: Path) -> None:
     path = zoo(zoo_dir, concat=True)
     with pytest.raises(Unsupported, match="CONCATENATION"):
