@@ -190,6 +190,8 @@ def _where_lines(target_dir: Path) -> list[str]:
         fig = f", max {m['max_abs_lsb']:.2g} LSB from the reference" if m.get("max_abs_lsb") is not None else ""
         kind = {"host": "host kernels (information)", "emulated": "Pi kernels (emulated)",
                 "board": "on board"}[e["where"]]
+        if e["where"] == "host" and e["gated"]:  # parity.verify's reference cross-check, not the host's kernels
+            kind = "reference cross-check (gates)"
         why = f" ({e['note']})" if e["status"] == "not run" else ""
         lines.append(f"{kind}: {e['artifact']} on {e['isa']}: {e['status']}{fig}{why}")
     return lines

@@ -62,6 +62,23 @@ def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
 
 
 @pytest.mark.slow
+def test_start_leaves_the_boards_running_beside_the_caller(sysroot) -> None:
+    """start_execution launches one guest per board (every head in it) and returns; collect() gives the records
+    execute() gives; cancel() stops the guests of a bundle whose results are no longer wanted."""
+    out, arts = rpi_bundle()
+    running = TARGET.start_execution(out, arts, Emulate.parse("pi4,pi5"), lambda m: None)
+    assert [c.profile for c, _ in running.guests] == ["pi4", "pi5"]
+    assert len({p.pid for _, p in running.guests}) == 2
+    runs = running.collect()
+    assert running.guests == [] and len(runs) == 6
+    assert all(e.where == "emulated" and e.status == "agrees" for e in runs)
+    stopped = TARGET.start_execution(out, arts, Emulate.parse("pi4"), lambda m: None)
+    (proc,) = [p for _, p in stopped.guests]
+    stopped.cancel()
+    assert proc.returncode is not None and stopped.guests == [] and stopped.collect() == []
+
+
+@pytest.mark.slow
 def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -> None:
     out, arts = rpi_bundle()
     bundle = tmp_path / "rpi"
