@@ -41,6 +41,14 @@ CALIBRATION: tuple[tuple[str, str, int | None], ...] = (
     ("rk3399-a72", "Rockchip RK3399 (Cortex-A72", 2),  # powersave 2: the big cores
     ("rk3399-a53", "Rockchip RK3399 (Cortex-A72", 1),  # powersave 1: the little cores
 )
+# When each board's rows entered the README (`git blame` of their lines): the ncnn each was measured with is about
+# that date's release; this project counts with the wheel ncnn 1.0.20250503, 1.5 to 3.5 years newer
+ROWS_ADDED = {"pi3": "3a74ae4d3 2023-06-23 (update rpi3b+ benchmark data)",
+              "pi4": "cc37c1099 2023-06-15 (update rpi4b benchmark)",
+              "pi5": "070dac995 2023-12-12 (RPi 5 refreshed, #5216)",
+              "zero2": "71f377e9e 2022-01-17 (update benchmark from Q-engineering)",
+              "rk3399-a72": "7b222a19a 2022-01-03 (update benchmark, #3465)",
+              "rk3399-a53": "7b222a19a 2022-01-03 (update benchmark, #3465)"}
 # vision_transformer takes minutes per count and has one row per board; its weights-free run is not an image model
 SKIP = ("vision_transformer",)
 RUNTIME = "ncnn"
@@ -95,7 +103,7 @@ def import_table(doc: dict[str, Any], readme: Path, benchncnn: Path, commit: str
                               "threads": r["threads"], "ms": r["ms"], "source": "ncnn-benchmark"})
     doc["sources"] = {"ncnn-benchmark": {
         "repository": REPOSITORY, "path": "benchmark/README.md", "commit": commit,
-        "sections": used, "shapes_from": "benchmark/benchncnn.cpp", "column": "avg",
+        "sections": used, "rows_added": ROWS_ADDED, "shapes_from": "benchmark/benchncnn.cpp", "column": "avg",
         "tool": "benchncnn LOOP THREADS POWERSAVE -1 COOLING (fp16 storage/arithmetic where the core has it, int8, "
                 "winograd, sgemm, packing, light mode; zero weights)"}}
     doc["published"] = published
@@ -120,10 +128,11 @@ def count(doc: dict[str, Any], params: Path, cores: list[str], models: list[str]
                                   "span of one inference"}
     by_cpu = {c.cpu: c for c in CORES.values()}
     counts = doc.setdefault("counts", {}).setdefault(RUNTIME, {})
-    for cpu in cores:
-        core: Core = by_cpu[cpu]
-        have = counts.setdefault(cpu, {})
-        for m in models or sorted(doc["models"]):
+    # model by model, every core in turn: a run cut short still leaves every core the same models
+    for m in models or sorted(doc["models"]):
+        for cpu in cores:
+            core: Core = by_cpu[cpu]
+            have = counts.setdefault(cpu, {})
             if m in have and not recount:
                 continue
             param = params / f"{m}.param"
@@ -136,7 +145,23 @@ def count(doc: dict[str, Any], params: Path, cores: list[str], models: list[str]
             n = ncnn_bench_instructions(sysroot, core, param, tuple(doc["models"][m]["input_whc"]))
             have[m] = round(n)
             print(f"  {cpu:11s} {m:20s} {n / 1e6:10.1f} M instructions  ({time.monotonic() - t0:.0f} s)", flush=True)
+            merge_counts(doc)
             write(doc)
+
+
+def merge_counts(doc: dict[str, Any]) -> None:
+    """Take in counts another --count run wrote into the file meanwhile (this run's own win where both have one)."""
+    try:
+        disk = json.loads(devicetime.DATA.read_text())
+    except (OSError, ValueError):
+        return
+    for cpu, per in disk.get("counts", {}).get(RUNTIME, {}).items():
+        mine = doc["counts"][RUNTIME].setdefault(cpu, {})
+        for m, n in per.items():
+            mine.setdefault(m, n)
+    for m, rec in disk.get("models", {}).items():
+        if m in doc["models"] and "param_sha256" in rec:
+            doc["models"][m].setdefault("param_sha256", rec["param_sha256"])
 
 
 def write(doc: dict[str, Any], path: Path = devicetime.DATA) -> None:
@@ -154,6 +179,10 @@ def markdown(doc: dict[str, Any]) -> str:
              f"benchncnn, {src['tool']}).", "",
              f"Counted: {doc['counted_with']['ncnn_wheel']} under {doc['counted_with']['qemu']} on the matching "
              "emulated core, one inference after one warm-up (the guest instructions between two marks).", "",
+             "The published rows were measured with the ncnn of their day (rows added: " +
+             "; ".join(f"{k} {v}" for k, v in src.get("rows_added", {}).items()) + "); the counts use the pinned "
+             "wheel, 1.5 to 3.5 years newer (its kernels may differ: part of the error below). benchncnn's options "
+             "(fp16 storage and arithmetic where the core has them: the A76) are the guest's.", "",
              "`ms = instructions / (clock_GHz x 1e6 x IPC)`; IPC is the geometric mean of the one-thread rows' "
              "implied IPC; the leave-one-model-out (LOO) error predicts each model's rows at the IPC of the other "
              "models.", "", "## Fitted IPC per core", "",
@@ -187,7 +216,69 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['board']} | {b.core} | {b.clock_ghz:g} | {r['model']} | {r['ms']:.2f} | {n / 1e6:.1f} | "
                      f"{devicetime.row_ipc(n, b.clock_ghz, r['ms']):.3f} | {pred:.2f} | "
                      f"{100 * (pred / r['ms'] - 1):+.0f}% |")
+    lines += applied()
     return "\n".join(lines) + "\n"
+
+
+def applied() -> list[str]:
+    """The model applied to the R152 v2 (12 ch) heads whose counts bottlefit/targets/rpi/profiles.py keeps."""
+    from bottlefit.targets.rpi.profiles import COST_HEAD, PROFILES
+
+    lines = ["", f"## Applied: the Pi heads of {COST_HEAD} (counts from bottlefit/targets/rpi/profiles.py)", "",
+             "| board | head | runtime | M instr. | predicted ms (1 thread) | basis |", "|---|---|---|---|---|---|"]
+    for name, prof in PROFILES.items():
+        for key in (prof.default_key, "head.int8.onnx/cpu-u8", "head.fp32.tflite/xnnpack"):
+            model = key.partition("/")[0]
+            runtime = {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
+            n = prof.costs[key] * 1e6
+            p = devicetime.predict_ms(n, name, runtime, "int8" if "int8" in model else "fp32")
+            lines.append(f"| {name} | {key} | {runtime} | {n / 1e6:.1f} | {p.ms:.1f} | {p.basis} |")
+    return lines
+
+
+def loo_points(doc: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(core, precision, published ms, leave-one-model-out predicted ms) per one-thread row."""
+    table = {b.name: b for b in devicetime.boards(doc)}
+    counts = doc["counts"][RUNTIME]
+    rows = [(r, table[r["board"]]) for r in doc["published"]
+            if r["threads"] == 1 and r["model"] in counts.get(table[r["board"]].core, {})]
+    out = []
+    for r, b in rows:
+        n = counts[b.core][r["model"]]
+        others = [devicetime.row_ipc(counts[o.core][q["model"]], o.clock_ghz, q["ms"]) for q, o in rows
+                  if o.core == b.core and q["precision"] == r["precision"] and q["model"] != r["model"]]
+        out.append((b.core, r["precision"], r["ms"], devicetime.ms_from(n, b.clock_ghz, devicetime.geomean(others))))
+    return out
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = loo_points(doc)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    colors = {"cortex-a53": "#4c72b0", "cortex-a72": "#dd8452", "cortex-a76": "#55a868"}
+    for core, color in colors.items():
+        for prec, marker in (("fp32", "o"), ("int8", "^")):
+            xs = [p[2] for p in pts if p[0] == core and p[1] == prec]
+            ys = [p[3] for p in pts if p[0] == core and p[1] == prec]
+            if xs:
+                ax.scatter(xs, ys, s=14, c=color, marker=marker, label=f"{core} {prec}")
+    lo, hi = min(p[2] for p in pts) * 0.8, max(p[2] for p in pts) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    for f in (0.8, 1.2):
+        ax.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("published ms (ncnn benchmark/README.md, 1 thread)")
+    ax.set_ylabel("predicted ms, leave-one-model-out (counted instr. / clock x IPC)")
+    ax.set_title("Device-time model: ncnn on Pi 3 B+/4/5/Zero 2 W, RK3399")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
 
 
 def main() -> int:
@@ -221,6 +312,7 @@ def main() -> int:
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "device_model.md").write_text(text)
+            plot(doc, a.out / "device_model.png")
             (a.out / "device_model.json").write_text(json.dumps({k: doc[k] for k in ("sources", "counted_with",
                                                                                      "fit")}, indent=1) + "\n")
     return 0

@@ -26,10 +26,51 @@ from bottlefit.errors import (
     VerificationError,
 )
 
+DESCRIPTION = """BottleFit: take a trained split-computing image classifier (a BottleFit checkpoint) to verified
+int8 head and fp32 tail artifacts for ONNX Runtime, NVIDIA Jetson (TensorRT) and Raspberry Pi (LiteRT, ONNX Runtime,
+ncnn); serve the tail, run the head on a device, and measure whether splitting pays."""
+EPILOG = """start here:
+  bottlefit demo                       train a small model on built-in digits, export and verify every target
+                                       (writes out/demo/export/ and sample images in out/demo/images/)
+  bottlefit serve out/demo/export      serve the tail (KServe v2 REST on :8000, gRPC on :8001)
+  bottlefit run-head out/demo/export/onnx out/demo/images/*.png
+                                       run the head here and send each bottleneck to that server
+  bottlefit bench split --quick --out out/bench
+                                       local vs. offload vs. split over emulated 3G/LTE/Wi-Fi/5G links
+  bottlefit export CKPT --target rpi --out out
+                                       your own checkpoint: out/rpi/ with the board bundle
+  bottlefit profiles                   the boards, emulated cores and network links these commands know
+
+`bottlefit COMMAND --help` shows a command's options and their defaults. Exit codes: 0 success, 1 a verification
+failed, 2 bad input or usage, 3 this machine lacks something (the message says what). Documentation: README.md
+and docs/ in the source tree."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless its text already names it or it has none (an unset
+    value, a switch that is off); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default == argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command's parsers (subcommands' included: argparse makes them of the parent's class): defaults in help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="architecture, when the checkpoint does not say (custom_resnet152, "
-                   "custom_densenet169, custom_densenet201)")
+    from bottlefit.models.registry import names as arch_names
+
+    p.add_argument("--arch", help=f"architecture, when the checkpoint does not say ({', '.join(arch_names())})")
     p.add_argument("--bottleneck-channel", type=int, help="bottleneck channels, when the checkpoint does not say")
     p.add_argument("--bottleneck-ver", choices=["1", "2", "3"], help="ResNet-152 bottleneck version")
     p.add_argument("--bq", action="store_true", help="add the authors' 8-bit per-image bottleneck quantizer")
@@ -45,24 +86,83 @@ def model_source(args: argparse.Namespace) -> Any:
                        untrained=args.untrained, seed=args.seed)
 
 
-def export_request(args: argparse.Namespace) -> Any:
-    """``bottlefit export``'s flags as the pipeline's typed request (every value checked here, once)."""
+def target_names(text: str) -> list[str]:
+    """``--target``: one target or a comma list of them (``jetson,rpi``), each known and named once."""
+    from bottlefit.errors import UserError
+    from bottlefit.targets import get_target, names
+
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    if not chosen:
+        raise UserError(f"--target {text!r}: name a target, or several separated by commas: {', '.join(names())}")
+    for t in chosen:
+        get_target(t)  # an unknown name is refused here, naming the choices
+    twice = next((t for t in chosen if chosen.count(t) > 1), None)
+    if twice:
+        raise UserError(f"--target {text}: {twice} is named twice; name each target once")
+    return chosen
+
+
+def export_requests(args: argparse.Namespace) -> list[Any]:
+    """``bottlefit export``'s flags as the pipeline's typed requests, one per target of ``--target`` (every value
+    checked here, once). A target's flag applies to each chosen target that takes it (README: "Several targets in
+    one run")."""
     from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
     from bottlefit.targets import Emulate, get_target, options_from
 
-    target = get_target(args.target)
-    check_target_flags(args, target)
-    return ExportRequest(
-        model=model_source(args), target=args.target, out=Path(args.out),
-        target_options=options_from(target.options_type, vars(args)),
-        calibration=CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
-                                       seed=args.seed, equalize=args.equalize,
-                                       fold_pool_bn=not args.keep_pool_bn, weight_rounding=args.weight_rounding,
-                                       bias_correction=args.bias_correction, recipe=args.recipe),
-        parity=ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
-                             emulate=Emulate.parse(args.emulate)),
-        replace_failed=args.replace_failed,
-    )
+    targets = [get_target(t) for t in target_names(args.target)]
+    check_target_flags(args, targets)
+    boards = board_options(args, targets)
+    model = model_source(args)
+    calibration = CalibrationOptions(source=args.calib, count=args.calib_count, observer=args.observer,
+                                     seed=args.seed, equalize=args.equalize, fold_pool_bn=not args.keep_pool_bn,
+                                     weight_rounding=args.weight_rounding, bias_correction=args.bias_correction,
+                                     recipe=args.recipe)
+    parity = ParityOptions(images=args.images, count=args.parity_count, tolerance=tuple(args.tolerance or ()),
+                           emulate=Emulate.parse(args.emulate))
+    return [ExportRequest(model=model, target=t.name, out=Path(args.out),
+                          target_options=options_from(t.options_type, vars(args) | boards.get(t.name, {})),
+                          calibration=calibration, parity=parity, replace_failed=args.replace_failed)
+            for t in targets]
+
+
+def board_options(args: argparse.Namespace, targets: list[Any]) -> dict[str, dict[str, Any]]:
+    """``--profile`` names a board, and each target has its own boards: with several targets that take it, it is a
+    comma list (``--profile orin,pi5``) and each target gets the board of its own table (none named: its
+    default). A board no chosen target has, or two boards for one target, is refused. One target: the value as
+    given (that target's own check names its boards)."""
+    from dataclasses import fields
+
+    from bottlefit.errors import UserError
+
+    value = getattr(args, "profile", None)
+    takers = [t for t in targets if "profile" in {f.name for f in fields(t.options_type)}]
+    if value is None or (len(takers) <= 1 and "," not in value):
+        return {}
+    given: dict[str, list[str]] = {t.name: [] for t in takers}
+    label = ",".join(t.name for t in targets)
+    for board in (b.strip() for b in value.split(",") if b.strip()):
+        owners = [t for t in takers if _has_board(t, board)]
+        if not owners:
+            raise UserError(f"--profile {board}: no board of that name for --target {label}; see "
+                            "`bottlefit export --help` for each target's boards")
+        for t in owners:
+            given[t.name].append(board)
+    for name, named in given.items():
+        if len(named) > 1:
+            raise UserError(f"--profile {value}: {' and '.join(named)} are both boards of --target {name}; name one "
+                            "board per target")
+    return {name: {"profile": named[0] if named else None} for name, named in given.items()}
+
+
+def _has_board(target: Any, board: str) -> bool:
+    """Whether ``target`` knows ``board``: its own check of its default options with that board."""
+    from bottlefit.errors import UserError
+
+    try:
+        target.validate(target.options_type(profile=board))
+    except UserError:
+        return False
+    return True
 
 
 class _FlagRecorder:
@@ -77,24 +177,27 @@ class _FlagRecorder:
         return action
 
 
-def check_target_flags(args: argparse.Namespace, target: Any) -> None:
-    """Every target's flags share one parser, and ``options_from`` keeps only the chosen target's fields: a flag the
-    user set that the chosen target does not take is refused here (exit 2) instead of being dropped silently."""
+def check_target_flags(args: argparse.Namespace, targets: list[Any]) -> None:
+    """Every target's flags share one parser, and ``options_from`` keeps only each chosen target's fields: a flag
+    the user set that no chosen target takes is refused here (exit 2) instead of being dropped silently. With
+    several targets, a flag taken by some of them applies to those only."""
     from dataclasses import fields
 
     from bottlefit.errors import UserError
     from bottlefit.targets import get_target, names
 
-    own = {f.name for f in fields(target.options_type)}
+    own = {f.name for t in targets for f in fields(t.options_type)}
+    label = ",".join(t.name for t in targets)
     for action in args.target_flag_actions:
         if action.dest in own or getattr(args, action.dest) == action.default:
             continue
         takers = [n for n in names() if action.dest in {f.name for f in fields(get_target(n).options_type)}]
-        raise UserError(f"{action.option_strings[0]} is not an option of --target {target.name} (it is for --target "
+        raise UserError(f"{action.option_strings[0]} is not an option of --target {label} (it is for --target "
                         f"{' and '.join(takers)}); drop it")
     emulate = getattr(args, "emulate", "auto")
-    if emulate not in ("auto", "none", None) and not getattr(target, "emulates", False):
-        raise UserError(f"--emulate {emulate}: --target {target.name} has no board to emulate (only --target rpi "
+    if emulate not in ("auto", "none", None) and not any(getattr(t, "emulates", False) for t in targets):
+        has = "has" if len(targets) == 1 else "have"
+        raise UserError(f"--emulate {emulate}: --target {label} {has} no board to emulate (only --target rpi "
                         "does); drop it or pass --emulate none")
 
 
@@ -108,12 +211,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bottlefit.pipeline.export import Progress, export
+    from bottlefit.pipeline.export import Progress, export_targets
 
-    result = export(export_request(args), Progress(args.quiet))
-    print(result.verdict.summary())
-    print(f"{'PASS' if result.verdict.passed else 'FAIL'}: {result.path}")
-    return 0 if result.verdict.passed else 1
+    results = export_targets(export_requests(args), Progress(args.quiet))
+    for result in results:
+        if len(results) > 1:
+            print(f"{result.target}:")
+        print(result.verdict.summary())
+        print(f"{'PASS' if result.verdict.passed else 'FAIL'}: {result.path}")
+    return 0 if all(r.verdict.passed for r in results) else 1
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -138,6 +244,73 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(v.passed for _, v in results) else 1
 
 
+def profiles_catalog() -> dict[str, Any]:
+    """What ``bottlefit profiles`` lists, read from the tables the commands use: boards (``export --target jetson
+    --profile``, ``--target rpi --profile``), emulated cores (``--emulate``) and network links (``bench split
+    --links``)."""
+    from bottlefit.bench.links import PROFILES as LINKS
+    from bottlefit.emulation.arm64 import CORES
+    from bottlefit.targets.jetson import profiles as jetson
+    from bottlefit.targets.rpi import profiles as rpi
+
+    defaults = {p.name: p for p in reversed(jetson.PROFILES)}  # the first row of a name is its default
+    return {
+        "boards": {
+            "jetson": [{"name": p.name, "jetpack": list(p.jetpack), "tensorrt": p.trt_version, "gpu": p.gpu,
+                        "sm": p.sm, "int8": p.fast_int8, "dla_cores": p.dla_cores, "max_opset": p.max_opset,
+                        "default_precision": p.default_precision, "board_python": p.board_python,
+                        "default_for_name": defaults[p.name] is p} for p in jetson.PROFILES],
+            "rpi": [{"name": p.name, "board": p.board, "core": p.core, "threads": p.threads, "head": p.model,
+                     "runtime": p.runtime, "delegate": p.delegate,
+                     "head_minstr_per_inference": p.costs.get(p.default_key),
+                     "ratio_vs_fp32_tflite": None if p.ratio() is None else round(p.ratio(), 3),
+                     "default": p.name == rpi.DEFAULT} for p in rpi.PROFILES.values()],
+        },
+        "cores": [{"name": c.profile, "cpu": c.cpu, "board": c.board, "cpuinfo_part": c.cpuinfo_part,
+                   "features": c.features.split()} for c in CORES.values()],
+        "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
+                   "loss_pct": p.loss_pct} for p in LINKS.values()],
+    }
+
+
+def render_profiles(c: dict[str, Any]) -> str:
+    lines = ["Jetson boards (export --target jetson --profile NAME [--jetpack X]; the first row of a name is its "
+             "default):"]
+    for b in c["boards"]["jetson"]:
+        lines.append(f"  {b['name']:10s} JetPack {'/'.join(b['jetpack']):8s} TensorRT {b['tensorrt']:7s} "
+                     f"{b['gpu']} SM {b['sm']}, int8 {'yes' if b['int8'] else 'no'}, {b['dla_cores']} DLA, "
+                     f"opset <= {b['max_opset']}, default {b['default_precision']}, python {b['board_python']}"
+                     f"{'' if b['default_for_name'] else ' (--jetpack ' + b['jetpack'][0] + ')'}")
+    lines.append("Raspberry Pi boards (export --target rpi --profile NAME; the head its bundle runs by default, "
+                 "by measured cost):")
+    for b in c["boards"]["rpi"]:
+        cost = (f", {b['head_minstr_per_inference']:.1f} M instructions ({b['ratio_vs_fp32_tflite']:.2f}x fp32 "
+                f"TFLite)" if b["ratio_vs_fp32_tflite"] is not None else "")
+        lines.append(f"  {b['name']:10s} {b['board']}, {b['core']}, {b['threads']} threads: {b['head']} in "
+                     f"{b['runtime']}{cost}{' (default)' if b['default'] else ''}")
+    lines.append("Emulated cores (export/verify --emulate NAME[,NAME]; qemu-user):")
+    for k in c["cores"]:
+        lines.append(f"  {k['name']:10s} {k['cpu']} ({k['board']}), features: {' '.join(k['features'])}")
+    lines.append("Network links (bench split --links NAME[,NAME]):")
+    for link in c["links"]:
+        lines.append(f"  {link['name']:10s} {link['label']}: {link['rate_mbit']:g} Mbit/s each way, RTT "
+                     f"{link['rtt_ms']:g} ms, loss {link['loss_pct']:g}%")
+    return "\n".join(lines)
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    catalog = profiles_catalog()
+    print(json.dumps(catalog, indent=2) if args.json else render_profiles(catalog))
+    return 0
+
+
+def _register_profiles(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("profiles", parents=[common],
+                       help="list the boards, emulated cores and network links the other commands take")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_profiles)
+
+
 def _command_word(argv: Sequence[str]) -> str | None:
     """The subcommand named on the command line (the top-level options take no values)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -148,13 +321,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     others imports torch (the export and training flags), which a tail server must not load."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show third-party logs and warnings, and tracebacks")
-    parser = argparse.ArgumentParser(prog="bottlefit", description=__doc__.splitlines()[0], parents=[common])
+    parser = Parser(prog="bottlefit", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"bottlefit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from bottlefit.serve import cli as serve_cli
 
     if command in serve_cli.COMMANDS:
         serve_cli.register(sub, common)
+        return parser
+    if command == "profiles":
+        _register_profiles(sub, common)
         return parser
     from bottlefit import targets
 
@@ -166,7 +342,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="split a checkpoint and build verified artifacts for a target")
     p.add_argument("checkpoint", nargs="?")
-    p.add_argument("--target", required=True, choices=targets.names())
+    p.add_argument("--target", required=True, metavar="{" + ",".join(targets.names()) + "}[,...]",
+                   help="the target, or several separated by commas (jetson,rpi): the model is loaded, split and "
+                        "calibrated once, and each OUT/<target>/ is what an export of that target alone writes; "
+                        "a target's flag applies to the chosen targets that take it")
     p.add_argument("--out", required=True, help="output root; artifacts go to OUT/<target>/")
     target_flag_actions = [p.add_argument("--opset", type=int,
                                           help="ONNX opset (default: the target's; 13 for onnx)")]
@@ -240,6 +419,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     jetson_cli.register(sub, common)
     serve_cli.register(sub, common)
     bench_cli.register(sub, common)
+    _register_profiles(sub, common)
     return parser
 
 
@@ -254,6 +434,9 @@ def _quiet_third_party() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _command_word(argv) is None and "--version" in argv and "-h" not in argv and "--help" not in argv:
+        print(f"bottlefit {__version__}")  # without building every subcommand's parser (that imports torch)
+        return 0
     parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     if not args.verbose:

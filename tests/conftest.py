@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bottlefit.models.checkpoint import LoadedModel, untrained
-from tests.helpers import authors_dict
+from bottlefit.models.checkpoint import LoadedModel
+from tests.helpers import authors_dict, shared_untrained
 
 
 @pytest.fixture(scope="session")
 def r152() -> LoadedModel:
-    return untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"}, seed=0)
+    return shared_untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"})
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def authors_r152(tmp_path_factory: pytest.TempPathFactory, r152: LoadedModel) ->
 
 @pytest.fixture(scope="session")
 def d169() -> LoadedModel:
-    return untrained("custom_densenet169", {"bottleneck_channel": 12}, seed=0)
+    return shared_untrained("custom_densenet169", {"bottleneck_channel": 12})
 
 
 # `bottlefit export CKPT --target onnx --int8` of the authors' R152 checkpoint, for untrained weights: top-1 is
@@ -48,3 +48,18 @@ def r152_int8_export(tmp_path_factory: pytest.TempPathFactory, authors_r152: Pat
                "--quiet", *UNTRAINED_INT8_TOLERANCES])
     assert rc == 0
     return out / "onnx"
+
+
+@pytest.fixture(scope="session")
+def mini_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of a mini_resnet export (onnx target, int8 Q/DQ head, fp32 head and tail; no emulation): seconds to
+    build, made once per session for serve/ and bench/. Read-only: tests that change it work on a copy."""
+    from bottlefit.pipeline.export import export
+    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
+    from bottlefit.targets import Emulate
+    from bottlefit.targets.onnx import OnnxOptions
+
+    out = tmp_path_factory.mktemp("mini") / "out"
+    export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), "onnx", out,
+                         OnnxOptions(int8=True), parity=ParityOptions(emulate=Emulate.parse("none"))))
+    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +13,19 @@ from pathlib import Path
 import torch
 
 from bottlefit.models.checkpoint import LoadedModel
+
+
+@functools.cache
+def _untrained(arch: str, params_json: str) -> LoadedModel:
+    from bottlefit.models.checkpoint import untrained
+
+    return untrained(arch, json.loads(params_json), seed=0)
+
+
+def shared_untrained(arch: str, params: dict) -> LoadedModel:
+    """``untrained(arch, params, seed=0)``, built once per session (a full-size one costs seconds of CPU): the
+    conftest fixtures and tests.targets.rpi take their models here. Callers must not modify it (copy first)."""
+    return _untrained(arch, json.dumps(params, sort_keys=True))
 
 
 def clone_export(src: Path, dst: Path) -> Path:
@@ -28,7 +43,7 @@ def clone_export(src: Path, dst: Path) -> Path:
 
 
 def authors_dict(lm: LoadedModel, arch: str, params: dict) -> dict:
-    """A checkpoint laid out as torchdistill 0.3.2's save_ckpt writes it (shared/BOTTLEFIT.md §2.1)."""
+    """A checkpoint laid out as torchdistill 0.3.2's save_ckpt writes it (docs/checkpoints.md)."""
     trainable = [p for p in lm.model.parameters()][:2]
     opt = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5], gamma=0.1)

@@ -51,6 +51,7 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     return cp, tmp / "dist", emulate
 
 
+@pytest.mark.slow
 def test_script_exports_verifies_and_gathers_bundles(recipe_run) -> None:
     cp, dist, emulate = recipe_run
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -75,6 +76,7 @@ def test_script_exports_verifies_and_gathers_bundles(recipe_run) -> None:
     assert board["status"] == "not run" and "build_engine.sh" in board["note"]
 
 
+@pytest.mark.slow
 def test_script_exit_code_is_the_worst_step_and_reports_still_gathered(tmp_path: Path) -> None:
     env = {**os.environ, "CHECKPOINT": str(tmp_path / "missing.pt"), "OUT": str(tmp_path / "dist"),
            "EMULATE": "none", "BOTTLEFIT": f"{sys.executable} -m bottlefit"}

@@ -10,11 +10,45 @@ from pathlib import Path
 import pytest
 
 from bottlefit.cli import main
-from bottlefit.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE, EXIT_VERIFICATION
+from bottlefit.errors import EnvironmentProblem, UserError, VerificationError
+from bottlefit.runtimes import RuntimeUnavailable
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_exit_code_contract_is_stable() -> None:
-    assert (EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE, EXIT_ENVIRONMENT) == (0, 1, 2, 3)
+def _readme_exit_codes() -> dict[str, int]:
+    """The README's stable exit-code sentence: code -> what it says the code means (first words)."""
+    text = " ".join(README.read_text().split("Exit codes (stable, for CI): ", 1)[1].split(";", 1)[0].split())
+    return {m.group(2).strip(): int(m.group(1)) for m in re.finditer(r"\*\*(\d)\*\* ([a-z ]+)", text)}
+
+
+@pytest.mark.parametrize(("raised", "meaning"), [
+    (None, "success"),
+    (VerificationError("head.int8.onnx: bottleneck.sqnr_db 12.0 < 25"), "a verification failed"),
+    (UserError("--images x: no such folder"), "bad input or usage"),
+    (EnvironmentProblem("qemu-user-static is missing: apt-get install qemu-user-static"), "this machine"),
+    (RuntimeUnavailable("TensorRT is not installed here"), "this machine"),
+])
+def test_exit_code_is_what_the_readme_promises_for_each_kind_of_problem(
+        monkeypatch: pytest.MonkeyPatch, capsys, raised: Exception | None, meaning: str) -> None:
+    """The stable contract CI scripts read: each kind of problem, raised inside a command, leaves it with the code
+    the README gives that kind, and one line on stderr that is the problem's own message."""
+    import bottlefit.pipeline.inspect as inspect_mod
+
+    codes = _readme_exit_codes()
+    assert sorted(codes.values()) == [0, 1, 2, 3], codes
+    want = next(c for text, c in codes.items() if text.startswith(meaning))
+    if raised is not None:
+        def fail(_lm: object) -> dict:
+            raise raised
+
+        monkeypatch.setattr(inspect_mod, "describe", fail)
+    assert main(["inspect", "--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2"]) == want
+    err = capsys.readouterr().err
+    if raised is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and str(raised) in err and "internal error" not in err
 
 
 def test_internal_error_is_exit_3_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -49,6 +83,7 @@ def _export(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                            "none", *extra], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_console_shows_only_our_lines_unless_verbose(tmp_path: Path) -> None:
     quiet = _export(tmp_path / "q")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
@@ -99,3 +134,121 @@ def test_checkpoint_with_untrained_is_refused(tmp_path: Path, capsys, command: s
     assert capsys.readouterr().err == (f"bottlefit: error: {ckpt} and --untrained: a checkpoint has trained "
                                        "weights, --untrained random ones; pass one of them\n")
     assert not (tmp_path / "out").exists()
+
+
+# --- the shell a newcomer meets: version, help with defaults, the profiles listing, the run script --------------
+
+def test_version_prints_the_package_version(capsys) -> None:
+    from bottlefit import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"bottlefit {__version__}\n"
+    console = subprocess.run([sys.executable, "-m", "bottlefit", "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert (console.returncode, console.stdout) == (0, f"bottlefit {__version__}\n")
+
+
+def _help(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_for_users_and_shows_defaults(capsys) -> None:
+    top = _help(capsys)
+    assert "Thin:" not in top and "typed options" not in top  # not the module's note to developers
+    for step in ("bottlefit demo", "bottlefit serve out/demo/export", "bottlefit run-head out/demo/export/onnx",
+                 "bottlefit bench split", "bottlefit profiles"):
+        assert step in top, step
+    serve = " ".join(_help(capsys, "serve").split())
+    assert "REST port (default 8000" in serve and "gRPC port (default 8001" in serve
+    assert "(default: 16)" in serve  # --max-batch: its default added by the formatter
+    run_head = " ".join(_help(capsys, "run-head").split())
+    for default in ("(default: int8)", "(default: 3)", "(default: 10.0)", "(default: http://127.0.0.1:8000)"):
+        assert default in run_head, default
+    assert "(default: None)" not in run_head and "(default: False)" not in run_head
+    export = " ".join(_help(capsys, "export").split())
+    assert "mini_resnet" in export.split("when the checkpoint does not say (", 1)[1].split(")", 1)[0]
+    train = " ".join(_help(capsys, "train").split())
+    assert "mini_resnet" in train.split("student architecture (models.student_model.name):", 1)[1][:120]
+
+
+def test_profiles_lists_the_boards_cores_and_links_the_commands_take(capsys) -> None:
+    """Every name listed is one the commands accept, with the numbers of the table it comes from."""
+    import json
+
+    from bottlefit.bench.links import parse_links
+    from bottlefit.emulation.arm64 import get_core
+    from bottlefit.targets.jetson.profiles import get_profile as jetson_profile
+    from bottlefit.targets.rpi.profiles import get_profile as rpi_profile
+
+    assert main(["profiles", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert sorted(c) == ["boards", "cores", "links"] and sorted(c["boards"]) == ["jetson", "rpi"]
+    jetson = c["boards"]["jetson"]
+    assert {b["name"] for b in jetson} == {"nano", "xavier-nx", "orin"} and len(jetson) == 4
+    for b in jetson:
+        row = jetson_profile(b["name"], b["jetpack"][0])
+        assert (row.trt_version, row.max_opset, row.fast_int8) == (b["tensorrt"], b["max_opset"], b["int8"])
+        assert b["default_for_name"] == (jetson_profile(b["name"]) is row)
+    assert [b["name"] for b in jetson if b["default_for_name"]] == ["nano", "xavier-nx", "orin"]
+    rpi = c["boards"]["rpi"]
+    assert [b["name"] for b in rpi] == ["pi4", "pi5", "pi3", "zero2"]
+    assert [b["name"] for b in rpi if b["default"]] == ["pi4"]
+    for b in rpi:
+        row = rpi_profile(b["name"])
+        assert (b["core"], b["head"], b["threads"]) == (row.core, row.model, row.threads)
+        assert b["head_minstr_per_inference"] > 0 and 0 < b["ratio_vs_fp32_tflite"] < 1
+    assert [k["name"] for k in c["cores"]] == ["pi4", "pi5", "pi3", "zero2"]
+    for k in c["cores"]:
+        assert get_core(k["name"]).cpu == k["cpu"] and k["cpu"].startswith("cortex-a")
+    assert ("asimddp" in next(k for k in c["cores"] if k["name"] == "pi5")["features"],
+            "asimddp" in next(k for k in c["cores"] if k["name"] == "pi4")["features"]) == (True, False)
+    links = {link["name"]: link for link in c["links"]}
+    assert sorted(links) == ["3g", "5g", "lte", "wifi"]
+    assert [p.name for p in parse_links(",".join(links))] == ["3g", "lte", "wifi", "5g"]  # slowest first
+    assert (links["lte"]["rate_mbit"], links["lte"]["rtt_ms"]) == (5.85, 60.0)
+    assert all(link["rate_mbit"] > 0 and link["rtt_ms"] > 0 and 0 <= link["loss_pct"] < 1 for link in links.values())
+    assert main(["profiles"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in text if line.startswith("  ")]
+    assert names == [b["name"] for b in jetson] + [b["name"] for b in rpi] + [k["name"] for k in c["cores"]] + \
+        list(links)
+
+
+def test_run_script_hands_help_and_version_to_the_command(tmp_path: Path) -> None:
+    """`./run` dispatches: no arguments or only flags = the demo, `test` = pytest, --help/--version = the command's.
+    The venv is a stand-in that records how it was called (the installer and apt are not what is tested here: the
+    stamp matches and the emulator's tools are on PATH as stand-ins too)."""
+    import hashlib
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "run", tmp_path / "run")
+    shutil.copy(repo / "pyproject.toml", tmp_path / "pyproject.toml")
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    stamp = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (tmp_path / ".venv" / ".installed").write_text(stamp + "\n")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name, body in [(venv_bin / "bottlefit", 'echo "bottlefit $*"'), (venv_bin / "python", 'echo "python $*"'),
+                       *((tools / t, "exit 0") for t in ("qemu-aarch64-static", "debootstrap", "qemu-aarch64",
+                                                         "pkg-config"))]:
+        name.write_text(f"#!/bin/sh\n{body}\n")
+        name.chmod(0o755)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def run(*args: str) -> str:
+        r = subprocess.run([str(tmp_path / "run"), *args], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        return r.stdout.strip()
+
+    assert run() == "bottlefit demo"
+    assert run("--verbose") == "bottlefit demo --verbose"
+    assert run("--help") == "bottlefit --help"
+    assert run("-h") == "bottlefit -h"
+    assert run("--version") == "bottlefit --version"
+    assert run("test", "-x") == "python -m pytest -q -x"
+    assert run("export", "CKPT", "--target", "rpi") == "bottlefit export CKPT --target rpi"

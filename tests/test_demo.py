@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bottlefit.cli import main
 from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
 
 
+@pytest.mark.slow
 def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None:
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work)]) == 0
@@ -38,6 +41,12 @@ def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None
     teacher = float(out.split("teacher (mini ResNet)")[1].split("top-1")[1].split("%")[0])
     student = float(out.split("BottleFit student (fp32)")[1].split("top-1")[1].split("%")[0])
     assert teacher > 90.0 and student > 90.0  # measured 95.9% and 94.9%
+    # the next steps have inputs: the first validation digits as PNGs, and the last line says what to run
+    images = sorted((work / "images").glob("*.png"))
+    assert [p.name.split("-")[0] for p in images] == [str(i) for i in range(8)]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Next: ") and f"bottlefit serve {work / 'export'}" in last
+    assert f"bottlefit run-head {work / 'export' / 'onnx'} {work / 'images'}/*.png" in last
     best = work / "student" / "best.pt"
     assert_int8_heads_agree_with_fp32(work, best)
     stamp = best.stat().st_mtime_ns
@@ -129,3 +138,31 @@ def test_demo_builds_the_sysroot_while_it_trains(tmp_path: Path, monkeypatch) ->
     args = argparse.Namespace(workdir=str(tmp_path / "demo"), retrain=False, stage_epochs=1, bottleneck_channel=4)
     with pytest.raises(Trained):
         demo.run_demo(args)
+
+
+def test_sample_images_are_the_model_inputs_as_png(tmp_path: Path) -> None:
+    """The digits the demo writes for run-head decode, through the client's own preprocessing, to the inputs the
+    model was validated on (within the 8-bit rounding), carry their label in the name, and are the same bytes when
+    written twice."""
+    import numpy as np
+    import torch
+
+    from bottlefit.calibration.dataset import load_image
+    from bottlefit.calibration.preprocessing import preprocess
+    from bottlefit.demo import ARCH, write_sample_images
+    from bottlefit.models import build
+
+    _, card = build(ARCH, {"bottleneck_channel": 4})
+    _, h, w = card.input_shape
+    rgb = np.random.default_rng(0).integers(0, 256, (5, h, w, 3), dtype=np.uint8)  # stands in for the digits
+    x = torch.from_numpy(np.stack([preprocess(img, card) for img in rgb]))
+    y = np.array([3, 1, 4, 1, 5])
+    paths = write_sample_images(tmp_path / "a", x, y, card)
+    again = write_sample_images(tmp_path / "b", x, y, card)
+    assert [p.name for p in paths] == [f"{i}-digit{y[i]}.png" for i in range(5)]
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    step = max(1 / 255 / s for s in card.std)  # one 8-bit level, normalized
+    for p, xi in zip(paths, x, strict=True):
+        back = load_image(p, card)
+        assert back.shape == tuple(card.input_shape)
+        assert float(np.abs(back - xi.numpy()).max()) <= 0.5 * step + 1e-6

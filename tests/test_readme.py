@@ -15,6 +15,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert [line.split("#")[0].strip() for line in block] == ["./run", "./run test"]
 
 
+@pytest.mark.slow
 def test_library_example_runs_the_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     code = re.search(r"## From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)

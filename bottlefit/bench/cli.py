@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,25 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="triton: the split mode also through a real tritonserver (the `bottlefit triton` ensemble, "
                         "python backend; the nvidia-pytriton wheel, fetched once into the cache), in the same run, "
                         "as mode split_triton; the wire is then a coded one")
+    s.add_argument("--paper", action="store_true",
+                   help="the BottleFit paper's comparison on its model: ResNet-152 ver2 224x224, 12 and 3 channels, "
+                        "default Pi head, on pi4 and pi5 over the links; split vs local / offload, latency and an "
+                        "energy model, beside the paper's figures (OUT/paper.{md,json,png})")
+    s.add_argument("--paper-checkpoints", metavar="C=PATH[,C=PATH]",
+                   help="--paper: the models' checkpoints by channel count (default: untrained, seed 0)")
+    s.add_argument("--boards", default="pi4,pi5", help="--paper: boards (default pi4,pi5)")
+    s.add_argument("--paper-share-count", action="store_true",
+                   help="--paper: count the whole model of the first checkpoint only; the others (which differ "
+                        "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
+    s.add_argument("--paper-count-timeout", type=float, default=900.0, metavar="S",
+                   help="--paper: seconds the whole model's count may take under emulation (default 900; a cached "
+                        "count is used whatever this says; 0: not counted, its ms assumed); the head and JPEG "
+                        "encoding are always counted")
+    s.add_argument("--paper-repredict", action="store_true",
+                   help="--paper: re-make OUT/paper.* from OUT/paper.json with the device-time model as it is now "
+                        "(recorded counts re-predicted; nothing measured or counted again)")
+    s.add_argument("--no-count", action="store_true",
+                   help="--paper: no counting under emulation (device ms = this host's x the device factor)")
     s.set_defaults(func=run_split)
 
 
@@ -126,7 +146,50 @@ def _require_extras() -> None:
         raise EnvironmentProblem(f"{', '.join(missing)} not installed: pip install 'bottlefit[serve,demo]'")
 
 
+def run_paper_mode(args: argparse.Namespace) -> int:
+    """``--paper``: the composed comparison of bottlefit.bench.paper (no peers; see its docstring)."""
+    boards = tuple(b.strip() for b in args.boards.split(",") if b.strip())
+    for b in boards:
+        if b not in ("pi4", "pi5"):
+            raise UserError(f"--boards {b!r}: the energy model has power figures for pi4 and pi5 only")
+    if args.images is not None and args.images < 1:
+        raise UserError(f"--images {args.images}: must be at least 1")
+    if args.paper_count_timeout < 0:
+        raise UserError(f"--paper-count-timeout {args.paper_count_timeout:g}: must be >= 0 (0: not counted)")
+    from bottlefit.bench.links import parse_links
+    from bottlefit.bench.paper import PaperOptions, parse_sources, repredict, run_paper, write_report
+    from bottlefit.serve.client import WIRES
+
+    if args.paper_repredict:
+        src = Path(args.out) / "paper.json"
+        try:
+            earlier = json.loads(src.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--paper-repredict: cannot read {src} ({e}); run --paper into --out first") from None
+        result = repredict(earlier)
+        paths = write_report(Path(args.out), result)
+        print(f"wrote {', '.join(str(p) for p in paths)} (re-predicted from {src})")
+        print(result["headline"])
+        return 0
+
+    if args.wire not in ("auto", *WIRES):
+        raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
+    links = parse_links(args.links)
+    opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
+                        links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
+                        workdir=Path(args.workdir), headline_link=(args.headline_link or "lte").lower(),
+                        count=not args.no_count, share_count=args.paper_share_count,
+                        count_timeout=args.paper_count_timeout)
+    result = run_paper(opts, _log)
+    paths = write_report(opts.out, result)
+    print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
+    print(result["headline"])
+    return 0
+
+
 def run_split(args: argparse.Namespace) -> int:
+    if args.paper:
+        return run_paper_mode(args)
     opts = options(args)
     _require_extras()
     from bottlefit.bench.report import table, write_report

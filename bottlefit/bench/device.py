@@ -5,9 +5,10 @@ were had (:class:`bottlefit.emulation.devicetime.Basis`).
 * a Raspberry Pi (``pi4``, ``pi5``, ``pi3``, ``zero2``): what the device runs is counted under qemu arm64 emulation
   on the board's core (guest instructions per run, bottlefit.emulation.cost) and turned into milliseconds by the
   device-time model (bottlefit.emulation.devicetime): the head artifact the split mode runs (in its runtime), JPEG
-  encoding of the crop for offload (Pillow), the whole model for local (ONNX Runtime), and the wire encoder.
-  Counts are cached in the user cache, keyed by the artifact's sha256, the core, the runtime and the sysroot's
-  wheels, so a repeated run does not recount.
+  encoding of the crop for offload (Pillow), the whole model for local (ONNX Runtime), and the int8 wire's
+  encoding (the coded wires' encoders are not counted yet: this host's ms x an assumed ratio, labelled so).
+  Counts are cached in the user cache (``device-counts/``), keyed by the artifact's sha256, the core, the runtime,
+  the sysroot's wheels and the guest script, so a repeated run does not recount.
 * ``--device-factor X``: this host's measured milliseconds x X (the user's own measured ratio): assumed.
 * ``--device-timings FILE``: ``bottlefit run-head --json`` output from the real board: the head's milliseconds are
   measured; the other parts stay predicted.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.emulation.devicetime import Basis, Prediction, assumed_factor, measured, predict_ms
+from bottlefit.emulation.devicetime import board as devicetime_board
 from bottlefit.errors import UserError
 
 Log = Callable[[str], None]
@@ -45,13 +47,16 @@ class DeviceClass:
 # A Pi's compute is counted under emulation on its core and predicted by the device-time model; the Jetson Nano's
 # CPU has no emulated profile here, so it stays a stated assumption (measure with `bottlefit run-head` and pass
 # --device-factor or --device-timings).
+def _pi(name: str) -> DeviceClass:
+    """A Pi of the device-time model's board table (its title, core and clock come from there)."""
+    b = devicetime_board(name)
+    return DeviceClass(name, None, f"{b.title}, {b.core.replace('cortex', 'Cortex').replace('-a', '-A')} "
+                                   f"{b.clock_ghz:g} GHz: counted under emulation, predicted", name)
+
+
 DEVICES: dict[str, DeviceClass] = {d.name: d for d in (
     DeviceClass("host", 1.0, "this machine's own compute, measured"),
-    DeviceClass("pi5", None, "Raspberry Pi 5 (Cortex-A76 2.4 GHz): counted under emulation, predicted", "pi5"),
-    DeviceClass("pi4", None, "Raspberry Pi 4 (Cortex-A72 1.8 GHz): counted under emulation, predicted", "pi4"),
-    DeviceClass("pi3", None, "Raspberry Pi 3 B+ (Cortex-A53 1.4 GHz): counted under emulation, predicted", "pi3"),
-    DeviceClass("zero2", None, "Raspberry Pi Zero 2 W (Cortex-A53 1.0 GHz): counted under emulation, predicted",
-                "zero2"),
+    *(_pi(n) for n in ("pi5", "pi4", "pi3", "zero2")),
     DeviceClass("nano", 8.0, "Jetson Nano CPU (Cortex-A57 1.43 GHz): assumed 8x this host's core"),
 )}
 
@@ -85,7 +90,7 @@ class DevicePlan:
     def why(self, mode: str) -> str:
         if not self.counted:
             return self.device.basis
-        return "; ".join(f"{p}: {self.parts[p].ms:.2f} ms {self.parts[p].basis} ({self.parts[p].why})"
+        return "; ".join(f"{p} {self.parts[p].ms:.2f} ms {self.parts[p].basis}: {self.parts[p].why}"
                          for p in self.mode_parts(mode))
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +152,13 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
     if device.board is None:
         return DevicePlan(device)
     from bottlefit.emulation.arm64 import ensure_sysroot, get_core
-    from bottlefit.emulation.cost import OVERLAY_WHEELS, instructions_per_inference, jpeg_instructions
+    from bottlefit.emulation.cost import (
+        GUEST,
+        JPEG_GUEST,
+        OVERLAY_WHEELS,
+        instructions_per_inference,
+        jpeg_instructions,
+    )
     from bottlefit.targets.rpi.profiles import PROFILES
 
     board = device.board
@@ -160,6 +171,7 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
 
     def artifact(path: Path, runtime: str) -> float:
         key = {"what": "inference", "sha256": _sha(path), "core": core.cpu, "runtime": runtime, "wheels": wheels,
+               "guest": hashlib.sha256(GUEST.encode()).hexdigest()[:16],
                "ort_config": ort_config if runtime == "onnxruntime" else {}, "runs": 1}
         log(f"device {board}: counting {path.name} ({runtime}) on {core.cpu} under emulation (cached)")
         n, hit = cached_count(key, lambda: instructions_per_inference(
@@ -177,13 +189,73 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
         out.parts["split_head"] = predict_ms(artifact(head, head_runtime), board, head_runtime, head_precision)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     key = {"what": "jpeg", "sha256": hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest(),
-           "quality": jpeg_quality, "core": core.cpu, "wheels": wheels, "overlay": list(OVERLAY_WHEELS), "runs": 3}
+           "quality": jpeg_quality, "core": core.cpu, "wheels": wheels, "overlay": list(OVERLAY_WHEELS), "runs": 3,
+           "guest": hashlib.sha256(JPEG_GUEST.encode()).hexdigest()[:16]}
     log(f"device {board}: counting JPEG q{jpeg_quality} encoding (Pillow) on {core.cpu} under emulation (cached)")
     n_jpeg, hit = cached_count(key, lambda: jpeg_instructions(sysroot, core, rgb, jpeg_quality), log)
     out.counts["jpeg"] = {"instructions": n_jpeg, "core": core.cpu, "runtime": "pillow", "cached": hit}
     out.parts["offload"] = predict_ms(n_jpeg, board, "pillow", "fp32")
     out.parts["split_encode"] = encode_part(board, encode_instructions, encode_host_ms)
+    if encode_instructions is not None:
+        out.counts["wire"] = {"instructions": encode_instructions, "core": core.cpu, "runtime": "python"}
     return out
+
+
+# The int8 wire's encoder on the board: the codes' bytes as they are (what build_request sends for --wire int8);
+# one warm-up, then RUNS encodings between two marks. The coded wires (raw, zstd, entropy, context) run
+# bottlefit/serve/boardcodec.py, which is not counted here.
+INT8_WIRE_GUEST = '''\
+import os
+import sys
+
+import numpy as np
+
+codes, runs = np.load(sys.argv[1]), int(sys.argv[2])
+
+
+def mark():
+    try:
+        os.close(@MARK_FD@)
+    except OSError:
+        pass
+
+
+np.ascontiguousarray(codes).tobytes()
+mark()
+for _ in range(runs):
+    body = np.ascontiguousarray(codes).tobytes()
+mark()
+print("ok", len(body))
+'''
+
+
+def encoder_instructions(board: str, wire: str, codes: np.ndarray, log: Log) -> float | None:
+    """Guest instructions of the board's wire encoder for one image's ``codes`` in ``wire`` on ``board``'s core
+    (cached), or None where it is not counted (then the encoder's milliseconds are this host's x an assumed factor,
+    labelled so). Counted: the int8 wire (the codes' bytes). Not yet: the coded wires (boardcodec)."""
+    if wire != "int8":
+        return None
+    from bottlefit.emulation.arm64 import ensure_sysroot, get_core
+    from bottlefit.emulation.cost import MARK_FD, count_guest_script, span_per_run
+
+    script = INT8_WIRE_GUEST.replace("@MARK_FD@", str(MARK_FD))
+    core, sysroot = get_core(board), ensure_sysroot(log)
+    codes = np.ascontiguousarray(codes)
+    key = {"what": "wire-int8", "sha256": hashlib.sha256(codes.tobytes() + str(codes.shape).encode()).hexdigest(),
+           "dtype": str(codes.dtype), "core": core.cpu, "wheels": sysroot.describe()["wheels"], "runs": 20,
+           "guest": hashlib.sha256(script.encode()).hexdigest()[:16]}
+
+    def count() -> float:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bottlefit-wire-") as tmp:
+            path = Path(tmp) / "codes.npy"
+            np.save(path, codes)
+            c = count_guest_script(sysroot, core, script, [str(path), 20], name="int8 wire encoding")
+        return span_per_run(c, 20, "int8 wire encoding")
+
+    log(f"device {board}: counting the int8 wire's encoding on {core.cpu} under emulation (cached)")
+    return cached_count(key, count, log)[0]
 
 
 def encode_part(board: str, instructions: float | None, host_ms: float) -> Prediction:
@@ -210,11 +282,10 @@ PI4_HOST_FACTOR = 6.0
 
 
 def host_factor(board: str) -> float:
-    from bottlefit.emulation.devicetime import board as get_board
     from bottlefit.emulation.devicetime import ipc
 
     def speed(name: str) -> float:
-        b = get_board(name)
+        b = devicetime_board(name)
         return b.clock_ghz * ipc(b.core, "ncnn", "fp32")[0]
 
     return PI4_HOST_FACTOR * speed("pi4") / speed(board)

@@ -573,18 +573,27 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
                 ) -> DevicePlan:
     """The device's milliseconds per mode (bottlefit.bench.device): on a Pi, the split mode's head artifact, the
     whole model, JPEG encoding of the first crop and the chosen wire's encoder, counted under emulation on its core."""
-    from bottlefit.bench.device import plan, read_timings
+    from bottlefit.bench.device import encoder_instructions, plan, read_timings
+    from bottlefit.emulation.arm64 import EmulationUnavailable
     from bottlefit.serve.client import pick_head
 
     if opts.device.factor is not None or opts.device.board is None:
         return DevicePlan(opts.device)
+    from bottlefit.serve.head import HeadCodes
+
     target, contract = pick_head(model.export, opts.head)
     wire_fig = acc["wires"].get(acc["wire"], {})
-    return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
-                head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
-                jpeg_quality=opts.jpeg_quality, encode_instructions=None,
-                encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
-                timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
+    codes = HeadCodes(target, contract)(imgs.x[:1])[0]  # the first image's, what the encoder is counted on
+    try:
+        return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
+                    head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
+                    jpeg_quality=opts.jpeg_quality,
+                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log),
+                    encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
+                    timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
+    except EmulationUnavailable as e:
+        raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
+                                   "emulation; without it pass your measured --device-factor)") from None
 
 
 def device_record(device: DeviceClass, dev: DevicePlan) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """TensorRT's native int8 calibration cache (the text file ``trtexec --calib=`` and IInt8Calibrator read).
 
-Format (shared/TENSORRT.md §5.2): a header line ``TRT-<NV_TENSORRT_VERSION>-<algorithm>``, then one line per
+Format (docs/tensorrt.md): a header line ``TRT-<NV_TENSORRT_VERSION>-<algorithm>``, then one line per
 tensor, ``<name>: <hex>``, where hex is the IEEE-754 float32 bit pattern of the scale as a big-endian integer,
 lowercase. The dynamic range TensorRT derives is ±127·scale. Names are ONNX tensor names verbatim and may
 contain ':' and '/': readers split at the LAST ':'.
@@ -112,7 +112,7 @@ def check_cache(
     ``manifest_binding`` is the manifest's record for the cache, e.g. ``{"onnx_sha256": "...",
     "sha256": "..."}``; ``sha256`` (of the cache file itself) is checked when present.
     TensorRT silently skips a cache whose header does not match its version and then calibrates on null
-    inputs (TENSORRT.md §5.3), so a mismatch must stop the build here. Returns the scales.
+    inputs (docs/tensorrt.md), so a mismatch must stop the build here. Returns the scales.
     """
     path = Path(path)
     code, _algorithm, scales = read_cache(path)

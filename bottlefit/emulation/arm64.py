@@ -374,3 +374,38 @@ def _locked(path: Path, log: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def start_python(sysroot: Sysroot, core: Core, script: Path, args: Sequence[str] = (), *, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """:func:`run_python` started, not waited for: the guest runs beside the caller's own work (or beside other
+    guests) until :func:`finish_python` collects it. EmulationUnavailable when qemu cannot be started at all."""
+    qemu = qemu_path()
+    cmd = [qemu, "-L", str(core_root(sysroot, core)), str(sysroot.python()), "-X", "utf8", str(Path(script).resolve()),
+           *map(str, args)]
+    guest_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
+                 "QEMU_CPU": core.cpu, "PYTHONPATH": str(sysroot.site), "PYTHONNOUSERSITE": "1",
+                 "PYTHONDONTWRITEBYTECODE": "1"}
+    guest_env.update(env or {})
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=guest_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace")
+    except OSError as e:
+        raise EmulationUnavailable(f"{qemu} could not start ({e.strerror or e}): reinstall it with `{INSTALL}`") \
+            from None
+
+
+def finish_python(proc: subprocess.Popen[str], core: Core, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Wait for a guest :func:`start_python` started, as :func:`run_python` returns it (a non-zero exit is
+    returned; qemu's own start-up errors raise EmulationUnavailable); subprocess.TimeoutExpired after ``timeout``
+    s, with the guest killed."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    first = err.partition("\n")[0].strip()
+    if proc.returncode != 0 and not out and first.startswith(f"{os.path.basename(QEMU)}: "):
+        raise EmulationUnavailable(f"qemu could not start the arm64 python on {core.cpu}: {first}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

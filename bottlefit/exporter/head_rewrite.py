@@ -4,7 +4,7 @@ Rewrites, all exact in real arithmetic (float32 rounding leaves ~1e-6):
 - Conv2d followed by BatchNorm2d → one Conv2d with the BN folded into weight and bias;
 - a stand-alone BatchNorm2d (the one after the max-pool, which no conv precedes) → a 1x1 depthwise Conv2d with
   ``weight = gamma / sqrt(var + eps)`` and ``bias = beta - mean * weight``. Quantizers and converters take a
-  conv; a bare BN is left as a float island (litert-torch) or runs slower than fp32 (ORT), see shared/STACK.md;
+  conv; a bare BN is left as a float island (litert-torch) or runs slower than fp32 (ORT), see docs/tensorrt.md;
 - optional (``space_to_depth=True``): the stem, a stride-2 conv over few input channels (7x7 over RGB), → a 2x2
   space-to-depth of its input and a stride-1 conv over 4x the channels (4x4 over 12: the 7x7 kernel zero-padded
   to 8x8 and regrouped; ``SpaceToDepthConv``). It trades MACs (192 taps instead of 147) for kernel shape: XNNPACK's

@@ -17,7 +17,7 @@ from bottlefit.errors import UserError, VerificationError
 from bottlefit.files import atomic_write_bytes
 
 # The legacy (TorchScript) exporter writes exactly the opset asked for; the dynamo exporter in torch 2.14
-# silently writes 18 (shared/STACK.md). TensorRT 8.2 (Jetson Nano) parses nothing newer than 13.
+# silently writes 18 (docs/tensorrt.md). TensorRT 8.2 (Jetson Nano) parses nothing newer than 13.
 MIN_OPSET, MAX_OPSET = 11, 17
 DEFAULT_OPSET = 13
 

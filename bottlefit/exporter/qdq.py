@@ -7,7 +7,7 @@ asymmetric int8 activations) and the Jetson target (TensorRT explicit quantizati
 How it works:
 1. ``prepare_fp32``: the fp32 head with every BatchNormalization that no conv absorbed (the one after the
    max-pool) rewritten as an exact 1x1 depthwise Conv. Quantized as a BatchNormalization it stops ONNX
-   Runtime's NHWC int8 path and the int8 head ran slower than fp32 (shared/STACK.md); as a conv it is an
+   Runtime's NHWC int8 path and the int8 head ran slower than fp32 (measured); as a conv it is an
    int8 QLinearConv. Tensor names are kept (the Jetson cache names tensors of the fp32 graph), the node is
    renamed ``<scope>/Conv`` in the same scope so diagnosis still names its module.
 2. ``observe_activations``: the prepared fp32 graph runs in ONNX Runtime over the calibration images with

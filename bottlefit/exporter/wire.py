@@ -1,4 +1,4 @@
-"""The bottleneck wire contract: float tensors <-> what an artifact takes and emits (shared/DESIGN.md §4)."""
+"""The bottleneck wire contract: float tensors <-> what an artifact takes and emits (docs/wire.md)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def from_bytes(spec: TensorSpec, payload: bytes) -> np.ndarray:
     return arr.reshape(spec.shape)
 
 
-# The authors' per-image 8-bit quantizer ("bq", shared/BOTTLEFIT.md §1.8) on the wire. One image's payload:
+# The authors' per-image 8-bit quantizer ("bq", docs/checkpoints.md) on the wire. One image's payload:
 #   float32 scale (little-endian) | uint8 zero_point | uint8[C*H*W] codes in NCHW order
 # The tail recovers floats as scale * (code - zero_point), exactly what the model's Dequantizer computes.
 BQ_HEADER = 5

@@ -1,6 +1,6 @@
 """The BottleFit bottleneck: one flat layer list cut at ``bottleneck_idx`` into encoder and decoder.
 
-Module and index names follow the authors' code exactly (shared/BOTTLEFIT.md §1.1–1.3, §2.2) so that their
+Module and index names follow the authors' code exactly (docs/checkpoints.md) so that their
 ``state_dict`` loads with ``strict=True``: the decoder's indices restart at 0 after the cut.
 """
 
@@ -86,7 +86,7 @@ class QuantizedTensor(NamedTuple):
 
 
 class Quantizer:
-    """The authors' 8-bit bottleneck quantizer ("bq", shared/BOTTLEFIT.md §1.8), applied per image.
+    """The authors' 8-bit bottleneck quantizer ("bq", docs/checkpoints.md), applied per image.
 
     Upstream computes one min/max over the whole batch and evaluates with batch size 1; computing them per
     image gives the same results at any batch size. The zero point is truncated (``int()``), as upstream.

@@ -1,6 +1,6 @@
 """Checkpoint I/O. Every file is untrusted: nothing but tensors and plain containers is ever unpickled.
 
-Formats read (shared/BOTTLEFIT.md §2):
+Formats read (docs/checkpoints.md):
 - ours: ``{"format": "bottlefit", "format_version": 1, "card": {...}, "model": state_dict, ...}``;
 - the authors' torchdistill dict: ``model, optimizer, best_value, lr_scheduler, config, args`` (``args`` is an
   ``argparse.Namespace``; ``config["models"]["student_model"]`` names the architecture);

@@ -1,6 +1,6 @@
 """Reduced-size BottleFit variants for the demo and fast tests.
 
-``mini_resnet`` is built exactly like ``custom_resnet152`` (shared/BOTTLEFIT.md §1.2 ver2, §1.5): a BottleFit
+``mini_resnet`` is built exactly like ``custom_resnet152`` (docs/checkpoints.md): a BottleFit
 bottleneck replaces the teacher's stem + layer1 + layer2, and the teacher's layer3, layer4, avgpool and fc are
 kept. Only the sizes shrink: the teacher is a torchvision ``ResNet`` of ``BasicBlock`` [1, 1, 1, 1] with widths
 16/32/64/128, 10 classes, on 3x32x32 inputs (MNIST digits upsampled from 28x28 and repeated to 3 channels).

@@ -1,11 +1,16 @@
 """Every artifact against PyTorch fp32 on held-out images: the verdict and its reports.
 
-Two kinds of check, never mixed (shared/DESIGN.md §6):
+Two kinds of check, never mixed (docs/reference-semantics.md):
 - **fidelity**: the artifact under its reference semantics (Q/DQ as the ONNX spec defines it, TFLite's reference
   kernels; fp32 artifacts in their runtime), the same figures on any host. The tolerances gate here.
 - **execution**: the artifact in the runtime the target uses, on some CPU, compared with its own reference
   semantics. On the target's instruction set (the board, or the board's ISA under emulation) it gates; on the
   export host's own kernels it is information, unless the target runs on this ISA.
+  One more execution gates on the host: where the fidelity of a .tflite head was computed by the vectorised
+  evaluator of TFLite's reference kernels (bottlefit.runtimes.tflite_reference), TFLite's reference interpreter
+  runs the first ``CROSS_CHECK_IMAGES`` images too (runtime "litert BUILTIN_REF", where "host"), and anything but
+  bit-identical outputs fails the verdict. Where the evaluator does not cover the graph, the interpreter computed
+  the fidelity itself: that record is "not run" and says why.
 
 report.json schema (format_version 2; version 1 had no "kind" and no "execution"):
   {"format": "bottlefit-report", "format_version": 2, "passed": bool, "target": str,
@@ -40,7 +45,7 @@ from bottlefit.parity.tolerances import Override, OverrideSource, tolerances_for
 from bottlefit.runtimes import RuntimeUnavailable
 from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
 from bottlefit.runtimes.execution import Execution
-from bottlefit.runtimes.head import output_lsb, reference_semantics, run_head, run_tail
+from bottlefit.runtimes.head import open_artifact, output_lsb, reference_semantics, run_head, run_runner, run_tail
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -49,6 +54,9 @@ FORMAT_VERSION = 2
 # this cosine: int8 kernels legitimately round differently by 1 LSB (fixed-point vs float requantization).
 AGREE_MAX_LSB = 2.0
 AGREE_COSINE = 0.999
+# images of each export on which TFLite's reference interpreter checks the vectorised reference evaluator
+CROSS_CHECK_IMAGES = 2
+CROSS_CHECK_RUNTIME = "litert BUILTIN_REF"
 
 
 @dataclass
@@ -118,6 +126,31 @@ def host_execution(art: Artifact, target_dir: Path, images: np.ndarray, referenc
     m = agreement(reference, got, output_lsb(art))
     status = "agrees" if agrees(m) else "deviates"
     return Execution(art.file, art.runtime, "host", isa_label(), False, status, m, _host_note(art, status))
+
+
+def reference_cross_check(art: Artifact, target_dir: Path, images: np.ndarray, got: np.ndarray,
+                          runner: Any) -> Execution:
+    """TFLite's reference interpreter against the reference outputs ``got`` that ``runner`` computed for the
+    fidelity checks, on the first CROSS_CHECK_IMAGES images: gated, and only bit-identical outputs agree (both
+    claim the same integer arithmetic). Where ``runner`` is the interpreter itself (the evaluator fell back), there
+    is nothing to check: "not run", with the reason."""
+    from bottlefit.runtimes.litert import LiteRTRunner
+
+    if isinstance(runner, LiteRTRunner):
+        why = runner.fallback or "the reference interpreter was asked for"
+        return Execution(art.file, CROSS_CHECK_RUNTIME, "host", isa_label(), False, "not run", {},
+                         f"fidelity was computed by TFLite's reference interpreter itself ({why})")
+    n = min(CROSS_CHECK_IMAGES, len(images))
+    want = run_runner(LiteRTRunner(target_dir / art.file, reference=True), art, images[:n])
+    m = agreement(want, got[:n], output_lsb(art))
+    m["images"] = n
+    same = want.shape == got[:n].shape and bool(np.array_equal(want, got[:n]))
+    status = "agrees" if same else "deviates"
+    note = (f"fidelity on all {len(images)} images was computed by {runner.evaluator}; TFLite's reference "
+            f"interpreter on {n} of them " + ("gives bit-identical outputs" if same else
+                                             "DIFFERS: the evaluator is wrong for this graph, so the fidelity "
+                                             "figures are not TFLite's; report this as a bug"))
+    return Execution(art.file, CROSS_CHECK_RUNTIME, "host", isa_label(), True, status, m, note)
 
 
 @dataclass
@@ -259,10 +292,15 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
         semantics = reference_semantics(art.runtime) if int8 else f"{art.runtime} fp32 kernels"
         try:
             if art.role == "head":
-                got_z = run_head(art, target_dir, images, reference=int8)
+                runner = open_artifact(art, target_dir, reference=int8)
+                got_z = run_runner(runner, art, images)
+                if int8 and art.runtime == "litert":
+                    semantics += f"; computed by {runner.evaluator}"
                 with torch.no_grad():
                     got_logits = split.tail(split.transmit(torch.from_numpy(got_z))).numpy()
                 values = {f"bottleneck.{m}": fn(ref_z.numpy(), got_z) for m, fn in metrics.BOTTLENECK_METRICS.items()}
+                if int8 and art.runtime == "litert":
+                    verdict.execution.append(reference_cross_check(art, target_dir, images, got_z, runner))
                 if int8:
                     verdict.execution.append(host_execution(art, target_dir, images, got_z))
             else:

@@ -16,7 +16,7 @@ __all__ = ["IOSpec", "Runner", "RuntimeUnavailable", "RUNTIMES", "get_runner"]
 
 _RUNNERS = {
     "onnxruntime": "bottlefit.runtimes.onnxruntime:OnnxRuntimeRunner",
-    "litert": "bottlefit.runtimes.litert:LiteRTRunner",
+    "litert": "bottlefit.runtimes.litert:open_litert",  # LiteRTRunner, or the reference evaluator
     "tensorrt": "bottlefit.runtimes.tensorrt:TensorRTRunner",
     "ncnn": "bottlefit.runtimes.ncnn:NcnnRunner",
 }

@@ -27,26 +27,30 @@ def reference_semantics(runtime: str) -> str:
     return REFERENCE_SEMANTICS.get(runtime, f"{runtime} on the target")
 
 
+def open_artifact(artifact: Artifact, target_dir: Path, *, reference: bool = False, **runner_options: Any) -> Runner:
+    """``artifact`` loaded in its runtime's runner: under its reference semantics (host-independent) with
+    ``reference=True``, otherwise the runtime's default kernels on this host's CPU. A runner's ``evaluator``
+    attribute, where it has one, says what computes the outputs (e.g. the vectorised TFLite reference evaluator or
+    the reference interpreter; bottlefit.runtimes.litert.open_litert)."""
+    if reference:
+        runner_options["reference"] = True
+    return get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
+
+
 def run_head(artifact: Artifact, target_dir: Path, x: np.ndarray, *, reference: bool = False,
              **runner_options: Any) -> np.ndarray:
     """The artifact head's float NCHW outputs for float NCHW inputs (one image at a time: static batch 1).
 
     ``reference=True`` runs the artifact under its reference semantics (host-independent); otherwise the
     runtime's default kernels on this host's CPU run it."""
-    if reference:
-        runner_options["reference"] = True
-    runner = get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
-    return run_runner(runner, artifact, x)
+    return run_runner(open_artifact(artifact, target_dir, reference=reference, **runner_options), artifact, x)
 
 
 def run_tail(artifact: Artifact, target_dir: Path, z: np.ndarray, *, reference: bool = False,
              **runner_options: Any) -> np.ndarray:
     """The artifact tail's float outputs (logits) for the float bottleneck ``z`` (NCHW, as the head's wire decode
     gives it; one sample at a time: static batch 1). Options as for :func:`run_head`."""
-    if reference:
-        runner_options["reference"] = True
-    runner = get_runner(artifact.runtime, target_dir / artifact.file, **runner_options)
-    return run_runner(runner, artifact, z)
+    return run_runner(open_artifact(artifact, target_dir, reference=reference, **runner_options), artifact, z)
 
 
 def run_runner(runner: Runner, artifact: Artifact, x: np.ndarray) -> np.ndarray:

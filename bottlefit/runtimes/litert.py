@@ -1,4 +1,9 @@
-"""LiteRT (TFLite) runner: ai-edge-litert's interpreter, or tflite-runtime where only that exists."""
+"""LiteRT (TFLite) runner: ai-edge-litert's interpreter, or tflite-runtime where only that exists.
+
+``get_runner("litert", path, reference=True)`` (:func:`open_litert`) gives TFLite's reference semantics evaluated
+by :mod:`bottlefit.runtimes.tflite_reference` (the same integers, vectorised) where that covers the graph, and the
+reference interpreter itself where it does not; ``LiteRTRunner(path, reference=True)`` is always the interpreter.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,11 @@ class LiteRTRunner(Runner):
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.xnnpack = xnnpack and not reference
         self.reference = reference
+        #: what computes the outputs, for the records that say so
+        self.evaluator = "TFLite's reference interpreter (BUILTIN_REF)" if reference else \
+            f"the TFLite interpreter ({'XNNPACK' if self.xnnpack else 'built-in kernels'})"
+        #: why the reference interpreter runs instead of the vectorised evaluator (open_litert); None otherwise
+        self.fallback: str | None = None
         self.interpreter = mod.Interpreter(**kwargs)
         self.interpreter.allocate_tensors()
         self._in_details = self.interpreter.get_input_details()
@@ -78,3 +88,20 @@ class LiteRTRunner(Runner):
         self.interpreter.invoke()
         # get_tensor copies: the interpreter reuses its buffers on the next invoke
         return {str(d["name"]): self.interpreter.get_tensor(d["index"]) for d in self._out_details}
+
+
+def open_litert(path: Path, num_threads: int = 1, xnnpack: bool = True, reference: bool = False) -> Runner:
+    """The runner behind ``get_runner("litert", ...)``. With ``reference``: TFLite's reference semantics from
+    :class:`~bottlefit.runtimes.tflite_reference.TFLiteReferenceRunner` where it covers every op of the graph,
+    else the reference interpreter, whose ``fallback`` names what was not covered. Otherwise the interpreter with
+    its default kernels (XNNPACK unless ``xnnpack=False``)."""
+    if not reference:
+        return LiteRTRunner(path, num_threads, xnnpack)
+    from bottlefit.runtimes.tflite_reference import TFLiteReferenceRunner, Unsupported
+
+    try:
+        return TFLiteReferenceRunner(path)
+    except Unsupported as e:
+        runner = LiteRTRunner(path, num_threads, reference=True)
+        runner.fallback = f"bottlefit.runtimes.tflite_reference does not cover it: {e}"
+        return runner

@@ -148,15 +148,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="run the head on images, send coded bottlenecks to a tail server, print the logits")
     p.add_argument("dir", help="OUT/<target> (or OUT) holding the head artifact")
     p.add_argument("images", nargs="+")
-    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the tail server's URL (`bottlefit serve`, "
+                   "Triton)")
     p.add_argument("--model-name", help="model name on the server (default <arch>_tail)")
     p.add_argument("--head", help="head artifact file (default: the int8 head)")
-    p.add_argument("--wire", default="int8", help="fp32, int8, raw, zstd, entropy, context (Triton's ensemble: the "
-                   "coded ones; fp32: --model-name <arch>_tail_fp32)")
+    p.add_argument("--wire", default="int8", help="how the bottleneck travels: fp32, int8, raw, zstd, entropy, "
+                   "context (Triton's ensemble: the coded ones; fp32: --model-name <arch>_tail_fp32)")
     p.add_argument("--reference", action="store_true", help="run the head under its reference semantics")
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request, with backoff")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one request's answer")
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--ca-file", metavar="PEM", help="trust this certificate (or CA) for an https --server")
     p.add_argument("--token-file", metavar="FILE",
@@ -170,7 +171,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                "OUT/onnx")
     p.add_argument("--repo", required=True, help="the model repository folder (created if missing)")
     p.add_argument("--model-name", help="the ensemble's name (default <arch>_tail, what the clients call)")
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=16, help="the FP32 tail's dynamic batching limit")
     p.add_argument("--tail-backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="onnxruntime: platform onnxruntime_onnx (NVIDIA's containers); python: ONNX Runtime inside a "
                         "python-backend model (a Triton without the onnxruntime backend)")

@@ -49,6 +49,9 @@ class BuildContext:
     weight_rounding: str = "nearest"
     bias_correction: bool = False
     rounding: dict[str, Any] | None = None  # bottlefit.exporter.rounding.Rounding.to_dict(), once int8_head ran
+    # what the targets of one export share (``bottlefit export --target a,b``): a weight-rounded int8 head is made
+    # once for every target building from the same split with the same rounding
+    shared: dict[Any, Any] = field(default_factory=dict)
     _calibration: Any = field(default=None, repr=False)
     _int8_head: Any = field(default=None, repr=False)
     _heldout: Any = field(default=None, repr=False)
@@ -75,18 +78,24 @@ class BuildContext:
             if self.weight_rounding == "nearest" and not self.bias_correction:
                 self._int8_head = self.split.head
             else:
-                from bottlefit.exporter.rounding import round_head
-
-                images = self.calibration.images
-                self._int8_head, rec = round_head(self.split.head, images, self.weight_rounding,
-                                                  bias_correction=self.bias_correction)
-                self.rounding = rec.to_dict()
-                for layer, row in rec.layers.items():
-                    self.log(f"weight rounding {self.weight_rounding}"
-                             f"{' + bias correction' if self.bias_correction else ''}: "
-                             f"{self.split.head_module_path(layer)}: output SQNR {row['sqnr_db_nearest']:.1f} dB "
-                             f"nearest -> {row['sqnr_db']:.1f} dB ({len(images)} images)")
+                key = ("int8_head", id(self.split.head), self.weight_rounding, self.bias_correction)
+                if key not in self.shared:
+                    self.shared[key] = (self.split.head, *self._round())  # the head kept with it: its id stays
+                _, self._int8_head, self.rounding, lines = self.shared[key]
+                for line in lines:
+                    self.log(line)
         return self._int8_head
+
+    def _round(self) -> tuple[Any, dict[str, Any], list[str]]:
+        """(the weight-rounded head, its record, the lines that say what it did)."""
+        from bottlefit.exporter.rounding import round_head
+
+        images = self.calibration.images
+        head, rec = round_head(self.split.head, images, self.weight_rounding, bias_correction=self.bias_correction)
+        lines = [f"weight rounding {self.weight_rounding}{' + bias correction' if self.bias_correction else ''}: "
+                 f"{self.split.head_module_path(layer)}: output SQNR {row['sqnr_db_nearest']:.1f} dB nearest -> "
+                 f"{row['sqnr_db']:.1f} dB ({len(images)} images)" for layer, row in rec.layers.items()]
+        return head, rec.to_dict(), lines
 
     @contextlib.contextmanager
     def int8_onnx_source(self, fp32_onnx: Path, opset: int, input_name: str, output_name: str) -> Iterator[Path]:

@@ -1,4 +1,4 @@
-"""BottleFit's two-stage training (shared/BOTTLEFIT.md §3): GHND head distillation, then KD or CE fine-tuning.
+"""BottleFit's two-stage training (docs/training.md): GHND head distillation, then KD or CE fine-tuning.
 
     config = load_config("cfg.yaml", {"train.stage1.num_epochs": 2})
     best = train(config)          # single process, or under torchrun with DDP

@@ -18,12 +18,15 @@ from bottlefit.errors import UserError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from bottlefit.models.registry import names as arch_names
+
     parser.add_argument("--config", metavar="YAML", help="training config (authors' layout); flags override it")
     parser.add_argument("--data", metavar="DIR", help="ImageFolder tree with train/ and val/ (data.root)")
     parser.add_argument("--teacher-weights", metavar="PATH",
                         help="the teacher's torchvision state_dict (models.teacher_model.weights)")
     parser.add_argument("--teacher", metavar="NAME", help="teacher model name (default: the architecture's)")
-    parser.add_argument("--arch", metavar="NAME", help="student architecture (models.student_model.name)")
+    parser.add_argument("--arch", metavar="NAME", help="student architecture (models.student_model.name): "
+                        f"{', '.join(arch_names())}")
     parser.add_argument("--bottleneck-channel", type=int, metavar="N",
                         help="models.student_model.params.bottleneck_channel")
     parser.add_argument("--output-dir", metavar="DIR", help="where best.pt, last.pt and the log go")

@@ -1,4 +1,4 @@
-"""Training configuration: YAML in the authors' layout, defaults = the authors' values (shared/BOTTLEFIT.md §3).
+"""Training configuration: YAML in the authors' layout, defaults = the authors' values (docs/training.md).
 
 Layout (every key optional; unknown keys are refused)::
 

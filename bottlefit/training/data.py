@@ -1,6 +1,6 @@
 """Data for training: ImageFolder trees with the authors' transforms, and in-memory tensors for the demo.
 
-Authors' transforms (shared/BOTTLEFIT.md §3.1), sized from the model card: train = RandomResizedCrop(input)
+Authors' transforms (docs/training.md), sized from the model card: train = RandomResizedCrop(input)
 + RandomHorizontalFlip + ToTensor + Normalize; val = Resize(resize) + CenterCrop(input) + ToTensor + Normalize.
 """
 

@@ -1,4 +1,4 @@
-"""Stage-1 machinery: which modules run, which outputs are paired, and the GHND loss (shared/BOTTLEFIT.md §3.2).
+"""Stage-1 machinery: which modules run, which outputs are paired, and the GHND loss (docs/training.md).
 
 Both networks are run only as far as the deepest hooked module (the ResNet teacher up to ``layer4``, the
 DenseNet teacher through ``features``; the student through ``layer4`` / ``features.denseblock4``). Outputs are

@@ -1,4 +1,4 @@
-"""The two BottleFit stages (shared/BOTTLEFIT.md §3.2–3.3): teacher, freezing, optimizers and per-batch losses.
+"""The two BottleFit stages (docs/training.md): teacher, freezing, optimizers and per-batch losses.
 
 "Frozen" means ``requires_grad=False`` only: the student stays in train mode, so BatchNorm running statistics
 of frozen modules keep updating, and gradients still flow through them to the modules before.

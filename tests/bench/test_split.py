@@ -18,20 +18,6 @@ IMAGES = 3
 
 
 @pytest.fixture(scope="module")
-def export_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained mini_resnet exported for onnx (int8 Q/DQ head, fp32 head and tail): seconds to build."""
-    from bottlefit.pipeline.export import export
-    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
-    from bottlefit.targets import Emulate
-    from bottlefit.targets.onnx import OnnxOptions
-
-    out = tmp_path_factory.mktemp("bench") / "export"
-    export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), "onnx", out,
-                         OnnxOptions(int8=True), parity=ParityOptions(emulate=Emulate.parse("none"))))
-    return out
-
-
-@pytest.fixture(scope="module")
 def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict]:
     out = tmp_path_factory.mktemp("report")
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
@@ -40,6 +26,7 @@ def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return rc, out, json.loads((out / "split.json").read_text())
 
 
+@pytest.mark.slow
 def test_runs_and_writes_the_report(bench: tuple[int, Path, dict]) -> None:
     rc, out, r = bench
     assert rc == 0
@@ -74,6 +61,7 @@ def test_runs_and_writes_the_report(bench: tuple[int, Path, dict]) -> None:
     assert r["headline"] in md and "| split | 5G |" in md
 
 
+@pytest.mark.slow
 def test_bytes_are_what_the_client_sent(bench: tuple[int, Path, dict], export_root: Path) -> None:
     """Payload per request: the client's count equals the binary tensor bytes the server side's relay saw (JPEG and
     the int8 codes; BYTES tensors add a 4-byte length); offload's equals our own JPEG of the same crops; split's is
@@ -110,6 +98,7 @@ def test_bytes_are_what_the_client_sent(bench: tuple[int, Path, dict], export_ro
             assert x["link_bytes_median"] > x["payload_bytes_median"] + 200
 
 
+@pytest.mark.slow
 def test_latency_grows_as_bandwidth_falls(bench: tuple[int, Path, dict]) -> None:
     _, _, r = bench
     rows = {(x["mode"], x["link"]): x for x in r["rows"]}

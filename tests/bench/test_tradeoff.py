@@ -33,6 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "stamps": stamps}
 
 
+@pytest.mark.slow
 def test_writes_report_json_and_plot(runs: dict) -> None:
     out = runs["root"] / "a"
     assert json.loads((out / "tradeoff.json").read_text()) == runs["first"]
@@ -42,6 +43,7 @@ def test_writes_report_json_and_plot(runs: dict) -> None:
     assert not list(out.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_rows_bytes_and_accuracy_invariants(runs: dict) -> None:
     res = runs["first"]
     assert res["quick"] is True and res["images"] == QUICK.n_val
@@ -86,6 +88,7 @@ def test_rows_bytes_and_accuracy_invariants(runs: dict) -> None:
     assert sizes == sorted(sizes)  # a higher quality never costs fewer bytes on average
 
 
+@pytest.mark.slow
 def test_second_run_trains_nothing_and_gives_the_same_numbers(runs: dict) -> None:
     log2 = runs["log2"]
     assert not [ln for ln in log2 if ln.lstrip().startswith("training") or " epoch " in ln], log2

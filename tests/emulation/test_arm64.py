@@ -93,6 +93,7 @@ def test_guest_is_aarch64(sysroot: Sysroot, profile: str) -> None:
     assert guest_machine(sysroot, get_core(profile)) == "aarch64"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["pi4", "pi5"])
 def test_guest_runtimes(sysroot: Sysroot, matmul_integer: Path, tmp_path: Path, profile: str) -> None:
     core = get_core(profile)
@@ -113,6 +114,7 @@ def test_guest_runtimes(sysroot: Sysroot, matmul_integer: Path, tmp_path: Path, 
     assert ("asimddp" in got["cpuinfo"]) == (profile == "pi5")
 
 
+@pytest.mark.slow
 def test_exit_code_is_returned(sysroot: Sysroot, tmp_path: Path) -> None:
     script = tmp_path / "exit3.py"
     script.write_text("import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)\n")
@@ -120,6 +122,7 @@ def test_exit_code_is_returned(sysroot: Sysroot, tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
 
 
+@pytest.mark.slow
 def test_relative_script_with_cwd(sysroot: Sysroot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a relative script path means the caller's working directory, not cwd's (the demo's out/demo/... bundle)
     (tmp_path / "board").mkdir()
@@ -129,6 +132,7 @@ def test_relative_script_with_cwd(sysroot: Sysroot, tmp_path: Path, monkeypatch:
     assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
 
 
+@pytest.mark.slow
 def test_args_env_and_cwd_reach_the_guest(sysroot: Sysroot, tmp_path: Path) -> None:
     script = tmp_path / "echo.py"
     script.write_text("import json, os, sys\n"
@@ -139,6 +143,7 @@ def test_args_env_and_cwd_reach_the_guest(sysroot: Sysroot, tmp_path: Path) -> N
     assert json.loads(proc.stdout) == [["a b", "é"], "1", str(tmp_path), [3, 11]]
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_sysroot(sysroot: Sysroot) -> None:
     marker = sysroot.root.parent / arm64.MARKER
     before = (os.stat(sysroot.root).st_ino, marker.stat().st_mtime_ns)
@@ -150,6 +155,7 @@ def test_second_call_reuses_the_sysroot(sysroot: Sysroot) -> None:
     assert not list(cache_dir().glob(f".arm64-{sysroot.key}.building-*"))
 
 
+@pytest.mark.slow
 def test_sysroot_contents(sysroot: Sysroot) -> None:
     assert sysroot.python().is_file()
     assert not list((sysroot.root / "var" / "cache" / "apt" / "archives").glob("*.deb"))
@@ -165,6 +171,7 @@ def test_sysroot_contents(sysroot: Sysroot) -> None:
         assert (view / "usr" / "bin" / "python3.11").resolve() == sysroot.python().resolve()
 
 
+@pytest.mark.slow
 def test_a_new_core_gets_its_own_prefix(sysroot: Sysroot) -> None:
     pi4 = get_core("pi4")
     odd = arm64.Core("test", pi4.cpu, "test board", "0xd08", pi4.features + " evtstrm")

@@ -38,6 +38,7 @@ def tools() -> tuple:
         pytest.skip(str(e))
 
 
+@pytest.mark.slow
 def test_count_is_positive_scales_with_work_and_repeats(tools: tuple, tmp_path: Path) -> None:
     from bottlefit.emulation.cost import instructions_per_inference
 
@@ -89,6 +90,7 @@ def _tiny_head(cout: int = 8) -> torch.nn.Sequential:
                                torch.nn.Conv2d(cout, 4, 2, 2, 1, bias=False)).eval()
 
 
+@pytest.mark.slow
 def test_ncnn_is_counted_in_the_guest_and_scales_with_work(tools: tuple, tmp_path: Path) -> None:
     """ncnn's aarch64 wheel (in the sysroot) runs the writer's fp32 model in the guest between the marks."""
     from bottlefit.emulation.cost import instructions_per_inference
@@ -107,6 +109,7 @@ def test_ncnn_is_counted_in_the_guest_and_scales_with_work(tools: tuple, tmp_pat
     assert 1.3 * small < big < 2.6 * small, costs
 
 
+@pytest.mark.slow
 def test_stem_gemm_floor_is_the_stem_convs_matrix_multiply(tmp_path: Path) -> None:
     """bench_pi_cost --variants floor: the stem conv's GEMM alone, (H_out*W_out) x (C_in*kh*kw) x C_out, as
     ONNX Runtime's int8 (uint8 x int8 - zero point) and fp32 matrix multiplies, exact on this host."""

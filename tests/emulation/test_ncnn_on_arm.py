@@ -47,7 +47,7 @@ def guest() -> Any:
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("profile", ["pi4", "pi5"])
+@pytest.mark.parametrize("profile", ["pi4", pytest.param("pi5", marks=pytest.mark.slow)])
 def test_ncnn_on_the_pi_core_computes_the_reference(guest: Any, tmp_path: Path, profile: str) -> None:
     sysroot = guest
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ from bottlefit.exporter.split import check_split, split
 from bottlefit.models.checkpoint import untrained
 from bottlefit.parity.metrics import sqnr_db
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
+from tests.helpers import shared_untrained
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,28 @@ def data(r152) -> dict:
     return {"calib": calib, "held": held}
 
 
+def test_equalization_on_the_mini_resnet_is_exact_equal_and_reapplies() -> None:
+    """The quick loop's equalization: on the mini ResNet's bottleneck, the equalized split is still the model,
+    every channel ends on the same range, and the record reapplies bit for bit (ResNet-152: the tests below)."""
+    lm = untrained("mini_resnet", {"bottleneck_channel": 4}, seed=0)
+    calib = CalibrationSet.builtin(lm.card, part="calibration", count=8, log=lambda _m: None).images
+    x = torch.from_numpy(CalibrationSet.builtin(lm.card, part="heldout", count=2, log=lambda _m: None).images)
+    sm = split(lm.model, lm.card)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    eq, rec = equalize_split(sm, calib)
+    assert check_split(eq, x) < 1e-4 and all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    assert (rec.encoder_layer, rec.decoder_layer) == ("bottleneck.encoder.6", "bottleneck.decoder.0")
+    _, a = channel_thresholds(sm.head, calib)
+    _, ae = channel_thresholds(eq.head, calib)
+    assert a.max() / a.min() > 1.5  # measured 1.63: channels of different spread ...
+    np.testing.assert_allclose(ae, ae.max(), rtol=0.02)  # ... then one range
+    assert min(rec.scales) == 1.0 and max(rec.scales) == pytest.approx(a.max() / a.min(), rel=0.02)
+    again = apply_equalization(sm, rec.to_dict())
+    with torch.no_grad():
+        assert torch.equal(eq.head(x), again.head(x)) and torch.equal(eq.tail(eq.head(x)), again.tail(again.head(x)))
+
+
+@pytest.mark.slow
 def test_equalized_split_is_the_model_and_leaves_it_untouched(r152, data: dict) -> None:
     sm = split(r152.model, r152.card)
     before = {k: v.clone() for k, v in r152.model.state_dict().items()}
@@ -52,6 +75,7 @@ def test_equalized_split_is_the_model_and_leaves_it_untouched(r152, data: dict) 
     assert min(rec.scales) == 1.0 and max(rec.scales) > 1.2  # the widest channel keeps its scale
 
 
+@pytest.mark.slow
 def test_every_channel_then_uses_the_same_range(r152, data: dict) -> None:
     sm = split(r152.model, r152.card)
     _, a = channel_thresholds(sm.head, data["calib"])
@@ -61,6 +85,7 @@ def test_every_channel_then_uses_the_same_range(r152, data: dict) -> None:
     np.testing.assert_allclose(ae, ae.max(), rtol=0.02)
 
 
+@pytest.mark.slow
 def test_recorded_equalization_reapplies_bit_for_bit(r152, data: dict) -> None:
     sm = split(r152.model, r152.card)
     eq, rec = equalize_split(sm, data["calib"])
@@ -70,8 +95,9 @@ def test_recorded_equalization_reapplies_bit_for_bit(r152, data: dict) -> None:
         assert torch.equal(eq.head(x), again.head(x)) and torch.equal(eq.tail(eq.head(x)), again.tail(again.head(x)))
 
 
+@pytest.mark.slow
 def test_ver1_encoder_ending_in_relu_pool_is_scaled_not_shifted() -> None:
-    lm = untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "1"}, seed=0)
+    lm = shared_untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "1"})  # left untouched
     sm = split(lm.model, lm.card)
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
     eq, rec = equalize_split(sm, x)
@@ -80,6 +106,7 @@ def test_ver1_encoder_ending_in_relu_pool_is_scaled_not_shifted() -> None:
     assert check_split(eq, torch.from_numpy(x[:2])) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_decoder_that_cannot_take_the_scales_is_refused(r152, data: dict) -> None:
     model = copy.copy(r152.model)
     bottleneck = copy.deepcopy(r152.model.bottleneck)
@@ -89,6 +116,7 @@ def test_a_decoder_that_cannot_take_the_scales_is_refused(r152, data: dict) -> N
         equalize_split(split(model, r152.card), data["calib"])
 
 
+@pytest.mark.slow
 def test_equalized_search_head_beats_minmax_and_records_both(r152, data: dict, tmp_path) -> None:
     """The recipe on a symmetric (TensorRT) head: per-tensor range search + equalization, recorded per tensor."""
     sm = split(r152.model, r152.card)

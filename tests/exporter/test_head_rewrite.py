@@ -17,6 +17,7 @@ from bottlefit.exporter.head_rewrite import (
 from tests.targets.rpi import HEADS, head, images, randomize_bn, rewritten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(HEADS))
 def test_rewrite_is_exact_and_bn_free(key: str) -> None:
     h, card = head(key)
@@ -29,6 +30,7 @@ def test_rewrite_is_exact_and_bn_free(key: str) -> None:
     assert flat == [f"{card.bottleneck.module}.{n}" for n, _ in h.named_children()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["r152v2", "r152v3", "d201"])
 def test_bn_after_maxpool_becomes_depthwise_conv(key: str) -> None:
     rw = rewritten(key)
@@ -38,12 +40,14 @@ def test_bn_after_maxpool_becomes_depthwise_conv(key: str) -> None:
     assert isinstance(rw.module.get_submodule(str(int(child) - 1)), nn.MaxPool2d)
 
 
+@pytest.mark.slow
 def test_ver1_has_nothing_standalone() -> None:
     rw = rewritten("r152v1")
     assert [type(m).__name__ for m in rw.module] == ["Conv2d", "ReLU", "MaxPool2d"]
     assert rw.origin["0"] == ["bottleneck.encoder.0", "bottleneck.encoder.1"]
 
 
+@pytest.mark.slow
 def test_original_head_is_untouched() -> None:
     h, card = head("r152v2")
     before = {k: v.clone() for k, v in h.state_dict().items()}
@@ -63,6 +67,7 @@ def test_fold_and_depthwise_match_batchnorm_numerically() -> None:
     assert float((ref - got).abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_origin_of_converter_tensor_names() -> None:
     rw = rewritten("r152v2")
     name = ("torch.nn.modules.container.Sequential/torch.nn.modules.activation.ReLU_4;;"
@@ -76,6 +81,7 @@ def test_rewrite_refuses_non_sequential() -> None:
         rewrite_head(copy.deepcopy(nn.Conv2d(3, 3, 1)), "x")
 
 
+@pytest.mark.slow
 def test_rewrite_on_images_matches_torch_head() -> None:
     h, _ = head("d201")
     x = torch.from_numpy(images("calibration", 12)[:3])
@@ -112,6 +118,7 @@ def test_space_to_depth_conv_refuses_what_it_cannot_take() -> None:
         SpaceToDepthConv(nn.Conv2d(3, 8, 3, stride=2, padding=1))(torch.zeros(1, 3, 9, 10))
 
 
+@pytest.mark.slow
 def test_rewrite_with_space_to_depth_is_exact_on_the_r152_head_and_off_by_default() -> None:
     h, card = head("r152v2")
     x = torch.from_numpy(images("heldout", 2))
@@ -128,6 +135,7 @@ def test_rewrite_with_space_to_depth_is_exact_on_the_r152_head_and_off_by_defaul
     assert rw.origin_of_tensor(nested) == ["bottleneck.encoder.0", "bottleneck.encoder.1"]
 
 
+@pytest.mark.slow
 def test_space_to_depth_int8_tflite_head_is_fully_int8() -> None:
     """The rewritten stem converts and quantizes: no float island (litert-torch lowers pixel_unshuffle to
     reshapes and transposes, which it keeps int8)."""
@@ -184,6 +192,7 @@ def test_pool_batchnorm_fold_refuses_what_is_not_exact() -> None:
     assert fold_pool_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["r152v2", "d201"])
 def test_fold_head_keeps_the_split_exact(key: str) -> None:
     from bottlefit.exporter.split import check_split, fold_head, split

@@ -22,6 +22,7 @@ from bottlefit.cli import main
 from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.qdq import prepare_fp32, quantize_head
 from bottlefit.exporter.split import split
+from bottlefit.models.checkpoint import untrained
 from bottlefit.parity.metrics import cosine
 from bottlefit.runtimes.onnxruntime import OnnxRuntimeRunner
 
@@ -55,6 +56,7 @@ def ort_outputs(path: Path, images: np.ndarray) -> np.ndarray:
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_int8_builtin_set_passes_parity(r152_int8_export: Path) -> None:
     report = json.loads((r152_int8_export / "report.json").read_text())
     assert report["passed"] is True
@@ -73,6 +75,7 @@ def test_export_int8_builtin_set_passes_parity(r152_int8_export: Path) -> None:
     assert art["outputs"][0]["shape"] == [1, 12, 29, 29]
 
 
+@pytest.mark.slow
 def test_int8_head_is_qdq_with_the_recorded_scales(r152_int8_export: Path) -> None:
     model = onnx.load(str(r152_int8_export / "head.int8.onnx"))
     ops = [n.op_type for n in model.graph.node]
@@ -109,6 +112,7 @@ def write_photos(folder: Path) -> list[str]:
     return sorted(photos)
 
 
+@pytest.mark.slow
 def test_export_int8_user_folder_densenet169(tmp_path: Path) -> None:
     names = write_photos(tmp_path / "calib")
     out = tmp_path / "out"
@@ -134,9 +138,9 @@ def test_export_int8_user_folder_densenet169(tmp_path: Path) -> None:
     assert cos >= 0.98
 
 
-def test_unknown_observer_is_refused_with_one_line(authors_r152: Path, tmp_path: Path, capsys) -> None:
-    rc = main(["export", str(authors_r152), "--target", "onnx", "--int8", "--observer", "kl", "--out",
-               str(tmp_path / "o"), "--quiet"])
+def test_unknown_observer_is_refused_with_one_line(tmp_path: Path, capsys) -> None:
+    rc = main(["export", "--untrained", "--arch", "mini_resnet", "--target", "onnx", "--int8", "--observer", "kl",
+               "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "unknown calibration method 'kl'" in err
@@ -146,6 +150,27 @@ def test_unknown_observer_is_refused_with_one_line(authors_r152: Path, tmp_path:
 # --- the writer (quantize_head) ----------------------------------------------------------------------------
 
 
+def test_mini_head_symmetric_qdq_has_zero_points_and_repeats_byte_for_byte(tmp_path: Path) -> None:
+    """The quick loop's writer: the mini ResNet's head, symmetric, twice (ResNet-152's head: the tests below)."""
+    lm = untrained("mini_resnet", {"bottleneck_channel": 4}, seed=0)
+    sm = split(lm.model, lm.card)
+    x = torch.randn(1, *lm.card.input_shape, generator=torch.Generator().manual_seed(0))
+    fp32 = export_onnx(sm.head, x, tmp_path / "head.onnx", 13, "input", "bottleneck").path
+    calib = CalibrationSet.builtin(lm.card, part="calibration", count=3, log=lambda _m: None).images
+    a = quantize_head(fp32, tmp_path / "a.onnx", calib, sm.head, "minmax", symmetric=True)
+    b = quantize_head(fp32, tmp_path / "b.onnx", calib, sm.head, "minmax", symmetric=True)
+    assert a.path.read_bytes() == b.path.read_bytes() and a.activation_scales == b.activation_scales
+    model = onnx.load(str(a.path))
+    inits = inits_of(model)
+    nodes = qdq_nodes(model)
+    assert len(nodes) >= 8
+    for n in nodes:
+        assert len(n.input) == 3 and n.input[2] in inits and not np.any(inits[n.input[2]]), n.name
+    assert set(a.activation_zero_points.values()) == {0}
+    assert a.amax() == {k: float(np.float32(127) * np.float32(s)) for k, s in a.activation_scales.items()}
+
+
+@pytest.mark.slow
 def test_symmetric_mode_every_zero_point_is_zero_with_three_inputs(small: dict) -> None:
     res = quantize_head(small["fp32"], small["dir"] / "sym.onnx", small["calib"], small["head"], "minmax",
                         symmetric=True)
@@ -167,6 +192,7 @@ def test_symmetric_mode_every_zero_point_is_zero_with_three_inputs(small: dict) 
     assert res.amax() == {k: float(np.float32(127) * np.float32(s)) for k, s in res.activation_scales.items()}
 
 
+@pytest.mark.slow
 def test_same_inputs_give_byte_identical_files(small: dict) -> None:
     a = quantize_head(small["fp32"], small["dir"] / "a.onnx", small["calib"], small["head"], symmetric=True)
     b = quantize_head(small["fp32"], small["dir"] / "b.onnx", small["calib"], small["head"], symmetric=True)
@@ -174,6 +200,7 @@ def test_same_inputs_give_byte_identical_files(small: dict) -> None:
     assert a.activation_scales == b.activation_scales
 
 
+@pytest.mark.slow
 def test_scales_are_our_observers_ranges(small: dict) -> None:
     """min/max over the calibration images, computed independently (PyTorch head, float64), is what the file
     carries. The writer observes the ONNX graph in ORT, so the two maxima may differ in the last float bits."""
@@ -193,6 +220,7 @@ def test_scales_are_our_observers_ranges(small: dict) -> None:
     assert asym.activation_dtype == "uint8" and sym.activation_dtype == "int8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("observer", sorted(OBSERVERS))
 def test_each_observer_quantizes_end_to_end(small: dict, observer: str) -> None:
     res = quantize_head(small["fp32"], small["dir"] / f"{observer}.onnx", small["calib"], small["head"], observer,
@@ -206,6 +234,7 @@ def test_each_observer_quantizes_end_to_end(small: dict, observer: str) -> None:
     assert cosine(ref, got) > 0.8
 
 
+@pytest.mark.slow
 def test_batchnorm_rewrite_is_exact(small: dict) -> None:
     model, rewritten = prepare_fp32(small["fp32"])
     assert rewritten == ["/encoder/encoder.4/Conv"]
@@ -216,6 +245,7 @@ def test_batchnorm_rewrite_is_exact(small: dict) -> None:
     assert np.abs(before - after).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_output_int8_emits_the_wire_tensor(small: dict) -> None:
     f = quantize_head(small["fp32"], small["dir"] / "f.onnx", small["calib"], small["head"], symmetric=True)
     q = quantize_head(small["fp32"], small["dir"] / "q.onnx", small["calib"], small["head"], symmetric=True,

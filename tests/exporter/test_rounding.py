@@ -18,9 +18,9 @@ from tests.targets.rpi import images
 
 
 @pytest.fixture(scope="module")
-def r152v2():
-    lm = untrained("custom_resnet152", {"bottleneck_channel": 12, "bottleneck_ver": "2"}, seed=0)
-    return fold_head(split(lm.model, lm.card))[0]
+def r152v2(r152):
+    """The session's ResNet-152 ver2 (12 ch, seed 0), its head folded (a new module: the session's stays as is)."""
+    return fold_head(split(r152.model, r152.card))[0]
 
 
 def _ints(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +34,7 @@ def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((10 * torch.log10((r**2).sum(1) / (e**2).sum(1))).mean())
 
 
+@pytest.mark.slow
 def test_gptq_weights_sit_on_the_grid_and_beat_nearest(r152v2) -> None:
     calib, held = images("calibration", 24), torch.from_numpy(images("heldout", 8))
     near, rec_n = round_head(r152v2.head, calib, "nearest")
@@ -57,6 +58,7 @@ def test_gptq_weights_sit_on_the_grid_and_beat_nearest(r152v2) -> None:
     assert not torch.equal(r152v2.head.encoder.get_submodule("0").weight, gptq.encoder.get_submodule("0").weight)
 
 
+@pytest.mark.slow
 def test_bias_correction_removes_the_mean_error(r152v2) -> None:
     calib = images("calibration", 16)
     x = torch.from_numpy(calib)
@@ -74,6 +76,7 @@ def test_bias_correction_removes_the_mean_error(r152v2) -> None:
     assert corr.encoder.get_submodule("6").bias is not None and r152v2.head.encoder.get_submodule("6").bias is None
 
 
+@pytest.mark.slow
 def test_onnx_runtime_writes_the_rounded_integers(r152v2, tmp_path) -> None:
     from bottlefit.exporter.onnx import export_onnx
     from bottlefit.exporter.qdq import quantize_head
@@ -92,6 +95,7 @@ def test_onnx_runtime_writes_the_rounded_integers(r152v2, tmp_path) -> None:
         assert np.array_equal(got[shape].reshape(q8.shape[0], -1), q8.reshape(q8.shape[0], -1)), shape
 
 
+@pytest.mark.slow
 def test_tflite_writes_the_rounded_integers(r152v2) -> None:
     pytest.importorskip("litert_torch")
     from ai_edge_litert import interpreter as li
@@ -112,13 +116,23 @@ def test_tflite_writes_the_rounded_integers(r152v2) -> None:
         assert np.array_equal(it.get_tensor(t["index"]), q8.transpose(0, 2, 3, 1))
 
 
-def test_refuses_unknown_method_and_no_images(r152v2) -> None:
+def test_refuses_unknown_method_and_no_images() -> None:
+    lm = untrained("mini_resnet", {"bottleneck_channel": 4}, seed=0)  # the refusals do not depend on the head
+    mini = fold_head(split(lm.model, lm.card))[0]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with pytest.raises(UserError, match="--weight-rounding 'adaround': choose one of nearest, gptq"):
-        round_head(r152v2.head, images("calibration", 2), "adaround")
+        round_head(mini.head, x, "adaround")
     with pytest.raises(UserError, match="needs calibration images"):
-        round_head(r152v2.head, images("calibration", 2)[:0], "gptq")
+        round_head(mini.head, x[:0], "gptq")
+    q, _ = round_head(mini.head, x, "gptq")  # and what it takes it rounds: every conv on its int8 grid
+    convs = [m for m in q.encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        w, _ = _ints(conv.weight)
+        assert (w - w.round()).abs().max() < 1e-3 and w.abs().max() <= 127 + 1e-3
 
 
+@pytest.mark.slow
 def test_conv_followed_by_batchnorm_lands_on_the_grid_after_the_fold(tmp_path) -> None:
     """R152 v1's stem keeps Conv -> BN (no BN after its max-pool to fold): the conv is rounded with the BN's scale
     in, so the integers ONNX Runtime writes after its own Conv+BN fold are the rounded ones."""

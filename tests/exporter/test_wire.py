@@ -1,4 +1,4 @@
-"""The bottleneck wire contract: what the head sends is exactly what the tail decodes (shared/DESIGN.md §4)."""
+"""The bottleneck wire contract: what the head sends is exactly what the tail decodes (docs/wire.md)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def bq_export(tmp_path_factory: pytest.TempPathFactory):
     return lm, out / "onnx", rc
 
 
+@pytest.mark.slow
 def test_bq_payload_round_trip_through_onnx_head_and_tail(bq_export) -> None:
     lm, d, rc = bq_export
     assert rc == 0

@@ -18,6 +18,7 @@ from bottlefit.models.checkpoint import save, untrained
 from tests.helpers import authors_dict
 
 
+@pytest.mark.slow
 def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> None:
     lm = checkpoint.load(authors_r152)
     assert lm.source == "torchdistill"
@@ -28,12 +29,14 @@ def test_authors_torchdistill_format_loads_strict(authors_r152: Path, r152) -> N
         assert torch.equal(lm.model.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_plain_torch_load_refuses_authors_file_but_we_do_not(authors_r152: Path) -> None:
-    # The reason this module exists: the argparse.Namespace in 'args' (shared/BOTTLEFIT.md §2.4).
+    # The reason this module exists: the argparse.Namespace in 'args' (docs/checkpoints.md).
     with pytest.raises(pickle.UnpicklingError, match="Namespace"):
         torch.load(authors_r152, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sc2bench_and_bare_state_dict(tmp_path: Path, d169) -> None:
     sd = d169.model.state_dict()
     sc2 = {k.replace("features.bottleneck.", "bottleneck_layer."): v for k, v in sd.items()}
@@ -120,6 +123,7 @@ def test_missing_file_and_directory(tmp_path: Path, capsys) -> None:
     assert "is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_other_architecture_or_channels_than_asked(authors_r152: Path) -> None:
     with pytest.raises(UserError, match="holds a custom_resnet152 checkpoint, but --arch custom_densenet169"):
         checkpoint.load(authors_r152, arch="custom_densenet169")
@@ -139,6 +143,7 @@ def test_truncated_zip_is_not_a_zip(tmp_path: Path, d169) -> None:
     assert not zipfile.is_zipfile(p)
 
 
+@pytest.mark.slow
 def test_authors_dict_of_densenet_with_bq_config(tmp_path: Path, d169) -> None:
     params = {"bottleneck_channel": 12, "bottleneck_idx": 7,
               "compressor": {"name": "Quantizer", "params": {"num_bits": 8}},

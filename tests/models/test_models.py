@@ -1,4 +1,4 @@
-"""Architectures: shapes, parameter counts and key names of shared/BOTTLEFIT.md §1.4, §1.6, §2.2."""
+"""Architectures: shapes, parameter counts and key names (docs/checkpoints.md), from the authors' layer specs."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,params,shape,enc,dec,total,n_keys", CASES)
 def test_shapes_and_parameter_counts(arch, params, shape, enc, dec, total, n_keys) -> None:
     model, card = build(arch, params)
@@ -50,6 +51,7 @@ def test_shapes_and_parameter_counts(arch, params, shape, enc, dec, total, n_key
     assert tuple(out.shape[1:]) == ((512, 28, 28) if arch == "custom_resnet152" else (256, 14, 14))
 
 
+@pytest.mark.slow
 def test_authors_key_names() -> None:
     model, _ = build("custom_resnet152", {"bottleneck_ver": "2", "bottleneck_channel": 12})
     sd = model.state_dict()
@@ -68,6 +70,7 @@ def test_authors_key_names() -> None:
     assert tuple(v3.state_dict()["bottleneck.decoder.2.weight"].shape) == (12, 512, 2, 2)  # ConvTranspose: in x out
 
 
+@pytest.mark.slow
 def test_version_matching_is_by_string_as_upstream() -> None:
     # The integer 2 is not '2': upstream falls through to ver3.
     _, card = build("custom_resnet152", {"bottleneck_ver": 2, "bottleneck_channel": 12})
@@ -90,6 +93,7 @@ def test_bq_quantizer_matches_hand_computation() -> None:
     assert float((back - z).abs().max()) <= scale / 2 + 1e-6
 
 
+@pytest.mark.slow
 def test_bq_is_per_image() -> None:
     z = torch.stack([torch.linspace(-1, 1, 16).reshape(1, 4, 4), 10 * torch.linspace(-1, 1, 16).reshape(1, 4, 4)])
     qs = Quantizer(8)(z)

@@ -16,8 +16,8 @@ from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.cli import main
 from bottlefit.exporter.onnx import export_onnx
 from bottlefit.exporter.split import check_split, split
-from bottlefit.models.checkpoint import untrained
 from bottlefit.parity.tolerances import DEFAULTS
+from tests.helpers import shared_untrained
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def exported(authors_r152: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return out / "onnx", rc
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r152) -> None:
     d, rc = exported
     assert rc == 0
@@ -47,6 +48,7 @@ def test_authors_checkpoint_exports_and_ort_chain_reproduces_pytorch(exported, r
         assert np.abs(logits - ref[i : i + 1]).max() <= DEFAULTS["fp32"]["logits.max_abs_error"]
 
 
+@pytest.mark.slow
 def test_manifest_records_what_was_built(exported, authors_r152: Path) -> None:
     d, _ = exported
     m = json.loads((d / "manifest.json").read_text())
@@ -65,6 +67,7 @@ def test_manifest_records_what_was_built(exported, authors_r152: Path) -> None:
     assert not list(d.parent.glob(".onnx.tmp-*")), "temporary directory left behind"
 
 
+@pytest.mark.slow
 def test_inspect_reports_card_and_wire_bytes(authors_r152: Path, capsys) -> None:
     assert main(["inspect", str(authors_r152), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -75,13 +78,14 @@ def test_inspect_reports_card_and_wire_bytes(authors_r152: Path, capsys) -> None
     assert "12x29x29 = 10,092 values (6.70% of the raw uint8 RGB input)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,params", [
     ("custom_resnet152", {"bottleneck_ver": "1", "bottleneck_channel": 3}),
     ("custom_resnet152", {"bottleneck_ver": "3", "bottleneck_channel": 12, "bq": True}),
     ("custom_densenet201", {"bottleneck_channel": 12}),
 ])
 def test_split_reproduces_the_model(arch: str, params: dict) -> None:
-    lm = untrained(arch, params)
+    lm = shared_untrained(arch, params)  # split shares its parameters and changes nothing
     sm = split(lm.model, lm.card)
     x = torch.randn(2, 3, 224, 224)
     assert check_split(sm, x) <= 1e-5

@@ -45,6 +45,7 @@ def ladder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"auto": root / "auto", "best": root / "best"}
 
 
+@pytest.mark.slow
 def test_auto_moves_on_to_best_when_fast_fails_an_int8_gate(ladder: dict[str, Path]) -> None:
     d = ladder["auto"] / "onnx"
     rec = read_manifest(d)["recipe"]
@@ -72,6 +73,7 @@ def test_auto_moves_on_to_best_when_fast_fails_an_int8_gate(ladder: dict[str, Pa
                                                                      (ladder["best"] / "onnx" / "codec").iterdir())
 
 
+@pytest.mark.slow
 def test_the_ladders_artifacts_are_the_best_recipes_bytes(ladder: dict[str, Path]) -> None:
     auto, best = read_manifest(ladder["auto"] / "onnx"), read_manifest(ladder["best"] / "onnx")
     assert [(a["file"], a["sha256"]) for a in auto["artifacts"]] == [(a["file"], a["sha256"]) for a in
@@ -92,6 +94,7 @@ def test_fast_is_kept_when_it_passes(tmp_path: Path) -> None:
     assert "equalization" not in read_manifest(tmp_path / "onnx")
 
 
+@pytest.mark.slow
 def test_no_rung_passes_exits_1_with_the_last_rungs_verdict(tmp_path: Path, capsys) -> None:
     assert main([*BASE, "--out", str(tmp_path), "--tolerance", "head.int8.onnx:bottleneck.sqnr_db=60"]) == 1
     d = tmp_path / "onnx.failed"  # a failed export goes beside the last passing one

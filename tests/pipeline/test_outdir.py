@@ -74,7 +74,7 @@ def test_sigkilled_exports_tmp_dir_is_removed_by_the_next_export_and_a_live_one_
     assert sorted(p.name for p in out.iterdir()) == [".onnx.tmp-live", "onnx"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
 def test_sigterm_and_sighup_remove_the_attempt_and_the_out_it_created(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "made" / "out"
     proc = _start_export(out)

@@ -27,6 +27,7 @@ def values(report: dict) -> dict[tuple[str, str], float]:
     return {(c["artifact"], c["metric"]): c["value"] for c in report["checks"]}
 
 
+@pytest.mark.slow
 def test_fidelity_and_host_execution_are_reported_apart(exported: Path) -> None:
     report = json.loads((exported / "report.json").read_text())
     assert report["format_version"] == 2
@@ -41,6 +42,7 @@ def test_fidelity_and_host_execution_are_reported_apart(exported: Path) -> None:
     assert "## Fidelity (reference semantics" in md and "## Execution" in md
 
 
+@pytest.mark.slow
 def test_host_kernel_deviation_is_detected_and_labelled(exported: Path) -> None:
     """On x86 without VNNI, ONNX Runtime's fused u8s8 kernels saturate: the host run deviates from the
     artifact's reference semantics, the report says why and how to fix it, and the verdict does not change."""
@@ -54,6 +56,7 @@ def test_host_kernel_deviation_is_detected_and_labelled(exported: Path) -> None:
     assert report["passed"] is True  # information, not a gate: no target of this export runs on this CPU
 
 
+@pytest.mark.slow
 def test_verify_dir_reproduces_the_export_verdict(exported: Path, tmp_path: Path, capsys) -> None:
     d = clone_export(exported, tmp_path / "onnx")
     before = json.loads((d / "report.json").read_text())
@@ -68,6 +71,7 @@ def test_verify_dir_reproduces_the_export_verdict(exported: Path, tmp_path: Path
     assert read_manifest(d)["parity"]["checks"] == after["checks"]  # the manifest carries the new verdict
 
 
+@pytest.mark.slow
 def test_verify_root_verifies_every_target(exported: Path, tmp_path: Path, capsys) -> None:
     clone_export(exported, tmp_path / "out" / "onnx")
     clone_export(exported, tmp_path / "out" / "onnx-copy")
@@ -94,6 +98,7 @@ def break_wire_scale(d: Path) -> dict:
     return manifest
 
 
+@pytest.mark.slow
 def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_path: Path) -> None:
     d = clone_export(exported, tmp_path / "onnx")
     manifest = break_wire_scale(d)
@@ -118,6 +123,7 @@ def test_broken_activation_scale_fails_and_names_the_layer(exported: Path, tmp_p
     assert wire["sqnr_db"] < 25 < 30 < min(r["sqnr_db"] for g, r in budget.items() if g not in ("all", wire["grids"]))
 
 
+@pytest.mark.slow
 def test_tampered_file_is_refused(exported: Path, tmp_path: Path, capsys) -> None:
     d = clone_export(exported, tmp_path / "onnx")
     p = d / "head.int8.onnx"
@@ -145,6 +151,7 @@ def test_diagnosis_says_what_was_compared_when_no_layer_stands_out() -> None:
     assert first.startswith("first diverging head layer: bottleneck.encoder.4 (cosine 0.9991")
 
 
+@pytest.mark.slow
 def test_export_overrides_are_named_in_the_verdict(exported: Path) -> None:
     report = json.loads((exported / "report.json").read_text())
     assert report["overrides"] == [
@@ -153,6 +160,7 @@ def test_export_overrides_are_named_in_the_verdict(exported: Path) -> None:
     assert "head.int8.onnx:bottleneck.sqnr_db=25 (set by `export --tolerance`)" in (exported / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_edited_manifest_overrides_are_named_and_strict_ignores_them(exported: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The manifest is not signed: loosening its recorded overrides makes a broken head pass a plain verify, which
@@ -184,6 +192,7 @@ def test_edited_manifest_overrides_are_named_and_strict_ignores_them(exported: P
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_newer_manifest_is_refused(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = clone_export(exported, tmp_path / "onnx")
     manifest = read_manifest(d)

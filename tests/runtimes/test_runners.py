@@ -311,7 +311,7 @@ def test_onnxruntime_options_are_kept(models: dict[str, Model]) -> None:
 
 def test_runtime_unavailable_is_the_machines_problem() -> None:
     assert issubclass(RuntimeUnavailable, EnvironmentProblem) and not issubclass(RuntimeUnavailable, UserError)
-    assert RuntimeUnavailable("x").exit_code == EXIT_ENVIRONMENT == 3
+    assert RuntimeUnavailable("x").exit_code == EXIT_ENVIRONMENT  # what that code means: tests/test_cli.py
     assert RuntimeUnavailable is runtimes_base.RuntimeUnavailable
 
 

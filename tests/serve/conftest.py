@@ -10,21 +10,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def mini_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A mini_resnet export (onnx target, int8 Q/DQ head): seconds to build."""
-    from bottlefit.pipeline.export import export
-    from bottlefit.pipeline.options import ExportRequest, ModelSource, ParityOptions
-    from bottlefit.targets import Emulate
-    from bottlefit.targets.onnx import OnnxOptions
-
-    root = tmp_path_factory.mktemp("serve")
-    out = root / "out"
-    export(ExportRequest(ModelSource(untrained=True, arch="mini_resnet", bottleneck_channel=4), "onnx", out,
-                         OnnxOptions(int8=True), parity=ParityOptions(emulate=Emulate.parse("none"))))
-    return out
-
-
-@pytest.fixture(scope="session")
 def served(mini_export: Path) -> Iterator[object]:
     from bottlefit.serve.server import ServeOptions, Server
 

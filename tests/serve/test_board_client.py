@@ -115,6 +115,7 @@ def test_board_client_refused_for_another_export(split_export: Path, server, tmp
     assert len(errors) == 4 and all("HTTP 400" in e and "contract_id" in e for e in errors)
 
 
+@pytest.mark.slow
 def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: Path) -> None:
     """The Pi's Python and aarch64 wheels (the profile's default head, ncnn int8) against the server on this host's
     loopback: the codes are the reference codes exactly, and so are the logits."""

@@ -11,6 +11,7 @@ import pytest
 from bottlefit.cli import main
 
 
+@pytest.mark.slow
 def test_bench_split_through_triton_too(mini_export: Path, tmp_path: Path) -> None:
     from bottlefit.serve.triton_server import TritonUnavailable, ensure_server
 

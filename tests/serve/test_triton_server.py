@@ -83,6 +83,7 @@ def _frames(split_export: Path, wire: str, n: int = 3) -> tuple[object, list[byt
     return contract, [codecs.encode_frame(contract, c, wire, tables) for c in codes]
 
 
+@pytest.mark.slow
 def test_board_client_gets_the_same_logits_through_triton(split_export: Path, triton, serve) -> None:
     """The rpi bundle's own client, unchanged but for --server: context frames to the ensemble, the FP32 bottleneck
     to the FP32 tail; the same top-1 and logits as `bottlefit serve` gives for the same requests."""
@@ -106,6 +107,7 @@ def test_board_client_gets_the_same_logits_through_triton(split_export: Path, tr
     assert all(r["payload_bytes"] < 400 for r in runs["triton"]) and runs["triton-fp32"][0]["payload_bytes"] == 400
 
 
+@pytest.mark.slow
 def test_run_head_every_codec_through_triton(split_export: Path, triton, serve, tmp_path: Path) -> None:
     """`run-head`'s client, unchanged but for the server URL: every codec, the same logits as `bottlefit serve`."""
     from PIL import Image
@@ -126,6 +128,7 @@ def test_run_head_every_codec_through_triton(split_export: Path, triton, serve, 
         np.testing.assert_array_equal(got["triton"], got["serve"], err_msg=wire)
 
 
+@pytest.mark.slow
 def test_tritonclient_rest_and_grpc(split_export: Path, triton, serve) -> None:
     """tritonclient over REST (binary data) and gRPC: three frames in one BYTES tensor -> three rows of logits, the
     same as `bottlefit serve` gives; server metadata says it is Triton."""
@@ -160,6 +163,7 @@ def test_tritonclient_rest_and_grpc(split_export: Path, triton, serve) -> None:
     assert meta["name"] == "triton" and meta["version"].startswith("2.")
 
 
+@pytest.mark.slow
 def test_bad_frames_get_a_triton_error_and_the_server_stays_up(split_export: Path, triton) -> None:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
@@ -207,6 +211,7 @@ def test_bad_frames_get_a_triton_error_and_the_server_stays_up(split_export: Pat
     assert contract.contract_id != "0123456789ab"
 
 
+@pytest.mark.slow
 def test_dynamic_batching_joins_concurrent_requests(split_export: Path, triton, capsys) -> None:
     """64 requests from 16 concurrent clients: every one answered with the logits its frame gets alone (batch 1);
     the batch sizes the tail's dynamic batcher formed come from Triton's statistics endpoint."""

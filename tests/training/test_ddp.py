@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bottlefit.models import checkpoint, registry
@@ -16,6 +17,7 @@ from bottlefit.training import evaluate, image_folder_splits, mnist_splits, trai
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_metrics_equal_single_process_eval(tmp_path: Path) -> None:
     torch.set_num_threads(1)  # see test_stages: one thread copes best with a contended 2-core box
     _, card = registry.build("mini_resnet")

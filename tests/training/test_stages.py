@@ -68,6 +68,7 @@ def full_run(setup, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return out, train(_config(weights, out, **PLAN), log=print, data=data)
 
 
+@pytest.mark.slow
 def test_stage1_reduces_distillation_loss_and_stage2_improves_accuracy(setup, full_run) -> None:
     data, _ = setup
     out, best = full_run
@@ -90,6 +91,7 @@ def test_stage1_reduces_distillation_loss_and_stage2_improves_accuracy(setup, fu
     assert state["train_state"]["scheduler"]["last_epoch"] == 2
 
 
+@pytest.mark.slow
 def test_stage1_freezes_tail_and_fe_freezes_encoder_while_bn_stats_update(setup, tmp_path: Path) -> None:
     data, weights = setup
     out = tmp_path / "fe"
@@ -117,6 +119,7 @@ def test_stage1_freezes_tail_and_fe_freezes_encoder_while_bn_stats_update(setup,
     assert not torch.equal(after1["layer3.0.conv1.weight"], after2["layer3.0.conv1.weight"])  # unfrozen again
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_epoch(setup, full_run, tmp_path: Path) -> None:
     data, weights = setup
     straight = _history(full_run[0])

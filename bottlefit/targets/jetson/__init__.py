@@ -4,7 +4,7 @@ The engine is tied to the board's GPU and TensorRT version, so it is built on th
 this host makes the inputs and verifies all it can: the fp32 ``head.onnx``, the symmetric int8
 ``head.qdq.onnx`` (checked in ONNX Runtime by parity), TensorRT's native ``head.calib.cache`` made from the
 same ranges, golden I/O and the board's verifier. Facts per board come from ``profiles.py``; see
-shared/DESIGN.md §5 and shared/TENSORRT.md.
+docs/tensorrt.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ ENGINE = "head.engine"
 INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
 BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
 BOARD_CLIENT = Path(__file__).with_name("board") / "client.py"
-# TENSORRT.md recommends opset 13 everywhere: the oldest parser (8.2) reads it and nothing here needs newer ops.
+# Opset 13 everywhere (docs/tensorrt.md): the oldest parser (8.2) reads it and nothing here needs newer ops.
 PREFERRED_OPSET = 13
 WORKSPACE_MIB = 1024
 

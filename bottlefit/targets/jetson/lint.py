@@ -1,7 +1,7 @@
 """Static check of an ONNX graph against a Jetson profile's TensorRT ONNX parser, on a host without TensorRT.
 
-Operator facts come from trt_ops.json (copied from shared/, read from onnx-tensorrt at each JetPack's pin);
-the Q/DQ, INT64, MaxPool and Pad rules are the parser restrictions listed there and in TENSORRT.md §4.
+Operator facts come from trt_ops.json (read from onnx-tensorrt at each JetPack's pin); the Q/DQ, INT64,
+MaxPool and Pad rules are the parser restrictions listed there and in docs/tensorrt.md.
 An op missing from the table is an error: the table covers what was verified, not everything TensorRT has.
 """
 

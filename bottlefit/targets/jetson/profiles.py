@@ -1,6 +1,6 @@
 """Jetson boards as data: one table row per (board, JetPack) pair, no per-board branches elsewhere.
 
-Facts from shared/TENSORRT.md §3, §4, §6 (read from TensorRT's own sources at the versions JetPack ships).
+Facts from docs/tensorrt.md (read from TensorRT's own sources at the versions JetPack ships).
 """
 
 from __future__ import annotations

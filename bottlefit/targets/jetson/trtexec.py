@@ -1,7 +1,7 @@
 """trtexec on the board, prepared on the host: command lines, ``--loadInputs`` bytes, ``--exportOutput`` JSON,
 golden files and the generated ``build_engine.sh``. Pure functions over profiles, paths and arrays.
 
-Formats and flags: shared/TENSORRT.md §1 (exportOutput), §2 (loadInputs), §3 (flags per version), §5.3 (int8).
+Formats and flags (exportOutput, loadInputs, flags per version, int8): docs/tensorrt.md.
 """
 
 from __future__ import annotations

@@ -288,9 +288,14 @@ class RpiTarget:
 
     def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:
         """The bundle's verify_on_board.py on the Pi's ISA under emulation (bottlefit.targets.rpi.emulated)."""
-        from bottlefit.targets.rpi.emulated import execute
+        return self.start_execution(target_dir, artifacts, emulate, log).collect()
 
-        return execute(target_dir, [a for a in artifacts if a.file in BOARD_HEADS], emulate, log)
+    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> Any:
+        """:meth:`execute` started and not waited for (bottlefit.targets.rpi.emulated.Running: ``collect()`` for the
+        records, ``cancel()`` when they are no longer wanted), so the caller's own work runs beside the guests."""
+        from bottlefit.targets.rpi.emulated import start
+
+        return start(target_dir, [a for a in artifacts if a.file in BOARD_HEADS], emulate, log)
 
 
 TARGET = RpiTarget()

@@ -5,7 +5,7 @@ int8 scheme: per-channel symmetric int8 weights, per-tensor affine int8 activati
 the board to do). Activation ranges come from OUR calibration images and OUR observer choice: the PT2E
 activation observer is a min/max observer that also feeds a BottleFit range observer and, when it derives
 qparams, uses that observer's range (for "minmax" both are the same numbers). litert-torch's default
-(histogram) clipped the bottleneck range (shared/STACK.md). Observer "search" is one recipe with the Q/DQ heads:
+(histogram) clipped the bottleneck range (measured). Observer "search" is one recipe with the Q/DQ heads:
 the per-tensor range search runs on the ONNX export of the module converted here (``search_table``), and each
 PT2E observer takes the searched asymmetric int8 parameters of the tensor whose values it saw on the first
 calibration image (``bottlefit.exporter.qdq.match_range``); a tensor found nowhere keeps its own search.

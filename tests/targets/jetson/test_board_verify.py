@@ -161,7 +161,7 @@ def _board_module() -> ModuleType:
 
 BOARD = _board_module()
 
-# Documents as trtexec writes them (shared/TENSORRT.md §1.1): comma-first, three lines per output, hash order.
+# Documents as trtexec writes them (docs/tensorrt.md): comma-first, three lines per output, hash order.
 TENSORRT_MD_SKETCH = (
     "[\n"
     '  { "name" : "logits"\n'
@@ -174,7 +174,7 @@ TENSORRT_MD_SKETCH = (
     "  }\n"
     "]\n"
 )
-OBSERVED_1X5 = (  # the layout of a real third-party file (TENSORRT.md §1.1, "observed real output")
+OBSERVED_1X5 = (  # the layout of a real third-party file (seen in the public code index)
     "[\n"
     '  { "name" : "output"\n'
     '  , "dimensions" : "1x5"\n'

@@ -101,6 +101,7 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
 # ------------------------------------------------------------------------------------------ the bundles
 
 
+@pytest.mark.slow
 def test_bundle_files_and_parity(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
@@ -128,6 +129,7 @@ def test_bundle_files_and_parity(bundle: tuple[str, Path]) -> None:
     check_hashes(d, _manifest(d))  # every listed file is there, byte for byte
 
 
+@pytest.mark.slow
 def test_qdq_is_symmetric_and_lint_clean(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     profile = get_profile(BUNDLES[key][1])
@@ -150,6 +152,7 @@ def test_qdq_is_symmetric_and_lint_clean(bundle: tuple[str, Path]) -> None:
         assert [i for i in lint_onnx(model, profile) if i.severity == "error"] == []
 
 
+@pytest.mark.slow
 def test_cache_matches_qdq_scales_and_names(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     profile = get_profile(BUNDLES[key][1])
@@ -185,6 +188,7 @@ def _run_verify(d: Path, output: Path, precision: str, int8: bool) -> subprocess
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_board_verifier_on_ort_outputs(bundle: tuple[str, Path], tmp_path: Path) -> None:
     """What trtexec would write on the board, made here by ONNX Runtime from the route's ONNX under ONNX spec
     semantics (TensorRT computes the Q/DQ graph as specified; this host's fused int8 kernels may not)."""
@@ -212,6 +216,7 @@ def test_board_verifier_on_ort_outputs(bundle: tuple[str, Path], tmp_path: Path)
     assert "FAIL" in run.stdout
 
 
+@pytest.mark.slow
 def test_build_script_flags(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     script = (d / "build_engine.sh").read_text()
@@ -234,6 +239,7 @@ def test_build_script_flags(bundle: tuple[str, Path]) -> None:
     assert "./build_engine.sh" in readme and "scp" in readme
 
 
+@pytest.mark.slow
 def test_wire_contract_default_float(bundles: dict[str, tuple[Path, int]]) -> None:
     d, _ = bundles["r152-orin"]
     out = _arts(d)["head.qdq.onnx"]["outputs"][0]
@@ -242,6 +248,7 @@ def test_wire_contract_default_float(bundles: dict[str, tuple[Path, int]]) -> No
     assert onnx.load(str(d / "head.qdq.onnx")).graph.node[-1].op_type == "DequantizeLinear"
 
 
+@pytest.mark.slow
 def test_wire_contract_int8_output(bundles: dict[str, tuple[Path, int]]) -> None:
     d, rc = bundles["d169-orin"]
     assert rc == 0
@@ -257,6 +264,7 @@ def test_wire_contract_int8_output(bundles: dict[str, tuple[Path, int]]) -> None
     assert script.count("--outputIOFormats=int8:chw") == 2 and script.count("--engine-output=int8") == 2
 
 
+@pytest.mark.slow
 def test_nano_default_is_fp16_and_forced_int8(bundles: dict[str, tuple[Path, int]]) -> None:
     fp16, _ = bundles["r152-nano"]
     forced, rc = bundles["d169-nano"]
@@ -322,6 +330,7 @@ def test_export_refuses_with_one_line(extra: list[str], message: str, tmp_path: 
     assert not (tmp_path / "jetson").exists()
 
 
+@pytest.mark.slow
 def test_lint_failure_names_node_and_op(bundles: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
     d, _ = bundles["r152-nano"]
     model = onnx.load(str(d / "head.onnx"))
@@ -343,6 +352,7 @@ def _copy_bundle(d: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here: the build itself is exercised instead")
 def test_jetson_build_without_tensorrt(bundles: dict[str, tuple[Path, int]], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -352,6 +362,7 @@ def test_jetson_build_without_tensorrt(bundles: dict[str, tuple[Path, int]], tmp
     assert err.count("\n") == 1 and "TensorRT is not installed here: " in err
 
 
+@pytest.mark.slow
 def test_jetson_build_refuses_stale_cache(bundles: dict[str, tuple[Path, int]], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     d = _copy_bundle(bundles["r152-orin"][0], tmp_path / "a")
@@ -386,6 +397,7 @@ def test_build_engine_option_needs_tensorrt(tmp_path: Path, capsys: pytest.Captu
     assert "TensorRT is not installed here" in err and not (tmp_path / "jetson").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_TRT, reason=NO_TRT)
 @pytest.mark.parametrize("route", ["qdq", "cache", "fp16"])
 def test_tensorrt_engine_build_and_golden(bundles: dict[str, tuple[Path, int]], tmp_path: Path,

@@ -56,10 +56,10 @@ def randomize_bn(module: nn.Module, seed: int = 1) -> None:
 @functools.cache
 def head(key: str) -> tuple[nn.Module, Any]:
     """(head in eval mode, ModelCard). Callers must not modify the head."""
-    from bottlefit.models.checkpoint import untrained
+    from tests.helpers import shared_untrained
 
     arch, params = HEADS[key]
-    loaded = untrained(arch, params)
+    loaded = shared_untrained(arch, params)
     h = copy.deepcopy(loaded.model.get_submodule(loaded.card.bottleneck.module)).eval()
     randomize_bn(h)
     return h, loaded.card

@@ -33,6 +33,7 @@ def test_unknown_layout_is_argparse_exit_2() -> None:
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_build_writes_artifacts_with_the_wire_contract() -> None:
     out, arts = rpi_bundle()
     by_file = {a.file: a for a in arts}
@@ -69,6 +70,7 @@ def test_build_writes_artifacts_with_the_wire_contract() -> None:
         assert rel == f"../codec/{m['contract_id']}.npz" and rel[3:] in by_file and (out / rel[3:]).is_file()
 
 
+@pytest.mark.slow
 def test_verify_on_board_passes_on_real_golden_data() -> None:
     # The TFLite head only: this x86 host is not a Pi, and its ONNX Runtime int8 kernels may saturate where the
     # Pi's do not (tests/targets/rpi/test_emulated.py runs every head on the Pi's own ISA).
@@ -83,6 +85,7 @@ def test_verify_on_board_passes_on_real_golden_data() -> None:
     assert res["max_abs_lsb"] <= 2.0 and res["cosine"] >= 0.999
 
 
+@pytest.mark.slow
 def test_verify_on_board_fails_on_perturbed_outputs_and_exit_2_on_missing(tmp_path: Path) -> None:
     out, _ = rpi_bundle()
     bundle = tmp_path / "b"
@@ -97,6 +100,7 @@ def test_verify_on_board_fails_on_perturbed_outputs_and_exit_2_on_missing(tmp_pa
     assert r.returncode == 2 and "head.int8.tflite" in r.stderr
 
 
+@pytest.mark.slow
 def test_run_head_writes_the_golden_payload(tmp_path: Path) -> None:
     out, _ = rpi_bundle()
     payload = tmp_path / "p.bin"
@@ -111,6 +115,7 @@ def test_run_head_writes_the_golden_payload(tmp_path: Path) -> None:
     assert steps.max() <= 1 and np.mean(steps > 0) < 0.2
 
 
+@pytest.mark.slow
 def test_run_head_on_a_float_npy_image(tmp_path: Path) -> None:
     out, _ = rpi_bundle()
     _, card = head("r152v2")
@@ -122,6 +127,7 @@ def test_run_head_on_a_float_npy_image(tmp_path: Path) -> None:
     assert len(payload.read_bytes()) == 12 * 29 * 29
 
 
+@pytest.mark.slow
 def test_run_head_runs_the_onnx_head_and_says_when_a_runtime_is_missing(tmp_path: Path) -> None:
     out, _ = rpi_bundle()
     payload = tmp_path / "p.bin"

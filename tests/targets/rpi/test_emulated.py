@@ -28,6 +28,7 @@ def sysroot():  # noqa: ANN201 - the emulation's own type
         pytest.skip(f"arm64 emulation unavailable here: {e}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["pi4", "pi5"])
 def test_board_verifier_passes_every_head_on_the_emulated_pi(sysroot, profile: str) -> None:
     out, _ = rpi_bundle()
@@ -46,6 +47,7 @@ def test_board_verifier_passes_every_head_on_the_emulated_pi(sysroot, profile: s
     assert by_model["../head.int8.ncnn.param"]["max_abs_lsb"] < 0.01
 
 
+@pytest.mark.slow
 def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
     out, arts = rpi_bundle()
     lines: list[str] = []
@@ -59,6 +61,24 @@ def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
     assert any("cortex-a76" in line for line in lines)
 
 
+@pytest.mark.slow
+def test_start_leaves_the_boards_running_beside_the_caller(sysroot) -> None:
+    """start_execution launches one guest per board (every head in it) and returns; collect() gives the records
+    execute() gives; cancel() stops the guests of a bundle whose results are no longer wanted."""
+    out, arts = rpi_bundle()
+    running = TARGET.start_execution(out, arts, Emulate.parse("pi4,pi5"), lambda m: None)
+    assert [c.profile for c, _ in running.guests] == ["pi4", "pi5"]
+    assert len({p.pid for _, p in running.guests}) == 2
+    runs = running.collect()
+    assert running.guests == [] and len(runs) == 6
+    assert all(e.where == "emulated" and e.status == "agrees" for e in runs)
+    stopped = TARGET.start_execution(out, arts, Emulate.parse("pi4"), lambda m: None)
+    (proc,) = [p for _, p in stopped.guests]
+    stopped.cancel()
+    assert proc.returncode is not None and stopped.guests == [] and stopped.collect() == []
+
+
+@pytest.mark.slow
 def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -> None:
     out, arts = rpi_bundle()
     bundle = tmp_path / "rpi"
@@ -71,6 +91,7 @@ def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -
     assert runs["head.int8.tflite"].status == "agrees"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["pi4", "pi5"])
 def test_pi_payload_of_the_default_ncnn_head_is_the_reference_codes(sysroot, tmp_path: Path, profile: str) -> None:
     """The default head of every profile is head.int8.ncnn.param (float out, the cheapest measured): on the Pi's
@@ -95,6 +116,7 @@ def test_pi_payload_of_the_default_ncnn_head_is_the_reference_codes(sysroot, tmp
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (diff.max(), np.count_nonzero(diff))
 
 
+@pytest.mark.slow
 def test_pi_payload_of_the_onnx_head_is_the_reference_codes(sysroot, tmp_path: Path) -> None:
     """head.int8.onnx (float out): on the Pi's own ONNX Runtime kernels (the profile's choice of them) the bytes
     run_head.py sends are exactly the int8 codes of the reference semantics."""

@@ -15,6 +15,7 @@ def _encoded(info, n: int = 2) -> list[np.ndarray]:
     return [wire.encode(info.inputs[0], x[i : i + 1]) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_registry_loads_it_and_names_match_the_specs() -> None:
     path, info = int8_tflite("r152v2")
     r = get_runner("litert", path)
@@ -22,6 +23,7 @@ def test_registry_loads_it_and_names_match_the_specs() -> None:
     assert r.input_names == [info.inputs[0].name] and r.output_names == [info.outputs[0].name]
 
 
+@pytest.mark.slow
 def test_signature_alias_and_xnnpack_off_agree() -> None:
     path, info = int8_tflite("r152v2")
     x = _encoded(info, 1)[0]
@@ -34,6 +36,7 @@ def test_signature_alias_and_xnnpack_off_agree() -> None:
     assert int(np.abs(y_ref.astype(np.int16) - y_name.astype(np.int16)).max()) <= 1
 
 
+@pytest.mark.slow
 def test_wire_round_trip_through_bytes_equals_decode() -> None:
     path, info = int8_tflite("r152v2")
     out = info.outputs[0]
@@ -48,6 +51,7 @@ def test_wire_round_trip_through_bytes_equals_decode() -> None:
         np.testing.assert_array_equal(back, by_hand)
 
 
+@pytest.mark.slow
 def test_wrong_dtype_and_missing_input_are_refused() -> None:
     path, info = int8_tflite("r152v2")
     r = LiteRTRunner(path)

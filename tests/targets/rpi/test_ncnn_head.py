@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
 from bottlefit.exporter.artifact import Artifact
@@ -21,6 +22,7 @@ def _arts() -> tuple:
     return out, by
 
 
+@pytest.mark.slow
 def test_manifest_records_the_ncnn_head_on_the_onnx_heads_wire_grid() -> None:
     out, by = _arts()
     nc, ox = by["head.int8.ncnn.param"], by["head.int8.onnx"]
@@ -37,6 +39,7 @@ def test_manifest_records_the_ncnn_head_on_the_onnx_heads_wire_grid() -> None:
     assert (out / "head.int8.ncnn.param").read_text().splitlines()[2].startswith(f"Input weights_{digest} ")
 
 
+@pytest.mark.slow
 def test_golden_outputs_are_the_reference_semantics() -> None:
     import json
 
@@ -50,6 +53,7 @@ def test_golden_outputs_are_the_reference_semantics() -> None:
         np.testing.assert_array_equal(r.infer({"in0": xs[i:i + 1]})["out0"], ys[i:i + 1])
 
 
+@pytest.mark.slow
 def test_parity_judges_the_codes_the_tail_receives() -> None:
     """run_head rounds the ncnn head's float output onto its wire grid (a no-op for the Q/DQ head, whose output
     already lies on it); both int8 heads stay close to PyTorch."""

@@ -71,6 +71,7 @@ def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
         get_profile("orin")
 
 
+@pytest.mark.slow
 def test_bundle_records_the_profile_choice_and_why() -> None:
     import json
 
@@ -87,6 +88,7 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
     assert chosen.extra["board_profile"]["why"] == pi4.why
 
 
+@pytest.mark.slow
 def test_board_scripts_refuse_a_malformed_ort_option_in_one_line() -> None:
     import subprocess
     import sys

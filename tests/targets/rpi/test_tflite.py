@@ -41,6 +41,7 @@ def run_float(path: Path, info, x_nchw: np.ndarray) -> np.ndarray:
     return np.concatenate(ys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(HEADS))
 def test_int8_head_is_fully_integer_and_close_to_pytorch(key: str) -> None:
     path, info = int8_tflite(key)
@@ -61,6 +62,7 @@ def test_int8_head_is_fully_integer_and_close_to_pytorch(key: str) -> None:
     assert cos > COSINE_MIN and sq > SQNR_MIN_DB
 
 
+@pytest.mark.slow
 def test_double_export_is_byte_identical() -> None:
     path, _ = int8_tflite("r152v2")
     again = scratch("again") / "head.int8.tflite"
@@ -68,6 +70,7 @@ def test_double_export_is_byte_identical() -> None:
     assert again.read_bytes() == path.read_bytes()
 
 
+@pytest.mark.slow
 def test_nchw_layout_and_same_numbers() -> None:
     path, info = int8_tflite("r152v2", "NCHW")
     assert info.inputs[0].shape == (1, 3, 224, 224) and info.inputs[0].layout == "NCHW"
@@ -87,6 +90,7 @@ def test_nchw_layout_and_same_numbers() -> None:
     assert sqnr_db(ref, a) == pytest.approx(sqnr_db(ref, b), abs=0.1)
 
 
+@pytest.mark.slow
 def test_fp32_tflite_matches_pytorch() -> None:
     path = scratch("fp32") / "head.fp32.tflite"
     info = export_tflite(rewritten("d201"), images("calibration", CALIB_COUNT), path, int8=False)
@@ -99,13 +103,14 @@ def test_fp32_tflite_matches_pytorch() -> None:
 
 def _head_with_float_island() -> RewrittenHead:
     # GELU has no int8 kernel in the PT2E quantizer's patterns: it stays float between DEQUANTIZE/QUANTIZE.
-    # (A BatchNorm island behaves the same, shared/STACK.md, but its PT2E conv-BN fold pass costs ~1 min.)
+    # (A BatchNorm island behaves the same, docs/tensorrt.md, but its PT2E conv-BN fold pass costs ~1 min.)
     rw = rewritten("r152v1")
     conv, relu, pool = rw.module
     origin = {"0": rw.origin["0"], "1": rw.origin["1"], "2": ["bottleneck.extra"], "3": rw.origin["2"]}
     return RewrittenHead(nn.Sequential(conv, relu, nn.GELU(), pool).eval(), origin)
 
 
+@pytest.mark.slow
 def test_float_island_is_refused_and_named() -> None:
     out = scratch("island")
     calib = images("calibration", CALIB_COUNT)[:4]
@@ -135,6 +140,7 @@ def test_failed_conversion_leaves_no_file() -> None:
 
 def test_missing_litert_torch_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "litert_torch", None)
+    rw = RewrittenHead(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), {"0": ["x.0"]})  # any head: refused first
     with pytest.raises(UserError, match=r"pip install 'bottlefit\[rpi\]'"):
-        export_tflite(rewritten("r152v1"), images("calibration", CALIB_COUNT)[:1], scratch("nolit") / "h.tflite",
-                      int8=True)
+        export_tflite(rw, images("calibration", CALIB_COUNT)[:1], scratch("nolit") / "h.tflite", int8=True)
+    assert not (scratch("nolit") / "h.tflite").exists()
