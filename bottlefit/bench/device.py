@@ -229,12 +229,24 @@ print("ok", len(body))
 '''
 
 
-def encoder_instructions(board: str, wire: str, codes: np.ndarray, log: Log) -> float | None:
+# The context wire is counted as the rpi bundle's recommended install runs it: boardcodec's compiled encoder
+# (numba, steady state; its one-time compile is in bench/results/board_codec/), same bytes as the numpy path.
+BOARD_JIT = True
+
+
+def encoder_instructions(board: str, wire: str, codes: np.ndarray, log: Log, target: Path | None = None,
+                         head: str | None = None) -> float | None:
     """Guest instructions of the board's wire encoder for one image's ``codes`` in ``wire`` on ``board``'s core
     (cached), or None where it is not counted (then the encoder's milliseconds are this host's x an assumed factor,
-    labelled so). Counted: the int8 wire (the codes' bytes). Not yet: the coded wires (boardcodec)."""
+    labelled so). Counted: the int8 wire (the codes' bytes) and, given the export's ``target`` directory and its
+    ``head``, the wires the board codes itself (raw, context: bottlefit.serve.wirecost)."""
     if wire != "int8":
-        return None
+        from bottlefit.serve.wirecost import BOARD_CODECS, export_encode_instructions
+
+        if target is None or wire not in BOARD_CODECS:
+            return None
+        log(f"device {board}: counting the {wire} wire's encoding under emulation (cached)")
+        return export_encode_instructions(board, wire, codes, target, head, jit=BOARD_JIT and wire == "context")
     from bottlefit.emulation.arm64 import ensure_sysroot, get_core
     from bottlefit.emulation.cost import MARK_FD, count_guest_script, span_per_run
 
@@ -267,13 +279,19 @@ def encode_part(board: str, instructions: float | None, host_ms: float) -> Predi
                           f"{board}'s host-relative factor (assumed)")
 
 
-def encode_ms(device: DeviceClass, wire: str, host_ms: float) -> Prediction:
-    """The device's encoding of ``wire`` from this host's measured ``host_ms`` (used to choose the wire)."""
-    if device.factor is not None or device.board is None:
+def counts_board(device: DeviceClass) -> bool:
+    """Whether the device's work is counted under emulation on its board's core (no --device-factor given)."""
+    return device.factor is None and device.board is not None
+
+
+def encode_ms(device: DeviceClass, wire: str, host_ms: float, instructions: float | None = None) -> Prediction:
+    """The device's encoding of ``wire`` (used to choose the wire): predicted from its counted ``instructions`` on
+    a board, else from this host's measured ``host_ms``."""
+    if not counts_board(device):
         if device.name == "host":
             return measured(host_ms, "this host's own encoding")
         return assumed_factor(host_ms, float(device.factor or 1.0), device.basis)
-    return encode_part(device.board, None, host_ms)
+    return encode_part(str(device.board), instructions, host_ms)
 
 
 # The Pi 4's ratio to this project's x86 build hosts for what is not counted (the wire encoder): a stated

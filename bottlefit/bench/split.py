@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.bench.device import DEVICES, DeviceClass, DevicePlan, encode_ms
+from bottlefit.bench.device import DEVICES, DeviceClass, DevicePlan, counts_board, encode_ms, encoder_instructions
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
 from bottlefit.errors import EnvironmentProblem, UserError
 
@@ -205,9 +205,9 @@ def jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> tuple[str, dict[str, Any]]:
     """The split mode's wire: ``--wire``, or (auto) the one with the least estimated cost per image at the headline
-    link: device-side encoding (host ms x the device factor) + server-side decoding + the payload at the link's
-    rate, each measured here on these images' codes; the device's encoding as bottlefit.bench.device.encode_ms says
-    (this host's ms x the device's factor, or the board's predicted / assumed ms). Returns (wire, per-wire figures).
+    link: device-side encoding + server-side decoding + the payload at the link's rate, on these images' codes; the
+    device's encoding as bottlefit.bench.device.encode_ms says (on a board: the board's encoder counted under
+    emulation and predicted; with --device-factor: this host's ms x the factor). Returns (wire, per-wire figures).
     """
     from bottlefit.serve import codecs
     from bottlefit.serve.client import build_request, pick_head
@@ -238,9 +238,13 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
                 codecs.decode_frame(body[hl + 4 :], {contract.contract_id: contract}, lambda _c: tables)
                 dec.append((time.perf_counter() - t0) * 1e3)
         host = statistics.median(enc)
-        e, d = encode_ms(opts.device, w, host).ms, statistics.median(dec) if dec else 0.0
+        # on a board, the encoder counted under emulation (the wire asked for, or every candidate for auto)
+        n = (encoder_instructions(str(opts.device.board), w, codes[0], log, target.path, contract.head)
+             if counts_board(opts.device) and opts.wire in ("auto", w) else None)
+        pred = encode_ms(opts.device, w, host, n)
+        e, d = pred.ms, statistics.median(dec) if dec else 0.0
         figures[w] = {"bytes": float(np.mean(sizes)), "encode_ms_device": e, "encode_ms_host": host,
-                      "encode_basis": str(encode_ms(opts.device, w, host).basis), "decode_ms_server": d,
+                      "encode_basis": str(pred.basis), "encode_instructions": n, "decode_ms_server": d,
                       "cost_ms": e + d + link.transfer_ms(float(np.mean(sizes)))}
     wire = opts.wire if opts.wire != "auto" else min(figures, key=lambda w: (figures[w]["cost_ms"], w))
     why = f"auto: least device encode + decode + bytes at {link.label}" if opts.wire == "auto" else "--wire"
@@ -573,7 +577,7 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
                 ) -> DevicePlan:
     """The device's milliseconds per mode (bottlefit.bench.device): on a Pi, the split mode's head artifact, the
     whole model, JPEG encoding of the first crop and the chosen wire's encoder, counted under emulation on its core."""
-    from bottlefit.bench.device import encoder_instructions, plan, read_timings
+    from bottlefit.bench.device import plan, read_timings
     from bottlefit.emulation.arm64 import EmulationUnavailable
     from bottlefit.serve.client import pick_head
 
@@ -588,7 +592,8 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
         return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
                     head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
                     jpeg_quality=opts.jpeg_quality,
-                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log),
+                    encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log, target.path,
+                                                             contract.head),
                     encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
                     timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
     except EmulationUnavailable as e:

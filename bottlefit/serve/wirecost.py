@@ -200,13 +200,13 @@ def encode_instructions(sysroot: Sysroot, core: Core, tables: Mapping[str, np.nd
     return {c: out[c] for c in codecs}
 
 
-def export_encode_instructions(board: str, wire: str, codes: np.ndarray, export: Path, head: str | None = None
-                               ) -> float | None:
+def export_encode_instructions(board: str, wire: str, codes: np.ndarray, export: Path, head: str | None = None,
+                               jit: bool = False) -> float | None:
     """Guest instructions per frame of the board's ``wire`` encoder on ``board``'s core (pi4, pi5, pi3, zero2) for
     one image's ``codes`` of an export (``OUT``; ``head``: the contract's head, default the first quantized one),
     with the export's shipped tables; cached (:func:`encode_instructions`). None for a wire the board does not
-    encode (zstd, entropy) or an export without a quantized contract. EmulationUnavailable where qemu or the
-    sysroot is missing."""
+    encode (zstd, entropy) or an export without a quantized contract. ``jit``: the steady state of the compiled
+    encoder (numba on the guest). EmulationUnavailable where qemu or the sysroot is missing."""
     if wire not in BOARD_CODECS:
         return None
     from bottlefit.emulation.arm64 import ensure_sysroot, get_core
@@ -220,6 +220,6 @@ def export_encode_instructions(board: str, wire: str, codes: np.ndarray, export:
                 tables = {**load_tables(target, contract).arrays(), "contract_id": contract.contract_id}
                 sym = wire_codecs.to_symbols(contract, np.asarray(codes))
                 got = encode_instructions(ensure_sysroot(), get_core(board), tables, sym, [wire],
-                                          dtype=str(contract.dtype))
+                                          dtype=str(contract.dtype), jit=jit)
                 return got[wire].instructions
     return None

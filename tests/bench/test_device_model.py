@@ -125,6 +125,11 @@ def test_labels_without_emulation() -> None:
     assert pi4x.ms("offload", 2.0) == 10.0 and pi4x.basis("offload") is Basis.ASSUMED
     assert encode_ms(DEVICES["host"], "int8", 1.5).basis is Basis.MEASURED
     assert encode_ms(DEVICES["pi4"], "int8", 1.5).basis is Basis.ASSUMED
+    # a board's counted encoder: predicted from its instructions (Python at ncnn's IPC: extrapolated), not host ms
+    counted = encode_ms(DEVICES["pi4"], "context", 1.5, 5.44e6)
+    assert counted.basis is Basis.EXTRAPOLATED
+    assert counted.ms == pytest.approx(predict_ms(5.44e6, "pi4", "python", "fp32").ms)
+    assert encode_ms(replace(DEVICES["pi4"], factor=5.0), "context", 1.5, 5.44e6).ms == pytest.approx(7.5)
     # a counted plan: split = head + encoder, labelled by its weakest part
     plan = DevicePlan(DEVICES["pi4"], parts={
         "local": predict_ms(9e6, "pi4", "onnxruntime", "fp32"), "offload": predict_ms(1e6, "pi4", "pillow", "fp32"),
@@ -158,8 +163,8 @@ def export_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_path: Path) -> None:
-    """--device pi4 with the board's own run-head --json: the head measured, the whole model, JPEG and the int8 wire
-    counted under emulation (ONNX Runtime / Pillow / numpy at ncnn's IPC: extrapolated)."""
+    """--device pi4 with the board's own run-head --json: the head measured, the whole model, JPEG and the raw wire's
+    board encoder counted under emulation (ONNX Runtime / Pillow / numpy at ncnn's IPC: extrapolated)."""
     from bottlefit.cli import main
     from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
     from bottlefit.emulation.cost import ensure_plugin
@@ -173,7 +178,7 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
                                    "median_ms": 4.25}))
     out = tmp_path / "report"
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
-               "--links", "5g", "--images", "2", "--accuracy-images", "2", "--wire", "int8", "--device", "pi4",
+               "--links", "5g", "--images", "2", "--accuracy-images", "2", "--wire", "raw", "--device", "pi4",
                "--device-timings", str(timings)])
     assert rc == 0
     r = json.loads((out / "split.json").read_text())
@@ -185,6 +190,11 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
     rows = {x["mode"]: x for x in r["rows"]}
     assert rows["local"]["device_basis"] == "extrapolated" and rows["split"]["device_basis"] == "extrapolated"
     assert r["device"]["counts"]["wire"]["instructions"] > 0
+    raw = r["accuracy"]["wires"]["raw"]  # the wire asked for: its board encoder counted, and that count used
+    assert raw["encode_instructions"] == r["device"]["counts"]["wire"]["instructions"]
+    assert raw["encode_basis"] == "extrapolated"
+    assert raw["encode_ms_device"] == pytest.approx(parts["split_encode"]["ms"])
+    assert r["accuracy"]["wires"]["int8"]["encode_instructions"] is None  # not asked for: not counted
     assert rows["local"]["device_ms_median"] == pytest.approx(parts["local"]["ms"])
     assert rows["split"]["device_ms_median"] == pytest.approx(4.25 + parts["split_encode"]["ms"])
     md = (out / "split.md").read_text()
