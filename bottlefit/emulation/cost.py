@@ -288,30 +288,10 @@ def count_instructions(sysroot: Sysroot, core: Core, model: Path, runtime: str, 
     kernels' activation type)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
-    plugin = plugin or ensure_plugin()
-    with tempfile.TemporaryDirectory(prefix="bottlefit-cost-") as tmp:
-        out = Path(tmp) / "count.txt"
-        cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
-               str(sysroot.python()), "-X", "utf8", str(guest_script()), str(Path(model).resolve()), runtime,
-               "1" if xnnpack else "0", str(threads), str(runs),
-               *(f"{k}={v}" for k, v in sorted((ort_config or {}).items()))]
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
-               "QEMU_CPU": core.cpu, "PYTHONPATH": str(sysroot.site), "PYTHONNOUSERSITE": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(threads)}
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace", timeout=timeout)
-        except OSError as e:
-            raise EmulationUnavailable(f"{plugin.qemu} could not start ({e.strerror or e}): reinstall it with "
-                                       f"`apt-get install {QEMU_PACKAGE}`") from None
-        if proc.returncode != 0 or not out.is_file():
-            last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            raise EmulationUnavailable(f"counting {Path(model).name} ({runtime}) on {core.cpu} failed (exit "
-                                       f"{proc.returncode}): {last[-1] if last else 'no output'}")
-        text = out.read_text()
-        m = re.match(r"insns (\d+)", text)
-        if m is None:
-            raise EmulationUnavailable(f"the counting plugin wrote no count ({text[:80]!r})")
-        return Count(int(m.group(1)), tuple(int(v) for v in re.findall(r"^mark (\d+)$", text, re.M)))
+    return _run_counted(plugin or ensure_plugin(), sysroot, core, guest_script(),
+                        [str(Path(model).resolve()), runtime, "1" if xnnpack else "0", str(threads), str(runs),
+                         *(f"{k}={v}" for k, v in sorted((ort_config or {}).items()))],
+                        threads=threads, extra_site=(), timeout=timeout, name=f"{Path(model).name} ({runtime})")
 
 
 def instructions_per_inference(sysroot: Sysroot, core: Core, model: Path, runtime: str, *, xnnpack: bool = True,
@@ -442,10 +422,17 @@ def count_guest_script(sysroot: Sysroot, core: Core, script: str, args: Sequence
             f.write(script)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    return _run_counted(plugin, sysroot, core, path, [str(a) for a in args], threads=threads, extra_site=extra_site,
+                        timeout=timeout, name=name)
+
+
+def _run_counted(plugin: Plugin, sysroot: Sysroot, core: Core, script: Path, args: Sequence[str], *, threads: int,
+                 extra_site: Sequence[Path], timeout: float, name: str) -> Count:
+    """One guest python3.11 process running ``script`` with ``args`` on ``core`` under the counting plugin."""
     with tempfile.TemporaryDirectory(prefix="bottlefit-cost-") as tmp_name:
         out = Path(tmp_name) / "count.txt"
         cmd = [plugin.qemu, "-plugin", f"{plugin.so},out={out}", "-L", str(core_root(sysroot, core)),
-               str(sysroot.python()), "-X", "utf8", str(path), *map(str, args)]
+               str(sysroot.python()), "-X", "utf8", str(script), *args]
         site = os.pathsep.join([*(str(p) for p in extra_site), str(sysroot.site)])
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8",
                "QEMU_CPU": core.cpu, "PYTHONPATH": site, "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
