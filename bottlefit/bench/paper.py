@@ -750,9 +750,11 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {m['head_host_ms']:.2f} "
                      f"| {m['full_host_ms']:.1f} | {m['tail_server_ms'] + w['decode_server_ms']:.1f} "
                      f"| {m['offload_server_ms']:.1f} |")
-    lines.append("\nThe payload is measured on the wire contract's head (the codes every int8 head of the export "
-                 "emits under the same contract); on the device each board runs, and is counted with, the head its "
-                 "board profile runs by default (bottlefit.targets.rpi.profiles), named below.\n")
+    lines.append("\nPayload bytes and the head's host ms are measured on the wire contract's head (named above); "
+                 "on the device each board runs, and is counted with, the head its board profile runs by default "
+                 "(bottlefit.targets.rpi.profiles), named below. The export's other int8 heads put int8 codes on the "
+                 "wire with the contract's scale and zero point (the board bundle's golden.json \"wire\"), so the "
+                 "int8 payload is the same bytes; the compressed wires' bytes are the contract head's codes'.\n")
     lines.append("\nDevice ms per board (basis: how each was had):\n")
     lines.append("| channels | board | head (the board's default) | head ms | whole model ms | JPEG encode ms "
                  "| wire encode ms | head M insns | whole model M insns | JPEG M insns |\n"
