@@ -7,10 +7,11 @@ The run composes figures each taken where it can be had honestly, and every figu
 * **measured** here, on the built-in held-out photos: JPEG bytes of the 224x224 crop (offload's payload), the coded
   bottleneck bytes per wire (split's payload), the server's milliseconds (the tail plus the wire's decoding for
   split; JPEG decoding plus the whole model for offload), on this host's CPU;
-* **predicted** (or extrapolated, as the device-time model labels it): the device's milliseconds of the exported
-  head (the default Pi head), of the whole model (the export's fp32 head.onnx + tail.onnx, what "local" runs) and
-  of JPEG encoding (Pillow), from guest instructions counted under emulation on the board's core
-  (:mod:`bottlefit.emulation.cost`) through :mod:`bottlefit.emulation.devicetime`;
+* **predicted** (or extrapolated, as the device-time model labels it): the device's milliseconds of the head each
+  board's profile runs by default (bottlefit.targets.rpi.profiles: ncnn int8 on every Pi), of the whole model (the
+  export's fp32 head.onnx + tail.onnx, what "local" runs) and of JPEG encoding (Pillow), from guest instructions
+  counted under emulation on the board's core (:mod:`bottlefit.emulation.cost`) through
+  :mod:`bottlefit.emulation.devicetime`;
 * **assumed**: what has no count (the wire encoder; everything with ``--no-count`` or without emulation): this
   host's milliseconds x the board's stated host-relative factor (:func:`bottlefit.bench.device.host_factor`);
 * **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
@@ -103,6 +104,14 @@ class Measured:
     full_sha256: str = ""
     jpeg_rgb_sha256: str = ""  # the crop whose JPEG encoding is counted on the device (the first image)
     raw_bytes: int = 0  # uint8 RGB of the crop
+    # board -> the head its profile runs by default ({"head", "runtime", "delegate", "sha256"}): what is counted and
+    # predicted on that board; ``head`` above is the wire contract's (payload bytes and host ms are measured on it)
+    board_heads: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def board_head(self, board: str) -> dict[str, str]:
+        """The head counted on ``board``: its profile's default, else (no profile recorded) the contract's."""
+        return self.board_heads.get(board) or {"head": self.head, "runtime": self.head_runtime, "delegate": "",
+                                               "sha256": self.head_sha256}
 
     @property
     def payload_bytes(self) -> float:
@@ -161,12 +170,14 @@ def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: st
     from bottlefit.bench.device import encode_part
     from bottlefit.emulation.devicetime import predict_ms
 
-    head_precision = "int8" if "int8" in m.head else "fp32"
+    bh = m.board_head(board)
+    head_precision = "int8" if "int8" in bh["head"] else "fp32"
     host = host_times(m, board)
     full_what = "whole model (fp32 head.onnx + tail.onnx, ONNX Runtime)"
     return DeviceTimes(
         board=board,
-        head=_figure(f"head {m.head}", predict_ms(counts["head"], board, m.head_runtime, head_precision, THREADS))
+        head=_figure(f"head {bh['head']} ({bh['runtime']})",
+                     predict_ms(counts["head"], board, bh["runtime"], head_precision, THREADS))
         if "head" in counts else host.head,
         full=_figure(full_what + full_note, predict_ms(counts["full"], board, "onnxruntime", "fp32", THREADS))
         if "full" in counts else host.full,
@@ -178,7 +189,9 @@ def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: st
 
 def host_times(m: Measured, board: str) -> DeviceTimes:
     """Without counts (--no-count, or no emulation here): every part is this host's ms x the board's factor."""
-    return DeviceTimes(board=board, head=assumed_ms(m.head_host_ms, board, f"head {m.head}"),
+    bh = m.board_head(board)
+    what = f"head {m.head}" if bh["head"] == m.head else f"head {bh['head']} (timed here as {m.head})"
+    return DeviceTimes(board=board, head=assumed_ms(m.head_host_ms, board, what),
                        full=assumed_ms(m.full_host_ms, board, "whole model (ONNX Runtime)"),
                        jpeg_encode=assumed_ms(m.jpeg_encode_host_ms, board, f"JPEG q{m.jpeg_quality} encoding"),
                        wire_encode=assumed_ms(m.wire_encode_host_ms, board, f"wire {m.wire} encoding"))
@@ -205,11 +218,16 @@ def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.nd
     wheels = sysroot.describe()["wheels"]
     profile = RPI_PROFILES.get(board)
     ort = dict(profile.ort_session_config) if profile is not None else {}
+    bh = m.board_head(board)
 
-    def inference(path: Path, runtime: str, timeout: float) -> float:
-        cfg = ort if runtime == "onnxruntime" else {}
+    def inference(path: Path, runtime: str, timeout: float, delegate: str = "") -> float:
+        from bottlefit.targets.rpi.profiles import ORT_CONFIG
+
+        cfg = (dict(ORT_CONFIG.get(delegate, ort)) if delegate else ort) if runtime == "onnxruntime" else {}
         key = {"what": "inference", "sha256": sha256(path), "core": core.cpu, "runtime": runtime, "wheels": wheels,
                "ort_config": cfg, "runs": 1}
+        if runtime == "ncnn":  # NAME.param holds the layers, NAME.bin the weights
+            key["weights_sha256"] = sha256(path.with_suffix(".bin"))
 
         def run() -> float:
             c = count_instructions(sysroot, core, path, runtime, runs=1, timeout=timeout, ort_config=cfg or None)
@@ -221,7 +239,7 @@ def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.nd
 
     out: dict[str, float] = {}
     parts: list[tuple[str, Callable[[], float]]] = [
-        ("head", lambda: inference(head_file, m.head_runtime, 900.0)),
+        ("head", lambda: inference(head_file, bh["runtime"], 900.0, bh["delegate"])),
         ("jpeg", lambda: cached_count(
             {"what": "jpeg", "sha256": _rgb_sha(rgb), "quality": m.jpeg_quality, "core": core.cpu, "wheels": wheels,
              "overlay": list(OVERLAY_WHEELS), "runs": 3},
@@ -242,7 +260,10 @@ def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.nd
 def count_key(m: Measured, board: str, full_counted_sha256: str | None = None) -> dict[str, Any]:
     """What the counts of one (model, board) depend on: a result JSON's counts are reused where this matches.
     ``full_counted_sha256``: the whole model actually counted, where it is another model's (--paper-share-count)."""
-    key = {"board": board, "head_sha256": m.head_sha256, "full_sha256": m.full_sha256,
+    bh = m.board_head(board)
+    key = {"board": board, "head": bh["head"], "head_runtime": bh["runtime"], "head_sha256": bh["sha256"],
+           **({"head_weights_sha256": bh["weights_sha256"]} if bh.get("weights_sha256") else {}),
+           "full_sha256": m.full_sha256,
            "jpeg_rgb_sha256": m.jpeg_rgb_sha256, "jpeg_quality": m.jpeg_quality}
     if full_counted_sha256 and full_counted_sha256 != m.full_sha256:
         key["full_counted_sha256"] = full_counted_sha256
@@ -547,6 +568,31 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     return m, head_file, full, imgs.rgb[0]
 
 
+def default_heads(root: Path, boards: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per board, the head its Raspberry Pi profile runs by default on this export (``RpiProfile.choose`` over the
+    files in ``root``/rpi): file, runtime, delegate and sha256 (an ncnn head's weights, NAME.bin, hashed beside).
+    A board without a profile, or whose head is missing, is left out: the wire contract's head stands for it."""
+    from bottlefit.targets.rpi.profiles import PROFILES as RPI_PROFILES
+
+    rpi = root / "rpi"
+    files = {p.name for p in rpi.iterdir() if p.is_file()} if rpi.is_dir() else set()
+    out: dict[str, dict[str, str]] = {}
+    for board in boards:
+        profile = RPI_PROFILES.get(board)
+        if profile is None or not files:
+            continue
+        chosen = profile.choose(files)
+        path = rpi / chosen.model
+        if not path.is_file():
+            continue
+        rec = {"head": f"rpi/{chosen.model}", "runtime": chosen.runtime, "delegate": chosen.delegate,
+               "sha256": sha256(path)}
+        if chosen.runtime == "ncnn":
+            rec["weights_sha256"] = sha256(path.with_suffix(".bin"))
+        out[board] = rec
+    return out
+
+
 def _rgb_sha(rgb: np.ndarray) -> str:
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     return hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
@@ -572,11 +618,12 @@ class PaperOptions:
 
 
 def device_record(channels: int, dev: DeviceTimes, key: dict[str, Any] | None, counts: dict[str, float] | None,
-                  full_note: str = "") -> dict[str, Any]:
+                  full_note: str = "", head: dict[str, str] | None = None) -> dict[str, Any]:
     """One (model, board): each part's Figure, and the counts it came from with what they depend on (a later run
     into the same OUT re-predicts from these counts instead of counting again)."""
     figs = {k: v.to_dict() for k, v in vars(dev).items() if isinstance(v, Figure)}
-    return {"channels": channels, "board": dev.board, **figs, "key": key, "counts": counts, "full_note": full_note}
+    return {"channels": channels, "board": dev.board, **figs, "key": key, "counts": counts, "full_note": full_note,
+            "head_file": dict(head or {})}
 
 
 def repredict(r: dict[str, Any]) -> dict[str, Any]:
@@ -593,7 +640,7 @@ def repredict(r: dict[str, Any]) -> dict[str, Any]:
         counts = d.get("counts")
         note = d.get("full_note", "")
         dev = from_counts(m, d["board"], counts, note) if counts else host_times(m, d["board"])
-        devices.append(device_record(m.channels, dev, d.get("key"), counts, note))
+        devices.append(device_record(m.channels, dev, d.get("key"), counts, note, m.board_head(d["board"])))
         rows.extend(compose(m, dev, links))
     sources = [PaperSource(int(x["channels"]), Path(x["source"].removeprefix("checkpoint ")))
                if x["source"].startswith("checkpoint ") else PaperSource(int(x["channels"])) for x in r["models"]]
@@ -631,9 +678,12 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
     first: tuple[int, Path, Measured] | None = None
     for src in opts.sources:
         root = export_model(src, opts.workdir, log)
-        m, head_file, full, rgb0 = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
+        m, _, full, rgb0 = measure(root, src.channels, opts.images, opts.jpeg_quality, opts.wire, link, log)
         log(f"{src.channels} ch: JPEG q{m.jpeg_quality} {m.jpeg_bytes:.0f} B, wire {m.wire} {m.payload_bytes:.0f} B, "
             f"host ms: head {m.head_host_ms:.1f}, whole model {m.full_host_ms:.1f}, tail {m.tail_server_ms:.1f}")
+        m.board_heads = default_heads(root, opts.boards)
+        log(f"{src.channels} ch: heads counted per board (the profile's default): " + ", ".join(
+            f"{b} {h['head']} ({h['runtime']})" for b, h in m.board_heads.items()))
         first = first or (src.channels, full, m)
         counted_full, note = full, ""
         if opts.share_count and first[1] != full:
@@ -653,9 +703,11 @@ def run_paper(opts: PaperOptions, log: Log) -> dict[str, Any]:
                 if counts is not None:
                     log(f"{src.channels} ch on {board}: the counts of {opts.out / 'paper.json'} (same artifacts)")
                 else:
-                    counts = count_parts(m, board, head_file, counted_full, rgb0, log, opts.count_timeout)
+                    counts = count_parts(m, board, root / m.board_head(board)["head"], counted_full, rgb0, log,
+                                         opts.count_timeout)
             dev = from_counts(m, board, counts, note) if counts is not None else host_times(m, board)
-            devices.append(device_record(src.channels, dev, key if counts else None, counts, note))
+            devices.append(device_record(src.channels, dev, key if counts else None, counts, note,
+                                         m.board_head(board)))
             rows.extend(compose(m, dev, opts.links))
         measured.append(m)
         exports.append(root)
@@ -687,18 +739,26 @@ def markdown(r: dict[str, Any]) -> str:
                  "stated factor), **modelled** (network: RTT x 2 + framed bytes at the link's rate; energy: the "
                  "model below).\n")
     lines.append("## What each mode costs, per model (the reasons for the gap)\n")
-    lines.append("| channels | JPEG q B | split wire | payload B | raw RGB B | head host ms | whole model host ms "
-                 "| server ms split (measured) | server ms offload (measured) |\n|---:|---:|---|---:|---:|---:|---:|"
-                 "---:|---:|")
+    lines.append("| channels | JPEG q B | split wire | payload B | raw RGB B | contract head | its host ms "
+                 "| whole model host ms "
+                 "| server ms split (measured) | server ms offload (measured) |\n|---:|---:|---|---:|---:|---|---:|"
+                 "---:|---:|---:|")
     for m in r["models"]:
         w = m["wires"][m["wire"]]
         lines.append(f"| {m['channels']} | {m['jpeg_bytes']:.0f} (q{m['jpeg_quality']}) | {m['wire']} "
-                     f"| {w['bytes']:.0f} | {m['raw_bytes']} | {m['head_host_ms']:.2f} "
+                     f"| {w['bytes']:.0f} | {m['raw_bytes']} | {m['head']} ({m['head_runtime']}) "
+                     f"| {m['head_host_ms']:.2f} "
                      f"| {m['full_host_ms']:.1f} | {m['tail_server_ms'] + w['decode_server_ms']:.1f} "
                      f"| {m['offload_server_ms']:.1f} |")
+    lines.append("\nPayload bytes and the head's host ms are measured on the wire contract's head (named above); "
+                 "on the device each board runs, and is counted with, the head its board profile runs by default "
+                 "(bottlefit.targets.rpi.profiles), named below. The export's other int8 heads put int8 codes on the "
+                 "wire with the contract's scale and zero point (the board bundle's golden.json \"wire\"), so the "
+                 "int8 payload is the same bytes; the compressed wires' bytes are the contract head's codes'.\n")
     lines.append("\nDevice ms per board (basis: how each was had):\n")
-    lines.append("| channels | board | head ms | whole model ms | JPEG encode ms | wire encode ms | head M insns "
-                 "| whole model M insns | JPEG M insns |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| channels | board | head (the board's default) | head ms | whole model ms | JPEG encode ms "
+                 "| wire encode ms | head M insns | whole model M insns | JPEG M insns |\n"
+                 "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for d in r["devices"]:
         def fig(k: str, d: dict[str, Any] = d) -> str:
             return f"{d[k]['value']:.1f} ({d[k]['basis']})"
@@ -707,8 +767,10 @@ def markdown(r: dict[str, Any]) -> str:
         hi = f"{c['head'] / 1e6:.1f}" if "head" in c else "–"
         fi = f"{c['full'] / 1e6:.0f}" if "full" in c else "–"
         ji = f"{c['jpeg'] / 1e6:.1f}" if "jpeg" in c else "–"
-        lines.append(f"| {d['channels']} | {d['board']} | {fig('head')} | {fig('full')} | {fig('jpeg_encode')} "
-                     f"| {fig('wire_encode')} | {hi} | {fi} | {ji} |")
+        hf = d.get("head_file") or {}
+        head = f"{hf['head']} ({hf['runtime']})" if hf else "–"
+        lines.append(f"| {d['channels']} | {d['board']} | {head} | {fig('head')} | {fig('full')} "
+                     f"| {fig('jpeg_encode')} | {fig('wire_encode')} | {hi} | {fi} | {ji} |")
     lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}; "
                                    f"{d['jpeg_encode']['why']}; {d['wire_encode']['why']}" for d in r["devices"]))
     lines.append("\nEvery wire on these images (median payload B, encoding ms on this host, decoding ms on the "

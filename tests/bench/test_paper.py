@@ -166,6 +166,79 @@ def test_repredict_remakes_the_report_from_recorded_counts(tmp_path: Path) -> No
     assert paper.repredict(r)["devices"][0]["full"]["basis"] == "assumed"
 
 
+NCNN = {"head": "rpi/head.int8.ncnn.param", "runtime": "ncnn", "delegate": "cpu", "sha256": "n" * 64,
+        "weights_sha256": "b" * 64}
+
+
+def test_each_board_counts_its_profiles_default_head(tmp_path: Path) -> None:
+    from bottlefit.targets.rpi.profiles import PROFILES as RPI_PROFILES
+
+    rpi = tmp_path / "rpi"
+    rpi.mkdir()
+    names = ("head.int8.tflite", "head.fp32.tflite", "head.int8.onnx", "head.int8.ncnn.param", "head.int8.ncnn.bin")
+    for i, name in enumerate(names):
+        (rpi / name).write_bytes(bytes([i]))
+    heads = paper.default_heads(tmp_path, ("pi4", "pi5", "pi3", "zero2"))
+    assert set(heads) == {"pi4", "pi5", "pi3", "zero2"}
+    for board, h in heads.items():
+        p = RPI_PROFILES[board]
+        assert (h["head"], h["runtime"], h["delegate"]) == (f"rpi/{p.model}", p.runtime, p.delegate)
+        assert (h["head"], h["runtime"]) == ("rpi/head.int8.ncnn.param", "ncnn")  # every Pi's default today
+        assert h["sha256"] == paper.sha256(rpi / "head.int8.ncnn.param")
+        assert h["weights_sha256"] == paper.sha256(rpi / "head.int8.ncnn.bin")
+    # an export without the ncnn head: the profile's cheapest int8 head that is there (ONNX Runtime u8 on the A72)
+    (rpi / "head.int8.ncnn.param").unlink()
+    h = paper.default_heads(tmp_path, ("pi4",))["pi4"]
+    assert (h["head"], h["runtime"], h["delegate"]) == ("rpi/head.int8.onnx", "onnxruntime", "cpu-u8")
+    assert "weights_sha256" not in h
+    # a board without a Pi profile, or no rpi dir: the wire contract's head stands (nothing recorded)
+    assert paper.default_heads(tmp_path, ("jetson",)) == {} and paper.default_heads(tmp_path / "no", ("pi4",)) == {}
+
+
+def test_counts_and_keys_follow_the_boards_head() -> None:
+    from bottlefit.emulation.devicetime import predict_ms
+
+    m = measured()
+    m.board_heads = {"pi4": NCNN}
+    counts = {"head": 38e6, "full": 9e9, "jpeg": 2e7}
+    ncnn = paper.from_counts(m, "pi4", counts)
+    ref = predict_ms(38e6, "pi4", "ncnn", "int8")
+    assert ncnn.head.value == pytest.approx(ref.ms) and str(ncnn.head.basis) == str(ref.basis) == "predicted"
+    assert "head.int8.ncnn.param (ncnn)" in ncnn.head.why
+    # pi5 has no recorded head: the contract's (LiteRT) is counted
+    assert paper.from_counts(m, "pi5", counts).head.value == pytest.approx(predict_ms(38e6, "pi5", "litert",
+                                                                                      "int8").ms)
+    key = paper.count_key(m, "pi4")
+    assert (key["head"], key["head_runtime"], key["head_sha256"], key["head_weights_sha256"]) == (
+        "rpi/head.int8.ncnn.param", "ncnn", "n" * 64, "b" * 64)
+    assert paper.count_key(m, "pi5")["head_sha256"] == "h" * 64
+    assert paper.host_times(m, "pi4").head.basis is Basis.ASSUMED  # not counted: the contract head's host ms
+
+
+def test_repredict_uses_each_boards_head_counts(tmp_path: Path) -> None:
+    from bottlefit.emulation.devicetime import predict_ms
+
+    m = measured()
+    m.board_heads = {"pi4": NCNN, "pi5": {**NCNN, "sha256": "m" * 64}}
+    per_board = {"pi4": {"head": 38e6, "full": 9e9, "jpeg": 2e7}, "pi5": {"head": 18e6, "full": 4e9, "jpeg": 1e7}}
+    devs = [paper.from_counts(m, b, c) for b, c in per_board.items()]
+    rows = [row for d in devs for row in paper.compose(m, d, [LINK])]
+    records = [paper.device_record(12, d, paper.count_key(m, d.board), per_board[d.board], "", m.board_head(d.board))
+               for d in devs]
+    r = json.loads(json.dumps(paper.assemble([PaperSource(12)], [m], [tmp_path], records, rows, [LINK], 1.0)))
+    assert r["models"][0]["board_heads"]["pi4"]["runtime"] == "ncnn"
+    again = paper.repredict(r)
+    for d in again["devices"]:
+        ref = predict_ms(per_board[d["board"]]["head"], d["board"], "ncnn", "int8")
+        assert d["head"]["value"] == pytest.approx(ref.ms) and d["head"]["basis"] == "predicted"
+        assert d["head_file"]["head"] == "rpi/head.int8.ncnn.param"
+    assert again["devices"][0]["head"]["value"] != pytest.approx(again["devices"][1]["head"]["value"])
+    assert [x["latency_ms"] for x in again["rows"]] == pytest.approx([x["latency_ms"] for x in r["rows"]])
+    md = paper.markdown(again)
+    assert "| 12 | pi4 | rpi/head.int8.ncnn.param (ncnn) |" in md
+    assert "| rpi/head.int8.tflite (litert) |" in md  # the contract head the payload was measured on
+
+
 def test_counts_are_reused_from_an_earlier_result_of_the_same_artifacts(tmp_path: Path) -> None:
     m = measured()
     key = paper.count_key(m, "pi4")
@@ -233,4 +306,6 @@ def test_paper_mode_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     (m,) = r["models"]
     assert m["head"] == "rpi/head.int8.tflite" and m["jpeg_bytes"] > 0 and m["wire"] in m["wires"]
     assert all(d["head"]["basis"] == "assumed" for d in r["devices"])  # count=False: host x factor
+    assert [d["head_file"] for d in r["devices"]] == [m["board_heads"]["pi4"]]
+    assert m["board_heads"] == paper.default_heads(opts.workdir / "paper-export" / opts.sources[0].key(), ("pi4",))
     assert r["headline"].startswith("mini_resnet, up to")
