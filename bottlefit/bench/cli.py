@@ -63,8 +63,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "as mode split_triton; the wire is then a coded one")
     s.add_argument("--paper", action="store_true",
                    help="the BottleFit paper's comparison on its model: ResNet-152 ver2 224x224, 12 and 3 channels, "
-                        "default Pi head, on pi4 and pi5 over the links; split vs local / offload, latency and an "
-                        "energy model, beside the paper's figures (OUT/paper.{md,json,png})")
+                        "each board's default head (ncnn int8), on pi4 and pi5 over the links; split vs local / "
+                        "offload, latency and an energy model, beside the paper's figures (OUT/paper.{md,json,png})")
     s.add_argument("--paper-checkpoints", metavar="C=PATH[,C=PATH]",
                    help="--paper: the models' checkpoints by channel count (default: untrained, seed 0)")
     s.add_argument("--boards", default="pi4,pi5", help="--paper: boards (default pi4,pi5)")
