@@ -171,6 +171,7 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
 
     def artifact(path: Path, runtime: str) -> float:
         key = {"what": "inference", "sha256": _sha(path), "core": core.cpu, "runtime": runtime, "wheels": wheels,
+               **({"weights_sha256": _sha(path.with_suffix(".bin"))} if runtime == "ncnn" else {}),
                "guest": hashlib.sha256(GUEST.encode()).hexdigest()[:16],
                "ort_config": ort_config if runtime == "onnxruntime" else {}, "runs": 1}
         log(f"device {board}: counting {path.name} ({runtime}) on {core.cpu} under emulation (cached)")

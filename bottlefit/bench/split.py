@@ -588,8 +588,10 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
     target, contract = pick_head(model.export, opts.head)
     wire_fig = acc["wires"].get(acc["wire"], {})
     codes = HeadCodes(target, contract)(imgs.x[:1])[0]  # the first image's, what the encoder is counted on
+    head, head_runtime = device_head(model.export, str(opts.device.board), opts.head, target.path / contract.head,
+                                     contract.runtime)
     try:
-        return plan(opts.device, head=target.path / contract.head, head_runtime=contract.runtime,
+        return plan(opts.device, head=head, head_runtime=head_runtime,
                     head_precision="int8" if contract.quantized else "fp32", full=full, rgb=imgs.rgb[0],
                     jpeg_quality=opts.jpeg_quality,
                     encode_instructions=encoder_instructions(opts.device.board, acc["wire"], codes, log, target.path,
@@ -599,6 +601,20 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
     except EmulationUnavailable as e:
         raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
                                    "emulation; without it pass your measured --device-factor)") from None
+
+
+def device_head(export: Path, board: str, asked: str | None, contract_head: Path, contract_runtime: str,
+                ) -> tuple[Path, str]:
+    """The head the board runs: the one asked for with --head, else the head the board's profile runs by default
+    on this export's rpi/ bundle (ncnn int8 on every Pi today), else the wire contract's head."""
+    if asked is None:
+        from bottlefit.bench.paper import default_heads
+
+        root = export.parent if export.name == "rpi" else export
+        chosen = default_heads(root, [board]).get(board)
+        if chosen is not None:
+            return root / chosen["head"], chosen["runtime"]
+    return contract_head, contract_runtime
 
 
 def device_record(device: DeviceClass, dev: DevicePlan) -> dict[str, Any]:

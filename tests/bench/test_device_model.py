@@ -241,3 +241,22 @@ def test_benchncnn_counting_scales_with_the_work(tmp_path: Path) -> None:
                                           (32, 32, 16)) for c in (32, 128))
     assert small > 32 * 32 * 32 * 16 * 9 / 8  # >= an eighth of the direct MACs (4 NEON lanes, winograd)
     assert 2.5 < big / small < 4.5, (small, big)  # 4x the MACs; the input transform is shared
+
+
+def test_bench_split_counts_the_head_the_board_runs(tmp_path: Path) -> None:
+    """--device pi4 on an export with an rpi/ bundle counts the board profile's default head (ncnn int8), from OUT
+    or OUT/rpi; --head, or an export without rpi/, keeps the wire contract's head."""
+    from bottlefit.bench.split import device_head
+
+    rpi = tmp_path / "rpi"
+    rpi.mkdir()
+    for i, name in enumerate(("head.int8.tflite", "head.int8.onnx", "head.int8.ncnn.param", "head.int8.ncnn.bin")):
+        (rpi / name).write_bytes(bytes([i]))
+    contract = (rpi / "head.int8.tflite", "litert")
+    assert device_head(tmp_path, "pi4", None, *contract) == (rpi / "head.int8.ncnn.param", "ncnn")
+    assert device_head(rpi, "pi5", None, *contract) == (rpi / "head.int8.ncnn.param", "ncnn")
+    assert device_head(tmp_path, "pi4", "rpi/head.int8.tflite", *contract) == contract
+    onnx_only = tmp_path / "o"
+    (onnx_only / "onnx").mkdir(parents=True)
+    assert device_head(onnx_only, "pi4", None, onnx_only / "onnx" / "head.int8.onnx", "onnxruntime") == (
+        onnx_only / "onnx" / "head.int8.onnx", "onnxruntime")
