@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,31 @@ def _sha(path: Path) -> str:
     from bottlefit.files import sha256_file
 
     return sha256_file(path)
+
+
+def default_heads(root: Path, boards: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per board, the head its Raspberry Pi profile runs by default on this export (``RpiProfile.choose`` over the
+    files in ``root``/rpi): file, runtime, delegate and sha256 (an ncnn head's weights, NAME.bin, hashed beside).
+    A board without a profile, or whose head is missing, is left out: the wire contract's head stands for it."""
+    from bottlefit.targets.rpi.profiles import PROFILES as RPI_PROFILES
+
+    rpi = root / "rpi"
+    files = {p.name for p in rpi.iterdir() if p.is_file()} if rpi.is_dir() else set()
+    out: dict[str, dict[str, str]] = {}
+    for board in boards:
+        profile = RPI_PROFILES.get(board)
+        if profile is None or not files:
+            continue
+        chosen = profile.choose(files)
+        path = rpi / chosen.model
+        if not path.is_file():
+            continue
+        rec = {"head": f"rpi/{chosen.model}", "runtime": chosen.runtime, "delegate": chosen.delegate,
+               "sha256": _sha(path)}
+        if chosen.runtime == "ncnn":
+            rec["weights_sha256"] = _sha(path.with_suffix(".bin"))
+        out[board] = rec
+    return out
 
 
 def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: str, full: Path,

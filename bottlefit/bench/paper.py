@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.bench import energy
+from bottlefit.bench.device import default_heads
 from bottlefit.bench.links import PROFILES, LinkProfile
 from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.files import atomic_write_bytes, atomic_write_text
@@ -566,31 +567,6 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
                  head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(np.prod(card.input_shape)),
                  jpeg_rgb_sha256=_rgb_sha(imgs.rgb[0]))
     return m, head_file, full, imgs.rgb[0]
-
-
-def default_heads(root: Path, boards: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Per board, the head its Raspberry Pi profile runs by default on this export (``RpiProfile.choose`` over the
-    files in ``root``/rpi): file, runtime, delegate and sha256 (an ncnn head's weights, NAME.bin, hashed beside).
-    A board without a profile, or whose head is missing, is left out: the wire contract's head stands for it."""
-    from bottlefit.targets.rpi.profiles import PROFILES as RPI_PROFILES
-
-    rpi = root / "rpi"
-    files = {p.name for p in rpi.iterdir() if p.is_file()} if rpi.is_dir() else set()
-    out: dict[str, dict[str, str]] = {}
-    for board in boards:
-        profile = RPI_PROFILES.get(board)
-        if profile is None or not files:
-            continue
-        chosen = profile.choose(files)
-        path = rpi / chosen.model
-        if not path.is_file():
-            continue
-        rec = {"head": f"rpi/{chosen.model}", "runtime": chosen.runtime, "delegate": chosen.delegate,
-               "sha256": sha256(path)}
-        if chosen.runtime == "ncnn":
-            rec["weights_sha256"] = sha256(path.with_suffix(".bin"))
-        out[board] = rec
-    return out
 
 
 def _rgb_sha(rgb: np.ndarray) -> str:

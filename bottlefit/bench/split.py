@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.bench.device import DEVICES, DeviceClass, DevicePlan, counts_board, encode_ms, encoder_instructions
+from bottlefit.bench.device import (
+    DEVICES,
+    DeviceClass,
+    DevicePlan,
+    counts_board,
+    default_heads,
+    encode_ms,
+    encoder_instructions,
+)
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
 from bottlefit.errors import EnvironmentProblem, UserError
 
@@ -608,8 +616,6 @@ def device_head(export: Path, board: str, asked: str | None, contract_head: Path
     """The head the board runs: the one asked for with --head, else the head the board's profile runs by default
     on this export's rpi/ bundle (ncnn int8 on every Pi today), else the wire contract's head."""
     if asked is None:
-        from bottlefit.bench.paper import default_heads
-
         root = export.parent if export.name == "rpi" else export
         chosen = default_heads(root, [board]).get(board)
         if chosen is not None:
