@@ -23,7 +23,7 @@ import torch
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.onnx import check_opset, export_onnx
+from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from bottlefit.files import executable_mode
 from bottlefit.models.checkpoint import sha256_file
 from bottlefit.runtimes.execution import Execution
@@ -42,8 +42,6 @@ ENGINE = "head.engine"
 INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
 BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
 BOARD_CLIENT = Path(__file__).with_name("board") / "client.py"
-# Opset 13 everywhere (docs/tensorrt.md): the oldest parser (8.2) reads it and nothing here needs newer ops.
-PREFERRED_OPSET = 13
 WORKSPACE_MIB = 1024
 
 
@@ -86,7 +84,7 @@ class Request:
 
 
 def default_opset(profile: Profile) -> int:
-    return min(PREFERRED_OPSET, profile.max_opset)
+    return min(DEFAULT_OPSET, profile.max_opset)
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class JetsonOptions:
     force: bool = False  # build what the profile advises against (int8 on nano)
     build_engine: bool = False  # also build head.engine here (needs tensorrt and a GPU)
     int8_output: bool = False  # the head emits int8 codes (1 byte/element on the wire)
-    opset: int | None = None  # default: 13, or the profile's maximum if lower
+    opset: int | None = None  # default: exporter.onnx.DEFAULT_OPSET, or the profile's maximum if lower
 
 
 def resolve(options: JetsonOptions) -> Request:

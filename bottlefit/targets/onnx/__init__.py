@@ -11,11 +11,9 @@ import torch
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
+from bottlefit.exporter.onnx import DEFAULT_OPSET, MIN_QDQ_OPSET, check_opset, export_onnx
 from bottlefit.runtimes.execution import Execution
 from bottlefit.targets import BuildContext
-
-MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) arrived in opset 13
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, TensorSpec
 from bottlefit.exporter.head_rewrite import rewrite_head
+from bottlefit.exporter.onnx import DEFAULT_OPSET
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.exporter.split import SplitModel
 from bottlefit.runtimes.execution import Execution
@@ -41,7 +42,6 @@ from bottlefit.targets.rpi.profiles import get_profile
 BOARD_DIR = Path(__file__).parent / "board"
 ONNX_INT8_FILE = "head.int8.onnx"
 NCNN_INT8_FILE = "head.int8.ncnn.param"  # + head.int8.ncnn.bin beside it
-ONNX_OPSET = 13
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
@@ -67,7 +67,7 @@ def write_int8_onnx(head: torch.nn.Module, images: np.ndarray, path: Path, obser
 
     with tempfile.TemporaryDirectory(prefix="bottlefit-rpi-onnx-") as tmp:
         example = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).clone()
-        fp32 = export_onnx(head, example, Path(tmp) / "head.onnx", ONNX_OPSET, ONNX_INPUT, ONNX_OUTPUT)
+        fp32 = export_onnx(head, example, Path(tmp) / "head.onnx", DEFAULT_OPSET, ONNX_INPUT, ONNX_OUTPUT)
         return quantize_head(fp32.path, path, images, head, observer, **ONNX_INT8_OPTIONS)
 
 
@@ -182,7 +182,7 @@ class RpiTarget:
             Artifact("head.fp32.tflite", "head", "litert", "fp32", f32.inputs, f32.outputs,
                      extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),
             Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
-                     extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
+                     extra={"opset": DEFAULT_OPSET, "ops": ox_ops, "format": "qdq"}),
             *nc,
         ]
         # the manifest records the board's choice and why (the measured costs) with the head it picks
