@@ -15,7 +15,8 @@ import urllib.request
 import numpy as np
 
 HEADER = "Inference-Header-Content-Length"
-V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
+# numpy dtype name -> KServe v2 datatype: the one table (bottlefit serve, the host client and both board clients)
+V2_TYPES = {"float32": "FP32", "int8": "INT8", "uint8": "UINT8"}
 TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"
 _SECURITY = {}
 

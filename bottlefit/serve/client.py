@@ -19,12 +19,12 @@ import numpy as np
 
 from bottlefit.errors import UserError
 from bottlefit.serve import codecs
+from bottlefit.serve.boardhttp import V2_TYPES
 from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import HeadCodes, load_tables
 
 WIRES = ("fp32", "int8", *codecs.CODECS)
 HEADER_LEN = "Inference-Header-Content-Length"
-_V2 = {"int8": "INT8", "uint8": "UINT8"}
 
 
 # Why an image failed, and so whose problem it is (bottlefit.errors' exit codes): the image itself or a request the
@@ -69,12 +69,12 @@ def build_request(contract: WireContract, codes: np.ndarray, wire: str, input_na
     if wire == "fp32":
         blob = contract.dequantize(codes[None]).astype("<f4").tobytes() if contract.quantized \
             else np.ascontiguousarray(codes[None], dtype="<f4").tobytes()
-        shape, dtype, params = [1, *contract.nchw_shape], "FP32", {}
+        shape, dtype, params = [1, *contract.nchw_shape], V2_TYPES["float32"], {}
     elif wire == "int8":
         if not contract.quantized:
             raise UserError(f"head {contract.head} emits floats: use --wire fp32")
         blob = np.ascontiguousarray(codes).tobytes()
-        shape, dtype = [1, *contract.shape], _V2[contract.dtype]
+        shape, dtype = [1, *contract.shape], V2_TYPES[contract.dtype]
         params = {"scale": contract.scale, "zero_point": contract.zero_point, "layout": contract.layout,
                   "contract_id": contract.contract_id}
     else:

@@ -101,3 +101,38 @@ def test_progress_bar_on_a_terminal_only(served, mini_export: Path, tmp_path: Pa
         recs = [json.loads(x) for x in lines.splitlines()]
         assert len(recs) == 2 and all(r["ok"] for r in recs)
     assert "2/2" in term.getvalue() and "image" in term.getvalue()  # tqdm's "n/total" with the unit
+
+
+def test_kserve_datatypes_are_one_table_the_server_and_the_board_clients_read(tmp_path: Path) -> None:
+    """boardhttp.V2_TYPES (copied into every board bundle) names each payload's datatype for the host client, both
+    board clients and the server: the rpi client's fp32 and int8 bodies carry its names, and the server reads each
+    name as the dtype it was named from."""
+    import importlib
+    import shutil
+    import sys
+
+    from bottlefit.serve import boardhttp
+    from bottlefit.serve.model import DTYPES
+    from bottlefit.targets.rpi import BOARD_DIR, CODEC_MODULE, HTTP_MODULE
+
+    for name, v2 in boardhttp.V2_TYPES.items():
+        assert DTYPES[v2] == np.dtype(name)
+    for f in (BOARD_DIR / "client.py", BOARD_DIR / "run_head.py", CODEC_MODULE, HTTP_MODULE):  # as the bundle
+        shutil.copyfile(f, tmp_path / f.name)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+            sys.modules.pop(m, None)
+        client = importlib.import_module("client")
+        entry = {"output": {"scale": 0.5, "zero_point": 3, "layout": "NCHW"}}
+        for codes, fp32, v2 in ((np.zeros((1, 2, 3, 3), np.int8), False, "INT8"),
+                                (np.zeros((1, 2, 3, 3), np.uint8), False, "UINT8"),
+                                (np.zeros((1, 2, 3, 3), np.int8), True, "FP32")):
+            body, n = client.request_body(entry, codes, fp32, "bottleneck")
+            assert json.loads(body[:n])["inputs"][0]["datatype"] == v2
+            assert len(body) - n == codes.size * DTYPES[v2].itemsize
+        assert client.V2_TYPES is sys.modules["boardhttp"].V2_TYPES  # the bundle's copy of the one table
+    finally:
+        sys.path.remove(str(tmp_path))
+        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+            sys.modules.pop(m, None)

@@ -95,7 +95,7 @@ def request_body(meta, codes, fp32, tables=None):
         coded = len(frame)
     elif fp32:
         x = (codes.astype(np.float32) - np.float32(meta["zero_point"])) * np.float32(meta["scale"])
-        blob, dtype, shape, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), "FP32", list(x.shape), {}
+        blob, dtype, shape, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), V2_TYPES["float32"], list(x.shape), {}
         coded = len(blob)
     else:
         blob, dtype, shape = np.ascontiguousarray(codes).tobytes(), V2_TYPES[meta["dtype"]], list(codes.shape)

@@ -32,10 +32,8 @@ sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
 import boardhttp  # noqa: E402 - the bundle's own module
-from boardhttp import infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
+from boardhttp import V2_TYPES, infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 from run_head import RUNTIMES, open_head, preprocess, wire_codes  # noqa: E402 - the bundle's own module
-
-V2_TYPES = {"int8": "INT8", "uint8": "UINT8", "float32": "FP32"}
 
 
 def load_codec_tables(entry, base=HERE):
@@ -59,7 +57,7 @@ def request_body(entry, codes, fp32, input_name, tables=None):
         x = (codes.astype(np.float32) - np.float32(w["zero_point"])) * np.float32(w["scale"])
         if entry["output"].get("layout") == "NHWC" and x.ndim == 4:
             x = x.transpose(0, 3, 1, 2)
-        blob, dtype, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), "FP32", {}
+        blob, dtype, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), V2_TYPES["float32"], {}
         shape = list(x.shape)
     else:
         blob, dtype, shape = np.ascontiguousarray(codes).tobytes(), V2_TYPES[str(codes.dtype)], list(codes.shape)
