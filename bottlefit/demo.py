@@ -131,19 +131,12 @@ def _median_ms(fn: Any, x: np.ndarray, repeats: int = 40) -> float:
     return statistics.median(times)
 
 
-def _rgb8(x: torch.Tensor, card: Any) -> np.ndarray:
-    """Normalized (N, 3, H, W) model inputs back to 8-bit RGB (N, H, W, 3), as a camera would deliver them."""
-    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.std).view(1, 3, 1, 1)
-    return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def _jpeg_bytes(x: torch.Tensor, card: Any) -> float:
     """Mean JPEG (quality 95) size of the 8-bit RGB inputs the model sees."""
     from PIL import Image
 
     sizes = []
-    for img in _rgb8(x, card):
+    for img in card.rgb8(x.numpy()):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=95)
         sizes.append(buf.tell())
@@ -158,7 +151,7 @@ def write_sample_images(folder: Path, x: torch.Tensor, y: np.ndarray, card: Any)
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, label) in enumerate(zip(_rgb8(x, card), y, strict=True)):
+    for i, (img, label) in enumerate(zip(card.rgb8(x.numpy()), y, strict=True)):
         path = folder / f"{i}-digit{int(label)}.png"
         Image.fromarray(img).save(path, format="PNG")
         paths.append(path)

@@ -486,7 +486,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
             log: Log) -> tuple[Measured, Path, Path, np.ndarray]:
     """The host-side figures of one exported model on the built-in held-out photos; returns them with the
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
-    from bottlefit.bench.service import decode_jpeg, normalize
+    from bottlefit.bench.service import decode_jpeg
     from bottlefit.bench.split import Model, full_onnx, jpeg, load_images
     from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
@@ -524,7 +524,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     full_ms = _median_ms(lambda i: runner.infer({fin: imgs.x[i : i + 1]}), n)
     jpegs = [jpeg(imgs.rgb[i], jpeg_quality) for i in range(n)]
     jpeg_ms = _median_ms(lambda i: jpeg(imgs.rgb[i], jpeg_quality), n)
-    offload_ms = _median_ms(lambda i: runner.infer({fin: normalize(decode_jpeg(jpegs[i], card)[None], card)}), n)
+    offload_ms = _median_ms(lambda i: runner.infer({fin: card.normalize(decode_jpeg(jpegs[i], card)[None])}), n)
     z = [(contract.dequantize(c[None]) if contract.quantized else c[None]).astype(np.float32) for c in codes]
     tail.infer({tin: z[0]})
     tail_ms = _median_ms(lambda i: tail.infer({tin: z[i]}), n)

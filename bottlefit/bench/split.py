@@ -174,15 +174,7 @@ def full_onnx(model: Model, dst: Path) -> Path:
 # -- images and accuracy
 
 
-def _to_rgb(x: np.ndarray, card: dict[str, Any]) -> np.ndarray:
-    mean = np.asarray(card["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(card["std"], np.float32).reshape(1, -1, 1, 1)
-    rgb = np.clip(np.round((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb.transpose(0, 2, 3, 1))
-
-
 def load_images(model: Model, count: int) -> Images:
-    from bottlefit.bench.service import normalize
     from bottlefit.models.card import ModelCard
 
     card = ModelCard.from_dict(model.card)
@@ -199,8 +191,8 @@ def load_images(model: Model, count: int) -> Images:
 
         arr, _ = builtin_arrays(card, "heldout")
         x, labels = np.asarray(arr, np.float32)[:count], None
-    rgb = _to_rgb(x, model.card)
-    return Images(normalize(rgb, card), rgb, labels)
+    rgb = card.rgb8(x)
+    return Images(card.normalize(rgb), rgb, labels)
 
 
 def jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -265,7 +257,7 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
 def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Log) -> dict[str, Any]:
     """Top-1 per mode on the accuracy images, in process (the same artifacts the bench runs): local fp32 model,
     the server's model on JPEG qN of the crop, and the device's head artifact -> its contract's codes -> tail."""
-    from bottlefit.bench.service import decode_jpeg, normalize
+    from bottlefit.bench.service import decode_jpeg
     from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
     from bottlefit.serve.client import pick_head
@@ -287,7 +279,7 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
         local.append(int(np.argmax(runner.infer({fin: imgs.x[i : i + 1]})[fout])))
         j = jpeg(imgs.rgb[i], opts.jpeg_quality)
         sizes.append(len(j))
-        xj = normalize(decode_jpeg(j, card)[None], card)
+        xj = card.normalize(decode_jpeg(j, card)[None])
         off.append(int(np.argmax(runner.infer({fin: xj})[fout])))
         codes = head(imgs.x[i : i + 1])[0]
         codes_all.append(codes)
