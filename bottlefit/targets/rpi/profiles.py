@@ -165,6 +165,9 @@ def read_costs(path: Path = COSTS_FILE, table: Iterable[Board] | None = None) ->
     core = {b.name: b.core for b in (boards() if table is None else table)}
     per_core: dict[str, dict[str, float]] = {}
     for measured, costs in doc["costs_minstr"].items():
+        if measured not in core:
+            raise UserError(f"{path}: costs measured on {measured!r}, a board the board table lacks "
+                            f"({', '.join(core)}): rerun bench/bench_pi_cost.py --update")
         per_core.setdefault(core[measured], {k: float(v) for k, v in costs.items()})
     return CostRun(doc["command"], doc["head"], per_core)
 

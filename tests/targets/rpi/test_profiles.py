@@ -110,6 +110,9 @@ def test_a_costs_file_without_a_core_or_schema_is_refused_in_one_line(tmp_path: 
     path.write_text(json.dumps(_costs_doc({"pi4": 10.0, "pi3": 30.0})))
     with pytest.raises(UserError, match="no costs measured on cortex-a76 \\(board pi5\\)"):
         make_profiles(read_costs(path))
+    path.write_text(json.dumps(_costs_doc({"pi4": 10.0, "pi9": 30.0})))
+    with pytest.raises(UserError, match="costs measured on 'pi9', a board the board table lacks"):
+        read_costs(path)
     path.write_text(json.dumps({**_costs_doc({"pi4": 1.0}), "schema": "other/1"}))
     with pytest.raises(UserError, match="schema 'other/1'"):
         read_costs(path)
