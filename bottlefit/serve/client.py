@@ -19,12 +19,12 @@ import numpy as np
 
 from bottlefit.errors import UserError
 from bottlefit.serve import codecs
+from bottlefit.serve.boardhttp import HEADER as HEADER_LEN  # the binary extension's header: one source
 from bottlefit.serve.boardhttp import V2_TYPES
 from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import HeadCodes, load_tables
 
 WIRES = ("fp32", "int8", *codecs.CODECS)
-HEADER_LEN = "Inference-Header-Content-Length"
 
 
 # Why an image failed, and so whose problem it is (bottlefit.errors' exit codes): the image itself or a request the
