@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -480,61 +480,89 @@ def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire
             recs = [r for r in dev if r["mode"] == mode]
             if mode == "split_triton" and not recs:
                 continue
-            ok = [r for r in recs if r.get("ok")]
             ex = relay.get(f"{p.name}/{mode}", []) if mode != "local" else []
-            e2e, server_ms, link_bytes, link_model = [], [], [], []
-            # one relay record per request, in order (a retried request has more: then none are paired)
-            paired = dict(enumerate(ex)) if len(ex) == len(recs) else {}
-            for k, r in enumerate(recs):
-                if not r.get("ok"):
-                    continue
-                x = paired.get(k)
-                net = r["net_ms"]
-                if mode != "local" and setup.kind == "analytic" and x is not None:
-                    # what loopback measured, plus the link: the handshake's and the request's round trips and
-                    # each direction's bytes at the profile's rate
-                    up, down = _framed(x["up_bytes"]), _framed(x["down_bytes"])
-                    net += 2 * p.rtt_ms + p.transfer_ms(up) + p.transfer_ms(down)
-                e2e.append(cost.ms(mode, r["device_ms"]) + net)
-                if x is not None:
-                    server_ms.append(x["server_ms"])
-                    # what the profile alone costs this request (both round trips, each direction's frames at the
-                    # rate): the measured network ms minus this and the server ms is the stack's own overhead
-                    link_model.append(2 * p.rtt_ms + p.transfer_ms(_framed(x["up_bytes"]))
-                                      + p.transfer_ms(_framed(x["down_bytes"])))
-                    if setup.kind == "analytic" or r.get("link_bytes") is None:
-                        link_bytes.append(_framed(x["up_bytes"]) + _framed(x["down_bytes"]))
-                    else:
-                        link_bytes.append(r["link_bytes"])
+            figs = _request_figures(setup, p, mode, recs, ex, cost)
             if mode != "local":
                 framing = FRAMING["offload"] if mode == "offload" else split_framing
-                matched = len(ex) == len(recs)
-                mism = [k for k, r in enumerate(recs) if matched and ex[k]["binary_bytes"] != r["payload_bytes"]
-                        + framing]
-                checks.append({"link": p.name, "mode": mode, "requests": len(recs), "relay_records": len(ex),
-                               "payload_matches_relay": matched and not mism, "framing_bytes": framing,
-                               "client_payload_bytes": [r["payload_bytes"] for r in recs],
-                               "relay_binary_bytes": [x["binary_bytes"] for x in ex]})
-            top1 = [(r["image"], r["top1"]) for r in ok]
-            rows.append({
-                "mode": mode, "link": p.name, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
-                "requests": len(recs), "failed": len(recs) - len(ok),
-                "latency_ms_median": statistics.median(e2e) if e2e else float("nan"),
-                "latency_ms_p95": _pct(e2e, 95),
-                "device_ms_median": statistics.median([cost.ms(mode, r["device_ms"]) for r in ok]) if ok
-                else float("nan"),
-                "device_basis": str(cost.basis(mode)), "device_why": cost.why(mode),
-                "device_ms_host_median": statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
-                "network_ms_median": statistics.median([e - cost.ms(mode, r["device_ms"])
-                                                        for e, r in zip(e2e, ok, strict=True)])
-                if ok else float("nan"),
-                "payload_bytes_median": statistics.median([r["payload_bytes"] for r in ok]) if ok else 0,
-                "link_bytes_median": statistics.median(link_bytes) if link_bytes else 0,
-                "server_ms_median": statistics.median(server_ms) if server_ms else 0.0,
-                "link_model_ms_median": statistics.median(link_model) if link_model else 0.0,
-                "top1_ids": top1,
-            })
+                checks.append(_payload_check(p.name, mode, recs, ex, framing))
+            rows.append(_mode_row(p, mode, recs, figs, cost))
     return {"rows": rows, "checks": checks}
+
+
+@dataclass
+class _Figures:
+    """One link and mode's per-request figures (the successful requests'), before their medians."""
+
+    e2e: list[float] = field(default_factory=list)  # end-to-end ms: the device's share + the network's
+    server_ms: list[float] = field(default_factory=list)
+    link_bytes: list[int] = field(default_factory=list)  # bytes on the link, frames' headers included
+    link_model: list[float] = field(default_factory=list)  # ms the link profile alone costs the request
+
+
+def _request_figures(setup: LinkSetup, p: LinkProfile, mode: str, recs: list[dict[str, Any]],
+                     ex: list[dict[str, Any]], cost: DevicePlan) -> _Figures:
+    """Each successful request's figures, paired with its relay record where there is one per request."""
+    figs = _Figures()
+    # one relay record per request, in order (a retried request has more: then none are paired)
+    paired = dict(enumerate(ex)) if len(ex) == len(recs) else {}
+    for k, r in enumerate(recs):
+        if not r.get("ok"):
+            continue
+        x = paired.get(k)
+        net = r["net_ms"]
+        if mode != "local" and setup.kind == "analytic" and x is not None:
+            # what loopback measured, plus the link: the handshake's and the request's round trips and
+            # each direction's bytes at the profile's rate
+            up, down = _framed(x["up_bytes"]), _framed(x["down_bytes"])
+            net += 2 * p.rtt_ms + p.transfer_ms(up) + p.transfer_ms(down)
+        figs.e2e.append(cost.ms(mode, r["device_ms"]) + net)
+        if x is not None:
+            figs.server_ms.append(x["server_ms"])
+            # what the profile alone costs this request (both round trips, each direction's frames at the
+            # rate): the measured network ms minus this and the server ms is the stack's own overhead
+            figs.link_model.append(2 * p.rtt_ms + p.transfer_ms(_framed(x["up_bytes"]))
+                                   + p.transfer_ms(_framed(x["down_bytes"])))
+            if setup.kind == "analytic" or r.get("link_bytes") is None:
+                figs.link_bytes.append(_framed(x["up_bytes"]) + _framed(x["down_bytes"]))
+            else:
+                figs.link_bytes.append(r["link_bytes"])
+    return figs
+
+
+def _payload_check(link: str, mode: str, recs: list[dict[str, Any]], ex: list[dict[str, Any]],
+                   framing: int) -> dict[str, Any]:
+    """Whether the relay saw, per request, the binary bytes the client says it sent (+ the codec's framing)."""
+    matched = len(ex) == len(recs)
+    mism = [k for k, r in enumerate(recs) if matched and ex[k]["binary_bytes"] != r["payload_bytes"] + framing]
+    return {"link": link, "mode": mode, "requests": len(recs), "relay_records": len(ex),
+            "payload_matches_relay": matched and not mism, "framing_bytes": framing,
+            "client_payload_bytes": [r["payload_bytes"] for r in recs],
+            "relay_binary_bytes": [x["binary_bytes"] for x in ex]}
+
+
+def _mode_row(p: LinkProfile, mode: str, recs: list[dict[str, Any]], figs: _Figures,
+              cost: DevicePlan) -> dict[str, Any]:
+    """One report row: the link and mode's medians (NaN / 0 where no request succeeded)."""
+    ok = [r for r in recs if r.get("ok")]
+    e2e = figs.e2e
+    return {
+        "mode": mode, "link": p.name, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
+        "requests": len(recs), "failed": len(recs) - len(ok),
+        "latency_ms_median": statistics.median(e2e) if e2e else float("nan"),
+        "latency_ms_p95": _pct(e2e, 95),
+        "device_ms_median": statistics.median([cost.ms(mode, r["device_ms"]) for r in ok]) if ok
+        else float("nan"),
+        "device_basis": str(cost.basis(mode)), "device_why": cost.why(mode),
+        "device_ms_host_median": statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
+        "network_ms_median": statistics.median([e - cost.ms(mode, r["device_ms"])
+                                                for e, r in zip(e2e, ok, strict=True)])
+        if ok else float("nan"),
+        "payload_bytes_median": statistics.median([r["payload_bytes"] for r in ok]) if ok else 0,
+        "link_bytes_median": statistics.median(figs.link_bytes) if figs.link_bytes else 0,
+        "server_ms_median": statistics.median(figs.server_ms) if figs.server_ms else 0.0,
+        "link_model_ms_median": statistics.median(figs.link_model) if figs.link_model else 0.0,
+        "top1_ids": [(r["image"], r["top1"]) for r in ok],
+    }
 
 
 def _row(rows: list[dict[str, Any]], mode: str, link: str) -> dict[str, Any]:
