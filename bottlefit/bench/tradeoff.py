@@ -469,6 +469,9 @@ def run_tradeoff(out: Path, *, quick: bool, log: Callable[[str], None], cache: P
             f"digits (data {d.data_hash}), cache {root}")
         teacher_path, teacher_meta = _teacher(root, cfg, d.data, d.data_hash, log)
         rows = _students(root, cfg, d, teacher_path, log)
+        train_s = float(teacher_meta["train_seconds"])  # when the cached models were trained
+        for row in rows:
+            train_s += float(row["train_seconds"])
         teacher = build_teacher(d.card.num_classes)
         teacher.load_state_dict(torch.load(teacher_path, map_location="cpu", weights_only=True))
         jpeg, teacher_top1 = _jpeg(teacher, d.x_val, d.y_val, d.card, cfg.jpeg_qualities)
@@ -486,7 +489,7 @@ def run_tradeoff(out: Path, *, quick: bool, log: Callable[[str], None], cache: P
         "teacher_cache_key": teacher_path.parent.name,
         "teacher_top1": teacher_top1,
         "input_bytes": int(np.prod(d.card.input_shape)),
-        "train_seconds": round(_train_seconds(teacher_meta, rows), 1),
+        "train_seconds": round(train_s, 1),
         "rows": rows,
         "jpeg": jpeg,
     }
@@ -537,13 +540,6 @@ def _students(root: Path, cfg: TradeoffConfig, d: _Digits, teacher_path: Path,
                 + " ".join(f"{k} {row[f'bytes_{k}']:.1f}" for k in cfg.codecs))
     return rows
 
-
-def _train_seconds(teacher_meta: dict[str, Any], rows: list[dict[str, Any]]) -> float:
-    """The seconds it took to train the teacher and every student (when the cached models were trained)."""
-    train_s = float(teacher_meta["train_seconds"])
-    for row in rows:
-        train_s += float(row["train_seconds"])
-    return train_s
 
 
 def _write(out: Path, res: dict[str, Any]) -> dict[str, Any]:
