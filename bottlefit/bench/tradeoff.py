@@ -541,7 +541,6 @@ def _students(root: Path, cfg: TradeoffConfig, d: _Digits, teacher_path: Path,
     return rows
 
 
-
 def _write(out: Path, res: dict[str, Any]) -> dict[str, Any]:
     """``out/tradeoff.{json,md,png}``; returns exactly what the JSON file holds (lists, not tuples)."""
     text = json.dumps(res, indent=1, sort_keys=True) + "\n"

@@ -174,7 +174,6 @@ def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: 
     return app
 
 
-
 class _Handlers:
     """One handler per route of the protocol, for the one model served."""
 
