@@ -28,10 +28,9 @@ class _Renamed(argparse.Action):
 
 def add_renamed(parser: Any, new: str, *old: str, **kwargs: Any) -> argparse.Action:
     """``parser.add_argument(new, **kwargs)`` (a flag that takes a value), plus each spelling in ``old`` as a
-    deprecated alias hidden from help: same destination, same type and choices, one warning line when used. A
-    required flag is required in either spelling (given both: a usage error naming them)."""
-    if kwargs.pop("required", False):
-        parser = parser.add_mutually_exclusive_group(required=True)
+    deprecated alias hidden from help: same destination, same type and choices, one warning line when used. The
+    spellings exclude each other (given both: a usage error naming them); a required flag is required in either."""
+    parser = parser.add_mutually_exclusive_group(required=kwargs.pop("required", False))
     action = parser.add_argument(new, **kwargs)
     alias = {k: v for k, v in kwargs.items() if k in ("type", "choices", "metavar", "nargs")}
     for spelling in old:
