@@ -21,8 +21,8 @@ IMAGES = 3
 def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict]:
     out = tmp_path_factory.mktemp("report")
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
-               "--links", "3g,5g", "--image-count", str(IMAGES), "--accuracy-image-count", str(IMAGES), "--wire", "int8",
-               "--board", "pi4", "--device-factor", "6"])
+               "--links", "3g,5g", "--image-count", str(IMAGES), "--accuracy-image-count", str(IMAGES),
+               "--wire", "int8", "--board", "pi4", "--device-factor", "6"])
     return rc, out, json.loads((out / "split.json").read_text())
 
 
