@@ -38,14 +38,6 @@ def test_readme_says_what_the_first_run_does_and_costs() -> None:
     assert "a few minutes" not in run and "about 7.6 GB" in run
 
 
-def _after_the_demo() -> list[list[str]]:
-    import shlex
-
-    section = README.read_text().split("## After the demo", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What `./run` leaves in out/demo that the README's next steps read, at mini size: export/onnx (int8 head and
@@ -96,6 +88,8 @@ def test_the_path_after_the_demo_runs(demo_out: Path, tmp_path: Path) -> None:
             w = w.replace("out/demo", str(demo_out)).replace("out/bench", str(tmp_path / "bench"))
             out += sorted(glob.glob(w)) if "*" in w else [w]
         return [sys.executable, "-m", "bottlefit", *out]
+
+    from tests.test_docs import _after_the_demo
 
     commands = _after_the_demo()
     assert [c[1] for c in commands] == ["serve", "run-head", "run-head", "bench", "profiles"]

@@ -3,7 +3,7 @@
 
 Python >= 3.9, numpy and the head's runtime (as run_head.py); the network part is the standard library only. It
 speaks the Open Inference Protocol (KServe v2) REST with the binary tensor extension, so the server is
-`bottlefit serve OUT` or NVIDIA Triton with the repository of `bottlefit triton` (--codec context as to bottlefit
+`bottlefit serve OUT` or NVIDIA Triton with the repository of `bottlefit triton` (--wire context as to bottlefit
 serve; --wire fp32 with --model-name <arch>_tail_fp32). Flag names are the host's `bottlefit run-head`'s.
 
   python3 client.py --server http://edge:8000 --image digit.png
