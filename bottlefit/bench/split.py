@@ -599,7 +599,7 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
                     encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
                     timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
     except EmulationUnavailable as e:
-        raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
+        raise EmulationUnavailable(f"{e} (--board {opts.device.name} counts the device's work under arm64 "
                                    "emulation; without it pass your measured --device-factor)") from None
 
 

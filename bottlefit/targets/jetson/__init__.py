@@ -184,6 +184,8 @@ def _route_docs(req: Request) -> str:
 
 
 def _readme(req: Request, files: list[str]) -> str:
+    from bottlefit.targets.jetson.trtexec import engine_path
+
     p = req.profile
     routes = " ".join(req.routes)
     default = " ".join(req.default_routes)
@@ -195,17 +197,27 @@ Build the engine on the board itself: an engine only runs on the TensorRT versio
 
 ## On the board
 
+Copy this `jetson/` folder (`OUT/jetson/`, where `OUT` is the export's `--out`; the demo's is
+`out/demo/export/jetson/`) to a board flashed with JetPack {p.jetpack[0]}, whose own `python3` ({p.board_python})
+runs the scripts: no venv and nothing from pip (they need Python 3.6 or newer; `{VERIFY}` the standard library
+only, `client.py` numpy too, from JetPack's apt):
+
 ```
-scp -r jetson/ user@board:~/bottlefit-head     # this folder
+scp -r OUT/jetson user@board:bottlefit-head     # on the host: the whole jetson/ folder
 ssh user@board
 cd ~/bottlefit-head
 ./{SCRIPT}            # routes: {routes} (default: {default}); or ./{SCRIPT} {req.routes[-1]}
+sudo apt install -y python3-numpy                # only for client.py
+python3 client.py --server http://EDGE:8000 --engine {engine_path(req.routes[0])} --golden   # run split
 ```
 
 Each route builds `engines/head.<route>.engine` with trtexec ({p.build_only_flag}), runs it once on
 `{GOLDEN_DIR}/input.*.bin` and checks the output against the host's golden output with `{VERIFY}`
-(python3 {p.board_python}, standard library only). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
+(python3 {p.board_python}). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
 trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/trtexec` otherwise.
+`client.py` sends the engine's bottleneck to `bottlefit serve OUT` on `EDGE` (or Triton) and prints the top-k
+classes with their softmax probabilities; its flags are the host's `bottlefit run-head`'s (`--wire
+int8|context|fp32`, `--model-name`; the old `--codec`, `--fp32` and `--model` still work for one release).
 
 Routes (each checked against `{GOLDEN_DIR}/` with that precision's tolerances):
 

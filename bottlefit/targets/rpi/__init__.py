@@ -37,6 +37,7 @@ from bottlefit.exporter.onnx import DEFAULT_OPSET
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.exporter.split import SplitModel
 from bottlefit.runtimes.execution import Execution
+from bottlefit.targets.rpi.profiles import DEFAULT as DEFAULT_BOARD
 from bottlefit.targets.rpi.profiles import get_profile
 
 BOARD_DIR = Path(__file__).parent / "board"
@@ -45,7 +46,7 @@ NCNN_INT8_FILE = "head.int8.ncnn.param"  # + head.int8.ncnn.bin beside it
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
-BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py", "README.md")
+BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py")  # README.md and example.png: bundle_readme
 # the context codec's model and encoder, one source for the server and every board bundle
 CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
 # client.py's transport (KServe v2 REST, retries), one source for every board bundle
@@ -91,8 +92,9 @@ class RpiOptions:
 
     layout: str = "nhwc"  # nhwc: no transposes in the graph; nchw: the PyTorch layout
     allow_float_ops: bool = False  # accept an int8 head that keeps float ops instead of failing
-    # the board (bottlefit.targets.rpi.profiles; None: pi4). ``--profile`` is one flag shared with the jetson target
-    profile: str | None = None
+    # the board (bottlefit.targets.rpi.profiles), by name: the manifest's options record the board the bundle is for.
+    # ``--profile`` is one flag shared with the jetson target
+    profile: str = DEFAULT_BOARD
 
 
 def _wire_codes(art: Artifact) -> dict[str, Any] | None:
@@ -237,6 +239,7 @@ class RpiTarget:
         from bottlefit.runtimes import get_runner
         from bottlefit.runtimes.head import output_lsb, reference_semantics
         from bottlefit.serve.contract import contract_id, tail_model_name
+        from bottlefit.targets.rpi import bundle_readme
 
         codec_files = codec_files or {}
         board = out / "board"
@@ -283,6 +286,8 @@ class RpiTarget:
                            "mean": list(card.mean), "std": list(card.std)},
         }
         (board / "golden.json").write_text(json.dumps(golden, indent=2) + "\n")
+        files += bundle_readme.write(board, golden, sorted(a.file for a in arts if a.role == "head"), gx[:1],
+                                     heldout.names[0], card)
         names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, HTTP_MODULE.name, "golden.json", *files)]
         return [Artifact(f, "aux", "none", "int8", parity=False) for f in names]
 

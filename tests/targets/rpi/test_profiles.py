@@ -124,7 +124,7 @@ def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
     p = argparse.ArgumentParser()
     JETSON.add_arguments(p)
     TARGET.add_arguments(p)
-    assert options_from(RpiOptions, vars(p.parse_args([]))).profile is None
+    assert options_from(RpiOptions, vars(p.parse_args([]))).profile == DEFAULT  # the board used, by name
     assert get_profile(None).name == DEFAULT == "pi4"
     opts = options_from(RpiOptions, vars(p.parse_args(["--profile", "pi5"])))
     assert opts.profile == "pi5"
@@ -138,7 +138,7 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
 
     from tests.targets.rpi import rpi_bundle
 
-    out, arts = rpi_bundle()  # RpiOptions(): profile None -> pi4
+    out, arts = rpi_bundle()  # RpiOptions(): profile pi4
     pi4 = PROFILES["pi4"]
     golden = json.loads((out / "board" / "golden.json").read_text())
     assert golden["default_runtime"] == pi4.runtime and golden["default_delegate"] == pi4.delegate
