@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,13 @@ CROSS_CHECK_IMAGES = 2
 CROSS_CHECK_RUNTIME = "litert BUILTIN_REF"
 
 
+class CheckKind(StrEnum):
+    """The two kinds of check (the module's docstring): fidelity ``Check``s gate; executions are ``Execution``s."""
+
+    FIDELITY = "fidelity"
+    EXECUTION = "execution"
+
+
 @dataclass
 class Check:
     artifact: str
@@ -67,7 +75,7 @@ class Check:
     tolerance: float | None
     op: str | None
     passed: bool
-    kind: str = "fidelity"
+    kind: CheckKind = CheckKind.FIDELITY
     semantics: str = ""
     detail: top1.Top1Agreement | None = None  # what the top-1 rule counted (logits.top1_agreement only)
 
@@ -313,13 +321,13 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
         for metric, value in values.items():
             tol = tols.get(metric)
             verdict.checks.append(Check(art.file, metric, float(value), tol.value if tol else None,
-                                        tol.op if tol else None, tol.ok(value) if tol else True, "fidelity",
+                                        tol.op if tol else None, tol.ok(value) if tol else True, CheckKind.FIDELITY,
                                         semantics))
         # top-1 agreement is judged by its rule (parity.top1: near-ties excused, a binomial bound on the rest)
         tol = tols.get("logits.top1_agreement")
         t1 = top1.judge(ref_logits, got_logits, tol.value if tol else None, scale=top1.gate_scale(values, tols))
         verdict.checks.append(Check(art.file, "logits.top1_agreement", t1.agreement, tol.value if tol else None,
-                                    tol.op if tol else None, t1.passed, "fidelity", semantics, t1))
+                                    tol.op if tol else None, t1.passed, CheckKind.FIDELITY, semantics, t1))
         failed = any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head"
         if failed:
             verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)
