@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Runtime
 from bottlefit.serve import codecs
 from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import HeadCodes, load_tables
@@ -57,7 +58,7 @@ def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireCon
             if c.head == head:
                 return t, c
         raise UserError(f"{out}: no head {head!r}; heads: {', '.join(c.head for _, c in contracts)}")
-    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != "litert"))
+    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != Runtime.LITERT))
     if not order:
         raise UserError(f"{out}: no head artifact in the manifest")
     return order[0]
@@ -173,7 +174,8 @@ class Client:
         if wire not in WIRES:
             raise UserError(f"--wire {wire!r}: choose one of {', '.join(WIRES)}")
         self.target, self.contract = pick_head(Path(out), head)
-        opts = {"reference": True} if reference and self.contract.runtime in ("onnxruntime", "litert") else {}
+        reference = reference and self.contract.runtime in (Runtime.ONNXRUNTIME, Runtime.LITERT)
+        opts = {"reference": True} if reference else {}
         self.head = HeadCodes(self.target, self.contract, **opts)
         self.wire, self.retries, self.backoff_s, self.timeout_s, self.k = wire, retries, backoff_s, timeout_s, topk
         self.tables = load_tables(self.target, self.contract) if wire in ("entropy", "context") else None
