@@ -24,6 +24,7 @@ import torch
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Role
+from bottlefit.exporter.equalize import Equalization
 from bottlefit.exporter.manifest import write_manifest
 from bottlefit.exporter.rounding import Rounding, WeightRounding
 from bottlefit.exporter.split import check_split, fold_head, split
@@ -255,14 +256,14 @@ def _write_manifest(tmp: Path, plan: _Plan, lm: Any, climbed: Climb[_Rung], requ
     if result.calibration is not None:
         sections["calibration"] = result.calibration.describe()
     if b.split.equalization is not None:
-        sections["equalization"] = b.split.equalization
+        sections["equalization"] = b.split.equalization.to_dict()
     if b.split.folds:
         sections["head_folds"] = b.split.folds
     if result.rounding is not None:
         sections["weight_rounding"] = result.rounding.to_dict()
     sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in result.artifacts
                         if a.role == Role.HEAD and a.outputs}
-    write_manifest(tmp, plan.target.name, card.to_dict(), source.describe(lm), result.artifacts, **sections)
+    write_manifest(tmp, plan.target.name, card, source.describe(lm), result.artifacts, **sections)
 
 
 @dataclass
@@ -370,7 +371,7 @@ class _RungSplit:
 
     split: Any
     error: float
-    equalization: dict[str, Any] | None
+    equalization: Equalization | None
     folds: list[str]
     lines: list[str]  # what making it logged after the rung's first line
 
@@ -378,12 +379,11 @@ class _RungSplit:
 def _rung_split(sm: Any, equalize: bool, fold_pool_bn: bool, calibration: Callable[[], Any],
                 log: Log) -> _RungSplit:
     lines: list[str] = []
-    equalization: dict[str, Any] | None = None
+    eq: Equalization | None = None
     if equalize:
         from bottlefit.exporter.equalize import equalize_split
 
         sm, eq = equalize_split(sm, calibration().images)
-        equalization = eq.to_dict()
         lines.append(f"equalized the bottleneck's {len(eq.scales)} channels ({eq.encoder_layer} x s, "
                      f"{eq.decoder_layer} / s)")
     folds: list[str] = []
@@ -395,7 +395,7 @@ def _rung_split(sm: Any, equalize: bool, fold_pool_bn: bool, calibration: Callab
     err = check_split(sm, torch.randn(2, *sm.card.input_shape, generator=torch.Generator().manual_seed(0)))
     lines.append(f"split at {sm.card.bottleneck.module}: bottleneck {sm.card.bottleneck.shape}; "
                  f"max |tail(head(x)) - model(x)| = {err:.3g}")
-    return _RungSplit(sm, err, equalization, folds, lines)
+    return _RungSplit(sm, err, eq, folds, lines)
 
 
 class _Remembered(torch.nn.Module):
