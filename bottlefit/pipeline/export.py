@@ -284,14 +284,15 @@ def _build_rung(sm: Any, rung: Rung, plan: _Plan, tmp: Path, shared: _Shared, lo
     request, target, knobs = plan.request, plan.target, rung.knobs
     mark(log, "rung setup")
     rs = _split_step(sm, knobs.equalize, request.calibration.fold_pool_bn, shared, log)
+    held = shared.held_out()
     needs = target.needs(plan.options)
     calibration = shared.calibration() if needs.calibration else None
     int8_head, rounding = None, None
     if needs.int8_head:
         mark(log, "round")
         int8_head, rounding = _round_step(rs.split, calibration, knobs, shared, log)
-    ctx = BuildContext(rs.split, tmp, plan.options, shared.held_out(), knobs.observer, calibration, int8_head,
-                       rounding, log, tolerance_overrides=plan.overrides)
+    ctx = BuildContext(rs.split, tmp, plan.options, held, knobs.observer, calibration, int8_head, rounding, log,
+                       tolerance_overrides=plan.overrides)
     mark(log, "build")
     result = target.build(ctx)
     executions = target.start_execution(tmp, result.artifacts, request.parity.emulate, log)
@@ -301,7 +302,6 @@ def _build_rung(sm: Any, rung: Rung, plan: _Plan, tmp: Path, shared: _Shared, lo
         mark(log, "parity")
         # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
         judged = replace(rs.split, model=_Remembered(rs.split.model, shared.references))
-        held = ctx.heldout
         verdict = verify(judged, result.artifacts, tmp, target.name, held.images, held.describe(), plan.overrides)
     except BaseException:
         executions.cancel()
