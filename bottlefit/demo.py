@@ -25,7 +25,7 @@ import torch
 
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact
+from bottlefit.exporter.artifact import Artifact, Precision, Role
 from bottlefit.exporter.manifest import read_manifest
 from bottlefit.exporter.split import split
 from bottlefit.flags import add_renamed
@@ -118,7 +118,7 @@ def _int8_heads(out: Path) -> list[tuple[str, Path, Artifact]]:
         d = out / target
         m = read_manifest(d)
         for a in (Artifact.from_dict(x) for x in m["artifacts"]):
-            if a.role == "head" and a.parity:
+            if a.role == Role.HEAD and a.parity:
                 heads.append((target, d, a))
     return heads
 
@@ -223,7 +223,7 @@ def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> li
 
     rows = []
     for target, d, a in _int8_heads(out):
-        z = run_head(a, d, x_val.numpy(), reference=a.precision == "int8")
+        z = run_head(a, d, x_val.numpy(), reference=a.precision == Precision.INT8)
         with torch.no_grad():
             logits = sm.tail(torch.from_numpy(z)).numpy()
         acc = 100.0 * float(np.mean(logits.argmax(1) == y_val))

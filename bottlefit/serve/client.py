@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Runtime
 from bottlefit.serve import codecs
 from bottlefit.serve.boardhttp import (
     V2_TYPES,
@@ -79,7 +80,7 @@ def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireCon
         chosen = next(((t, c) for tt, c in contracts if tt is t and c.head == board), None)
         if chosen is not None:
             return chosen
-    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != "litert"))
+    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != Runtime.LITERT))
     if not order:
         raise UserError(f"{out}: no head artifact in the manifest")
     return order[0]
@@ -196,7 +197,8 @@ class Client:
         if wire not in WIRES:
             raise UserError(f"--wire {wire!r}: choose one of {', '.join(WIRES)}")
         self.target, self.contract = pick_head(Path(out), head)
-        opts = {"reference": True} if reference and self.contract.runtime in ("onnxruntime", "litert") else {}
+        reference = reference and self.contract.runtime in (Runtime.ONNXRUNTIME, Runtime.LITERT)
+        opts = {"reference": True} if reference else {}
         self.head = HeadCodes(self.target, self.contract, **opts)
         self.wire, self.retries, self.backoff_s, self.timeout_s, self.k = wire, retries, backoff_s, timeout_s, topk
         self.tables = load_tables(self.target, self.contract) if wire in ("entropy", "context") else None

@@ -146,7 +146,10 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
     # the board scripts give ONNX Runtime the profile's kernel choice from here
     assert golden["profile"]["ort_session_config"] == pi4.ort_session_config
     chosen = next(a for a in arts if a.file == pi4.model)
-    assert chosen.extra["board_profile"]["why"] == pi4.why
+    assert chosen.extra["board_choice"]["why"] == pi4.why
+    # every artifact names the board in one shape (a string); only the default head carries the choice's record
+    assert {a.extra["board_profile"] for a in arts if a.file.startswith("head.")} == {"pi4"}
+    assert [a.file for a in arts if "board_choice" in a.extra] == [pi4.model]
 
 
 @pytest.mark.slow
