@@ -17,7 +17,7 @@ The run composes figures each taken where it can be had honestly, and every figu
 * **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
   link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.bench.energy`).
 
-Counting is ``bench split --device``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
+Counting is ``bench split --board``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
 for the whole R152 (minutes under qemu). The counts go into the result JSON with what they depend on (the
 artifacts' and the JPEG crop's sha256); a later run into the same OUT re-predicts from them without counting, so the
 committed report can be re-made (for example after the device-time model is re-fitted) in seconds.
@@ -174,7 +174,7 @@ def _figure(what: str, p: Any) -> Figure:
 
 def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: str = "") -> DeviceTimes:
     """Device ms from guest instructions counted on ``board``'s core ({"head", "full", "jpeg"}) through the
-    device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --device``)."""
+    device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --board``)."""
     from bottlefit.bench.device import encode_part
     from bottlefit.emulation.devicetime import predict_ms
 
@@ -208,7 +208,7 @@ def host_times(m: Measured, board: str) -> DeviceTimes:
 def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.ndarray, log: Log,
                 full_timeout: float = 900.0) -> dict[str, float]:
     """Guest instructions per inference of the head and the whole model, and of one JPEG encoding of ``rgb``, on
-    ``board``'s core, each part on its own: ``bench split --device``'s counts (bottlefit.bench.device.plan's cache
+    ``board``'s core, each part on its own: ``bench split --board``'s counts (bottlefit.bench.device.plan's cache
     keys, so the two share one cache). A part that cannot be counted here (no emulation; the whole model past
     ``full_timeout`` seconds, 0: not tried) is left out, with the reason logged: its ms are then assumed."""
     import subprocess

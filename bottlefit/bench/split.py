@@ -39,6 +39,7 @@ from bottlefit.bench.device import (
 )
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
 from bottlefit.errors import EnvironmentProblem, UserError
+from bottlefit.exporter.artifact import Precision, Role, Runtime
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.split/1"
@@ -159,8 +160,8 @@ def full_onnx(model: Model, dst: Path) -> Path:
     owner = next(t for t in find_targets(model.export) if t.tail() is not None)
     tail = owner.tail()
     assert tail is not None
-    head = next((a for a in owner.artifacts if a.role == "head" and a.precision == "fp32"
-                 and a.runtime == "onnxruntime"), None)
+    head = next((a for a in owner.artifacts if a.role == Role.HEAD and a.precision == Precision.FP32
+                 and a.runtime == Runtime.ONNXRUNTIME), None)
     if head is None:
         raise UserError(f"{owner.path}: no fp32 head.onnx to rebuild the whole model from")
     h, t = onnx.load(str(owner.path / head.file)), onnx.load(str(owner.path / tail.file))
@@ -627,7 +628,7 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
                     encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
                     timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
     except EmulationUnavailable as e:
-        raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
+        raise EmulationUnavailable(f"{e} (--board {opts.device.name} counts the device's work under arm64 "
                                    "emulation; without it pass your measured --device-factor)") from None
 
 

@@ -136,3 +136,26 @@ def test_kserve_datatypes_are_one_table_the_server_and_the_board_clients_read(tm
         sys.path.remove(str(tmp_path))
         for m in ("client", "run_head", "boardcodec", "boardhttp"):
             sys.modules.pop(m, None)
+
+
+def test_topk_is_classes_with_their_softmax_probabilities(served, mini_export: Path, tmp_path: Path, capsys) -> None:
+    """run-head (and the boards' clients: one function) print probabilities, most likely first, and say so; the
+    JSON lines keep the logits beside them."""
+    from bottlefit.serve.boardhttp import topk
+
+    logits = np.array([2.0, -1.0, 0.5, 2.0, 7.0])
+    p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert [c for c, _, _ in topk(logits, 5)] == [4, 0, 3, 2, 1]  # ties keep class order
+    np.testing.assert_allclose([q for _, q, _ in topk(logits, 5)], p[[4, 0, 3, 2, 1]], rtol=1e-12)
+    assert [s for _, _, s in topk(logits, 2)] == [7.0, 2.0] and len(topk(logits, 9)) == 5
+    images = _images(tmp_path, 1)
+    assert main(["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--topk", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "top-k class:probability " in line
+    shown = [float(x.split(":")[1]) for x in line.split("top-k class:probability ")[1].split()]
+    assert len(shown) == 3 and shown == sorted(shown, reverse=True) and 0 < sum(shown) <= 1.0005
+    assert main(["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--json"]) == 0
+    (rec,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    top = rec["topk"]
+    assert [sorted(t) for t in top] == [["class", "logit", "probability"]] * 5
+    assert top[0]["probability"] == max(t["probability"] for t in top) and top[0]["logit"] >= top[1]["logit"]

@@ -125,7 +125,7 @@ def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
     p = argparse.ArgumentParser()
     JETSON.add_arguments(p)
     TARGET.add_arguments(p)
-    assert options_from(RpiOptions, vars(p.parse_args([]))).profile is None
+    assert options_from(RpiOptions, vars(p.parse_args([]))).profile == DEFAULT  # the board used, by name
     assert get_profile(None).name == DEFAULT == "pi4"
     opts = options_from(RpiOptions, vars(p.parse_args(["--profile", "pi5"])))
     assert opts.profile == "pi5"
@@ -139,7 +139,7 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
 
     from tests.targets.rpi import rpi_bundle
 
-    out, arts = rpi_bundle()  # RpiOptions(): profile None -> pi4
+    out, arts = rpi_bundle()  # RpiOptions(): profile pi4
     pi4 = PROFILES["pi4"]
     golden = json.loads((out / "board" / "golden.json").read_text())
     assert golden["default_runtime"] == pi4.runtime and golden["default_delegate"] == pi4.delegate
@@ -147,7 +147,10 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
     # the board scripts give ONNX Runtime the profile's kernel choice from here
     assert golden["profile"]["ort_session_config"] == pi4.ort_session_config
     chosen = next(a for a in arts if a.file == pi4.model)
-    assert chosen.extra["board_profile"]["why"] == pi4.why
+    assert chosen.extra["board_choice"]["why"] == pi4.why
+    # every artifact names the board in one shape (a string); only the default head carries the choice's record
+    assert {a.extra["board_profile"] for a in arts if a.file.startswith("head.")} == {"pi4"}
+    assert [a.file for a in arts if "board_choice" in a.extra] == [pi4.model]
 
 
 @pytest.mark.slow
