@@ -24,6 +24,7 @@ from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import outdir, source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
 from bottlefit.pipeline.recipe import Rung, climb
+from bottlefit.runtimes.cpu import one_blas_thread
 from bottlefit.targets import BuildContext, get_target, names
 
 Log = Callable[[str], None]
@@ -166,7 +167,12 @@ def export_targets(requests: Sequence[ExportRequest], log: Log | None = None) ->
         dup = next(t for t in seen if seen.count(t) > 1)
         raise UserError(f"--target {','.join(seen)}: {dup} is named twice; name each target once")
     plans = [_plan(r) for r in requests]  # every target refuses what it cannot honour before any work
+    with one_blas_thread():  # numpy's products here are small: idle BLAS threads only spin (runtimes.cpu)
+        return _export_planned(plans, log)
 
+
+def _export_planned(plans: list[_Plan], log: Log) -> list[ExportResult]:
+    first = plans[0].request
     ckpt = first.model.checkpoint
     log(f"loading {f'checkpoint {ckpt}' if ckpt else 'untrained architecture'}")
     mark(log, "load")
@@ -279,7 +285,8 @@ def _build_rung(sm: Any, rung: Rung, target: Any, options: Any, tmp: Path, reque
     mark(log, "parity")
     # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
     sm = replace(sm, model=_Remembered(sm.model, shared.references))
-    verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides)
+    # staged: the ladder (pipeline.recipe.climb) completes it, unless its int8 gates already lost the rung
+    verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides, staged=True)
     return _Rung(ctx, artifacts, verdict, err, rs.equalization, rs.folds)
 
 
