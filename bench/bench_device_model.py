@@ -221,10 +221,10 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def applied() -> list[str]:
-    """The model applied to the R152 v2 (12 ch) heads whose counts bottlefit/targets/rpi/profiles.py keeps."""
+    """The model applied to the R152 v2 (12 ch) heads whose counts the rpi profiles read (rpi/costs.json)."""
     from bottlefit.targets.rpi.profiles import COST_HEAD, PROFILES
 
-    lines = ["", f"## Applied: the Pi heads of {COST_HEAD} (counts from bottlefit/targets/rpi/profiles.py)", "",
+    lines = ["", f"## Applied: the Pi heads of {COST_HEAD} (counts from bottlefit/targets/rpi/costs.json)", "",
              "| board | head | runtime | M instr. | predicted ms (1 thread) | basis |", "|---|---|---|---|---|---|"]
     for name, prof in PROFILES.items():
         for key in (prof.default_key, "head.int8.onnx/cpu-u8", "head.fp32.tflite/xnnpack"):

@@ -18,13 +18,14 @@ eager head (1 thread, medians).
 
 Prints a markdown table (each cost with its ratio to fp32 TFLite + XNNPACK on the same core; host ms with the ratio
 to PyTorch eager); ``--out DIR`` writes pi_cost.md, pi_cost.json and pi_cost.png; ``--json FILE`` writes the
-figures (bottlefit/targets/rpi/profiles.py keeps them as data, bench/bench_pi_cost_baseline.json is the committed
-baseline). ``--check FILE`` exits 1 when a cost grew beyond ``--margin`` (default 10%) over FILE's: the regression
-check for CI (several minutes: every count is an emulated run).
+figures. ``--update`` writes them into the package's data file, bottlefit/targets/rpi/costs.json, which the rpi
+board profiles read (their costs, default heads and the command and head recorded in every bundle); it needs a
+board of every core in ``--profiles``. ``--check [FILE]`` exits 1 when a cost grew beyond ``--margin`` (default
+10%) over FILE's (default: that data file): the regression check for CI (several minutes: every count is an
+emulated run).
 
     PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 --bottleneck-channel 12 \\
-        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--variants s2d,floor] [--out DIR] \\
-        [--check bench/bench_pi_cost_baseline.json]
+        --bottleneck-ver 2 --profiles pi4,pi5,pi3 [--variants s2d,floor,ncnn] [--out DIR] [--update | --check]
 """
 
 from __future__ import annotations
@@ -40,17 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.emulation.arm64 import ensure_sysroot, get_core
+from bottlefit.emulation.arm64 import CORES, WHEELS, ensure_sysroot, get_core, qemu_version
 from bottlefit.emulation.cost import instructions_per_inference, regressions
-from bottlefit.targets.rpi.profiles import ORT_CONFIG, REFERENCE
+from bottlefit.files import atomic_write_text
+from bottlefit.targets.rpi.profiles import COSTS_FILE, COSTS_SCHEMA, HEADS, ORT_CONFIG, REFERENCE
 
-# (file, runtime, delegate)
-COMBOS: tuple[tuple[str, str, str], ...] = (
-    ("head.fp32.tflite", "litert", "xnnpack"), ("head.fp32.tflite", "litert", "builtin"),
-    ("head.int8.tflite", "litert", "xnnpack"), ("head.int8.tflite", "litert", "builtin"),
-    ("head.int8.onnx", "onnxruntime", "cpu"), ("head.int8.onnx", "onnxruntime", "cpu-u8"),
-    ("head.int8.ncnn.param", "ncnn", "cpu"),
-)
+# (file, runtime, delegate): the heads an rpi bundle ships, one list with the profiles that read their costs
+COMBOS: tuple[tuple[str, str, str], ...] = HEADS
 S2D = {"head.fp32.tflite": "head.s2d.fp32.tflite", "head.int8.tflite": "head.s2d.int8.tflite",
        "head.int8.onnx": "head.s2d.int8.onnx"}
 NCNN_FP32 = "head.fp32.ncnn.param"
@@ -60,6 +57,36 @@ EAGER = "pytorch eager (fp32)"
 
 def key(file: str, delegate: str) -> str:
     return f"{file}/{delegate}"
+
+
+def command(a: argparse.Namespace) -> str:
+    """The command line that measures what ``a`` asks (recorded in the data file and every bundle's profile)."""
+    variants = f" --variants {a.variants}" if a.variants else ""
+    return (f"PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch {a.arch} --bottleneck-channel "
+            f"{a.bottleneck_channel} --bottleneck-ver {a.bottleneck_ver} --profiles {a.profiles}{variants}")
+
+
+def head_words(a: argparse.Namespace, crop: list[int]) -> str:
+    """The measured head in words."""
+    return (f"{a.arch} bottleneck_ver {a.bottleneck_ver}, {a.bottleneck_channel} channels, untrained (seeded), "
+            f"{crop[0]}x{crop[1]}, batch 1, 1 thread")
+
+
+def data_file(doc: dict[str, Any], cmd: str, head: str, date: str, qemu: str) -> dict[str, Any]:
+    """The package's data file (bottlefit/targets/rpi/costs.json) for a run's figures ``doc``."""
+    return {"schema": COSTS_SCHEMA,
+            "about": "Guest instructions per inference of every rpi head on every Raspberry Pi core, written by "
+                     "bench/bench_pi_cost.py --update; bottlefit.targets.rpi.profiles reads its shipped heads' costs, "
+                     "bench_pi_cost.py --check compares a new run with it.",
+            "command": cmd, "head": head,
+            "made_with": {"date": date, "wheels": [w for w in WHEELS if not w.startswith("numpy")], "qemu": qemu},
+            **doc}
+
+
+def missing_cores(profiles: list[str]) -> list[str]:
+    """The emulated cores no board of ``profiles`` runs on: a data file without them leaves a board uncosted."""
+    have = {get_core(p).cpu for p in profiles}
+    return sorted({c.cpu for c in CORES.values()} - have)
 
 
 def export_head(args: argparse.Namespace, out: Path) -> Path:
@@ -305,12 +332,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-host", action="store_true", help="emulated costs only")
     p.add_argument("--out", type=Path, help="folder for pi_cost.md, pi_cost.json, pi_cost.png")
     p.add_argument("--json", type=Path)
-    p.add_argument("--check", type=Path, help="a previous --json: exit 1 on a cost regression beyond --margin")
+    p.add_argument("--update", action="store_true",
+                   help=f"write the figures into the package's data file ({COSTS_FILE.name}, read by the rpi profiles)")
+    p.add_argument("--check", type=Path, nargs="?", const=COSTS_FILE,
+                   help=f"a previous --json or data file (default: {COSTS_FILE.name}): exit 1 on a cost regression "
+                        "beyond --margin")
     p.add_argument("--margin", type=float, default=0.10)
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     if set(variants) - {"s2d", "floor", "ncnn"}:
         p.error(f"--variants {a.variants!r}: s2d, floor and ncnn are known")
+    if a.update and missing_cores(a.profiles.split(",")):
+        p.error(f"--update: --profiles {a.profiles} has no board on {', '.join(missing_cores(a.profiles.split(',')))}"
+                " (every rpi profile reads the costs of its core)")
+
+    # read before --update may rewrite it
+    baseline = json.loads(a.check.read_text())["costs_minstr"] if a.check else None
 
     with tempfile.TemporaryDirectory(prefix="bench-pi-cost-") as tmp:
         bundle = a.bundle or export_head(a, Path(tmp) / "out")
@@ -346,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
             runners = {key(name[f], d): host_runner(bundle / f, r, d) for f, r, d in combos}
             ms = host_ms({**runners, EAGER: eager}, a.rounds)
+        crop = json.loads((bundle / "board" / "golden.json").read_text())["preprocess"]["crop"]
         sysroot = ensure_sysroot(log=lambda m: print(m, file=sys.stderr))
         costs: dict[str, dict[str, float]] = {}
         for prof in a.profiles.split(","):
@@ -365,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if a.json:
         a.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if a.update:
+        import datetime
+
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        atomic_write_text(COSTS_FILE, json.dumps(data_file(doc, command(a), head_words(a, crop), today,
+                                                           qemu_version()), indent=2) + "\n")
+        print(f"wrote {COSTS_FILE}", file=sys.stderr)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "pi_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -372,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(doc, a.out / "pi_cost.png")
         print(f"wrote {a.out / 'pi_cost.md'}, pi_cost.json, pi_cost.png", file=sys.stderr)
     if a.check:
-        worse = regressions(json.loads(a.check.read_text())["costs_minstr"], costs, a.margin)
+        worse = regressions(baseline or {}, costs, a.margin)
         for w in worse:
             print(f"REGRESSION {w}", file=sys.stderr)
         print(f"check against {a.check}: {len(worse)} regression(s) beyond +{a.margin:.0%}", file=sys.stderr)

@@ -28,11 +28,11 @@ import torch
 from bottlefit.calibration.dataset import CalibrationSet
 from bottlefit.exporter import wire
 from bottlefit.exporter.head_rewrite import rewrite_head
-from bottlefit.exporter.onnx import export_onnx
+from bottlefit.exporter.onnx import DEFAULT_OPSET, export_onnx
 from bottlefit.exporter.qdq import quantize_head
 from bottlefit.models.checkpoint import untrained
 from bottlefit.runtimes.litert import LiteRTRunner
-from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OPSET, ONNX_OUTPUT, write_int8_onnx
+from bottlefit.targets.rpi import ONNX_INPUT, ONNX_INT8_OPTIONS, ONNX_OUTPUT, write_int8_onnx
 from bottlefit.targets.rpi.tflite import export_tflite
 
 # name -> quantize_head options (QDQ, per-channel int8 weights in all of them)
@@ -85,7 +85,7 @@ def runners(name: str, threads: int, tmp: Path, calib: int) -> dict[str, Callabl
         s = _ort(q.path, threads)
         out["ort int8 s2d qdq_s8"] = lambda s=s: s.run(None, {ONNX_INPUT: x})
     # ONNX: the head itself (qdq.py rewrites the BatchNorm after the max-pool in the graph), as the rpi target does
-    fp32 = export_onnx(head, torch.from_numpy(x).clone(), tmp / f"{name}.fp32.onnx", ONNX_OPSET, ONNX_INPUT,
+    fp32 = export_onnx(head, torch.from_numpy(x).clone(), tmp / f"{name}.fp32.onnx", DEFAULT_OPSET, ONNX_INPUT,
                        ONNX_OUTPUT)
     s = _ort(fp32.path, threads)
     out["ort fp32"] = lambda s=s: s.run(None, {ONNX_INPUT: x})

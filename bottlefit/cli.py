@@ -78,10 +78,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for untrained weights and calibration choice")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint of ``export`` and ``inspect``: positional, or ``--checkpoint`` as in ``verify`` and ``bench
+    split`` (one name in every command; either spelling here)."""
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="the checkpoint (or --checkpoint CKPT)")
+    p.add_argument("--checkpoint", dest="checkpoint_option", metavar="CKPT", help="the checkpoint, as a flag")
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path | None:
+    """The checkpoint given either way; both ways naming different files is a usage error."""
+    from bottlefit.errors import UserError
+
+    given = {c for c in (args.checkpoint, getattr(args, "checkpoint_option", None)) if c}
+    if len(given) > 1:
+        raise UserError(f"{args.checkpoint} and --checkpoint {args.checkpoint_option}: name one checkpoint")
+    return Path(given.pop()) if given else None
+
+
 def model_source(args: argparse.Namespace) -> Any:
     from bottlefit.pipeline.options import ModelSource
 
-    return ModelSource(checkpoint=Path(args.checkpoint) if args.checkpoint else None, arch=args.arch,
+    return ModelSource(checkpoint=checkpoint_path(args), arch=args.arch,
                        bottleneck_channel=args.bottleneck_channel, bottleneck_ver=args.bottleneck_ver, bq=args.bq,
                        untrained=args.untrained, seed=args.seed)
 
@@ -214,6 +231,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from bottlefit.pipeline.export import Progress, export_targets
 
     results = export_targets(export_requests(args), Progress(args.quiet))
+    if args.json:
+        reports = [r.verdict.to_dict() for r in results]
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        return 0 if all(r.verdict.passed for r in results) else 1
     for result in results:
         if len(results) > 1:
             print(f"{result.target}:")
@@ -335,13 +356,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from bottlefit import targets
 
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's card, bottleneck and head/tail sizes")
-    p.add_argument("checkpoint", nargs="?")
+    _checkpoint_args(p)
     _model_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("export", parents=[common], help="split a checkpoint and build verified artifacts for a target")
-    p.add_argument("checkpoint", nargs="?")
+    _checkpoint_args(p)
     p.add_argument("--target", required=True, metavar="{" + ",".join(targets.names()) + "}[,...]",
                    help="the target, or several separated by commas (jetson,rpi): the model is loaded, split and "
                         "calibrated once, and each OUT/<target>/ is what an export of that target alone writes; "
@@ -382,6 +403,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="let an export that fails parity replace OUT/<target> (by default the last passing export "
                         "stays and the failed attempt is written beside it, to OUT/<target>.failed/)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (warnings still show)")
+    p.add_argument("--json", action="store_true",
+                   help="print each target's verdict as report.json holds it (a list for several targets), as "
+                        "`verify --json` does, instead of the table")
     _model_args(p)
     for name in targets.names():
         targets.get_target(name).add_arguments(_FlagRecorder(p, target_flag_actions))  # type: ignore[arg-type]

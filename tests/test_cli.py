@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -252,3 +253,97 @@ def test_run_script_hands_help_and_version_to_the_command(tmp_path: Path) -> Non
     assert run("--version") == "bottlefit --version"
     assert run("test", "-x") == "python -m pytest -q -x"
     assert run("export", "CKPT", "--target", "rpi") == "bottlefit export CKPT --target rpi"
+
+
+# --- one flag name per concept: the renamed flags, their old spellings (one release: a warning line) ------------
+
+RENAMES = [  # (command, new spelling, old spelling, value given, the parsed dest, the value parsed)
+    (["train"], "--out", "--output-dir", "runs/r1", "out", "runs/r1"),
+    (["demo"], "--out", "--workdir", "out/d", "out", "out/d"),
+    (["triton", "out"], "--out", "--repo", "repo", "out", "repo"),
+    (["bench", "split", "--out", "b"], "--image-count", "--images", "4", "image_count", 4),
+    (["bench", "split", "--out", "b"], "--accuracy-image-count", "--accuracy-images", "50", "accuracy_image_count",
+     50),
+    (["bench", "split", "--out", "b"], "--board", "--device", "pi5", "board", "pi5"),
+    (["bench", "split", "--out", "b"], "--demo-out", "--workdir", "out/d", "demo_out", "out/d"),
+]
+
+
+@pytest.mark.parametrize(("command", "new", "old", "value", "dest", "parsed"), RENAMES,
+                         ids=[f"{r[0][0]}:{r[2]}->{r[1]}" for r in RENAMES])
+def test_a_renamed_flag_works_and_its_old_spelling_warns_and_still_works(
+        capsys, command: list[str], new: str, old: str, value: str, dest: str, parsed: object) -> None:
+    from bottlefit.cli import build_parser
+
+    args = build_parser(command[0]).parse_args([*command, new, value])
+    assert getattr(args, dest) == parsed and capsys.readouterr().err == ""
+    args = build_parser(command[0]).parse_args([*command, old, value])
+    assert getattr(args, dest) == parsed
+    assert capsys.readouterr().err == f"bottlefit: warning: {old} is deprecated; use {new}\n"
+    help_text = _help(capsys, *command[:2] if command[0] == "bench" else command[:1])
+    assert new in help_text and f"{old} " not in help_text  # the old spelling is not advertised
+    with pytest.raises(SystemExit) as e:  # one flag, two spellings: not both
+        build_parser(command[0]).parse_args([*command, new, value, old, value])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag", ["--image-count", "--images"])
+def test_bench_counts_are_checked_in_either_spelling(tmp_path: Path, capsys, flag: str) -> None:
+    """The old spelling reaches the same check (exit 2, the flag's new name in the one error line)."""
+    assert main(["bench", "split", "--out", str(tmp_path), flag, "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "bottlefit: error: --image-count 0: must be at least 1"
+    assert len(err) == (2 if flag == "--images" else 1)
+
+
+def test_a_required_flag_may_be_given_in_its_old_spelling(tmp_path: Path, mini_export: Path, capsys) -> None:
+    """`triton --repo` (now --out, required): still runs, writes the same repository; --json lists the files."""
+    assert main(["triton", str(mini_export), "--repo", str(tmp_path / "old")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "bottlefit: warning: --repo is deprecated; use --out\n"
+    old = sorted(p.relative_to(tmp_path / "old").as_posix() for p in (tmp_path / "old").rglob("*") if p.is_file())
+    assert main(["triton", str(mini_export), "--out", str(tmp_path / "new"), "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert captured.err == "" and doc["repository"] == str(tmp_path / "new")
+    new = sorted(Path(f).relative_to(tmp_path / "new").as_posix() for f in doc["files"])
+    assert new == old and len(new) > 3
+    with pytest.raises(SystemExit) as e:
+        main(["triton", str(mini_export)])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_the_checkpoint_is_positional_or_a_flag_in_export_and_inspect(tmp_path: Path, capsys) -> None:
+    """One name for the checkpoint: `CKPT` or `--checkpoint CKPT` (as verify and bench split take it); two
+    different files are refused (exit 2, before any work)."""
+    from bottlefit.cli import build_parser, checkpoint_path
+
+    for command in ("export", "inspect"):
+        for argv in (["a.pt"], ["--checkpoint", "a.pt"], ["a.pt", "--checkpoint", "a.pt"]):
+            extra = ["--target", "onnx", "--out", "o"] if command == "export" else []
+            assert checkpoint_path(build_parser(command).parse_args([command, *argv, *extra])) == Path("a.pt")
+    assert main(["inspect", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt")]) == 2
+    assert capsys.readouterr().err == (f"bottlefit: error: {tmp_path / 'a.pt'} and --checkpoint {tmp_path / 'b.pt'}: "
+                                       "name one checkpoint\n")
+    assert main(["inspect", "--checkpoint", str(tmp_path / "missing.pt")]) == 2  # the flag reaches the loader
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_json_where_a_script_parses_the_result(capsys) -> None:
+    """Every command that prints a result a script would read takes --json."""
+    from bottlefit.cli import build_parser
+
+    for command in (["inspect"], ["export"], ["verify"], ["profiles"], ["run-head"], ["triton"], ["train"],
+                    ["bench", "split"]):
+        assert "--json" in _help(capsys, *command), command
+    assert build_parser("train").parse_args(["train", "--json"]).json is True
+
+
+def test_export_json_prints_the_verdict_as_verify_does(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["export", "--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2", "--target", "onnx",
+                 "--out", str(out), "--quiet", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "onnx" / "report.json").read_text()) and printed["passed"] is True
+    assert main(["verify", str(out / "onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checks"] == printed["checks"]

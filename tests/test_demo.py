@@ -15,7 +15,7 @@ from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot
 @pytest.mark.slow
 def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None:
     work = tmp_path / "demo"
-    assert main(["demo", "--workdir", str(work)]) == 0
+    assert main(["demo", "--out", str(work)]) == 0
     out = capsys.readouterr().out
     assert "BottleFit demo: mini_resnet" in out
     assert "bottleneck 4x5x5: 100 B int8 on the wire (400 B fp32)" in out
@@ -47,10 +47,11 @@ def test_demo_trains_exports_verifies_and_caches(tmp_path: Path, capsys) -> None
     last = out.strip().splitlines()[-1]
     assert last.startswith("Next: ") and f"bottlefit serve {work / 'export'}" in last
     assert f"bottlefit run-head {work / 'export' / 'onnx'} {work / 'images'}/*.png" in last
+    assert f"bottlefit bench split --quick --out out/bench --demo-out {work}`" in last  # where the bench finds it
     best = work / "student" / "best.pt"
     assert_int8_heads_agree_with_fp32(work, best)
     stamp = best.stat().st_mtime_ns
-    assert main(["demo", "--workdir", str(work)]) == 0
+    assert main(["demo", "--out", str(work)]) == 0
     err = capsys.readouterr().err
     assert "cached teacher" in err and "cached student" in err
     assert best.stat().st_mtime_ns == stamp
@@ -135,7 +136,7 @@ def test_demo_builds_the_sysroot_while_it_trains(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(demo, "_emulation_profiles", lambda: building.set() or "none")
     monkeypatch.setattr(demo, "train_model", train_model)
     monkeypatch.setattr(training, "mnist_splits", lambda *a, **k: None)
-    args = argparse.Namespace(workdir=str(tmp_path / "demo"), retrain=False, stage_epochs=1, bottleneck_channel=4)
+    args = argparse.Namespace(out=str(tmp_path / "demo"), retrain=False, stage_epochs=1, bottleneck_channel=4)
     with pytest.raises(Trained):
         demo.run_demo(args)
 

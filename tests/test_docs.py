@@ -64,7 +64,7 @@ def test_readme_path_from_the_demo_parses() -> None:
     assert (serve.out, serve.http_port, run_head.server) == ("out/demo/export", 8000, "http://127.0.0.1:8000")
     assert (run_head.dir, run_head.images) == ("out/demo/export/onnx", ["out/demo/images/*.png"])
     bench = build_parser("bench").parse_args(commands[3][1:])
-    assert bench.workdir == "out/demo"  # the demo's own folder: the bench reads its export from there
+    assert bench.demo_out == "out/demo"  # the demo's own folder: the bench reads its export from there
 
 
 def test_readme_path_matches_what_the_demo_writes() -> None:
@@ -72,6 +72,22 @@ def test_readme_path_matches_what_the_demo_writes() -> None:
     from bottlefit.demo import N_IMAGES
 
     p = build_parser("demo").parse_args(["demo"])
-    assert p.workdir == "out/demo" and N_IMAGES == 8
+    assert p.out == "out/demo" and N_IMAGES == 8
     text = README.read_text().split("## After the demo", 1)[1].split("\n## ", 1)[0]
     assert "eight of the" in text and "images/<i>-digit<label>.png" in text
+
+
+def test_the_jetson_python_is_the_same_in_the_readme_the_profiles_and_the_bundle_readme() -> None:
+    """The Python a Jetson board runs the bundle's scripts with is the one its JetPack ships (profiles.py's
+    board_python): the top README lists it per JetPack and each bundle's README names its own."""
+    from bottlefit.targets.jetson import JetsonOptions, _readme, resolve
+    from bottlefit.targets.jetson.profiles import PROFILES
+
+    top = " ".join(README.read_text().split())
+    for p in PROFILES:
+        assert f"{p.board_python} on {'' if p.jetpack[0] != '4.6' else 'JetPack '}{'/'.join(p.jetpack)} (" in top, p
+        assert p.name in top.split(f"{p.board_python} on ", 1)[1].split(")", 1)[0]
+        text = _readme(resolve(JetsonOptions(profile=p.name, jetpack=p.jetpack[0])), ["head.onnx"])
+        assert f"JetPack {p.jetpack[0]}, whose own `python3` ({p.board_python})" in " ".join(text.split())
+        assert "venv" in text and "scp -r OUT/jetson " in text and "python3 client.py" in text
+        assert "Python 3.6 or newer" in " ".join(text.split())

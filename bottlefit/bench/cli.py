@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
+from bottlefit.flags import add_renamed
 
 
 def _log(msg: str) -> None:
@@ -32,14 +33,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--link-model", default="auto", choices=["auto", "netns", "analytic"],
                    help="netns: namespaces + veth + tc (root); analytic: loopback + RTT + bytes*8/rate; "
                         "auto: netns where permitted")
-    s.add_argument("--images", type=int, help="images per link and mode (default 32; --quick 8)")
+    add_renamed(s, "--image-count", "--images", type=int, metavar="N",
+                help="images per link and mode (default 32; --quick 8; --paper 16)")
     s.add_argument("--repeats", type=int, help="passes over the images (default 3; --quick 1)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="offloading's JPEG quality (default 95)")
     s.add_argument("--wire", default="auto",
                    help="split payload: int8, raw, zstd, entropy, context, fp32, or auto (least encode + decode + "
                         "transfer time at the headline link, measured here)")
-    s.add_argument("--device", default="host", choices=sorted(DEVICES),
-                   help="the device: host (this machine, measured); pi4, pi5, pi3, zero2: what the device runs "
+    add_renamed(s, "--board", "--device", default="host", choices=sorted(DEVICES),
+                help="the device side: host (this machine, measured); pi4, pi5, pi3, zero2: what the device runs "
                         "(head, whole model, JPEG encoding) counted under arm64 emulation on the board's core and "
                         "predicted by the device-time model fitted on published board timings; nano: assumed x" +
                         f"{DEVICES['nano'].factor:g} this host")
@@ -48,14 +50,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "(labelled assumed; no emulation)")
     s.add_argument("--device-timings", metavar="FILE",
                    help="`bottlefit run-head --json` output from the real board: the head's ms, measured (the other "
-                        "parts stay predicted); with --device pi4|pi5|pi3|zero2")
+                        "parts stay predicted); with --board pi4|pi5|pi3|zero2")
     s.add_argument("--headline-link", help="the link of the headline line (default lte, else the first of --links)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--export", help="an export root holding onnx/ (tail.onnx, head.onnx) and its heads")
     src.add_argument("--checkpoint", help="a checkpoint: exported for onnx (int8 head) into OUT/export first")
-    s.add_argument("--workdir", default="out/demo", help="the demo's work directory (default model; out/demo)")
-    s.add_argument("--head", help="head artifact file for the device (default: the int8 head, TFLite first)")
-    s.add_argument("--accuracy-images", type=int, help="images for top-1 per mode (default 1000; --quick 200)")
+    add_renamed(s, "--demo-out", "--workdir", default="out/demo", metavar="DIR",
+                help="the demo's --out folder: its export is the default model (trained and exported there when "
+                     "missing); --paper keeps its exports there too")
+    s.add_argument("--head", help="head artifact file for the device (default: as run-head picks it: the board "
+                   "profile's default head of an rpi/ bundle, else the int8 head)")
+    add_renamed(s, "--accuracy-image-count", "--accuracy-images", type=int, metavar="N",
+                help="images for top-1 per mode (default 1000; --quick 200)")
     s.add_argument("--no-tradeoff", action="store_true", help="skip the compression-accuracy trade-off")
     s.add_argument("--server", default="serve", choices=["serve", "triton"],
                    help="triton: the split mode also through a real tritonserver (the `bottlefit triton` ensemble, "
@@ -67,7 +73,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "offload, latency and an energy model, beside the paper's figures (OUT/paper.{md,json,png})")
     s.add_argument("--paper-checkpoints", metavar="C=PATH[,C=PATH]",
                    help="--paper: the models' checkpoints by channel count (default: untrained, seed 0)")
-    s.add_argument("--boards", default="pi4,pi5", help="--paper: boards (default pi4,pi5)")
+    s.add_argument("--boards", default="pi4,pi5", help="--paper: boards")
     s.add_argument("--paper-share-count", action="store_true",
                    help="--paper: count the whole model of the first checkpoint only; the others (which differ "
                         "only in the bottleneck's two convs) use its count, labelled with their MAC difference")
@@ -80,6 +86,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "(recorded counts re-predicted; nothing measured or counted again)")
     s.add_argument("--no-count", action="store_true",
                    help="--paper: no counting under emulation (device ms = this host's x the device factor)")
+    s.add_argument("--json", action="store_true",
+                   help="print the report (what OUT/split.json or OUT/paper.json holds) instead of the table")
     s.set_defaults(func=run_split)
 
 
@@ -93,13 +101,13 @@ def options(args: argparse.Namespace) -> Any:
 
     if args.wire not in ("auto", *WIRES):
         raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
-    for flag, v in (("--images", args.images), ("--repeats", args.repeats),
-                    ("--accuracy-images", args.accuracy_images)):
+    for flag, v in (("--image-count", args.image_count), ("--repeats", args.repeats),
+                    ("--accuracy-image-count", args.accuracy_image_count)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality {args.jpeg_quality}: must be 1..100")
-    device = DEVICES[args.device]
+    device = DEVICES[args.board]
     if args.device_factor is not None:
         if not args.device_factor > 0:
             raise UserError(f"--device-factor {args.device_factor}: must be > 0")
@@ -111,7 +119,7 @@ def options(args: argparse.Namespace) -> Any:
         from bottlefit.bench.device import read_timings
 
         if device.board is None or device.factor is not None:
-            raise UserError("--device-timings needs --device pi4|pi5|pi3|zero2 without --device-factor")
+            raise UserError("--device-timings needs --board pi4|pi5|pi3|zero2 without --device-factor")
         timings = Path(args.device_timings)
         read_timings(timings)  # one clear line now, not after the accuracy pass
     links = parse_links(args.links)
@@ -126,11 +134,11 @@ def options(args: argparse.Namespace) -> Any:
         raise UserError(f"--export {args.export}: no such directory")
     return BenchOptions(
         out=Path(args.out), links=links, quick=args.quick, link_model=args.link_model,
-        images=args.images or (8 if args.quick else 32), repeats=args.repeats or (1 if args.quick else 3),
+        images=args.image_count or (8 if args.quick else 32), repeats=args.repeats or (1 if args.quick else 3),
         jpeg_quality=args.jpeg_quality, wire=args.wire, device=device, headline_link=headline,
         export=Path(args.export) if args.export else None,
-        checkpoint=Path(args.checkpoint) if args.checkpoint else None, workdir=Path(args.workdir), head=args.head,
-        accuracy_images=args.accuracy_images or (200 if args.quick else 1000), triton=args.server == "triton",
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None, workdir=Path(args.demo_out), head=args.head,
+        accuracy_images=args.accuracy_image_count or (200 if args.quick else 1000), triton=args.server == "triton",
         device_timings=timings)
 
 
@@ -152,8 +160,8 @@ def run_paper_mode(args: argparse.Namespace) -> int:
     for b in boards:
         if b not in ("pi4", "pi5"):
             raise UserError(f"--boards {b!r}: the energy model has power figures for pi4 and pi5 only")
-    if args.images is not None and args.images < 1:
-        raise UserError(f"--images {args.images}: must be at least 1")
+    if args.image_count is not None and args.image_count < 1:
+        raise UserError(f"--image-count {args.image_count}: must be at least 1")
     if args.paper_count_timeout < 0:
         raise UserError(f"--paper-count-timeout {args.paper_count_timeout:g}: must be >= 0 (0: not counted)")
     from bottlefit.bench.links import parse_links
@@ -168,6 +176,9 @@ def run_paper_mode(args: argparse.Namespace) -> int:
             raise UserError(f"--paper-repredict: cannot read {src} ({e}); run --paper into --out first") from None
         result = repredict(earlier)
         paths = write_report(Path(args.out), result)
+        if args.json:
+            print((Path(args.out) / "paper.json").read_text().rstrip("\n"))
+            return 0
         print(f"wrote {', '.join(str(p) for p in paths)} (re-predicted from {src})")
         print(result["headline"])
         return 0
@@ -176,12 +187,15 @@ def run_paper_mode(args: argparse.Namespace) -> int:
         raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
     links = parse_links(args.links)
     opts = PaperOptions(out=Path(args.out), sources=parse_sources(args.paper_checkpoints), boards=boards,
-                        links=links, images=args.images or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
-                        workdir=Path(args.workdir), headline_link=(args.headline_link or "lte").lower(),
+                        links=links, images=args.image_count or 16, jpeg_quality=args.jpeg_quality, wire=args.wire,
+                        workdir=Path(args.demo_out), headline_link=(args.headline_link or "lte").lower(),
                         count=not args.no_count, share_count=args.paper_share_count,
                         count_timeout=args.paper_count_timeout)
     result = run_paper(opts, _log)
     paths = write_report(opts.out, result)
+    if args.json:
+        print((opts.out / "paper.json").read_text().rstrip("\n"))
+        return 0
     print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
     print(result["headline"])
     return 0
@@ -200,6 +214,10 @@ def run_split(args: argparse.Namespace) -> int:
     result["tradeoff"] = run_tradeoff_step(opts.out, quick=opts.quick, skip=args.no_tradeoff)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     paths = write_report(opts.out, result)
+    failed = sum(r["failed"] for r in result["rows"])
+    if args.json:
+        print((opts.out / "split.json").read_text().rstrip("\n"))
+        return 1 if failed else 0
     print(table(result))
     print(f"links: {result['link_setup_text']}")
     dev = result["device"]
@@ -208,7 +226,6 @@ def run_split(args: argparse.Namespace) -> int:
         print(f"  {mode}: {m['basis']}: {m['why']}")
     print(f"wrote {', '.join(str(p) for p in paths)} in {result['wall_s']:.0f} s")
     print(result["headline"])
-    failed = sum(r["failed"] for r in result["rows"])
     if failed:
         print(f"bottlefit bench split: {failed} request(s) failed (see the table)", file=sys.stderr)
     return 1 if failed else 0

@@ -17,7 +17,7 @@ The run composes figures each taken where it can be had honestly, and every figu
 * **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
   link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.bench.energy`).
 
-Counting is ``bench split --device``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
+Counting is ``bench split --board``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
 for the whole R152 (minutes under qemu). The counts go into the result JSON with what they depend on (the
 artifacts' and the JPEG crop's sha256); a later run into the same OUT re-predicts from them without counting, so the
 committed report can be re-made (for example after the device-time model is re-fitted) in seconds.
@@ -167,7 +167,7 @@ def _figure(what: str, p: Any) -> Figure:
 
 def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: str = "") -> DeviceTimes:
     """Device ms from guest instructions counted on ``board``'s core ({"head", "full", "jpeg"}) through the
-    device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --device``)."""
+    device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --board``)."""
     from bottlefit.bench.device import encode_part
     from bottlefit.emulation.devicetime import predict_ms
 
@@ -201,7 +201,7 @@ def host_times(m: Measured, board: str) -> DeviceTimes:
 def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.ndarray, log: Log,
                 full_timeout: float = 900.0) -> dict[str, float]:
     """Guest instructions per inference of the head and the whole model, and of one JPEG encoding of ``rgb``, on
-    ``board``'s core, each part on its own: ``bench split --device``'s counts (bottlefit.bench.device.plan's cache
+    ``board``'s core, each part on its own: ``bench split --board``'s counts (bottlefit.bench.device.plan's cache
     keys, so the two share one cache). A part that cannot be counted here (no emulation; the whole model past
     ``full_timeout`` seconds, 0: not tried) is left out, with the reason logged: its ms are then assumed."""
     import subprocess
@@ -486,7 +486,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
             log: Log) -> tuple[Measured, Path, Path, np.ndarray]:
     """The host-side figures of one exported model on the built-in held-out photos; returns them with the
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
-    from bottlefit.bench.service import decode_jpeg, normalize
+    from bottlefit.bench.service import decode_jpeg
     from bottlefit.bench.split import Model, full_onnx, jpeg, load_images
     from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
@@ -524,7 +524,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     full_ms = _median_ms(lambda i: runner.infer({fin: imgs.x[i : i + 1]}), n)
     jpegs = [jpeg(imgs.rgb[i], jpeg_quality) for i in range(n)]
     jpeg_ms = _median_ms(lambda i: jpeg(imgs.rgb[i], jpeg_quality), n)
-    offload_ms = _median_ms(lambda i: runner.infer({fin: normalize(decode_jpeg(jpegs[i], card)[None], card)}), n)
+    offload_ms = _median_ms(lambda i: runner.infer({fin: card.normalize(decode_jpeg(jpegs[i], card)[None])}), n)
     z = [(contract.dequantize(c[None]) if contract.quantized else c[None]).astype(np.float32) for c in codes]
     tail.infer({tin: z[0]})
     tail_ms = _median_ms(lambda i: tail.infer({tin: z[i]}), n)

@@ -32,13 +32,6 @@ def full_model_name(card: dict[str, Any]) -> str:
     return tail_model_name(card).removesuffix("_tail") + "_full"
 
 
-def normalize(rgb: np.ndarray, card: ModelCard) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalized as the card says (the crop is already model-sized)."""
-    x = rgb.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(card.mean, np.float32)) / np.asarray(card.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 def decode_jpeg(data: bytes, card: ModelCard) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -73,7 +66,7 @@ class FullModel:
             raise bad(f"expected one BYTES input {INPUT!r} of shape [1] (a JPEG)")
         frames = split_bytes_elements(bytes(inputs[0].data or b""), 1) if not isinstance(inputs[0].data, list) \
             else inputs[0].data
-        x = normalize(decode_jpeg(frames[0], self.card)[None], self.card)
+        x = self.card.normalize(decode_jpeg(frames[0], self.card)[None])
         with self.lock:
             y = self.runner.infer({self.input_name: x})[self.output_name]
         return np.ascontiguousarray(y, dtype="<f4"), (time.perf_counter() - t0) * 1e3

@@ -39,6 +39,7 @@ from bottlefit.bench.device import (
 )
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
 from bottlefit.errors import EnvironmentProblem, UserError
+from bottlefit.exporter.artifact import Precision, Role, Runtime
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.split/1"
@@ -159,8 +160,8 @@ def full_onnx(model: Model, dst: Path) -> Path:
     owner = next(t for t in find_targets(model.export) if t.tail() is not None)
     tail = owner.tail()
     assert tail is not None
-    head = next((a for a in owner.artifacts if a.role == "head" and a.precision == "fp32"
-                 and a.runtime == "onnxruntime"), None)
+    head = next((a for a in owner.artifacts if a.role == Role.HEAD and a.precision == Precision.FP32
+                 and a.runtime == Runtime.ONNXRUNTIME), None)
     if head is None:
         raise UserError(f"{owner.path}: no fp32 head.onnx to rebuild the whole model from")
     h, t = onnx.load(str(owner.path / head.file)), onnx.load(str(owner.path / tail.file))
@@ -174,15 +175,7 @@ def full_onnx(model: Model, dst: Path) -> Path:
 # -- images and accuracy
 
 
-def _to_rgb(x: np.ndarray, card: dict[str, Any]) -> np.ndarray:
-    mean = np.asarray(card["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(card["std"], np.float32).reshape(1, -1, 1, 1)
-    rgb = np.clip(np.round((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb.transpose(0, 2, 3, 1))
-
-
 def load_images(model: Model, count: int) -> Images:
-    from bottlefit.bench.service import normalize
     from bottlefit.models.card import ModelCard
 
     card = ModelCard.from_dict(model.card)
@@ -199,8 +192,8 @@ def load_images(model: Model, count: int) -> Images:
 
         arr, _ = builtin_arrays(card, "heldout")
         x, labels = np.asarray(arr, np.float32)[:count], None
-    rgb = _to_rgb(x, model.card)
-    return Images(normalize(rgb, card), rgb, labels)
+    rgb = card.rgb8(x)
+    return Images(card.normalize(rgb), rgb, labels)
 
 
 def jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -265,7 +258,7 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
 def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Log) -> dict[str, Any]:
     """Top-1 per mode on the accuracy images, in process (the same artifacts the bench runs): local fp32 model,
     the server's model on JPEG qN of the crop, and the device's head artifact -> its contract's codes -> tail."""
-    from bottlefit.bench.service import decode_jpeg, normalize
+    from bottlefit.bench.service import decode_jpeg
     from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
     from bottlefit.serve.client import pick_head
@@ -287,7 +280,7 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
         local.append(int(np.argmax(runner.infer({fin: imgs.x[i : i + 1]})[fout])))
         j = jpeg(imgs.rgb[i], opts.jpeg_quality)
         sizes.append(len(j))
-        xj = normalize(decode_jpeg(j, card)[None], card)
+        xj = card.normalize(decode_jpeg(j, card)[None])
         off.append(int(np.argmax(runner.infer({fin: xj})[fout])))
         codes = head(imgs.x[i : i + 1])[0]
         codes_all.append(codes)
@@ -607,7 +600,7 @@ def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opt
                     encode_host_ms=float(wire_fig.get("encode_ms_host", 0.0)),
                     timings=read_timings(opts.device_timings) if opts.device_timings else None, log=log)
     except EmulationUnavailable as e:
-        raise EmulationUnavailable(f"{e} (--device {opts.device.name} counts the device's work under arm64 "
+        raise EmulationUnavailable(f"{e} (--board {opts.device.name} counts the device's work under arm64 "
                                    "emulation; without it pass your measured --device-factor)") from None
 
 

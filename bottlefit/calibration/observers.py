@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -445,12 +446,22 @@ def fake_quant(x: Any, lo: float, hi: float, symmetric: bool, dtype: str = "int8
 
 
 
-OBSERVERS: dict[str, type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "percentile": PercentileObserver,
-    "entropy": EntropyObserver,
-    "mse": MseObserver,
-    "search": SearchObserver,
+class ObserverKind(StrEnum):
+    """The range observers ``--observer`` names (``OBSERVERS``: the class of each)."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+    SEARCH = "search"  # every method's range a candidate, judged per tensor (bottlefit.calibration.search)
+
+
+OBSERVERS: dict[ObserverKind, type[Observer]] = {
+    ObserverKind.MINMAX: MinMaxObserver,
+    ObserverKind.PERCENTILE: PercentileObserver,
+    ObserverKind.ENTROPY: EntropyObserver,
+    ObserverKind.MSE: MseObserver,
+    ObserverKind.SEARCH: SearchObserver,
 }
 
 

@@ -19,7 +19,4 @@ def preprocess(rgb: np.ndarray, card: ModelCard) -> np.ndarray:
     # uint8 in, uint8 out: the same rounding a PIL-based torchvision pipeline applies after Resize.
     t = TF.resize(t, [card.resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     t = TF.center_crop(t, [int(card.input_shape[1]), int(card.input_shape[2])])
-    x = t.to(torch.float32) / 255.0
-    mean = torch.tensor(card.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(card.std, dtype=torch.float32).view(-1, 1, 1)
-    return ((x - mean) / std).numpy().astype(np.float32, copy=False)
+    return card.normalize(t.permute(1, 2, 0).numpy()[None])[0]

@@ -27,7 +27,10 @@ cores share the sysroot and run in parallel without a lock.
 
 qemu's cortex-a72 and cortex-a53 models have the crypto extensions the Pi 4/3/Zero 2 SoCs lack, so there the guest's
 HWCAP (not its cpuinfo) shows aes pmull sha1 sha2; the NEON, fp16 and dot-product bits that select int8 kernels match
-the boards (a76: atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp; a72/a53: none of them).
+the boards (a76: atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp; a72/a53: none of them). The runtimes select
+kernels by HWCAP (and by the cpuinfo CPU part for the core's tuning), never by the crypto bits. The cores' names,
+CPU parts and Features lines are rows of the board table (``boards.json`` beside this module, read through
+``bottlefit.emulation.devicetime.boards``), which the rpi profiles and the device-time model read too.
 """
 
 from __future__ import annotations
@@ -81,25 +84,25 @@ class Core:
     board: str  # "Raspberry Pi 4"
     cpuinfo_part: str  # "0xd08"
     features: str  # the board's /proc/cpuinfo "Features" line
+    processors: int = 4  # the board's cores
 
-    def cpuinfo(self, processors: int = 4) -> str:
+    def cpuinfo(self) -> str:
         """The board's /proc/cpuinfo (the fields ARM's Linux kernel writes that CPU feature detection reads)."""
         block = ("processor\t: {n}\nFeatures\t: {f}\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
                  "CPU part\t: {p}\n\n")
-        return "".join(block.format(n=n, f=self.features, p=self.cpuinfo_part) for n in range(processors)) + \
+        return "".join(block.format(n=n, f=self.features, p=self.cpuinfo_part) for n in range(self.processors)) + \
             f"Model\t\t: {self.board}\n"
 
 
-_A53_A72_FEATURES = "fp asimd evtstrm crc32 cpuid"  # BCM2837/RP3A0/BCM2711: no crypto extensions
-_A76_FEATURES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
-                 "asimddp")  # BCM2712 (Raspberry Pi 5), as its kernel prints it
+def _cores() -> dict[str, Core]:
+    """The boards bottlefit emulates, from the one board table (devicetime's boards.json)."""
+    from bottlefit.emulation.devicetime import boards
 
-CORES: dict[str, Core] = {
-    "pi4": Core("pi4", "cortex-a72", "Raspberry Pi 4", "0xd08", _A53_A72_FEATURES),
-    "pi5": Core("pi5", "cortex-a76", "Raspberry Pi 5", "0xd0b", _A76_FEATURES),
-    "pi3": Core("pi3", "cortex-a53", "Raspberry Pi 3", "0xd03", _A53_A72_FEATURES),
-    "zero2": Core("zero2", "cortex-a53", "Raspberry Pi Zero 2 W", "0xd03", _A53_A72_FEATURES),
-}
+    return {b.profile: Core(b.profile, b.core, b.short_name, b.cpu_part, " ".join(b.features), b.cores)
+            for b in boards() if b.profile}
+
+
+CORES: dict[str, Core] = _cores()
 
 
 def get_core(profile: str) -> Core:

@@ -58,6 +58,11 @@ class Board:
     cores: int
     profile: str | None  # the bottlefit rpi profile emulating it, None for a calibration-only board
     note: str = ""
+    # a board with a profile: what its emulated /proc/cpuinfo shows (bottlefit.emulation.arm64.CORES) and the rpi
+    # profile records (bottlefit.targets.rpi.profiles)
+    short_name: str = ""  # "Raspberry Pi 4": the cpuinfo Model line
+    cpu_part: str = ""  # "0xd08": the cpuinfo CPU part (the core's MIDR part number)
+    features: tuple[str, ...] = ()  # the cpuinfo Features line as the board's kernel prints it
 
 
 def data(path: Path | None = None) -> dict[str, Any]:
@@ -78,10 +83,13 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def boards(doc: Mapping[str, Any] | None = None) -> list[Board]:
-    """The board table: every board with published timings or a bottlefit profile."""
+    """The board table, the one source of every board's core, clock, cores and (boards with a bottlefit profile)
+    emulated /proc/cpuinfo: every board with published timings or a bottlefit profile."""
     doc = doc or data()
     return [Board(name=k, title=v["title"], core=v["core"], clock_ghz=float(v["clock_ghz"]), cores=int(v["cores"]),
-                  profile=v.get("profile"), note=v.get("note", "")) for k, v in doc["boards"].items()]
+                  profile=v.get("profile"), note=v.get("note", ""), short_name=v.get("short_name", ""),
+                  cpu_part=v.get("cpu_part", ""), features=tuple(v.get("features", "").split()))
+            for k, v in doc["boards"].items()]
 
 
 def board(name: str, doc: Mapping[str, Any] | None = None) -> Board:

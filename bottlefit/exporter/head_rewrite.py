@@ -23,6 +23,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,16 +59,26 @@ class RewrittenHead:
         return found
 
 
+def batchnorm_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                     eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) of an inference BatchNorm, ``scale = gamma / sqrt(var + eps)``, ``shift = beta -
+    mean * scale``, in float64 so a fold adds no rounding. The one formula of every BatchNorm rewrite: the PyTorch
+    modules' here, the ONNX graph's in qdq.rewrite_standalone_batchnorm."""
+    gamma, beta, mean, var = (np.asarray(a, np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BN, computed in float64 so the fold adds no rounding."""
+    """``batchnorm_affine`` of an eval-mode BN module, as float64 tensors."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm2d without running statistics cannot be folded")
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
+    var = bn.running_var.detach().double().numpy()
+    mean = bn.running_mean.detach().double().numpy()
+    gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(var)
+    beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(var)
+    scale, shift = batchnorm_affine(gamma, beta, mean, var, bn.eps)
+    return torch.from_numpy(scale), torch.from_numpy(shift)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

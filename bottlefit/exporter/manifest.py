@@ -10,6 +10,7 @@ from typing import Any
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.files import atomic_write_text, sha256_file
+from bottlefit.models.card import ModelCard
 
 MANIFEST = "manifest.json"
 # 2: "source" names a checkpoint by file name, size and sha256, no longer by its absolute path
@@ -35,7 +36,7 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dict[str, Any],
+def write_manifest(out_dir: Path, target: str, card: ModelCard, source: dict[str, Any],
                    artifacts: list[Artifact], **sections: Any) -> dict[str, Any]:
     for a in artifacts:
         a.sha256 = sha256_file(out_dir / a.file)
@@ -43,7 +44,7 @@ def write_manifest(out_dir: Path, target: str, card: dict[str, Any], source: dic
         "format": "bottlefit-manifest",
         "format_version": FORMAT_VERSION,
         "target": target,
-        "model_card": card,
+        "model_card": card.to_dict(),
         "source": source,
         "artifacts": [a.to_dict() for a in artifacts],
         "versions": package_versions(),

@@ -16,10 +16,13 @@ from torch import nn
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.files import atomic_write_bytes
 
-# The legacy (TorchScript) exporter writes exactly the opset asked for; the dynamo exporter in torch 2.14
-# silently writes 18 (docs/tensorrt.md). TensorRT 8.2 (Jetson Nano) parses nothing newer than 13.
-MIN_OPSET, MAX_OPSET = 11, 17
-DEFAULT_OPSET = 13
+# The opset table, one source for every target. The legacy (TorchScript) exporter writes exactly the opset asked
+# for; the dynamo exporter in torch 2.14 silently writes 18 (docs/tensorrt.md).
+MIN_OPSET, MAX_OPSET = 11, 17  # what --opset accepts
+MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) arrived in opset 13: every int8 Q/DQ head
+# Every target's default: the oldest opset with per-channel Q/DQ, and the newest TensorRT 8.2 (Jetson Nano, the
+# oldest parser a profile names) reads; nothing here needs newer ops. A Jetson profile may cap it (max_opset).
+DEFAULT_OPSET = MIN_QDQ_OPSET
 
 # The legacy exporter names each node by the module that emitted it: /encoder/encoder.4/BatchNormalization.
 _SCOPE = re.compile(r"^/((?:[\w.]+/)*)([\w.]+)/[A-Za-z]+(?:_\d+)?$")
@@ -45,7 +48,7 @@ class OnnxExport:
 def check_opset(opset: int) -> int:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset {opset} is not supported: the exporter writes opsets {MIN_OPSET}–{MAX_OPSET} "
-                        f"(13 for Jetson Nano / TensorRT 8.2, 17 for TensorRT 8.5+)")
+                        f"({DEFAULT_OPSET} for Jetson Nano / TensorRT 8.2, 17 for TensorRT 8.5+)")
     return opset
 
 

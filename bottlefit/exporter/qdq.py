@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 from bottlefit.calibration.observers import Observer, calibrate_two_pass, make_observer
 from bottlefit.calibration.search import LayerProbe, SearchChoice, search
 from bottlefit.errors import UserError, VerificationError
+from bottlefit.exporter.head_rewrite import batchnorm_affine
 from bottlefit.exporter.onnx import module_of, save_onnx
 
 # ONNX Runtime renames a graph output it quantizes: "<name>_QuantizeLinear_Input" feeds the Q node.
@@ -124,8 +125,13 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 def rewrite_standalone_batchnorm(model: onnx.ModelProto) -> list[str]:
     """Replace every 4-D BatchNormalization (inference form) by the exact 1x1 depthwise Conv, in place.
 
-    weight = gamma / sqrt(var + eps), bias = beta - mean * weight, computed in float64 and rounded once.
-    Returns the new node names.
+    weight = gamma / sqrt(var + eps), bias = beta - mean * weight (head_rewrite.batchnorm_affine, the formula the
+    PyTorch rewrites use), computed in float64 and rounded once. Returns the new node names.
+
+    Why on the graph and not by exporting head_rewrite's PyTorch rewrite: the Q/DQ heads are made from the fp32
+    head.onnx each target ships, and keep its tensor names (TensorRT's calibration cache names them) and node
+    scopes (diagnosis names modules by them); an export of the rewritten nn.Sequential names both after its
+    children ("/0/Conv"), so head.qdq.onnx and head.int8.onnx would change bytes and lose those names.
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -137,9 +143,7 @@ def rewrite_standalone_batchnorm(model: onnx.ModelProto) -> list[str]:
         if not all(n in inits for n in node.input[1:5]) or shapes.get(node.input[0]) != 4:
             continue
         eps = float(_attr(node, "epsilon", 1e-5))
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
-        w = gamma / np.sqrt(var + eps)
-        b = beta - mean * w
+        w, b = batchnorm_affine(*(numpy_helper.to_array(inits[n]) for n in node.input[1:5]), eps)
         c = int(w.size)
         name = node.name.rsplit("/", 1)[0] + "/Conv" if "/" in node.name else (node.name or f"bn{idx}") + "_conv"
         wname, bname = f"{name}.weight", f"{name}.bias"

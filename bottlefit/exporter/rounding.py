@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,15 @@ from torch import nn
 
 from bottlefit.errors import UserError
 
-METHODS = ("nearest", "gptq")
+
+class WeightRounding(StrEnum):
+    """How the int8 heads' conv weights meet the int8 grid (``--weight-rounding``)."""
+
+    NEAREST = "nearest"  # by each converter, from the float weights
+    GPTQ = "gptq"  # Hessian-aware, on the calibration images, before any converter
+
+
+METHODS = tuple(WeightRounding)
 QMAX = 127
 _DAMP = 0.01  # of H's mean diagonal: keeps the Cholesky stable where inputs are (nearly) collinear
 _BATCH = 8
@@ -47,7 +56,7 @@ class Rounding:
     """What ``round_head`` did, per conv (module path inside the head): the layer's output SQNR on the calibration
     set with round-to-nearest and with the chosen method (dB), and the bias correction's size."""
 
-    method: str
+    method: WeightRounding
     bias_correction: bool
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     images: int = 0
@@ -145,7 +154,7 @@ def _sqnr(w: torch.Tensor, e: torch.Tensor, h: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
+def round_head(head: nn.Module, images: np.ndarray, method: str = WeightRounding.GPTQ, *,
                bias_correction: bool = False) -> tuple[nn.Module, Rounding]:
     """A copy of ``head`` (an ``nn.Module`` whose ``encoder`` is an ``nn.Sequential``) with its conv weights on
     the int8 grid by ``method`` and, with ``bias_correction``, each conv's bias corrected for the rounding's mean
@@ -161,7 +170,7 @@ def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
     for mod in out.modules():
         if isinstance(mod, nn.ReLU):
             mod.inplace = False
-    record = Rounding(method, bias_correction, images=int(len(images)))
+    record = Rounding(WeightRounding(method), bias_correction, images=int(len(images)))
     children = list(out.encoder.named_children())
     for k, (name, conv) in enumerate(children):
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
@@ -174,7 +183,7 @@ def round_head(head: nn.Module, images: np.ndarray, method: str = "gptq", *,
             w = w * a[:, None]  # what the converters quantize once they fold the BN
         scale = _grid(w)
         nearest = torch.clamp(torch.round(w / scale[:, None]), -QMAX, QMAX)
-        q = _keep_scale(_gptq(w, h, scale) if method == "gptq" else nearest, w)
+        q = _keep_scale(_gptq(w, h, scale) if method == WeightRounding.GPTQ else nearest, w)
         wq = (q.float() * scale.float()[:, None]).double()  # what converters will dequantize, bit for bit
         row: dict[str, Any] = {"sqnr_db_nearest": _sqnr(w, w - nearest * scale[:, None], h),
                                "sqnr_db": _sqnr(w, w - wq, h)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bottlefit.exporter.artifact import TensorSpec
+from bottlefit.exporter.artifact import Layout, TensorSpec
 
 _NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
 _RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
@@ -13,7 +13,7 @@ _RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 def encode(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
     """Float NCHW batch -> the array the artifact's runtime takes for ``spec``."""
     x = np.asarray(x, dtype=np.float32)
-    if spec.layout == "NHWC" and x.ndim == 4:
+    if spec.layout == Layout.NHWC and x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
     if spec.dtype in _RANGE:
         if spec.scale is None or spec.zero_point is None:
@@ -33,7 +33,7 @@ def decode(spec: TensorSpec, y: np.ndarray) -> np.ndarray:
         y = (y.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)
     else:
         y = y.astype(np.float32)
-    if spec.layout == "NHWC" and y.ndim == 4:
+    if spec.layout == Layout.NHWC and y.ndim == 4:
         y = y.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(y)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,6 +39,21 @@ class ModelCard:
     num_classes: int = 1000
     bottleneck: BottleneckSpec = field(default_factory=lambda: BottleneckSpec("bottleneck.encoder", (12, 29, 29)))
     weights: str = "checkpoint"  # "checkpoint" or "untrained" (random init, for demos and tests)
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB, already model-sized -> (N, 3, H, W) float32 model input: /255, then
+        (x - mean) / std, in float32 (the calibration's preprocessing and every bench path normalize here)."""
+        x = np.asarray(rgb).astype(np.float32) / np.float32(255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def rgb8(self, x: np.ndarray) -> np.ndarray:
+        """The inverse to 8 bits, as a camera would deliver the image: (N, 3, H, W) model input -> (N, H, W, 3)
+        uint8 RGB, x * std + mean, times 255, rounded half to even, clipped to 0..255, in float32."""
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        v = (np.asarray(x, np.float32) * std + mean) * np.float32(255.0)
+        return np.ascontiguousarray(np.clip(np.round(v), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -33,20 +33,21 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bottlefit.exporter.artifact import Artifact
+from bottlefit.exporter.artifact import Artifact, Runtime
 from bottlefit.exporter.manifest import write_json
 from bottlefit.exporter.split import SplitModel
 from bottlefit.parity import metrics, top1
 from bottlefit.parity.tolerances import Override, OverrideSource, tolerances_for
 from bottlefit.runtimes import RuntimeUnavailable
 from bottlefit.runtimes.cpu import describe_host, has_vnni, isa_label
-from bottlefit.runtimes.execution import Execution
+from bottlefit.runtimes.execution import Execution, Status
 from bottlefit.runtimes.head import open_artifact, output_lsb, reference_semantics, run_head, run_runner, run_tail
 
 REPORT_JSON = "report.json"
@@ -61,6 +62,13 @@ CROSS_CHECK_IMAGES = 2
 CROSS_CHECK_RUNTIME = "litert BUILTIN_REF"
 
 
+class CheckKind(StrEnum):
+    """The two kinds of check (the module's docstring): fidelity ``Check``s gate; executions are ``Execution``s."""
+
+    FIDELITY = "fidelity"
+    EXECUTION = "execution"
+
+
 @dataclass
 class Check:
     artifact: str
@@ -69,7 +77,7 @@ class Check:
     tolerance: float | None
     op: str | None
     passed: bool
-    kind: str = "fidelity"
+    kind: CheckKind = CheckKind.FIDELITY
     semantics: str = ""
     detail: top1.Top1Agreement | None = None  # what the top-1 rule counted (logits.top1_agreement only)
 
@@ -104,9 +112,9 @@ def agrees(m: dict[str, Any]) -> bool:
 
 def _host_note(art: Artifact, status: str) -> str:
     host = describe_host()
-    if status == "agrees":
+    if status == Status.AGREES:
         return f"this host's {art.runtime} int8 kernels ({host['int8_dot']}) agree with the reference"
-    if art.runtime == "onnxruntime" and host["machine"] in ("x86_64", "AMD64") and not has_vnni():
+    if art.runtime == Runtime.ONNXRUNTIME and host["machine"] in ("x86_64", "AMD64") and not has_vnni():
         return ("ONNX Runtime fuses Q/DQ into QLinearConv; its x86 u8s8 kernels on a CPU without AVX-512 VNNI / "
                 "AVX-VNNI sum pairs of products in int16 (VPMADDUBSW), which saturate. This is the build host, "
                 "not the artifact: TensorRT and ARM kernels do not saturate. For an x86 deployment without VNNI, "
@@ -270,7 +278,7 @@ class Verdict:
             why = f": {c.detail.line()}" if c.detail is not None and c.detail.flips else ""
             rows.append(f"  {mark} {c.artifact:22s} {c.metric:28s} {c.value:.4g}{tol}{why}")
         for e in self.execution:
-            mark = ("ok " if e.status == "agrees" else "FAIL") if e.gated else "info"
+            mark = ("ok " if e.status == Status.AGREES else "FAIL") if e.gated else "info"
             rows.append(f"  {mark} {e.line()}")
         for art, d in self.diagnosis.items():
             rows.append(f"  {art}: {d['summary']}")
@@ -401,7 +409,7 @@ def _checks(j: _Judged, values: dict[str, float]) -> list[Check]:
     for metric, value in values.items():
         tol = j.tols.get(metric)
         out.append(Check(j.art.file, metric, float(value), tol.value if tol else None, tol.op if tol else None,
-                         tol.ok(value) if tol else True, "fidelity", j.semantics))
+                         tol.ok(value) if tol else True, CheckKind.FIDELITY, j.semantics))
     return out
 
 
@@ -417,7 +425,7 @@ def _finish(slot: _Slot, j: _Judged, split: SplitModel, target_dir: Path, images
     tol = tols.get("logits.top1_agreement")
     t1 = top1.judge(ref_logits, got_logits, tol.value if tol else None, scale=top1.gate_scale(j.values | values, tols))
     slot.checks.append(Check(art.file, "logits.top1_agreement", t1.agreement, tol.value if tol else None,
-                             tol.op if tol else None, t1.passed, "fidelity", j.semantics, t1))
+                             tol.op if tol else None, t1.passed, CheckKind.FIDELITY, j.semantics, t1))
     if j.int8 and art.role == "head" and j.got_z is not None:
         slot.execution.append(host_execution(art, target_dir, images, j.got_z))
     failed = any(not c.passed for c in slot.checks) and art.role == "head"
@@ -455,13 +463,13 @@ def diagnose(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndar
     # A layer diverges when it breaks a bottleneck tolerance itself: cosine, or SQNR (which sees a coarse
     # scale long before cosine does).
     min_sqnr = tols["bottleneck.sqnr_db"].value if "bottleneck.sqnr_db" in tols else None
-    if art.runtime == "litert":
+    if art.runtime == Runtime.LITERT:
         from bottlefit.parity.diagnose import first_divergence_tflite
 
         # module paths are the model's own already; the origin map is the one the export recorded
         origin = art.extra.get("rewrite", {}).get("origin")
         rows = first_divergence_tflite(target_dir / art.file, split, images, art.inputs[0], origin)
-    elif art.runtime == "onnxruntime" and art.inputs[0].dtype == "float32":
+    elif art.runtime == Runtime.ONNXRUNTIME and art.inputs[0].dtype == "float32":
         from bottlefit.parity.diagnose import first_divergence_onnx
 
         rows = first_divergence_onnx(target_dir / art.file, split.head, images, art.inputs[0], min_cos)

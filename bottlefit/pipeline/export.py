@@ -1,4 +1,10 @@
-"""``bottlefit export``: load -> split -> build the target's artifacts -> verify -> manifest, written atomically."""
+"""``bottlefit export``: load -> split -> calibrate -> round -> build each target -> verify -> manifest, written
+atomically.
+
+Each step is a call here, in that order, and hands its result to the next: a target says up front what its build
+reads (``Target.needs``), the pipeline makes exactly that (the calibration set, the weight-rounded int8 head), and
+the build returns what it made and from what (``BuildResult``) for the manifest. A target's execution checks (the
+board's scripts under emulation) start as soon as its build is written and run beside parity."""
 
 from __future__ import annotations
 
@@ -17,15 +23,18 @@ import torch
 
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
+from bottlefit.exporter.artifact import Role
+from bottlefit.exporter.equalize import Equalization
 from bottlefit.exporter.manifest import write_manifest
+from bottlefit.exporter.rounding import Rounding, WeightRounding
 from bottlefit.exporter.split import check_split, fold_head, split
 from bottlefit.parity.tolerances import OverrideSource, override_records
 from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import outdir, source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
-from bottlefit.pipeline.recipe import Rung, climb
+from bottlefit.pipeline.recipe import Climb, Knobs, Recipe, Rung, climb
 from bottlefit.runtimes.cpu import one_blas_thread
-from bottlefit.targets import BuildContext, get_target, names
+from bottlefit.targets import BuildContext, BuildResult, Started, get_target, names
 
 Log = Callable[[str], None]
 
@@ -200,106 +209,168 @@ def _export_planned(plans: list[_Plan], log: Log) -> list[ExportResult]:
 def _export_target(plan: _Plan, lm: Any, sm0: Any, shared: _Shared, log: Log) -> ExportResult:
     """One target's attempt: its recipe ladder from the loaded split ``sm0`` (left as it is), the manifest, and
     the swap into ``OUT/<target>``."""
-    request, target, options, overrides = plan.request, plan.target, plan.options, plan.overrides
-    card = lm.card
+    request, target = plan.request, plan.target
     requested, rungs = request.calibration.plan()
     attempt = outdir.open_attempt(plan.out_root, target.name, log, sweep=names())
     tmp = attempt.path
+    running: list[_Rung] = []  # the rung whose executions are under way (at most one)
     try:
         def build_rung(rung: Rung) -> tuple[_Rung, Verdict, list[Any]]:
+            _stop(running)  # a rung that moved on: its executions are not wanted
             _empty(tmp)  # a rung that moved on leaves nothing behind
-            b = _build_rung(sm0, rung, target, options, tmp, request, shared, overrides, log)
-            return b, b.verdict, b.artifacts
+            b = _build_rung(sm0, rung, plan, tmp, shared, log)
+            running.append(b)
+            return b, b.verdict, b.result.artifacts
 
         def finish(b: _Rung, verdict: Verdict) -> None:
             with stage(log, "emulation"):
-                verdict.execution += target.execute(tmp, b.artifacts, request.parity.emulate, log)
+                verdict.execution += b.executions.collect()
+            running.remove(b)
 
         climbed = climb(requested, rungs, build_rung, finish, log)
         mark(log, "manifest")
-        b, verdict, artifacts, ctx = climbed.build, climbed.verdict, climbed.build.artifacts, climbed.build.ctx
-        verdict.overrides = override_records(request.parity.tolerance, OverrideSource.EXPORT)
-        verdict.write(tmp)
-        knobs = asdict(climbed.rung.knobs)
-        sections: dict[str, Any] = {
-            "split_check": {"max_abs_error": b.split_error},
-            "parity": parity_section(verdict, request.parity.tolerance),
-            "options": {"target": _plain(asdict(options)),
-                        "calibration": _plain(asdict(request.calibration) | knobs | {"recipe": str(requested)}),
-                        "model": _plain(asdict(request.model) | {"checkpoint": None})},
-            "recipe": climbed.record(),
-        }
-        if ctx.calibration_used is not None:
-            sections["calibration"] = ctx.calibration_used.describe()
-        if b.equalization is not None:
-            sections["equalization"] = b.equalization
-        if b.folds:
-            sections["head_folds"] = b.folds
-        if ctx.rounding is not None:
-            sections["weight_rounding"] = ctx.rounding
-        sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in artifacts
-                            if a.role == "head" and a.outputs}
-        write_manifest(tmp, target.name, card.to_dict(), source.describe(lm), artifacts, **sections)
-        final = attempt.publish(verdict.passed, replace_failed=request.replace_failed)
+        _write_manifest(tmp, plan, lm, climbed, requested)
+        final = attempt.publish(climbed.verdict.passed, replace_failed=request.replace_failed)
     finally:
+        _stop(running)  # an error or an interrupt: the guests go with the attempt
         attempt.close()  # an unfinished attempt (an error, Ctrl-C, SIGTERM) is removed, with the OUT it made
     mark(log, "done")
-    log(f"wrote {final}/ ({', '.join(a.file for a in artifacts)})")
-    return ExportResult(final, verdict, target.name)
+    log(f"wrote {final}/ ({', '.join(a.file for a in climbed.build.result.artifacts)})")
+    return ExportResult(final, climbed.verdict, target.name)
+
+
+def _stop(running: list[_Rung]) -> None:
+    while running:
+        running.pop().executions.cancel()
+
+
+def _write_manifest(tmp: Path, plan: _Plan, lm: Any, climbed: Climb[_Rung], requested: Recipe) -> None:
+    """The verdict's reports and manifest.json of the rung kept, from its build's records."""
+    request, b, verdict = plan.request, climbed.build, climbed.verdict
+    result, card = b.result, lm.card
+    verdict.overrides = override_records(request.parity.tolerance, OverrideSource.EXPORT)
+    verdict.write(tmp)
+    knobs = asdict(climbed.rung.knobs)
+    sections: dict[str, Any] = {
+        "split_check": {"max_abs_error": b.split.error},
+        "parity": parity_section(verdict, request.parity.tolerance),
+        "options": {"target": _plain(asdict(plan.options)),
+                    "calibration": _plain(asdict(request.calibration) | knobs | {"recipe": str(requested)}),
+                    "model": _plain(asdict(request.model) | {"checkpoint": None})},
+        "recipe": climbed.record(),
+    }
+    if result.calibration is not None:
+        sections["calibration"] = result.calibration.describe()
+    if b.split.equalization is not None:
+        sections["equalization"] = b.split.equalization.to_dict()
+    if b.split.folds:
+        sections["head_folds"] = b.split.folds
+    if result.rounding is not None:
+        sections["weight_rounding"] = result.rounding.to_dict()
+    sections["wire"] = {a.file: wire.contract(card.bottleneck, a.outputs[0]) for a in result.artifacts
+                        if a.role == Role.HEAD and a.outputs}
+    write_manifest(tmp, plan.target.name, card, source.describe(lm), result.artifacts, **sections)
 
 
 @dataclass
 class _Rung:
-    """One rung's build: the artifacts in the temporary directory and their fidelity verdict."""
+    """One rung's build: what the target made (in the temporary directory), its executions under way, and the
+    fidelity verdict."""
 
-    ctx: BuildContext
-    artifacts: list[Any]
+    split: _RungSplit
+    result: BuildResult
+    executions: Started
     verdict: Verdict
-    split_error: float
-    equalization: dict[str, Any] | None
-    folds: list[str]
 
 
-def _build_rung(sm: Any, rung: Rung, target: Any, options: Any, tmp: Path, request: ExportRequest,
-                shared: _Shared, overrides: dict[tuple[str | None, str], float], log: Log) -> _Rung:
-    """Build ``target``'s artifacts into ``tmp`` with ``rung``'s recipe from the loaded split ``sm`` (left as it
-    is: every rung starts from the model itself) and judge their fidelity."""
-    knobs = rung.knobs
+def _build_rung(sm: Any, rung: Rung, plan: _Plan, tmp: Path, shared: _Shared, log: Log) -> _Rung:
+    """Build ``plan``'s target into ``tmp`` with ``rung``'s recipe from the loaded split ``sm`` (left as it is:
+    every rung starts from the model itself), start its executions and judge the artifacts' fidelity meanwhile:
+    split -> calibrate -> round -> build -> start executions -> verify."""
+    request, target, knobs = plan.request, plan.target, rung.knobs
     mark(log, "rung setup")
-    key = (knobs.equalize, request.calibration.fold_pool_bn)
-    if key not in shared.splits:  # the same for every target: made once, its lines said again for each
-        shared.splits[key] = _rung_split(sm, knobs.equalize, request.calibration.fold_pool_bn, shared.calibration,
-                                         log)
+    rs = _split_step(sm, knobs.equalize, request.calibration.fold_pool_bn, shared, log)
+    held = shared.held_out()
+    needs = target.needs(plan.options)
+    calibration = shared.calibration() if needs.calibration else None
+    int8_head, rounding = None, None
+    if needs.int8_head:
+        mark(log, "round")
+        int8_head, rounding = _round_step(rs.split, calibration, knobs, shared, log)
+    ctx = BuildContext(rs.split, tmp, plan.options, held, knobs.observer, calibration, int8_head, rounding, log,
+                       tolerance_overrides=plan.overrides)
+    mark(log, "build")
+    result = target.build(ctx)
+    executions = target.start_execution(tmp, result.artifacts, request.parity.emulate, log)
+    try:
+        log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
+            "can run)")
+        mark(log, "parity")
+        # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
+        judged = replace(rs.split, model=_Remembered(rs.split.model, shared.references))
+        # staged: the ladder (pipeline.recipe.climb) completes it, unless its int8 gates already lost the rung
+        verdict = verify(judged, result.artifacts, tmp, target.name, held.images, held.describe(), plan.overrides,
+                         staged=True)
+    except BaseException:
+        executions.cancel()
+        raise
+    return _Rung(rs, result, executions, verdict)
+
+
+def _split_step(sm: Any, equalize: bool, fold_pool_bn: bool, shared: _Shared, log: Log) -> _RungSplit:
+    """The split a rung builds from, made once per recipe for every target; its lines said again for each."""
+    key = (equalize, fold_pool_bn)
+    if key not in shared.splits:
+        shared.splits[key] = _rung_split(sm, equalize, fold_pool_bn, shared.calibration, log)
     rs = shared.splits[key]
     for line in rs.lines:
         log(line)
-    sm, err = rs.split, rs.error
-    ctx = BuildContext(sm, tmp, options, shared.calibration, shared.held_out, log, observer=knobs.observer,
-                       tolerance_overrides=overrides, weight_rounding=knobs.weight_rounding,
-                       bias_correction=knobs.bias_correction, shared=shared.contexts)
-    mark(log, "build")
-    artifacts = target.build(ctx)
-    log("parity: every artifact against PyTorch fp32 (fidelity under reference semantics; execution where it "
-        "can run)")
-    held = ctx.heldout
-    mark(log, "parity")
-    # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
-    sm = replace(sm, model=_Remembered(sm.model, shared.references))
-    # staged: the ladder (pipeline.recipe.climb) completes it, unless its int8 gates already lost the rung
-    verdict = verify(sm, artifacts, tmp, target.name, held.images, held.describe(), overrides, staged=True)
-    return _Rung(ctx, artifacts, verdict, err, rs.equalization, rs.folds)
+    return rs
+
+
+def _round_step(sm: Any, calibration: Any, knobs: Knobs, shared: _Shared, log: Log) -> tuple[Any, Rounding | None]:
+    """The head every int8 artifact quantizes and its rounding record: ``sm.head`` itself (round-to-nearest, no
+    bias correction: each converter rounds), else a copy whose conv weights are already on the int8 grid, rounded
+    on the calibration images (``bottlefit.exporter.rounding``) so every converter writes the same integers. Made
+    once for every target of the export building from the same split with the same rounding."""
+    if knobs.weight_rounding == WeightRounding.NEAREST and not knobs.bias_correction:
+        return sm.head, None
+    key = (id(sm.head), knobs.weight_rounding, knobs.bias_correction)
+    if key not in shared.rounded:
+        from bottlefit.exporter.rounding import round_head
+
+        images = calibration.images
+        head, rec = round_head(sm.head, images, knobs.weight_rounding, bias_correction=knobs.bias_correction)
+        lines = [f"weight rounding {knobs.weight_rounding}{' + bias correction' if knobs.bias_correction else ''}: "
+                 f"{sm.head_module_path(layer)}: output SQNR {row['sqnr_db_nearest']:.1f} dB nearest -> "
+                 f"{row['sqnr_db']:.1f} dB ({len(images)} images)" for layer, row in rec.layers.items()]
+        shared.rounded[key] = _Rounded(sm.head, head, rec, lines)
+    rounded = shared.rounded[key]
+    for line in rounded.lines:
+        log(line)
+    return rounded.head, rounded.rounding
+
+
+@dataclass(frozen=True)
+class _Rounded:
+    """The round step's result for one split head and rounding, shared by every target of the export."""
+
+    source: Any  # the split head it was rounded from, kept so that its id (the key) stays its own
+    head: Any
+    rounding: Rounding
+    lines: list[str]
 
 
 @dataclass
 class _Shared:
     """What every target of one export shares: the images (made on first use), each rung's split, parity's fp32
-    reference outputs, and what the targets' build contexts share (``BuildContext.shared``)."""
+    reference outputs, and the weight-rounded int8 heads (the round step's)."""
 
     calibration: Callable[[], Any]
     held_out: Callable[[], Any]
     splits: dict[tuple[bool, bool], _RungSplit] = field(default_factory=dict)
     references: dict[Any, Any] = field(default_factory=dict)
-    contexts: dict[Any, Any] = field(default_factory=dict)
+    rounded: dict[tuple[int, WeightRounding, bool], _Rounded] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -308,7 +379,7 @@ class _RungSplit:
 
     split: Any
     error: float
-    equalization: dict[str, Any] | None
+    equalization: Equalization | None
     folds: list[str]
     lines: list[str]  # what making it logged after the rung's first line
 
@@ -316,12 +387,11 @@ class _RungSplit:
 def _rung_split(sm: Any, equalize: bool, fold_pool_bn: bool, calibration: Callable[[], Any],
                 log: Log) -> _RungSplit:
     lines: list[str] = []
-    equalization: dict[str, Any] | None = None
+    eq: Equalization | None = None
     if equalize:
         from bottlefit.exporter.equalize import equalize_split
 
         sm, eq = equalize_split(sm, calibration().images)
-        equalization = eq.to_dict()
         lines.append(f"equalized the bottleneck's {len(eq.scales)} channels ({eq.encoder_layer} x s, "
                      f"{eq.decoder_layer} / s)")
     folds: list[str] = []
@@ -333,7 +403,7 @@ def _rung_split(sm: Any, equalize: bool, fold_pool_bn: bool, calibration: Callab
     err = check_split(sm, torch.randn(2, *sm.card.input_shape, generator=torch.Generator().manual_seed(0)))
     lines.append(f"split at {sm.card.bottleneck.module}: bottleneck {sm.card.bottleneck.shape}; "
                  f"max |tail(head(x)) - model(x)| = {err:.3g}")
-    return _RungSplit(sm, err, equalization, folds, lines)
+    return _RungSplit(sm, err, eq, folds, lines)
 
 
 class _Remembered(torch.nn.Module):

@@ -11,6 +11,8 @@ from bottlefit.errors import UserError
 from bottlefit.targets import Emulate
 
 if TYPE_CHECKING:
+    from bottlefit.calibration.observers import ObserverKind
+    from bottlefit.exporter.rounding import WeightRounding
     from bottlefit.pipeline.recipe import Recipe, Rung
 
 DEFAULT_UNTRAINED = "custom_resnet152"
@@ -66,22 +68,24 @@ class CalibrationOptions:
 
     source: str | None = None
     count: int | None = None
-    observer: str | None = None
+    observer: ObserverKind | None = None
     seed: int = 0
     equalize: bool | None = None
     fold_pool_bn: bool = True
-    weight_rounding: str | None = None
+    weight_rounding: WeightRounding | None = None
     bias_correction: bool | None = None
     recipe: str | None = None
 
     def __post_init__(self) -> None:
-        from bottlefit.calibration.observers import make_observer
-        from bottlefit.exporter.rounding import check_method
+        from bottlefit.calibration.observers import ObserverKind, make_observer
+        from bottlefit.exporter.rounding import WeightRounding, check_method
 
         if self.observer is not None:
             make_observer(self.observer)  # UserError naming the choices
+            object.__setattr__(self, "observer", ObserverKind(self.observer))
         if self.weight_rounding is not None:
             check_method(self.weight_rounding)
+            object.__setattr__(self, "weight_rounding", WeightRounding(self.weight_rounding))
         self.plan()  # a recipe that contradicts the knobs given is refused before any work
         if self.count is not None and self.count < 1:
             raise UserError(f"--calib-count {self.count}: give a positive number of calibration images")

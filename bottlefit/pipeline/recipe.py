@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from bottlefit.calibration.observers import ObserverKind
 from bottlefit.errors import UserError
-from bottlefit.exporter.artifact import Artifact
-from bottlefit.parity.verify import Check, Verdict
+from bottlefit.exporter.artifact import Artifact, Precision
+from bottlefit.exporter.rounding import WeightRounding
+from bottlefit.parity.verify import Check, CheckKind, Verdict
 
 T = TypeVar("T")
 
@@ -43,8 +45,8 @@ CHOICES = (Recipe.AUTO, Recipe.FAST, Recipe.BEST)  # what ``--recipe`` accepts
 class Knobs:
     """The calibration choices an int8 artifact depends on (``CalibrationOptions``' fields of the same names)."""
 
-    observer: str
-    weight_rounding: str
+    observer: ObserverKind
+    weight_rounding: WeightRounding
     bias_correction: bool
     equalize: bool
 
@@ -55,8 +57,10 @@ class Knobs:
 
 KNOBS = tuple(f.name for f in fields(Knobs))
 RECIPES: dict[Recipe, Knobs] = {
-    Recipe.FAST: Knobs(observer="minmax", weight_rounding="nearest", bias_correction=False, equalize=False),
-    Recipe.BEST: Knobs(observer="search", weight_rounding="gptq", bias_correction=True, equalize=True),
+    Recipe.FAST: Knobs(observer=ObserverKind.MINMAX, weight_rounding=WeightRounding.NEAREST, bias_correction=False,
+                       equalize=False),
+    Recipe.BEST: Knobs(observer=ObserverKind.SEARCH, weight_rounding=WeightRounding.GPTQ, bias_correction=True,
+                       equalize=True),
 }
 LADDER = (Recipe.FAST, Recipe.BEST)
 _FLAG = {"observer": "--observer", "weight_rounding": "--weight-rounding", "bias_correction": "--bias-correction",
@@ -94,7 +98,7 @@ def recipe_failures(verdict: Verdict, artifacts: Sequence[Artifact]) -> list[Che
     None when something else failed too (an fp32 or fp16 artifact's check, a gated execution): no recipe helps."""
     precision = {a.file: a.precision for a in artifacts}
     failed = verdict.failures()
-    if any(precision.get(c.artifact) != "int8" or c.kind != "fidelity" for c in failed):
+    if any(precision.get(c.artifact) != Precision.INT8 or c.kind != CheckKind.FIDELITY for c in failed):
         return None
     if any(not e.passed for e in verdict.execution):
         return None

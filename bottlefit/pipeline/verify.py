@@ -72,9 +72,14 @@ def verify_target(target_dir: Path, request: VerifyRequest, log: Callable[[str],
         sm = apply_equalization(sm, manifest["equalization"])
     if manifest.get("head_folds"):
         sm, _ = fold_head(sm)  # the artifacts' head: its module paths are what a diagnosis names
-    verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides,
-                     budget=request.budget)
-    verdict.execution += target.execute(target_dir, artifacts, request.emulate, log)
+    # the target's executions (the board's scripts under emulation) run beside the fidelity checks
+    executions = target.start_execution(target_dir, artifacts, request.emulate, log)
+    try:
+        verdict = verify(sm, artifacts, target_dir, manifest["target"], held.images, held.describe(), overrides,
+                         budget=request.budget)
+        verdict.execution += executions.collect()
+    finally:
+        executions.cancel()  # nothing left after collect(); an error's guests are stopped
     verdict.overrides = override_records(tolerance, given_by)
     verdict.write(target_dir)
     # the new verdict; the overrides the export was given stay recorded as such

@@ -7,26 +7,46 @@ them for this host's kernels. Kept here, below both, so neither imports the othe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
-WHERE = ("host", "emulated", "board")
-STATUS = ("agrees", "deviates", "failed", "not run")
+
+class Where(StrEnum):
+    """Where an execution ran: this host's own kernels, the target's ISA under emulation, or the board itself."""
+
+    HOST = "host"
+    EMULATED = "emulated"
+    BOARD = "board"
+
+
+class Status(StrEnum):
+    AGREES = "agrees"  # within the agreement tolerances of the artifact's reference semantics
+    DEVIATES = "deviates"
+    FAILED = "failed"  # it did not run to the end (an error, a timeout)
+    NOT_RUN = "not run"  # cannot run here (the record says where it must)
+
+
+WHERE = tuple(Where)
+STATUS = tuple(Status)
 
 
 @dataclass
 class Execution:
     artifact: str
     runtime: str
-    where: str  # host | emulated | board
+    where: Where
     isa: str  # e.g. "x86_64 (avx2)", "aarch64 cortex-a72 (Raspberry Pi 4, qemu-user)"
     gated: bool  # whether it decides the verdict: only runs on the target's own ISA do
-    status: str  # agrees | deviates | failed | not run
+    status: Status
     metrics: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
+    def __post_init__(self) -> None:
+        self.where, self.status = Where(self.where), Status(self.status)
+
     @property
     def passed(self) -> bool:
-        return not self.gated or self.status == "agrees"
+        return not self.gated or self.status == Status.AGREES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.artifact import Artifact, Role, TensorSpec
 from bottlefit.runtimes import Runner, get_runner
 
 # What "reference semantics" means per runtime: the artifact's own definition, the same on every host.
@@ -71,7 +71,7 @@ def wire_codes(artifact: Artifact) -> TensorSpec | None:
     """The int8 codes a float-output head puts on the wire (its ``quantization["output"]`` grid), as a spec; None
     for other artifacts. A Q/DQ head's float output already lies on that grid (the round trip is exact); an ncnn
     head's (dequantized conv output) does not: the board quantizes it before sending (run_head.py)."""
-    rec = artifact.quantization.get("output") if artifact.role == "head" else None
+    rec = artifact.quantization.get("output") if artifact.role == Role.HEAD else None
     out = artifact.outputs[0] if artifact.outputs else None
     if out is None or out.dtype != "float32" or not isinstance(rec, dict) or not rec.get("scale") \
             or rec.get("dtype") not in ("int8", "uint8"):

@@ -5,9 +5,11 @@ Python >= 3.6 (JetPack 4's), the standard library and numpy only: this file is c
 jetson and rpi board bundles (as boardcodec.py is), so both boards speak the same wire from one source.
 """
 
+import argparse
 import json
 import os
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,25 +17,83 @@ import urllib.request
 import numpy as np
 
 HEADER = "Inference-Header-Content-Length"
-V2_TYPES = {"int8": "INT8", "uint8": "UINT8"}
+# numpy dtype name -> KServe v2 datatype: the one table (bottlefit serve, the host client and both board clients)
+V2_TYPES = {"float32": "FP32", "int8": "INT8", "uint8": "UINT8"}
 TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"
 _SECURITY = {}
 
 
+WIRES = ("int8", "context", "fp32")  # what a board sends: the host's `run-head --wire` names for them
+
+
 def add_arguments(p):
-    """The options every board client shares: where to send, what to send, how to retry, how to print."""
-    p.add_argument("--server", default="http://127.0.0.1:8000")
-    p.add_argument("--fp32", action="store_true",
-                   help="send the dequantized bottleneck (FP32; on Triton: --model <arch>_tail_fp32)")
-    p.add_argument("--codec", choices=("none", "context"), default="none",
-                   help="context: code the int8 codes losslessly with the export's context model (bottlefit serve)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=10.0)
+    """The options every board client shares: where to send, what to send, how to retry, how to print. The names
+    are the host's (`bottlefit run-head`); --codec and --fp32 are the old spellings of --wire."""
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the tail server (default %(default)s)")
+    p.add_argument("--wire", choices=WIRES, default="int8",
+                   help="how the bottleneck travels: int8 (the codes), context (the codes coded losslessly with the "
+                        "export's context model; bottlefit serve, Triton's ensemble) or fp32 (dequantized; on "
+                        "Triton: --model-name <arch>_tail_fp32) (default %(default)s)")
+    p.add_argument("--fp32", dest="wire", nargs=0, action=_OldWire, help=argparse.SUPPRESS)
+    p.add_argument("--codec", dest="wire", choices=("none", "context"), action=_OldWire, help=argparse.SUPPRESS)
+    p.add_argument("--topk", type=int, default=5,
+                   help="classes to print per image, with their softmax probabilities (default %(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--ca-file", help="trust this certificate (or CA) for an https --server")
     p.add_argument("--token-file",
                    help=f"send 'Authorization: Bearer <the file's first line>' (default: ${TOKEN_ENV} if set)")
+
+
+def warn_renamed(old, new):
+    """The one line an old spelling prints on stderr (it still takes effect for this release)."""
+    sys.stderr.write(f"warning: {old} is deprecated; use {new}\n")
+
+
+class _Renamed(argparse.Action):
+    """The old spelling of a renamed flag: its value goes where the new one's does, after one warning line."""
+
+    def __init__(self, option_strings, dest, new="", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_renamed(option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(p, new, old, **kwargs):
+    """``p.add_argument(new, **kwargs)`` and ``old`` as its deprecated spelling, hidden from help."""
+    action = p.add_argument(new, **kwargs)
+    p.add_argument(old, dest=action.dest, action=_Renamed, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return action
+
+
+class _OldWire(argparse.Action):
+    """--fp32 and --codec none|context: the old spellings of --wire fp32 / int8 / context (together as before)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--fp32":
+            namespace._old_fp32, said = True, option_string
+        else:
+            namespace._old_codec, said = values, f"{option_string} {values}"
+        fp32, codec = getattr(namespace, "_old_fp32", False), getattr(namespace, "_old_codec", "none")
+        if fp32 and codec == "context":
+            parser.error("--codec context sends int8 codes; drop --fp32 (now: --wire context or --wire fp32)")
+        wire = "fp32" if fp32 else ("context" if codec == "context" else "int8")
+        warn_renamed(said, "--wire " + ("fp32" if option_string == "--fp32" else
+                                        {"none": "int8", "context": "context"}[values]))
+        setattr(namespace, self.dest, wire)
+
+
+def topk(logits, k):
+    """The ``k`` most likely classes of one image's logits as [(class, softmax probability, logit)], most likely
+    first (the probabilities over all classes, computed stably)."""
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return [(int(c), float(p[c]), float(z[c])) for c in np.argsort(-z, kind="stable")[:k]]
 
 
 def security(options):

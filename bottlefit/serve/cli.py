@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bottlefit.flags import add_renamed
+
 TOKEN_ENV = "BOTTLEFIT_SERVE_TOKEN"  # the bearer token, when no --token-file (server and client alike)
 COMMANDS = ("serve", "run-head", "triton")  # what register() adds (bottlefit.cli builds only these for them)
 _SERVE_DEPS = ("starlette", "uvicorn", "grpc", "tritonclient", "zstandard", "constriction")
@@ -151,13 +153,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="http://127.0.0.1:8000", help="the tail server's URL (`bottlefit serve`, "
                    "Triton)")
     p.add_argument("--model-name", help="model name on the server (default <arch>_tail)")
-    p.add_argument("--head", help="head artifact file (default: the int8 head)")
+    p.add_argument("--head", help="head artifact file (default: the head the board runs, as the bundle's board "
+                   "scripts pick it: an rpi/ bundle's board profile default (ncnn int8); else the int8 head, TFLite "
+                   "before ONNX)")
     p.add_argument("--wire", default="int8", help="how the bottleneck travels: fp32, int8, raw, zstd, entropy, "
                    "context (Triton's ensemble: the coded ones; fp32: --model-name <arch>_tail_fp32)")
     p.add_argument("--reference", action="store_true", help="run the head under its reference semantics")
     p.add_argument("--retries", type=int, default=3, help="retries of a failed request, with backoff")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one request's answer")
-    p.add_argument("--topk", type=int, default=5, help="classes to print per image")
+    p.add_argument("--topk", type=int, default=5,
+                   help="classes to print per image, with their softmax probabilities")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--ca-file", metavar="PEM", help="trust this certificate (or CA) for an https --server")
     p.add_argument("--token-file", metavar="FILE",
@@ -169,7 +174,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                             "frames the device sends to `bottlefit serve`, and the FP32 tail")
     p.add_argument("dir", help="the --out root of `bottlefit export` (every target's int8 heads are served), or "
                                "OUT/onnx")
-    p.add_argument("--repo", required=True, help="the model repository folder (created if missing)")
+    add_renamed(p, "--out", "--repo", required=True, metavar="REPO",
+                help="the model repository folder (created if missing)")
     p.add_argument("--model-name", help="the ensemble's name (default <arch>_tail, what the clients call)")
     p.add_argument("--max-batch-size", type=int, default=16, help="the FP32 tail's dynamic batching limit")
     p.add_argument("--tail-backend", choices=("onnxruntime", "python"), default="onnxruntime",
@@ -178,6 +184,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-uri", default=None,
                    help="where the KServe InferenceService written beside the models finds the repository "
                         "(default pvc://bottlefit-models/triton)")
+    p.add_argument("--json", action="store_true", help="print the files written as one JSON object")
     p.set_defaults(func=_cmd_triton)
 
 
@@ -189,10 +196,13 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
     if args.max_batch_size < 0:
         raise UserError(f"--max-batch-size {args.max_batch_size}: give 0 (no batching) or more")
-    repo = Path(args.repo)
+    repo = Path(args.out)
     files = write_triton_repository(Path(args.dir), repo, name=args.model_name, options=RepositoryOptions(
         max_batch_size=args.max_batch_size, tail_backend=TailBackend(args.tail_backend),
         **({"storage_uri": args.storage_uri} if args.storage_uri else {})))
+    if args.json:
+        print(json.dumps({"repository": str(repo), "files": [str(f) for f in files]}))
+        return 0
     for f in files:
         print(f"wrote {f}")
     return 0

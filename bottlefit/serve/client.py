@@ -18,13 +18,17 @@ from typing import Any
 import numpy as np
 
 from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Runtime
 from bottlefit.serve import codecs
+from bottlefit.serve.boardhttp import (
+    V2_TYPES,
+    topk,  # one softmax top-k for the host's client and the boards'
+)
 from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import HeadCodes, load_tables
 
 WIRES = ("fp32", "int8", *codecs.CODECS)
 HEADER_LEN = "Inference-Header-Content-Length"
-_V2 = {"int8": "INT8", "uint8": "UINT8"}
 
 
 # Why an image failed, and so whose problem it is (bottlefit.errors' exit codes): the image itself or a request the
@@ -48,8 +52,22 @@ def check_images(paths: list[str]) -> None:
         raise UserError(f"{missing[0]}: no such image file{more}; check the path")
 
 
+def board_default_head(target: TargetExport) -> str | None:
+    """The head a board bundle's own scripts run by default: the board profile's choice that ``board/golden.json``
+    records (an rpi/ bundle; ``board/run_head.py`` and ``client.py`` read the same field), else None."""
+    try:
+        golden = json.loads((target.path / "board" / "golden.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    profile = golden.get("profile") if isinstance(golden, dict) else None
+    model = profile.get("model") if isinstance(profile, dict) else None
+    return str(model) if model else None
+
+
 def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireContract]:
-    """The head to run: ``head`` by file name, else the first int8 head (TFLite before ONNX), else a float one."""
+    """The head to run: ``head`` by file name; else the head a board bundle runs by default (an rpi/ bundle's
+    board profile: host and board send the same codes); else the first int8 head (TFLite before ONNX), else a
+    float one."""
     targets = find_targets(out)
     contracts = [(t, c) for t in targets for c in t.contracts]
     if head is not None:
@@ -57,7 +75,12 @@ def pick_head(out: Path, head: str | None = None) -> tuple[TargetExport, WireCon
             if c.head == head:
                 return t, c
         raise UserError(f"{out}: no head {head!r}; heads: {', '.join(c.head for _, c in contracts)}")
-    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != "litert"))
+    for t in targets:
+        board = board_default_head(t)
+        chosen = next(((t, c) for tt, c in contracts if tt is t and c.head == board), None)
+        if chosen is not None:
+            return chosen
+    order = sorted(contracts, key=lambda tc: (not tc[1].quantized, tc[1].runtime != Runtime.LITERT))
     if not order:
         raise UserError(f"{out}: no head artifact in the manifest")
     return order[0]
@@ -69,12 +92,12 @@ def build_request(contract: WireContract, codes: np.ndarray, wire: str, input_na
     if wire == "fp32":
         blob = contract.dequantize(codes[None]).astype("<f4").tobytes() if contract.quantized \
             else np.ascontiguousarray(codes[None], dtype="<f4").tobytes()
-        shape, dtype, params = [1, *contract.nchw_shape], "FP32", {}
+        shape, dtype, params = [1, *contract.nchw_shape], V2_TYPES["float32"], {}
     elif wire == "int8":
         if not contract.quantized:
             raise UserError(f"head {contract.head} emits floats: use --wire fp32")
         blob = np.ascontiguousarray(codes).tobytes()
-        shape, dtype = [1, *contract.shape], _V2[contract.dtype]
+        shape, dtype = [1, *contract.shape], V2_TYPES[contract.dtype]
         params = {"scale": contract.scale, "zero_point": contract.zero_point, "layout": contract.layout,
                   "contract_id": contract.contract_id}
     else:
@@ -146,23 +169,24 @@ class ImageResult:
     server_ms: float = 0.0
     round_trip_ms: float = 0.0
     attempts: int = 0
-    topk: list[tuple[int, float]] = field(default_factory=list)
+    topk: list[tuple[int, float, float]] = field(default_factory=list)  # (class, softmax probability, logit)
     logits: np.ndarray | None = None
     error: str = ""
     cause: str = ""  # CAUSE_* when not ok
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "logits"}
-        d["topk"] = [{"class": c, "logit": s} for c, s in self.topk]
+        d["topk"] = [{"class": c, "probability": p, "logit": s} for c, p, s in self.topk]
         return d
 
     def line(self) -> str:
         if not self.ok:
             tries = f" after {self.attempts} attempt(s)" if self.attempts else ""
             return f"{self.image}: FAILED{tries}: {self.error}"
-        top = " ".join(f"{c}:{s:.3f}" for c, s in self.topk)
+        top = " ".join(f"{c}:{p:.3f}" for c, p, _ in self.topk)
         return (f"{self.image}: head {self.head_ms:.2f} ms  {self.coded_bytes} B  transfer {self.transfer_ms:.2f} ms"
-                f"  server {self.server_ms:.2f} ms  round trip {self.round_trip_ms:.2f} ms  top-k {top}")
+                f"  server {self.server_ms:.2f} ms  round trip {self.round_trip_ms:.2f} ms  top-k class:probability "
+                f"{top}")
 
 
 class Client:
@@ -173,7 +197,8 @@ class Client:
         if wire not in WIRES:
             raise UserError(f"--wire {wire!r}: choose one of {', '.join(WIRES)}")
         self.target, self.contract = pick_head(Path(out), head)
-        opts = {"reference": True} if reference and self.contract.runtime in ("onnxruntime", "litert") else {}
+        reference = reference and self.contract.runtime in (Runtime.ONNXRUNTIME, Runtime.LITERT)
+        opts = {"reference": True} if reference else {}
         self.head = HeadCodes(self.target, self.contract, **opts)
         self.wire, self.retries, self.backoff_s, self.timeout_s, self.k = wire, retries, backoff_s, timeout_s, topk
         self.tables = load_tables(self.target, self.contract) if wire in ("entropy", "context") else None
@@ -207,8 +232,7 @@ class Client:
             srv = (resp.get("parameters") or {}).get("server_ms")
             res.server_ms = float(srv) if srv is not None else 0.0
             res.transfer_ms = max(0.0, res.round_trip_ms - res.server_ms)
-            order = np.argsort(-logits)[: self.k]
-            res.topk = [(int(i), float(logits[i])) for i in order]
+            res.topk = topk(logits, self.k)
             res.logits, res.ok, res.error = logits, True, ""
             return res
         return res

@@ -18,7 +18,7 @@ import numpy as np
 
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.artifact import Artifact, Precision, Role, Runtime, TensorSpec
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, target_dirs
 
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
@@ -97,7 +97,7 @@ def head_contract(target: str, card: dict[str, Any], art: Artifact) -> WireContr
         return WireContract(target, art.file, art.runtime, cid, out.dtype, shape, out.layout or "NCHW",
                             float(out.scale) if out.scale is not None else None,
                             int(out.zero_point) if out.zero_point is not None else None, True)
-    rec = art.quantization.get("output") if art.precision == "int8" else None
+    rec = art.quantization.get("output") if art.precision == Precision.INT8 else None
     if isinstance(rec, dict) and rec.get("dtype") in _INT_RANGE and rec.get("scale"):
         return WireContract(target, art.file, art.runtime, cid, str(rec["dtype"]), shape, out.layout or "NCHW",
                             float(rec["scale"]), int(rec.get("zero_point", 0)), False)
@@ -125,7 +125,7 @@ class TargetExport:
         raise UserError(f"{self.path}: no artifact {file!r} in {MANIFEST}")
 
     def tail(self) -> Artifact | None:
-        return next((a for a in self.artifacts if a.role == "tail" and a.runtime == "onnxruntime"), None)
+        return next((a for a in self.artifacts if a.role == Role.TAIL and a.runtime == Runtime.ONNXRUNTIME), None)
 
 
 def load_target(path: Path) -> TargetExport:
@@ -133,7 +133,7 @@ def load_target(path: Path) -> TargetExport:
     manifest = read_manifest(path)
     arts = check_hashes(path, manifest)
     card = manifest["model_card"]
-    contracts = [c for a in arts if a.role == "head" if (c := head_contract(path.name, card, a)) is not None]
+    contracts = [c for a in arts if a.role == Role.HEAD if (c := head_contract(path.name, card, a)) is not None]
     return TargetExport(path, manifest, arts, contracts)
 
 

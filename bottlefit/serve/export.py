@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.exporter.artifact import Artifact
+from bottlefit.exporter.artifact import Artifact, Precision, Role, Runtime
 from bottlefit.files import sha256_file
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
@@ -32,7 +32,7 @@ def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifac
     """``codec/<contract id>.npz`` for each int8 head in ``artifacts`` (already written under ``out_dir``)."""
     out = []
     for art in artifacts:
-        if art.role != "head" or art.precision != "int8" or not art.outputs:
+        if art.role != Role.HEAD or art.precision != Precision.INT8 or not art.outputs:
             continue
         art.sha256 = sha256_file(out_dir / art.file)  # the contract id binds the tables to these bytes
         contract = head_contract(target, card, art)
@@ -44,7 +44,7 @@ def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifac
         tables.save(out_dir / rel)
         log(f"{target}: codec tables for {art.file} (contract {contract.contract_id}, fitted on {len(sym)} "
             f"calibration images) -> {rel}")
-        out.append(Artifact(rel, "aux", "none", "int8", parity=False,
+        out.append(Artifact(rel, Role.AUX, Runtime.NONE, Precision.INT8, parity=False,
                             extra={"codec_tables": {"head": art.file, "contract_id": contract.contract_id,
                                                     "table_id": tables.table_id.hex(), "images": len(sym)}}))
     return out
@@ -70,7 +70,7 @@ def write_triton(out_dir: Path, target: str, card: dict[str, Any], tail: Artifac
     options = RepositoryOptions(max_batch_size=max_batch_size)
     contracts = []
     for art in heads or []:
-        if art.role == "head" and art.precision == "int8" and art.outputs:
+        if art.role == Role.HEAD and art.precision == Precision.INT8 and art.outputs:
             art.sha256 = sha256_file(out_dir / art.file)
             c = head_contract(target, card, art)  # the target's name, not the build's tmp dir
             tables = out_dir / codec_path(c.contract_id) if c is not None else None
@@ -85,8 +85,8 @@ def write_triton(out_dir: Path, target: str, card: dict[str, Any], tail: Artifac
         files = [model_dir / "config.pbtxt", model_dir / "1" / "model.onnx"]
         log(f"Triton model repository for the FP32 tail: {TRITON_DIR}/{name}{FP32_SUFFIX}/ (no int8 head: no wire "
             "frames to decode)")
-    return [Artifact(p.relative_to(out_dir).as_posix(), "aux", "none", "fp32", parity=False) for p in files
-            if p.is_file()]
+    return [Artifact(p.relative_to(out_dir).as_posix(), Role.AUX, Runtime.NONE, Precision.FP32, parity=False)
+            for p in files if p.is_file()]
 
 
 def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],
@@ -114,5 +114,5 @@ def write_board_client(out_dir: Path, target: str, card: dict[str, Any], artifac
             "head_outputs_codes": contract.head_outputs_codes,
             "tail_model": tail_model_name(card), "tail_input": "bottleneck", "codec_tables": tables[0].file}
     (out_dir / "client.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return tables + [Artifact(f, "aux", "none", "int8", parity=False)
+    return tables + [Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False)
                      for f in ("client.py", "boardcodec.py", "boardhttp.py", "client.json")]

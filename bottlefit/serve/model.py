@@ -23,12 +23,12 @@ from bottlefit import __version__
 from bottlefit.errors import UserError
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
+from bottlefit.serve.boardhttp import V2_TYPES
 from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 from bottlefit.serve.head import load_tables
 from bottlefit.serve.triton import dynamic_batch_onnx
 
 DTYPES = {"FP32": np.dtype("<f4"), "INT8": np.dtype("i1"), "UINT8": np.dtype("u1")}
-_V2 = {"float32": "FP32", "int8": "INT8", "uint8": "UINT8"}
 # request-level parameters that apply to the input tensor (clients such as tritonclient set no per-input ones)
 REQUEST_TENSOR_PARAMS = ("scale", "zero_point", "contract_id", "codec", "layout")
 
@@ -376,8 +376,8 @@ class ServedModel:
         if t.datatype in ("INT8", "UINT8"):
             lo, hi = np.iinfo(DTYPES[t.datatype]).min, np.iinfo(DTYPES[t.datatype]).max
             if contract is not None:
-                if _V2.get(contract.dtype) != t.datatype:
-                    raise bad(f"contract {contract.contract_id} sends {_V2.get(contract.dtype)}, got {t.datatype}")
+                if V2_TYPES.get(contract.dtype) != t.datatype:
+                    raise bad(f"contract {contract.contract_id} sends {V2_TYPES.get(contract.dtype)}, got {t.datatype}")
                 for key, want in (("scale", contract.scale), ("zero_point", contract.zero_point)):
                     if key in p and np.float32(number_param(p, key)) != np.float32(want):
                         raise bad(f"{key}={p[key]} differs from contract {contract.contract_id}'s {want}")

@@ -1,7 +1,8 @@
 """Device targets. Each lives in its own folder behind the same small interface (``Target``).
 
 Nothing outside a target's folder knows which target it is: the command asks this registry for the target by
-name, lets it add its own options, and calls ``build``.
+name, lets it add its own options, asks what a build needs (``needs``), makes that, calls ``build`` and starts its
+executions (``start_execution``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Artifact
 from bottlefit.runtimes.execution import Execution
+
+if TYPE_CHECKING:  # both import torch: a context is made where it is loaded anyway
+    from bottlefit.calibration.observers import ObserverKind
+    from bottlefit.exporter.rounding import Rounding
 
 T = TypeVar("T")
 
@@ -29,80 +34,46 @@ _TARGETS = {
 }
 
 
-@dataclass
-class BuildContext:
-    """What a target gets to build from. ``calibration`` is made on first use (it costs image decoding).
+@dataclass(frozen=True)
+class Needs:
+    """What a target's build reads besides the split and the held-out images, decided from its options before
+    anything is built: the pipeline makes exactly this, so what a build records never depends on what the target
+    happened to touch."""
 
-    ``options`` is the target's own typed options object (``Target.options_type``); ``observer``,
-    ``weight_rounding``, ``bias_correction`` and ``tolerance_overrides`` are the export's calibration and parity
-    choices the target's artifacts depend on. Int8 artifacts quantize ``int8_head``; fp32 artifacts and parity's
-    reference use ``split.head``."""
+    calibration: bool  # the calibration set (int8 ranges, codec tables); the manifest records it
+    int8_head: bool  # the head int8 artifacts quantize (weight-rounded by the pipeline's "round" step when asked)
+
+    def __post_init__(self) -> None:
+        if self.int8_head and not self.calibration:
+            raise ValueError("an int8 head is calibrated: Needs(int8_head=True) needs calibration=True")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a target builds from, all made before its build starts (``Target.needs`` says what): a build reads
+    it and changes nothing in it.
+
+    ``options`` is the target's own typed options object (``Target.options_type``); ``observer`` and
+    ``tolerance_overrides`` are the export's calibration and parity choices the target's artifacts depend on.
+    Int8 artifacts quantize ``int8_head`` (``split.head`` itself, or its copy with conv weights already on the int8
+    grid, then ``rounding`` says how); fp32 artifacts and parity's reference use ``split.head``."""
 
     split: Any  # bottlefit.exporter.split.SplitModel
     out_dir: Path  # a fresh temporary directory; the pipeline renames it into place when all succeeded
     options: Any
-    calibration_factory: Callable[[], Any] | None = None  # -> bottlefit.calibration.CalibrationSet
-    heldout_factory: Callable[[], Any] | None = None  # -> the CalibrationSet parity judges on
+    heldout: Any  # bottlefit.calibration.CalibrationSet parity judges on (never calibration images)
+    observer: ObserverKind  # the int8 artifacts' range observer
+    calibration: Any = None  # bottlefit.calibration.CalibrationSet, where ``Needs.calibration``
+    int8_head: Any = None  # where ``Needs.int8_head``
+    rounding: Rounding | None = None  # how ``int8_head``'s weights were rounded (None: it is ``split.head``)
     log: Callable[[str], None] = print
-    observer: str = "minmax"
-    tolerance_overrides: dict[tuple[str | None, str], float] = field(default_factory=dict)
-    weight_rounding: str = "nearest"
-    bias_correction: bool = False
-    rounding: dict[str, Any] | None = None  # bottlefit.exporter.rounding.Rounding.to_dict(), once int8_head ran
-    # what the targets of one export share (``bottlefit export --target a,b``): a weight-rounded int8 head is made
-    # once for every target building from the same split with the same rounding
-    shared: dict[Any, Any] = field(default_factory=dict)
-    _calibration: Any = field(default=None, repr=False)
-    _int8_head: Any = field(default=None, repr=False)
-    _heldout: Any = field(default=None, repr=False)
-
-    @property
-    def calibration(self) -> Any:
-        if self._calibration is None:
-            if self.calibration_factory is None:
-                raise UserError("this target needs calibration images: pass --calib PATH")
-            self._calibration = self.calibration_factory()
-        return self._calibration
-
-    @property
-    def calibration_used(self) -> Any | None:
-        """The calibration set if the build asked for one (the manifest records it), else None."""
-        return self._calibration
-
-    @property
-    def int8_head(self) -> Any:
-        """The head every int8 artifact quantizes: ``split.head`` itself, or (``weight_rounding`` gptq, or
-        ``bias_correction``) a copy whose conv weights are already on the int8 grid, rounded on the calibration
-        images (``bottlefit.exporter.rounding``), so every converter writes the same integers."""
-        if self._int8_head is None:
-            if self.weight_rounding == "nearest" and not self.bias_correction:
-                self._int8_head = self.split.head
-            else:
-                key = ("int8_head", id(self.split.head), self.weight_rounding, self.bias_correction)
-                if key not in self.shared:
-                    self.shared[key] = (self.split.head, *self._round())  # the head kept with it: its id stays
-                _, self._int8_head, self.rounding, lines = self.shared[key]
-                for line in lines:
-                    self.log(line)
-        return self._int8_head
-
-    def _round(self) -> tuple[Any, dict[str, Any], list[str]]:
-        """(the weight-rounded head, its record, the lines that say what it did)."""
-        from bottlefit.exporter.rounding import round_head
-
-        images = self.calibration.images
-        head, rec = round_head(self.split.head, images, self.weight_rounding, bias_correction=self.bias_correction)
-        lines = [f"weight rounding {self.weight_rounding}{' + bias correction' if self.bias_correction else ''}: "
-                 f"{self.split.head_module_path(layer)}: output SQNR {row['sqnr_db_nearest']:.1f} dB nearest -> "
-                 f"{row['sqnr_db']:.1f} dB ({len(images)} images)" for layer, row in rec.layers.items()]
-        return head, rec.to_dict(), lines
+    tolerance_overrides: Mapping[tuple[str | None, str], float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def int8_onnx_source(self, fp32_onnx: Path, opset: int, input_name: str, output_name: str) -> Iterator[Path]:
         """The fp32 ONNX an int8 ONNX head is quantized from: ``fp32_onnx`` (the shipped fp32 head) itself, or
         ``int8_head`` exported with the same names into a temporary directory."""
-        head = self.int8_head
-        if head is self.split.head:
+        if self.int8_head is self.split.head:
             yield Path(fp32_onnx)
             return
         import torch
@@ -111,16 +82,45 @@ class BuildContext:
 
         x = torch.randn(1, *self.split.card.input_shape, generator=torch.Generator().manual_seed(0))
         with tempfile.TemporaryDirectory(prefix="bottlefit-int8-source-") as tmp:
-            yield export_onnx(head, x, Path(tmp) / Path(fp32_onnx).name, opset, input_name, output_name).path
+            yield export_onnx(self.int8_head, x, Path(tmp) / Path(fp32_onnx).name, opset, input_name,
+                              output_name).path
 
-    @property
-    def heldout(self) -> Any:
-        """The held-out images parity judges on (never calibration images); golden data comes from these."""
-        if self._heldout is None:
-            if self.heldout_factory is None:
-                raise UserError("no held-out images: pass --images PATH")
-            self._heldout = self.heldout_factory()
-        return self._heldout
+    def result(self, artifacts: list[Artifact]) -> BuildResult:
+        """The build's result: ``artifacts`` with the calibration set and weight rounding they were made with."""
+        return BuildResult(artifacts, self.calibration, self.rounding)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What ``Target.build`` made: its artifacts (in ``BuildContext.out_dir``) and the records of what they were
+    made from, for the manifest."""
+
+    artifacts: list[Artifact]
+    calibration: Any = None  # the CalibrationSet the int8 artifacts were calibrated on (None: none was used)
+    rounding: Rounding | None = None  # the int8 heads' weight rounding (None: to nearest, in each converter)
+
+
+class Started(Protocol):
+    """A target's executions under way (``Target.start_execution``): the caller's own work runs beside them."""
+
+    def collect(self) -> list[Execution]:
+        """Wait for them and give their records."""
+
+    def cancel(self) -> None:
+        """Stop them: their results are no longer wanted (the bundle changed, or the export gave up)."""
+
+
+@dataclass
+class Finished:
+    """Executions with nothing to wait for: a target without emulation knows its records at once."""
+
+    records: list[Execution] = field(default_factory=list)
+
+    def collect(self) -> list[Execution]:
+        return list(self.records)
+
+    def cancel(self) -> None:
+        """Nothing runs."""
 
 
 def options_from(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -162,6 +162,7 @@ class Target(Protocol):
     name: str
     summary: str
     options_type: type  # the dataclass of this target's options; ``options_type()`` are the defaults
+    emulates: bool  # whether ``--emulate`` runs anything of this target (its board scripts on the board's ISA)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this target's own flags to ``bottlefit export`` (their dests are ``options_type``'s fields)."""
@@ -170,13 +171,23 @@ class Target(Protocol):
         """Refuse (UserError, or EnvironmentProblem for what this machine lacks) what this target cannot honour,
         before any work starts (the model is not loaded yet, so a bad flag costs nothing)."""
 
-    def build(self, ctx: BuildContext) -> list[Artifact]:
-        """Write the artifacts into ``ctx.out_dir`` and describe them."""
+    def needs(self, options: Any) -> Needs:
+        """What a build with ``options`` reads besides the split (the pipeline makes that, and only that)."""
 
-    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
-                log: Callable[[str], None]) -> list[Execution]:
-        """Run the artifacts in the target's runtime on the target's ISA where this host can (emulation), and
-        say where that must happen instead (the board): the execution half of the verdict."""
+    def build(self, ctx: BuildContext) -> BuildResult:
+        """Write the artifacts into ``ctx.out_dir``; describe them and what they were made from."""
+
+    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+                        log: Callable[[str], object]) -> Started:
+        """Start running the artifacts in the target's runtime on the target's ISA where this host can (emulation),
+        and say where that must happen instead (the board): the execution half of the verdict. Returns at once; a
+        target without emulation returns ``Finished``."""
+
+
+def execute(target: Target, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+            log: Callable[[str], object]) -> list[Execution]:
+    """``target``'s executions, waited for (``start_execution`` then ``collect``)."""
+    return target.start_execution(target_dir, artifacts, emulate, log).collect()
 
 
 def names() -> list[str]:

@@ -8,6 +8,7 @@ Also runnable on its own, which is how ``torchrun`` starts it on every process::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from bottlefit.errors import UserError
+from bottlefit.flags import add_renamed
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{', '.join(arch_names())}")
     parser.add_argument("--bottleneck-channel", type=int, metavar="N",
                         help="models.student_model.params.bottleneck_channel")
-    parser.add_argument("--output-dir", metavar="DIR", help="where best.pt, last.pt and the log go")
+    add_renamed(parser, "--out", "--output-dir", metavar="DIR", help="where best.pt, last.pt and the log go "
+                "(train.output_dir)")
     parser.add_argument("--resume", metavar="LAST_PT", help="continue from a last.pt of an earlier run")
     parser.add_argument("--stage1-epochs", type=int, metavar="N")
     parser.add_argument("--stage2-epochs", type=int, metavar="N")
@@ -43,6 +46,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-augment", action="store_true", help="train with the eval transform")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, dotted, e.g. train.stage2.kd.temperature=2 (repeatable)")
 
@@ -54,7 +58,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "models.teacher_model.name": args.teacher,
         "models.student_model.name": args.arch,
         "models.student_model.params.bottleneck_channel": args.bottleneck_channel,
-        "train.output_dir": args.output_dir,
+        "train.output_dir": args.out,
         "train.resume": args.resume,
         "train.stage1.num_epochs": args.stage1_epochs,
         "train.stage2.num_epochs": args.stage2_epochs,
@@ -83,7 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from_args(args))
     best = train(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line rather than one per process
-        print(f"best checkpoint: {best}")
+        print(json.dumps({"best_checkpoint": str(best)}) if getattr(args, "json", False) else
+              f"best checkpoint: {best}")
     return 0
 
 

@@ -178,7 +178,7 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
                                    "median_ms": 4.25}))
     out = tmp_path / "report"
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
-               "--links", "5g", "--images", "2", "--accuracy-images", "2", "--wire", "raw", "--device", "pi4",
+               "--links", "5g", "--image-count", "2", "--accuracy-image-count", "2", "--wire", "raw", "--board", "pi4",
                "--device-timings", str(timings)])
     assert rc == 0
     r = json.loads((out / "split.json").read_text())
@@ -203,9 +203,9 @@ def test_bench_split_on_a_pi_labels_every_device_figure(export_root: Path, tmp_p
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--device-timings", "t.json"], "--device-timings needs --device pi4|pi5|pi3|zero2"),
-    (["--device", "pi4", "--device-timings", "missing.json"], "--device-timings missing.json: cannot read it"),
-    (["--device", "pi4", "--device-factor", "0"], "--device-factor 0.0: must be > 0"),
+    (["--device-timings", "t.json"], "--device-timings needs --board pi4|pi5|pi3|zero2"),
+    (["--board", "pi4", "--device-timings", "missing.json"], "--device-timings missing.json: cannot read it"),
+    (["--board", "pi4", "--device-factor", "0"], "--device-factor 0.0: must be > 0"),
 ])
 def test_bad_device_flags_are_one_line_exit_2(args: list[str], needle: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str],

@@ -304,7 +304,8 @@ def test_paper_mode_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert {p.name for p in paths} == {"paper.json", "paper.md", "paper_latency.png", "paper_energy.png"}
     assert len(r["rows"]) == 2 * 3 and len(r["ratios"]) == 2
     (m,) = r["models"]
-    assert m["head"] == "rpi/head.int8.tflite" and m["jpeg_bytes"] > 0 and m["wire"] in m["wires"]
+    # the head the board profile runs, as run-head picks it
+    assert m["head"] == "rpi/head.int8.ncnn.param" and m["jpeg_bytes"] > 0 and m["wire"] in m["wires"]
     assert all(d["head"]["basis"] == "assumed" for d in r["devices"])  # count=False: host x factor
     assert [d["head_file"] for d in r["devices"]] == [m["board_heads"]["pi4"]]
     assert m["board_heads"] == paper.default_heads(opts.workdir / "paper-export" / opts.sources[0].key(), ("pi4",))

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from bottlefit.bench.peer import MODES, Counter, Device
-from bottlefit.bench.service import decode_jpeg, full_model_name, normalize
+from bottlefit.bench.service import decode_jpeg, full_model_name
 from bottlefit.bench.split import Model, full_onnx, load_images
 from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
@@ -107,7 +107,7 @@ def test_device_runs_every_mode_in_rotation(server: tuple[Proc, dict[str, Any]],
             Image.fromarray(setup["rgb"][i]).save(buf, format="JPEG", quality=90)
             assert r["payload_bytes"] == buf.tell() and r["attempts"] == 1
             # the server's answer for what it decoded: the whole model on the JPEG's pixels
-            x = normalize(decode_jpeg(buf.getvalue(), card)[None], card)
+            x = card.normalize(decode_jpeg(buf.getvalue(), card)[None])
             assert r["top1"] == int(np.argmax(full.infer({full.input_names[0]: x})[full.output_names[0]][0]))
         else:
             assert r["payload_bytes"] == int(np.prod(contract.shape))  # one int8 code per element

@@ -22,7 +22,6 @@ from bottlefit.bench.service import (
     FullModelServer,
     decode_jpeg,
     full_model_name,
-    normalize,
     request_body,
 )
 from bottlefit.models.card import BottleneckSpec, ModelCard
@@ -74,7 +73,7 @@ def test_name_follows_the_tail_name() -> None:
 def test_normalize_uses_the_card_and_goes_nchw() -> None:
     rgb = np.zeros((2, H, W, 3), np.uint8)
     rgb[1, 0, 0] = (255, 0, 51)
-    x = normalize(rgb, CARD)
+    x = CARD.normalize(rgb)
     assert x.shape == (2, 3, H, W) and x.dtype == np.float32 and x.flags.c_contiguous
     mean, std = np.array(CARD.mean, np.float32), np.array(CARD.std, np.float32)
     np.testing.assert_allclose(x[0, :, 5, 5], -mean / std, rtol=1e-6)
@@ -108,7 +107,7 @@ def test_serves_the_whole_model_on_a_jpeg(server: FullModelServer) -> None:
     resp, binary = post(url(server), *request_body(jpeg), timeout_s=30)
     got = logits_of(resp, binary)
     # what the service must compute: the decoded JPEG (lossy), normalized by the card, through the graph
-    want = normalize(decode_jpeg(jpeg, CARD)[None], CARD).mean(axis=(2, 3))
+    want = CARD.normalize(decode_jpeg(jpeg, CARD)[None]).mean(axis=(2, 3))
     assert got.shape == (1, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert resp["model_name"] == "tiny_net_full" and resp["outputs"][0]["parameters"]["binary_data_size"] == 12

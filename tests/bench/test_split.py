@@ -21,8 +21,8 @@ IMAGES = 3
 def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict]:
     out = tmp_path_factory.mktemp("report")
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(export_root),
-               "--links", "3g,5g", "--images", str(IMAGES), "--accuracy-images", str(IMAGES), "--wire", "int8",
-               "--device", "pi4", "--device-factor", "6"])
+               "--links", "3g,5g", "--image-count", str(IMAGES), "--accuracy-image-count", str(IMAGES),
+               "--wire", "int8", "--board", "pi4", "--device-factor", "6"])
     return rc, out, json.loads((out / "split.json").read_text())
 
 
@@ -120,7 +120,7 @@ def test_latency_grows_as_bandwidth_falls(bench: tuple[int, Path, dict]) -> None
     (["--links", "3g,6g"], "unknown link profile '6g'"),
     (["--export", "/nonexistent/export"], "--export /nonexistent/export: no such directory"),
     (["--links", "3g", "--headline-link", "5g"], "--headline-link '5g' is not among --links"),
-    (["--images", "0"], "--images 0: must be at least 1"),
+    (["--image-count", "0"], "--image-count 0: must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:

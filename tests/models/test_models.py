@@ -125,3 +125,23 @@ def test_architecture_modules_do_not_import_the_registry() -> None:
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not any("registry" in (m or "") for m in imported), mod
+
+
+def test_card_rgb8_inverts_normalize_exactly_on_8_bit_images() -> None:
+    """One de/normalisation (ModelCard.normalize / rgb8, float32) for the calibration, the demo and the bench: every
+    8-bit image survives the round trip bit for bit; rgb8 rounds half to even and clips what no pixel can hold."""
+    import numpy as np
+
+    from bottlefit.models.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
+
+    card = ModelCard(arch="x", params={}, input_shape=(3, 4, 5), resize=4, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    rgb[0, 0, 0] = (0, 128, 255)
+    x = card.normalize(rgb)
+    assert x.shape == (3, 3, 4, 5) and x.dtype == np.float32
+    assert x[0, :, 0, 0].tolist() == pytest.approx([(v / 255 - m) / s for v, m, s in
+                                                     zip((0, 128, 255), IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    assert np.array_equal(card.rgb8(x), rgb)
+    grey = ModelCard(arch="x", params={}, input_shape=(3, 1, 4), resize=1, mean=(0.0,) * 3, std=(1.0,) * 3)
+    levels = np.array([-0.2, 2.5 / 255, 3.5 / 255, 1.3], np.float32).reshape(1, 1, 1, 4).repeat(3, axis=1)
+    assert card.rgb8(levels).dtype == np.uint8 and grey.rgb8(levels)[0, 0, :, 0].tolist() == [0, 2, 4, 255]

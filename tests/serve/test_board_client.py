@@ -141,14 +141,15 @@ def test_board_client_on_the_emulated_pi(split_export: Path, server, tmp_path: P
 
 
 def test_board_client_sends_context_frames(split_export: Path, server, tmp_path: Path) -> None:
-    """--codec context: the bundle's own coder (boardcodec.py, the export's tables) -> a BYTES frame that the server
+    """--wire context: the bundle's own coder (boardcodec.py, the export's tables) -> a BYTES frame that the server
     decodes bit-exactly: the same logits as the int8 tensor of the same codes."""
     board = split_export / "rpi" / "board"
     args = ["--golden", "--runtime", "litert", "--threads", "1", "--json", "--server", server.http_url]
-    runs = {c: subprocess.run([sys.executable, str(board / "client.py"), *args, "--codec", c], capture_output=True,
-                              text=True, timeout=120) for c in ("none", "context")}
-    assert all(cp.returncode == 0 for cp in runs.values()), {c: cp.stderr for c, cp in runs.items()}
-    plain, coded = _records(runs["none"].stdout), _records(runs["context"].stdout)
+    runs = {w: subprocess.run([sys.executable, str(board / "client.py"), *args, "--wire", w], capture_output=True,
+                              text=True, timeout=120) for w in ("int8", "context")}
+    assert all(cp.returncode == 0 and "deprecated" not in cp.stderr for cp in runs.values()), \
+        {w: cp.stderr for w, cp in runs.items()}
+    plain, coded = _records(runs["int8"].stdout), _records(runs["context"].stdout)
     assert len(coded) == 4 and all(r["payload_bytes"] > 0 and r["encode_ms"] >= 0 for r in coded)
     np.testing.assert_array_equal(np.array([r["logits"] for r in coded]), np.array([r["logits"] for r in plain]))
 
@@ -164,7 +165,8 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
     sizes = {}
     for codec in ("none", "context"):
         cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
-                             "--bottleneck", str(d / "golden" / "output.bottleneck.bin"), "--codec", codec],
+                             "--bottleneck", str(d / "golden" / "output.bottleneck.bin"), "--wire",
+                             {"none": "int8", "context": "context"}[codec]],
                             capture_output=True, text=True, timeout=120)
         assert cp.returncode == 0, cp.stdout + cp.stderr
         (rec,) = _records(cp.stdout)

@@ -101,3 +101,61 @@ def test_progress_bar_on_a_terminal_only(served, mini_export: Path, tmp_path: Pa
         recs = [json.loads(x) for x in lines.splitlines()]
         assert len(recs) == 2 and all(r["ok"] for r in recs)
     assert "2/2" in term.getvalue() and "image" in term.getvalue()  # tqdm's "n/total" with the unit
+
+
+def test_kserve_datatypes_are_one_table_the_server_and_the_board_clients_read(tmp_path: Path) -> None:
+    """boardhttp.V2_TYPES (copied into every board bundle) names each payload's datatype for the host client, both
+    board clients and the server: the rpi client's fp32 and int8 bodies carry its names, and the server reads each
+    name as the dtype it was named from."""
+    import importlib
+    import shutil
+    import sys
+
+    from bottlefit.serve import boardhttp
+    from bottlefit.serve.model import DTYPES
+    from bottlefit.targets.rpi import BOARD_DIR, CODEC_MODULE, HTTP_MODULE
+
+    for name, v2 in boardhttp.V2_TYPES.items():
+        assert DTYPES[v2] == np.dtype(name)
+    for f in (BOARD_DIR / "client.py", BOARD_DIR / "run_head.py", CODEC_MODULE, HTTP_MODULE):  # as the bundle
+        shutil.copyfile(f, tmp_path / f.name)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+            sys.modules.pop(m, None)
+        client = importlib.import_module("client")
+        entry = {"output": {"scale": 0.5, "zero_point": 3, "layout": "NCHW"}}
+        for codes, fp32, v2 in ((np.zeros((1, 2, 3, 3), np.int8), False, "INT8"),
+                                (np.zeros((1, 2, 3, 3), np.uint8), False, "UINT8"),
+                                (np.zeros((1, 2, 3, 3), np.int8), True, "FP32")):
+            body, n = client.request_body(entry, codes, fp32, "bottleneck")
+            assert json.loads(body[:n])["inputs"][0]["datatype"] == v2
+            assert len(body) - n == codes.size * DTYPES[v2].itemsize
+        assert client.V2_TYPES is sys.modules["boardhttp"].V2_TYPES  # the bundle's copy of the one table
+    finally:
+        sys.path.remove(str(tmp_path))
+        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+            sys.modules.pop(m, None)
+
+
+def test_topk_is_classes_with_their_softmax_probabilities(served, mini_export: Path, tmp_path: Path, capsys) -> None:
+    """run-head (and the boards' clients: one function) print probabilities, most likely first, and say so; the
+    JSON lines keep the logits beside them."""
+    from bottlefit.serve.boardhttp import topk
+
+    logits = np.array([2.0, -1.0, 0.5, 2.0, 7.0])
+    p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert [c for c, _, _ in topk(logits, 5)] == [4, 0, 3, 2, 1]  # ties keep class order
+    np.testing.assert_allclose([q for _, q, _ in topk(logits, 5)], p[[4, 0, 3, 2, 1]], rtol=1e-12)
+    assert [s for _, _, s in topk(logits, 2)] == [7.0, 2.0] and len(topk(logits, 9)) == 5
+    images = _images(tmp_path, 1)
+    assert main(["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--topk", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "top-k class:probability " in line
+    shown = [float(x.split(":")[1]) for x in line.split("top-k class:probability ")[1].split()]
+    assert len(shown) == 3 and shown == sorted(shown, reverse=True) and 0 < sum(shown) <= 1.0005
+    assert main(["run-head", str(mini_export / "onnx"), *images, "--server", served.http_url, "--json"]) == 0
+    (rec,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    top = rec["topk"]
+    assert [sorted(t) for t in top] == [["class", "logit", "probability"]] * 5
+    assert top[0]["probability"] == max(t["probability"] for t in top) and top[0]["logit"] >= top[1]["logit"]

@@ -133,15 +133,15 @@ def test_shipped_decoder_is_the_servers(mini_export: Path, heldout_codes, tmp_pa
 def test_triton_command_writes_the_repository(mini_export: Path, tmp_path: Path, capsys) -> None:
     from bottlefit.cli import main
 
-    assert main(["triton", str(mini_export), "--repo", str(tmp_path / "repo"), "--max-batch-size", "4",
+    assert main(["triton", str(mini_export), "--out", str(tmp_path / "repo"), "--max-batch-size", "4",
                  "--tail-backend", "python"]) == 0
     out = capsys.readouterr().out
     for f in ("mini_resnet_tail/config.pbtxt", "mini_resnet_tail_fp32/1/model.py",
               "mini_resnet_tail_decode/1/model.py"):
         assert f"wrote {tmp_path / 'repo' / f}" in out
     assert _cfg(tmp_path / "repo" / "mini_resnet_tail_fp32" / "config.pbtxt").max_batch_size == 4
-    assert main(["triton", str(tmp_path), "--repo", str(tmp_path / "r2")]) == 2  # no export there: one line
-    assert main(["triton", str(mini_export), "--repo", str(tmp_path / "r3"), "--max-batch-size", "-1"]) == 2
+    assert main(["triton", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2  # no export there: one line
+    assert main(["triton", str(mini_export), "--out", str(tmp_path / "r3"), "--max-batch-size", "-1"]) == 2
 
 
 _KSERVE_CHECK = """

@@ -21,7 +21,7 @@ def test_bench_split_through_triton_too(mini_export: Path, tmp_path: Path) -> No
         pytest.skip(f"no Triton server here: {e}")
     out = tmp_path / "report"
     rc = main(["bench", "split", "--out", str(out), "--quick", "--no-tradeoff", "--export", str(mini_export),
-               "--links", "5g", "--images", "3", "--accuracy-images", "3", "--wire", "context",
+               "--links", "5g", "--image-count", "3", "--accuracy-image-count", "3", "--wire", "context",
                "--link-model", "analytic", "--server", "triton"])
     assert rc == 0
     r = json.loads((out / "split.json").read_text())

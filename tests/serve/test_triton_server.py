@@ -91,16 +91,17 @@ def test_board_client_gets_the_same_logits_through_triton(split_export: Path, tr
     args = [sys.executable, str(board / "client.py"), "--golden", "--runtime", "litert", "--threads", "1", "--json",
             "--retries", "0"]
     runs = {}
-    for name, url, extra in (("serve", serve.http_url, ["--codec", "context"]),
-                             ("triton", triton.http_url, ["--codec", "context"]),
-                             ("serve-fp32", serve.http_url, ["--fp32"]),
-                             ("triton-fp32", triton.http_url, ["--fp32", "--model", "mini_resnet_tail_fp32"])):
+    for name, url, extra in (("serve", serve.http_url, ["--wire", "context"]),
+                             ("triton", triton.http_url, ["--wire", "context"]),
+                             ("serve-fp32", serve.http_url, ["--wire", "fp32"]),
+                             ("triton-fp32", triton.http_url, ["--wire", "fp32", "--model-name",
+                                                               "mini_resnet_tail_fp32"])):
         cp = subprocess.run([*args, "--server", url, *extra], capture_output=True, text=True, timeout=180)
         assert cp.returncode == 0, (name, cp.stdout, cp.stderr)
         runs[name] = _records(cp.stdout)
         assert len(runs[name]) == 4
     for a, b in (("serve", "triton"), ("serve-fp32", "triton-fp32"), ("serve", "serve-fp32")):
-        assert [r["topk"][0][0] for r in runs[a]] == [r["topk"][0][0] for r in runs[b]]
+        assert [r["topk"][0]["class"] for r in runs[a]] == [r["topk"][0]["class"] for r in runs[b]]
         np.testing.assert_array_equal(np.array([r["logits"] for r in runs[a]]),
                                       np.array([r["logits"] for r in runs[b]]))
     # a context frame is far smaller than the FP32 bottleneck Triton took before (4 x 5 x 5 floats)

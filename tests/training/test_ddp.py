@@ -27,7 +27,7 @@ def test_torchrun_two_processes_metrics_equal_single_process_eval(tmp_path: Path
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "bottlefit.training.cli", "--arch", "mini_resnet", "--data", str(data_dir),
-           "--teacher-weights", str(weights), "--output-dir", str(out), "--stage1-epochs", "2",
+           "--teacher-weights", str(weights), "--out", str(out), "--stage1-epochs", "2",
            "--stage2-epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu",
            "--no-augment"]  # the authors' crops and flips suit photos, not 28x28 digits
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -22,12 +22,12 @@ import onnx
 import torch
 
 from bottlefit.errors import UserError
-from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.onnx import check_opset, export_onnx
+from bottlefit.exporter.artifact import Artifact, Layout, Precision, Role, Runtime, TensorSpec
+from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from bottlefit.files import executable_mode
 from bottlefit.models.checkpoint import sha256_file
-from bottlefit.runtimes.execution import Execution
-from bottlefit.targets import BuildContext
+from bottlefit.runtimes.execution import Execution, Status, Where
+from bottlefit.targets import BuildContext, BuildResult, Emulate, Finished, Needs
 from bottlefit.targets.jetson.lint import lint_onnx
 from bottlefit.targets.jetson.profiles import PRECISIONS, Profile, check_request, get_profile, names
 
@@ -42,8 +42,6 @@ ENGINE = "head.engine"
 INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
 BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
 BOARD_CLIENT = Path(__file__).with_name("board") / "client.py"
-# Opset 13 everywhere (docs/tensorrt.md): the oldest parser (8.2) reads it and nothing here needs newer ops.
-PREFERRED_OPSET = 13
 WORKSPACE_MIB = 1024
 
 
@@ -52,7 +50,7 @@ class Request:
     """What the user asked for, resolved against the profile table."""
 
     profile: Profile
-    precision: str
+    precision: Precision
     opset: int
     force: bool
     int8_output: bool
@@ -62,14 +60,14 @@ class Request:
         """Engine routes build_engine.sh offers (and the bundle's README lists), the requested one first. An
         int8 bundle offers both int8 routes: its golden output is the Q/DQ graph's, which a float engine is not
         judged against. A float bundle's golden output is PyTorch fp32, so it offers fp16 and fp32 alike."""
-        if self.precision == "int8":
+        if self.precision == Precision.INT8:
             return ["qdq", "cache"]
-        return [self.precision, "fp32" if self.precision == "fp16" else "fp16"]
+        return [self.precision, Precision.FP32 if self.precision == Precision.FP16 else Precision.FP16]
 
     @property
     def default_routes(self) -> list[str]:
         """What ``./build_engine.sh`` builds without arguments: the requested precision's routes."""
-        return self.routes if self.precision == "int8" else [self.precision]
+        return self.routes if self.precision == Precision.INT8 else [self.precision]
 
     def describe(self) -> dict[str, Any]:
         """What ``bottlefit jetson build`` needs to find the profile row and routes again."""
@@ -86,7 +84,7 @@ class Request:
 
 
 def default_opset(profile: Profile) -> int:
-    return min(PREFERRED_OPSET, profile.max_opset)
+    return min(DEFAULT_OPSET, profile.max_opset)
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class JetsonOptions:
     force: bool = False  # build what the profile advises against (int8 on nano)
     build_engine: bool = False  # also build head.engine here (needs tensorrt and a GPU)
     int8_output: bool = False  # the head emits int8 codes (1 byte/element on the wire)
-    opset: int | None = None  # default: 13, or the profile's maximum if lower
+    opset: int | None = None  # default: exporter.onnx.DEFAULT_OPSET, or the profile's maximum if lower
 
 
 def resolve(options: JetsonOptions) -> Request:
@@ -124,14 +122,14 @@ def resolve(options: JetsonOptions) -> Request:
         raise UserError("; ".join(reasons))
     int8_output = options.int8_output
     if int8_output:
-        if precision != "int8":
+        if precision != Precision.INT8:
             raise UserError(f"--int8-output needs an int8 engine; --precision is {precision}")
         if not profile.int8_export_numeric:
             raise UserError(
                 f"--int8-output: on {profile.describe()} trtexec writes int8 outputs as raw bytes, so the board "
                 "cannot verify them; keep float outputs on this board"
             )
-    return Request(profile, precision, opset, force, int8_output)
+    return Request(profile, Precision(precision), opset, force, int8_output)
 
 
 def lint_or_fail(path: Path, profile: Profile, log: Callable[[str], object] = print) -> list[str]:
@@ -186,10 +184,12 @@ def _route_docs(req: Request) -> str:
 
 
 def _readme(req: Request, files: list[str]) -> str:
+    from bottlefit.targets.jetson.trtexec import engine_path
+
     p = req.profile
     routes = " ".join(req.routes)
     default = " ".join(req.default_routes)
-    forced = " (forced: the GPU has no int8 kernels)" if req.precision == "int8" and not p.fast_int8 else ""
+    forced = " (forced: the GPU has no int8 kernels)" if req.precision == Precision.INT8 and not p.fast_int8 else ""
     return f"""# BottleFit head for Jetson {p.name}
 
 Made for {p.describe()}; engine precision {req.precision}{forced}; ONNX opset {req.opset}.
@@ -197,17 +197,27 @@ Build the engine on the board itself: an engine only runs on the TensorRT versio
 
 ## On the board
 
+Copy this `jetson/` folder (`OUT/jetson/`, where `OUT` is the export's `--out`; the demo's is
+`out/demo/export/jetson/`) to a board flashed with JetPack {p.jetpack[0]}, whose own `python3` ({p.board_python})
+runs the scripts: no venv and nothing from pip (they need Python 3.6 or newer; `{VERIFY}` the standard library
+only, `client.py` numpy too, from JetPack's apt):
+
 ```
-scp -r jetson/ user@board:~/bottlefit-head     # this folder
+scp -r OUT/jetson user@board:bottlefit-head     # on the host: the whole jetson/ folder
 ssh user@board
 cd ~/bottlefit-head
 ./{SCRIPT}            # routes: {routes} (default: {default}); or ./{SCRIPT} {req.routes[-1]}
+sudo apt install -y python3-numpy                # only for client.py
+python3 client.py --server http://EDGE:8000 --engine {engine_path(req.routes[0])} --golden   # run split
 ```
 
 Each route builds `engines/head.<route>.engine` with trtexec ({p.build_only_flag}), runs it once on
 `{GOLDEN_DIR}/input.*.bin` and checks the output against the host's golden output with `{VERIFY}`
-(python3 {p.board_python}, standard library only). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
+(python3 {p.board_python}). Exit 0 = PASS, 1 = a route failed, 2 = usage/missing files.
 trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/trtexec` otherwise.
+`client.py` sends the engine's bottleneck to `bottlefit serve OUT` on `EDGE` (or Triton) and prints the top-k
+classes with their softmax probabilities; its flags are the host's `bottlefit run-head`'s (`--wire
+int8|context|fp32`, `--model-name`; the old `--codec`, `--fp32` and `--model` still work for one release).
 
 Routes (each checked against `{GOLDEN_DIR}/` with that precision's tolerances):
 
@@ -227,6 +237,7 @@ class JetsonTarget:
     summary = "NVIDIA Jetson (TensorRT): head.onnx, symmetric int8 head.qdq.onnx, TensorRT calibration cache, " \
               "build recipe and golden I/O for the board"
     options_type = JetsonOptions
+    emulates = False  # TensorRT runs on the board's GPU only
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         # No argparse choices: an unknown profile is refused by validate() as one line and exit 2.
@@ -256,7 +267,11 @@ class JetsonTarget:
             if not torch.cuda.is_available():
                 raise RuntimeUnavailable("--build-engine: TensorRT is installed but no CUDA GPU is visible")
 
-    def build(self, ctx: BuildContext) -> list[Artifact]:
+    def needs(self, options: JetsonOptions) -> Needs:
+        """head.qdq.onnx and the TensorRT cache are in every bundle (whatever the engine's precision)."""
+        return Needs(calibration=True, int8_head=True)
+
+    def build(self, ctx: BuildContext) -> BuildResult:
         req = resolve(ctx.options)
         ctx.log(f"jetson: {req.profile.describe()}, precision {req.precision}, opset {req.opset}, "
                 f"routes {req.routes}")
@@ -269,8 +284,8 @@ class JetsonTarget:
         if ctx.options.build_engine:
             arts.append(self._engine(ctx, req, in_spec, out_spec, Path(ctx.out_dir)))
         (Path(ctx.out_dir) / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
-        arts.append(Artifact(README, "aux", "none", req.precision, parity=False))
-        return arts
+        arts.append(Artifact(README, Role.AUX, Runtime.NONE, req.precision, parity=False))
+        return ctx.result(arts)
 
     def _fp32_head(self, ctx: BuildContext, req: Request) -> tuple[Any, TensorSpec, list[str]]:
         """head.onnx (fp32) only: parity runs the PyTorch tail, and the board never sees tail.onnx."""
@@ -278,11 +293,11 @@ class JetsonTarget:
         ctx.log(f"exporting {HEAD_ONNX} (opset {req.opset})")
         h = export_onnx(ctx.split.head, x, Path(ctx.out_dir) / HEAD_ONNX, req.opset, INPUT_NAME, OUTPUT_NAME)
         warnings = lint_or_fail(Path(ctx.out_dir) / HEAD_ONNX, req.profile, ctx.log)
-        return h, TensorSpec(INPUT_NAME, h.input_shape, "float32", "NCHW"), warnings
+        return h, TensorSpec(INPUT_NAME, h.input_shape, "float32", Layout.NCHW), warnings
 
     def _head_artifact(self, req: Request, h: Any, in_spec: TensorSpec, warnings: list[str]) -> Artifact:
-        return Artifact(HEAD_ONNX, "head", "onnxruntime", "fp32", [in_spec],
-                        [TensorSpec(OUTPUT_NAME, h.output_shape, "float32", "NCHW")],
+        return Artifact(HEAD_ONNX, Role.HEAD, Runtime.ONNXRUNTIME, Precision.FP32, [in_spec],
+                        [TensorSpec(OUTPUT_NAME, h.output_shape, "float32", Layout.NCHW)],
                         extra={"opset": req.opset, "jetson": req.describe(), "lint_warnings": warnings,
                                "export_max_abs_error": h.max_abs_error})
 
@@ -301,10 +316,10 @@ class JetsonTarget:
                               symmetric=True, per_channel=True, output_int8=req.int8_output)
         warnings = lint_or_fail(out / QDQ_ONNX, req.profile, ctx.log)
         if req.int8_output:
-            out_spec = TensorSpec(OUTPUT_NAME, shape, "int8", "NCHW", q.output_scale, 0)
+            out_spec = TensorSpec(OUTPUT_NAME, shape, "int8", Layout.NCHW, q.output_scale, 0)
         else:
-            out_spec = TensorSpec(OUTPUT_NAME, shape, "float32", "NCHW")
-        art = Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec],
+            out_spec = TensorSpec(OUTPUT_NAME, shape, "float32", Layout.NCHW)
+        art = Artifact(QDQ_ONNX, Role.HEAD, Runtime.ONNXRUNTIME, Precision.INT8, [in_spec], [out_spec],
                        quantization=q.quantization_record(ctx.split.head_module_path, ctx.calibration.describe()),
                        extra={"opset": req.opset, "jetson": req.describe(), "lint_warnings": warnings,
                               "route": "qdq", "output_scale": q.output_scale})
@@ -322,7 +337,7 @@ class JetsonTarget:
         write_cache(out / CACHE, p.trt_code, scales)
         onnx_sha = sha256_file(out / HEAD_ONNX)
         ctx.log(f"wrote {CACHE}: TRT-{p.trt_code}, {len(scales)} tensors, bound to {HEAD_ONNX} {onnx_sha[:12]}…")
-        return Artifact(CACHE, "aux", "none", "int8",
+        return Artifact(CACHE, Role.AUX, Runtime.NONE, Precision.INT8,
                         quantization={"format": "tensorrt-calibration-cache", "observer": ctx.observer,
                                       "scales": scales, "uncovered": uncovered},
                         extra={"binds": {"onnx": HEAD_ONNX, "onnx_sha256": onnx_sha}, "trt_code": p.trt_code,
@@ -339,8 +354,8 @@ class JetsonTarget:
 
         out, held = Path(ctx.out_dir), ctx.heldout
         gx = np.ascontiguousarray(held.images[:1], dtype=np.float32)
-        if req.precision == "int8":
-            qdq_art = Artifact(QDQ_ONNX, "head", "onnxruntime", "int8", [in_spec], [out_spec])
+        if req.precision == Precision.INT8:
+            qdq_art = Artifact(QDQ_ONNX, Role.HEAD, Runtime.ONNXRUNTIME, Precision.INT8, [in_spec], [out_spec])
             gz = run_head(qdq_art, out, gx, reference=True)
             golden_ref = f"{QDQ_ONNX} under ONNX spec semantics (ONNX Runtime, graph optimizations off)"
         else:
@@ -351,8 +366,8 @@ class JetsonTarget:
                      output_scales={OUTPUT_NAME: output_scale}, made_with=golden_ref)
         ctx.log(f"golden I/O: 1 held-out image ({held.names[0]}), reference = {golden_ref}")
         files = sorted(f"{GOLDEN_DIR}/{f.name}" for f in (out / GOLDEN_DIR).iterdir())
-        return [Artifact(f, "aux", "none", req.precision, extra={"reference": golden_ref, "image": held.names[0]},
-                         parity=False) for f in files]
+        return [Artifact(f, Role.AUX, Runtime.NONE, req.precision,
+                         extra={"reference": golden_ref, "image": held.names[0]}, parity=False) for f in files]
 
     def _board_client(self, ctx: BuildContext, arts: list[Artifact]) -> list[Artifact]:
         """client.py (Python 3.6, stdlib + numpy: the bottleneck to `bottlefit serve` or Triton), its codec and
@@ -377,8 +392,10 @@ class JetsonTarget:
         shutil.copyfile(BOARD_VERIFY, out / VERIFY)
         os.chmod(out / VERIFY, executable_mode())
         board = {"profile": p.name, "jetpack": p.jetpack[0], "trt_version": p.trt_version}
-        return [Artifact(SCRIPT, "aux", "none", req.precision, extra={**board, "routes": req.routes}, parity=False),
-                Artifact(VERIFY, "aux", "none", req.precision, extra={"python": p.board_python}, parity=False)]
+        return [Artifact(SCRIPT, Role.AUX, Runtime.NONE, req.precision, extra={**board, "routes": req.routes},
+                         parity=False),
+                Artifact(VERIFY, Role.AUX, Runtime.NONE, req.precision, extra={"python": p.board_python},
+                         parity=False)]
 
     def _engine(self, ctx: BuildContext, req: Request, in_spec: TensorSpec, out_spec: TensorSpec,
                 out: Path) -> Artifact:
@@ -391,22 +408,21 @@ class JetsonTarget:
         build_engine(out / onnx_file, out / ENGINE, req.profile, req.precision, workspace_mib=WORKSPACE_MIB,
                      force=req.force)
         # The Q/DQ graph ends in QuantizeLinear under --int8-output: the engine then emits the int8 codes.
-        spec = out_spec if route == "qdq" else TensorSpec(OUTPUT_NAME, out_spec.shape, "float32", "NCHW")
-        return Artifact(ENGINE, "head", "tensorrt", req.precision, [in_spec], [spec],
+        spec = out_spec if route == "qdq" else TensorSpec(OUTPUT_NAME, out_spec.shape, "float32", Layout.NCHW)
+        return Artifact(ENGINE, Role.HEAD, Runtime.TENSORRT, req.precision, [in_spec], [spec],
                         extra={"route": route, "onnx": onnx_file, "jetson": req.describe(),
                                "note": "built on this host's GPU and TensorRT; build on the board for the board"})
 
-
-    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any,
-                log: Callable[[str], object]) -> list[Execution]:
+    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+                        log: Callable[[str], object]) -> Finished:
         """TensorRT runs on the board's GPU only (there is no emulator for it): say so, and how it is checked."""
         jetson = next((a.extra["jetson"] for a in artifacts if a.file == QDQ_ONNX), None)
         if jetson is None:
-            return []
+            return Finished()
         note = (f"TensorRT {jetson['trt_version']} on the board: ./{SCRIPT} builds each route and checks it against "
                 f"{GOLDEN_DIR}/ (made under ONNX spec semantics) with {VERIFY}")
         isa = f"Jetson {jetson['profile']} GPU (TensorRT {jetson['trt_version']})"
-        return [Execution(QDQ_ONNX, "tensorrt", "board", isa, False, "not run", {}, note)]
+        return Finished([Execution(QDQ_ONNX, Runtime.TENSORRT, Where.BOARD, isa, False, Status.NOT_RUN, {}, note)])
 
 
 TARGET = JetsonTarget()

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bottlefit.errors import UserError
-from bottlefit.exporter.artifact import Artifact, TensorSpec
-from bottlefit.exporter.onnx import DEFAULT_OPSET, check_opset, export_onnx
-from bottlefit.runtimes.execution import Execution
-from bottlefit.targets import BuildContext
-
-MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) arrived in opset 13
+from bottlefit.exporter.artifact import Artifact, Layout, Precision, Role, Runtime, TensorSpec
+from bottlefit.exporter.onnx import DEFAULT_OPSET, MIN_QDQ_OPSET, check_opset, export_onnx
+from bottlefit.targets import BuildContext, BuildResult, Emulate, Finished, Needs
 
 
 @dataclass(frozen=True)
@@ -39,13 +36,13 @@ def fp32_pair(ctx: BuildContext, opset: int) -> list[Artifact]:
     ctx.log(f"exporting tail.onnx (opset {opset}; {sum(p.numel() for p in sm.tail.parameters()):,} parameters)")
     t = export_onnx(sm.tail, z, ctx.out_dir / "tail.onnx", opset, "bottleneck", "logits")
     ctx.log(f"ONNX Runtime vs PyTorch: head max abs error {h.max_abs_error:.3g}, tail {t.max_abs_error:.3g}")
-    zspec = TensorSpec("bottleneck", h.output_shape, "float32", "NCHW")
+    zspec = TensorSpec("bottleneck", h.output_shape, "float32", Layout.NCHW)
     return [
-        Artifact("head.onnx", "head", "onnxruntime", "fp32",
-                 [TensorSpec("input", h.input_shape, "float32", "NCHW")], [zspec],
+        Artifact("head.onnx", Role.HEAD, Runtime.ONNXRUNTIME, Precision.FP32,
+                 [TensorSpec("input", h.input_shape, "float32", Layout.NCHW)], [zspec],
                  extra={"opset": opset, "export_max_abs_error": h.max_abs_error}),
-        Artifact("tail.onnx", "tail", "onnxruntime", "fp32", [zspec],
-                 [TensorSpec("logits", t.output_shape, "float32", "")],
+        Artifact("tail.onnx", Role.TAIL, Runtime.ONNXRUNTIME, Precision.FP32, [zspec],
+                 [TensorSpec("logits", t.output_shape, "float32", Layout.NONE)],
                  extra={"opset": opset, "export_max_abs_error": t.max_abs_error}),
     ]
 
@@ -57,10 +54,10 @@ def serving_files(ctx: BuildContext, arts: list[Artifact], triton: bool = True) 
 
     card = ctx.split.card.to_dict()
     extra = []
-    if any(a.role == "head" and a.precision == "int8" for a in arts):
+    if any(a.role == Role.HEAD and a.precision == Precision.INT8 for a in arts):
         extra += write_codec_tables(ctx.out_dir, "onnx", card, arts,
                                     ctx.calibration.images, ctx.log)
-    tail = next((a for a in arts if a.role == "tail" and a.runtime == "onnxruntime"), None)
+    tail = next((a for a in arts if a.role == Role.TAIL and a.runtime == Runtime.ONNXRUNTIME), None)
     if triton and tail is not None:
         extra += write_triton(ctx.out_dir, "onnx", card, tail, arts, log=ctx.log)
     return extra
@@ -70,6 +67,7 @@ class OnnxTarget:
     name = "onnx"
     summary = "fp32 head.onnx + tail.onnx for ONNX Runtime; --int8 adds head.int8.onnx (Q/DQ)"
     options_type = OnnxOptions
+    emulates = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--int8", action="store_true", help="onnx target: also write head.int8.onnx")
@@ -83,18 +81,23 @@ class OnnxTarget:
             raise UserError(f"--int8 needs --opset {MIN_QDQ_OPSET} or newer (per-channel Q/DQ); "
                             f"got --opset {options.opset}")
 
-    def build(self, ctx: BuildContext) -> list[Artifact]:
+    def needs(self, options: OnnxOptions) -> Needs:
+        """The fp32 pair is made from the split alone; ``--int8`` calibrates (its ranges, its codec tables)."""
+        return Needs(calibration=options.int8, int8_head=options.int8)
+
+    def build(self, ctx: BuildContext) -> BuildResult:
         options: OnnxOptions = ctx.options
         arts = fp32_pair(ctx, options.opset)
         if options.int8:
             from bottlefit.targets.onnx.int8 import build_int8_head
 
             arts.append(build_int8_head(ctx, ctx.out_dir / "head.onnx", options.opset))
-        return arts + serving_files(ctx, arts, triton=options.triton)
+        return ctx.result(arts + serving_files(ctx, arts, triton=options.triton))
 
-    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:
+    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+                        log: Callable[[str], object]) -> Finished:
         """No device of its own: the host-kernel runs parity records are all there is."""
-        return []
+        return Finished()
 
 
 TARGET = OnnxTarget()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.artifact import Artifact, Layout, Precision, Role, Runtime, TensorSpec
 from bottlefit.exporter.qdq import quantize_head
 from bottlefit.targets import BuildContext
 
@@ -44,9 +44,9 @@ def build_int8_head(ctx: BuildContext, fp32_head_path: Path, opset: int) -> Arti
     # manifest readers want model paths ("bottleneck.encoder.4"), not paths inside the head
     quant = res.quantization_record(ctx.split.head_module_path, calib.describe())
     return Artifact(
-        INT8_FILE, "head", "onnxruntime", "int8",
-        [TensorSpec(res.input_name, _spec(inp), "float32", "NCHW")],
-        [TensorSpec(res.output_name, _spec(out), "float32", "NCHW")],
+        INT8_FILE, Role.HEAD, Runtime.ONNXRUNTIME, Precision.INT8,
+        [TensorSpec(res.input_name, _spec(inp), "float32", Layout.NCHW)],
+        [TensorSpec(res.output_name, _spec(out), "float32", Layout.NCHW)],
         quantization=quant,
         extra={"opset": opset, "format": "qdq", "from": fp32_head_path.name},
     )

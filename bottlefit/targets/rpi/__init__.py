@@ -21,6 +21,7 @@ import functools
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,21 +32,22 @@ import torch
 
 from bottlefit.errors import UserError, VerificationError
 from bottlefit.exporter import wire
-from bottlefit.exporter.artifact import Artifact, TensorSpec
+from bottlefit.exporter.artifact import Artifact, Layout, Precision, Role, Runtime, TensorSpec
 from bottlefit.exporter.head_rewrite import rewrite_head
+from bottlefit.exporter.onnx import DEFAULT_OPSET
 from bottlefit.exporter.qdq import QdqResult
 from bottlefit.exporter.split import SplitModel
-from bottlefit.runtimes.execution import Execution
-from bottlefit.targets.rpi.profiles import get_profile
+from bottlefit.targets import BuildContext, BuildResult, Emulate, Needs, Started
+from bottlefit.targets.rpi.profiles import DEFAULT as DEFAULT_BOARD
+from bottlefit.targets.rpi.profiles import RpiProfile, get_profile
 
 BOARD_DIR = Path(__file__).parent / "board"
 ONNX_INT8_FILE = "head.int8.onnx"
 NCNN_INT8_FILE = "head.int8.ncnn.param"  # + head.int8.ncnn.bin beside it
-ONNX_OPSET = 13
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
-BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py", "README.md")
+BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py")  # README.md and example.png: bundle_readme
 # the context codec's model and encoder, one source for the server and every board bundle
 CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
 # client.py's transport (KServe v2 REST, retries), one source for every board bundle
@@ -67,7 +69,7 @@ def write_int8_onnx(head: torch.nn.Module, images: np.ndarray, path: Path, obser
 
     with tempfile.TemporaryDirectory(prefix="bottlefit-rpi-onnx-") as tmp:
         example = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).clone()
-        fp32 = export_onnx(head, example, Path(tmp) / "head.onnx", ONNX_OPSET, ONNX_INPUT, ONNX_OUTPUT)
+        fp32 = export_onnx(head, example, Path(tmp) / "head.onnx", DEFAULT_OPSET, ONNX_INPUT, ONNX_OUTPUT)
         return quantize_head(fp32.path, path, images, head, observer, **ONNX_INT8_OPTIONS)
 
 
@@ -91,8 +93,9 @@ class RpiOptions:
 
     layout: str = "nhwc"  # nhwc: no transposes in the graph; nchw: the PyTorch layout
     allow_float_ops: bool = False  # accept an int8 head that keeps float ops instead of failing
-    # the board (bottlefit.targets.rpi.profiles; None: pi4). ``--profile`` is one flag shared with the jetson target
-    profile: str | None = None
+    # the board (bottlefit.targets.rpi.profiles), by name: the manifest's options record the board the bundle is for.
+    # ``--profile`` is one flag shared with the jetson target
+    profile: str = DEFAULT_BOARD
 
 
 def _wire_codes(art: Artifact) -> dict[str, Any] | None:
@@ -125,20 +128,39 @@ class RpiTarget:
             raise UserError(f"--layout {options.layout!r}: choose nhwc or nchw")
         get_profile(options.profile)
 
-    def build(self, ctx: Any) -> list[Artifact]:
-        from bottlefit.targets.rpi.tflite import export_tflite
+    def needs(self, options: RpiOptions) -> Needs:
+        """Every head but head.fp32.tflite is int8, and the fp32 one is converted on the calibration images too."""
+        return Needs(calibration=True, int8_head=True)
 
+    def build(self, ctx: BuildContext) -> BuildResult:
+        """The heads, the board's choice among them, the codec tables and board/ (in that order: each reads the
+        ones before)."""
         opts: RpiOptions = ctx.options
-        layout = opts.layout.upper()
-        observer = ctx.observer
-        allow_float = opts.allow_float_ops
-        card = ctx.split.card
         profile = get_profile(opts.profile)
         ctx.log(f"rpi: board profile {profile.describe()}")
         out = Path(ctx.out_dir)
         images = np.ascontiguousarray(ctx.calibration.images, dtype=np.float32)
-        calib = ctx.calibration.describe()
+        arts = self._tflite_heads(ctx, images, Layout(opts.layout.upper()), opts.allow_float_ops)
+        arts += self._onnx_and_ncnn_heads(ctx, images)
+        profile = self._board_choice(ctx, profile, arts)
+        from bottlefit.serve.export import write_codec_tables
 
+        # the context codec's tables, fitted on this export's calibration codes: the server and board/client.py
+        # read them from here
+        tables = write_codec_tables(out, "rpi", ctx.split.card.to_dict(), [a for a in arts if a.file in BOARD_HEADS],
+                                    images, ctx.log)
+        codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
+        arts += tables
+        arts += self._board_bundle(out, ctx.split.card, arts, ctx.heldout, profile, codec_files)
+        return ctx.result(arts)
+
+    def _tflite_heads(self, ctx: BuildContext, images: np.ndarray, layout: Layout,
+                      allow_float: bool) -> list[Artifact]:
+        """head.int8.tflite (from ``ctx.int8_head``) and head.fp32.tflite (from the split's head), both through the
+        head rewrite (proved exact here on the calibration images)."""
+        from bottlefit.targets.rpi.tflite import export_tflite
+
+        card, out, observer = ctx.split.card, Path(ctx.out_dir), ctx.observer
         proof = torch.from_numpy(images[: min(4, len(images))])
         rw = rewrite_head(ctx.split.head.encoder, card.bottleneck.module, proof)
         with torch.no_grad():
@@ -159,6 +181,25 @@ class RpiTarget:
                            allow_float_ops=allow_float, log=ctx.log)
         ctx.log(f"rpi: {len(i8.float_ops)} float ops; ops {' '.join(i8.ops)}")
         f32 = export_tflite(rw, images, out / "head.fp32.tflite", int8=False, layout=layout, log=ctx.log)
+        equalization = getattr(ctx.split.head, "equalization", None)
+        return [
+            Artifact("head.int8.tflite", Role.HEAD, Runtime.LITERT, Precision.INT8, i8.inputs, i8.outputs,
+                     quantization={"method": "pt2e-static", "observer": observer,
+                                   "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor affine",
+                                   "float_ops": len(i8.float_ops),
+                                   "float_op_list": [f.describe() for f in i8.float_ops],
+                                   "calibration": ctx.calibration.describe(),
+                                   # observer "search": which activations took the Q/DQ heads' searched ranges
+                                   **({"range_search": i8.ranges} if i8.ranges else {}),
+                                   **({"equalization": equalization} if equalization else {})},
+                     extra={"layout": layout, "ops": i8.ops, "rewrite": rewrite, "converter": "litert-torch"}),
+            Artifact("head.fp32.tflite", Role.HEAD, Runtime.LITERT, Precision.FP32, f32.inputs, f32.outputs,
+                     extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),
+        ]
+
+    def _onnx_and_ncnn_heads(self, ctx: BuildContext, images: np.ndarray) -> list[Artifact]:
+        """head.int8.onnx and, where ncnn's writer can express the head, head.int8.ncnn.param + .bin."""
+        out, observer, calib = Path(ctx.out_dir), ctx.observer, ctx.calibration.describe()
         ctx.log(f"rpi: {ONNX_INT8_FILE} (ONNX Runtime Q/DQ, {observer} ranges, asymmetric int8 activations)")
         ox = write_int8_onnx(ctx.int8_head, images, out / ONNX_INT8_FILE, observer)
         if ox.rewritten_nodes:
@@ -166,45 +207,25 @@ class RpiTarget:
         ox_in, ox_out, ox_ops = onnx_specs(ox.path)
         # model paths ("bottleneck.encoder.4"); the mapping needs only the split's card
         ox_quant = ox.quantization_record(functools.partial(SplitModel.head_module_path, ctx.split), calib)
-        nc = self._ncnn_head(ctx, images, out, ox_out[0], ox_quant, calib)
+        return [Artifact(ONNX_INT8_FILE, Role.HEAD, Runtime.ONNXRUNTIME, Precision.INT8, ox_in, ox_out,
+                         quantization=ox_quant, extra={"opset": DEFAULT_OPSET, "ops": ox_ops, "format": "qdq"}),
+                *self._ncnn_head(ctx, images, out, ox_out[0], ox_quant, calib)]
 
-        arts = [
-            Artifact("head.int8.tflite", "head", "litert", "int8", i8.inputs, i8.outputs,
-                     quantization={"method": "pt2e-static", "observer": observer,
-                                   "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor affine",
-                                   "float_ops": len(i8.float_ops),
-                                   "float_op_list": [f.describe() for f in i8.float_ops], "calibration": calib,
-                                   # observer "search": which activations took the Q/DQ heads' searched ranges
-                                   **({"range_search": i8.ranges} if i8.ranges else {}),
-                                   **({"equalization": ctx.split.head.equalization}
-                                      if getattr(ctx.split.head, "equalization", None) else {})},
-                     extra={"layout": layout, "ops": i8.ops, "rewrite": rewrite, "converter": "litert-torch"}),
-            Artifact("head.fp32.tflite", "head", "litert", "fp32", f32.inputs, f32.outputs,
-                     extra={"layout": layout, "ops": f32.ops, "rewrite": rewrite, "converter": "litert-torch"}),
-            Artifact(ONNX_INT8_FILE, "head", "onnxruntime", "int8", ox_in, ox_out, quantization=ox_quant,
-                     extra={"opset": ONNX_OPSET, "ops": ox_ops, "format": "qdq"}),
-            *nc,
-        ]
-        # the manifest records the board's choice and why (the measured costs) with the head it picks
+    def _board_choice(self, ctx: BuildContext, profile: RpiProfile, arts: list[Artifact]) -> RpiProfile:
+        """The board profile for the heads this export has (its default head, or the cheapest measured one that is
+        here). Every artifact records the board's name (``board_profile``); the head the board runs by default
+        records the choice and why, with the measured costs (``board_choice``)."""
         chosen = profile.choose({a.file for a in arts})
         if chosen is not profile:
-            profile = chosen
-            ctx.log(f"rpi: board profile {profile.describe()} ({profile.why.split(';')[0]})")
+            ctx.log(f"rpi: board profile {chosen.describe()} ({chosen.why.split(';')[0]})")
         for a in arts:
-            a.extra["board_profile"] = profile.record() if a.file == profile.model else profile.name
-        from bottlefit.serve.export import write_codec_tables
+            a.extra["board_profile"] = chosen.name
+            if a.file == chosen.model:
+                a.extra["board_choice"] = chosen.record()
+        return chosen
 
-        # the context codec's tables, fitted on this export's calibration codes: the server and board/client.py
-        # read them from here
-        tables = write_codec_tables(out, "rpi", card.to_dict(), [a for a in arts if a.file in BOARD_HEADS], images,
-                                    ctx.log)
-        codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
-        arts += tables
-        arts += self._board_bundle(out, card, arts, ctx.heldout, profile, codec_files)
-        return arts
-
-    def _ncnn_head(self, ctx: Any, images: np.ndarray, out: Path, onnx_out: TensorSpec, onnx_quant: dict[str, Any],
-                   calib: dict[str, Any]) -> list[Artifact]:
+    def _ncnn_head(self, ctx: BuildContext, images: np.ndarray, out: Path, onnx_out: TensorSpec,
+                   onnx_quant: dict[str, Any], calib: dict[str, Any]) -> list[Artifact]:
         """head.int8.ncnn.param + .bin from the head the other int8 heads come from. It emits float (ncnn
         dequantizes each conv's output); its wire codes are head.int8.onnx's output grid, the same calibrated
         quantization of the same bottleneck."""
@@ -217,26 +238,27 @@ class RpiTarget:
         except UserError as e:  # a head ncnn's writer cannot express: the other heads still ship
             ctx.log(f"rpi: no {NCNN_INT8_FILE}: {e}")
             return []
-        ins = [TensorSpec(INPUT, (1, *images.shape[1:]), "float32", "NCHW")]
-        outs = [TensorSpec(OUTPUT, onnx_out.shape, "float32", "NCHW")]
+        ins = [TensorSpec(INPUT, (1, *images.shape[1:]), "float32", Layout.NCHW)]
+        outs = [TensorSpec(OUTPUT, onnx_out.shape, "float32", Layout.NCHW)]
         wire_grid = onnx_quant.get("output")
         quant = {"method": "ncnn-int8", "weights": "int8 per-channel symmetric (127 / max|w|)",
                  "activations": "int8 per-tensor symmetric at each conv's input (127 / amax), float between",
                  "observer": ctx.observer,
                  "input_scales": nc.input_scales, "calibration": calib,
                  **({"output": {**wire_grid, "from": ONNX_INT8_FILE}} if isinstance(wire_grid, dict) else {})}
-        head = Artifact(NCNN_INT8_FILE, "head", "ncnn", "int8", ins, outs, quantization=quant,
+        head = Artifact(NCNN_INT8_FILE, Role.HEAD, Runtime.NCNN, Precision.INT8, ins, outs, quantization=quant,
                         extra={"ops": nc.layers, "weights": nc.weights.name, "format": "ncnn param + bin"})
-        return [head, Artifact(nc.weights.name, "aux", "none", "int8", parity=False)]
+        return [head, Artifact(nc.weights.name, Role.AUX, Runtime.NONE, Precision.INT8, parity=False)]
 
     def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
-                      profile: Any, codec_files: dict[str, str] | None = None) -> list[Artifact]:
+                      profile: RpiProfile, codec_files: dict[str, str] | None = None) -> list[Artifact]:
         """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
         (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
         from bottlefit.models.checkpoint import sha256_file
         from bottlefit.runtimes import get_runner
         from bottlefit.runtimes.head import output_lsb, reference_semantics
         from bottlefit.serve.contract import contract_id, tail_model_name
+        from bottlefit.targets.rpi import bundle_readme
 
         codec_files = codec_files or {}
         board = out / "board"
@@ -283,16 +305,16 @@ class RpiTarget:
                            "mean": list(card.mean), "std": list(card.std)},
         }
         (board / "golden.json").write_text(json.dumps(golden, indent=2) + "\n")
+        files += bundle_readme.write(board, golden, sorted(a.file for a in arts if a.role == "head"), gx[:1],
+                                     heldout.names[0], card)
         names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, HTTP_MODULE.name, "golden.json", *files)]
-        return [Artifact(f, "aux", "none", "int8", parity=False) for f in names]
+        return [Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False) for f in names]
 
-    def execute(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> list[Execution]:
-        """The bundle's verify_on_board.py on the Pi's ISA under emulation (bottlefit.targets.rpi.emulated)."""
-        return self.start_execution(target_dir, artifacts, emulate, log).collect()
-
-    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Any, log: Any) -> Any:
-        """:meth:`execute` started and not waited for (bottlefit.targets.rpi.emulated.Running: ``collect()`` for the
-        records, ``cancel()`` when they are no longer wanted), so the caller's own work runs beside the guests."""
+    def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
+                        log: Callable[[str], object]) -> Started:
+        """The bundle's verify_on_board.py on the Pi's ISA under emulation (bottlefit.targets.rpi.emulated),
+        started and not waited for: ``collect()`` for the records, ``cancel()`` when they are no longer wanted, so
+        the caller's own work (parity) runs beside the guests."""
         from bottlefit.targets.rpi.emulated import start
 
         return start(target_dir, [a for a in artifacts if a.file in BOARD_HEADS], emulate, log)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bottlefit.exporter.artifact import Artifact
-from bottlefit.runtimes.execution import Execution
+from bottlefit.runtimes.execution import Execution, Status, Where
 
 DEFAULT_PROFILES = ("pi4",)  # the paper's board
 VERIFY_TIMEOUT_S = 900
@@ -54,7 +54,7 @@ class Running:
             try:
                 cp = finish_python(proc, core, timeout=left)
             except subprocess.TimeoutExpired:
-                out += [Execution(a.file, a.runtime, "emulated", isa, True, "failed", {},
+                out += [Execution(a.file, a.runtime, Where.EMULATED, isa, True, Status.FAILED, {},
                                   f"verify_on_board.py took over {VERIFY_TIMEOUT_S} s under emulation")
                         for a in self.heads]
                 continue
@@ -77,22 +77,22 @@ class Running:
             results = {Path(r["model"]).name: r for r in doc["results"]}
         except (json.JSONDecodeError, KeyError, TypeError):
             why = last_line(cp.stderr) or last_line(cp.stdout) or "no output"
-            return [Execution(a.file, a.runtime, "emulated", isa, True, "failed", {},
+            return [Execution(a.file, a.runtime, Where.EMULATED, isa, True, Status.FAILED, {},
                               f"verify_on_board.py exited {cp.returncode}: {why}") for a in heads]
         out: list[Execution] = []
         for a in heads:
             r = results.get(a.file)
             if r is None or r.get("status") not in ("pass", "fail"):
                 why = "not listed in golden.json" if r is None else r.get("reason", r.get("status"))
-                out.append(Execution(a.file, a.runtime, "emulated", isa, True, "failed", {}, str(why)))
+                out.append(Execution(a.file, a.runtime, Where.EMULATED, isa, True, Status.FAILED, {}, str(why)))
                 continue
             metrics = {"max_abs_lsb": r["max_abs_lsb"], "cosine_vs_reference": r["cosine"],
                        "mismatch_fraction": r["mismatch_fraction"], "images": len(r["images"])}
             note = (f"board/verify_on_board.py on {doc.get('machine')} Python {doc.get('python')} "
                     f"({r.get('kernels')}; wheels {', '.join(env.get('wheels', []))}; {env.get('qemu', 'qemu')}) "
                     "against golden outputs made under reference semantics")
-            out.append(Execution(a.file, a.runtime, "emulated", isa, True,
-                                 "agrees" if r["status"] == "pass" else "deviates", metrics, note))
+            out.append(Execution(a.file, a.runtime, Where.EMULATED, isa, True,
+                                 Status.AGREES if r["status"] == "pass" else Status.DEVIATES, metrics, note))
         return out
 
 
@@ -111,8 +111,9 @@ def start(target_dir: Path, heads: Sequence[Artifact], emulate: Any, log: Callab
     except EmulationUnavailable as e:
         if emulate.mode == "on":
             raise
-        running.ready = [Execution(a.file, a.runtime, "emulated", f"aarch64 {c.cpu} ({c.board})", False, "not run",
-                                   {}, f"emulation unavailable here: {e}") for c in cores for a in heads]
+        running.ready = [Execution(a.file, a.runtime, Where.EMULATED, f"aarch64 {c.cpu} ({c.board})", False,
+                                   Status.NOT_RUN, {}, f"emulation unavailable here: {e}")
+                         for c in cores for a in heads]
         return running
     running.env = sysroot.describe()
     try:

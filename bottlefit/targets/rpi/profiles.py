@@ -6,8 +6,10 @@ head with untrained (seeded random) weights, under qemu arm64 user-mode emulatio
 wheel picks for that core. The head is the export's: the BatchNorm after the max-pool folded into the stem conv
 (bottlefit.exporter.split.fold_head), which saved 0.8 M on every core (A72 ONNX Runtime u8 45.65 -> 44.82 M).
 The default is the cheapest int8 head in those figures; fp32 TFLite with XNNPACK is the reference every ratio is
-taken against. Made by ``COST_COMMAND`` (bench/bench_pi_cost.py) on 2026-11-30 with
-ai-edge-litert 2.3.0, onnxruntime 1.32.0, ncnn 1.0.20250503, qemu 7.2.
+taken against. The figures are data: ``costs.json`` beside this module, written by bench/bench_pi_cost.py
+``--update`` (its command, head, date and versions are in the file; ``--check`` compares a new run with it). A
+board's costs are those measured on its core. The boards themselves (name, core, Features, cores) are rows of the
+one board table, bottlefit/emulation/boards.json.
 
 Keys of ``costs``: "<file>/<delegate>" where delegate is "xnnpack" or "builtin" for the .tflite heads (LiteRT with
 XNNPACK, or its built-in kernels), "cpu" for head.int8.ncnn.param (ncnn's int8 kernels, fp32 semantics between
@@ -39,17 +41,31 @@ head (``--variants ncnn``: 38.6 M on the A72) costs less there than every ONNX R
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bottlefit.emulation.devicetime import Board, boards
 from bottlefit.errors import UserError
 
 DEFAULT = "pi4"  # the paper's board
 REFERENCE = "head.fp32.tflite/xnnpack"
-COST_COMMAND = ("PYTHONPATH=. .venv/bin/python bench/bench_pi_cost.py --arch custom_resnet152 "
-                "--bottleneck-channel 12 --bottleneck-ver 2 --profiles pi4,pi5,pi3 --variants s2d,floor,ncnn")
-COST_HEAD = "custom_resnet152 bottleneck_ver 2, 12 channels, untrained (seeded), 224x224, batch 1, 1 thread"
+COSTS_FILE = Path(__file__).with_name("costs.json")  # written by bench/bench_pi_cost.py --update
+COSTS_SCHEMA = "bottlefit.picost/1"
+# the heads a bundle ships and the cost bench measures, (file, runtime, delegate), in the order every costs record
+# lists them
+HEADS: tuple[tuple[str, str, str], ...] = (
+    ("head.int8.tflite", "litert", "xnnpack"), ("head.int8.tflite", "litert", "builtin"),
+    ("head.fp32.tflite", "litert", "xnnpack"), ("head.fp32.tflite", "litert", "builtin"),
+    ("head.int8.onnx", "onnxruntime", "cpu"), ("head.int8.onnx", "onnxruntime", "cpu-u8"),
+    ("head.int8.ncnn.param", "ncnn", "cpu"),
+)
+# /proc/cpuinfo Features that select no kernel of these runtimes: the crypto extensions, the timer's event stream
+# and EL0 access to the ID registers. The profile records the rest (qemu's models add the crypto bits to HWCAP
+# where the Pi 4/3/Zero 2 lack them; the runtimes never read them).
+NOT_KERNEL_FEATURES = frozenset({"aes", "pmull", "sha1", "sha2", "evtstrm", "cpuid"})
 
 
 # ONNX Runtime session config entries per head.int8.onnx "delegate" (see the module doc)
@@ -119,24 +135,6 @@ class RpiProfile:
                 "cost_unit": "millions of guest instructions per inference under qemu-user (not cycles)"}
 
 
-_A53_A72 = ("fp", "asimd", "crc32")
-_A76 = ("fp", "asimd", "crc32", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc", "dcpop", "asimddp")
-
-# measured with bench/bench_pi_cost.py (COST_COMMAND), see the module doc; bench/bench_pi_cost_baseline.json holds
-# the same run (with the space-to-depth variants and host milliseconds) as the CI regression baseline
-_COST_A72 = {"head.int8.tflite/xnnpack": 135.2, "head.int8.tflite/builtin": 57.37, "head.fp32.tflite/xnnpack": 76.13,
-             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82,
-             "head.int8.ncnn.param/cpu": 37.86}
-_COST_A76 = {"head.int8.tflite/xnnpack": 36.34, "head.int8.tflite/builtin": 31.88, "head.fp32.tflite/xnnpack": 73.49,
-             "head.fp32.tflite/builtin": 55.82, "head.int8.onnx/cpu": 22.78, "head.int8.onnx/cpu-u8": 23.14,
-             "head.int8.ncnn.param/cpu": 18.24}
-_COST_A53 = {"head.int8.tflite/xnnpack": 65.58, "head.int8.tflite/builtin": 67.29, "head.fp32.tflite/xnnpack": 72.51,
-             "head.fp32.tflite/builtin": 79.42, "head.int8.onnx/cpu": 51.55, "head.int8.onnx/cpu-u8": 44.82,
-             "head.int8.ncnn.param/cpu": 37.86}
-
-PROFILES: dict[str, RpiProfile] = {}
-
-
 def _runtime(model: str) -> str:
     return {".onnx": "onnxruntime", ".param": "ncnn"}.get(Path(model).suffix, "litert")
 
@@ -146,8 +144,52 @@ def _int8_costs(costs: dict[str, float], files: set[str] | None = None) -> dict[
     return {k: v for k, v in costs.items() if "int8" in k and (files is None or k.partition("/")[0] in files)}
 
 
-def _add(name: str, board: str, core: str, features: tuple[str, ...], costs: dict[str, float],
-         threads: int = 4) -> None:
+@dataclass(frozen=True)
+class CostRun:
+    """The cost bench's run (``costs.json``): how it was made and the costs per core, every head it measured."""
+
+    command: str
+    head: str  # the head measured, in words
+    per_core: dict[str, dict[str, float]]  # core -> "<file>/<delegate>" -> M guest instructions per inference
+
+
+def read_costs(path: Path = COSTS_FILE, table: Iterable[Board] | None = None) -> CostRun:
+    """The cost bench's data file; each measured profile's costs filed under its board's core."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the Pi head costs ({e}); reinstall bottlefit or rerun "
+                        "bench/bench_pi_cost.py --update") from None
+    if doc.get("schema") != COSTS_SCHEMA:
+        raise UserError(f"{path}: schema {doc.get('schema')!r}, not {COSTS_SCHEMA!r}")
+    core = {b.name: b.core for b in (boards() if table is None else table)}
+    per_core: dict[str, dict[str, float]] = {}
+    for measured, costs in doc["costs_minstr"].items():
+        if measured not in core:
+            raise UserError(f"{path}: costs measured on {measured!r}, a board the board table lacks "
+                            f"({', '.join(core)}): rerun bench/bench_pi_cost.py --update")
+        per_core.setdefault(core[measured], {k: float(v) for k, v in costs.items()})
+    return CostRun(doc["command"], doc["head"], per_core)
+
+
+def make_profiles(run: CostRun, table: Iterable[Board] | None = None) -> dict[str, RpiProfile]:
+    """One profile per board of the board table that has one, costed by ``run`` on the board's core."""
+    out: dict[str, RpiProfile] = {}
+    for b in boards() if table is None else table:
+        if not b.profile:
+            continue
+        if b.core not in run.per_core:
+            raise UserError(f"{COSTS_FILE}: no costs measured on {b.core} (board {b.name}): rerun "
+                            "bench/bench_pi_cost.py --update with a board of that core in --profiles")
+        measured = run.per_core[b.core]
+        costs = {f"{f}/{d}": measured[f"{f}/{d}"] for f, _, d in HEADS}
+        features = tuple(f for f in b.features if f not in NOT_KERNEL_FEATURES)
+        out[b.profile] = _profile(b.profile, b.short_name, b.core, features, costs, b.cores)
+    return out
+
+
+def _profile(name: str, board: str, core: str, features: tuple[str, ...], costs: dict[str, float],
+             threads: int) -> RpiProfile:
     ref = costs[REFERENCE]
     int8 = _int8_costs(costs)
     best = min(int8, key=lambda k: int8[k])
@@ -156,13 +198,13 @@ def _add(name: str, board: str, core: str, features: tuple[str, ...], costs: dic
     why = (f"cheapest int8 head measured on {core}: {best} at {int8[best]:.1f} M instructions, "
            f"{int8[best] / ref:.2f}x fp32 TFLite+XNNPACK ({ref:.1f} M); "
            + "; ".join(f"{k} {v / ref:.2f}x" for k, v in sorted(int8.items()) if k != best))
-    PROFILES[name] = RpiProfile(name, board, core, features, threads, model, runtime, delegate, dict(costs), why)
+    return RpiProfile(name, board, core, features, threads, model, runtime, delegate, dict(costs), why)
 
 
-_add("pi4", "Raspberry Pi 4", "cortex-a72", _A53_A72, _COST_A72)
-_add("pi5", "Raspberry Pi 5", "cortex-a76", _A76, _COST_A76)
-_add("pi3", "Raspberry Pi 3", "cortex-a53", _A53_A72, _COST_A53)
-_add("zero2", "Raspberry Pi Zero 2 W", "cortex-a53", _A53_A72, _COST_A53)
+_RUN = read_costs()
+COST_COMMAND = _RUN.command
+COST_HEAD = _RUN.head
+PROFILES: dict[str, RpiProfile] = make_profiles(_RUN)
 
 
 def names() -> tuple[str, ...]:

@@ -107,18 +107,22 @@ def rpi_bundle() -> tuple[Path, list]:
     from types import SimpleNamespace
 
     from bottlefit.calibration.dataset import CalibrationSet
+    from bottlefit.calibration.observers import ObserverKind
     from bottlefit.exporter.split import Head
     from bottlefit.targets import BuildContext
     from bottlefit.targets.rpi import TARGET, RpiOptions
 
     h, card = head("r152v2")
     out = scratch("target")
+    split = SimpleNamespace(head=Head(h), card=card)
     ctx = BuildContext(
-        split=SimpleNamespace(head=Head(h), card=card),
+        split=split,
         out_dir=out,
         options=RpiOptions(),
-        calibration_factory=lambda: CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
-        heldout_factory=lambda: CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
+        heldout=CalibrationSet.builtin(card, part="heldout", count=4, log=lambda s: None),
+        observer=ObserverKind.MINMAX,
+        calibration=CalibrationSet.builtin(card, count=CALIB_COUNT, log=lambda s: None),
+        int8_head=split.head,  # round-to-nearest: the converters round the split's own head
         log=lambda s: None,
     )
-    return out, TARGET.build(ctx)
+    return out, TARGET.build(ctx).artifacts

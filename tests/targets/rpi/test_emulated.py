@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core, run_python
-from bottlefit.targets import Emulate
+from bottlefit.targets import Emulate, execute
 from bottlefit.targets.rpi import TARGET
 from tests.targets.rpi import rpi_bundle
 
@@ -51,7 +51,7 @@ def test_board_verifier_passes_every_head_on_the_emulated_pi(sysroot, profile: s
 def test_execute_records_gated_emulated_verdicts_with_the_cpu(sysroot) -> None:
     out, arts = rpi_bundle()
     lines: list[str] = []
-    runs = TARGET.execute(out, arts, Emulate.parse("pi4,pi5"), lines.append)
+    runs = execute(TARGET, out, arts, Emulate.parse("pi4,pi5"), lines.append)
     assert {(e.artifact, e.isa.split()[1]) for e in runs} == {
         (f, cpu) for f in ("head.int8.tflite", "head.int8.onnx", "head.int8.ncnn.param")
         for cpu in ("cortex-a72", "cortex-a76")}
@@ -86,7 +86,7 @@ def test_execute_fails_a_head_that_deviates_on_the_pi(sysroot, tmp_path: Path) -
     golden = bundle / "board" / "golden_onnx_outputs.npy"
     y = np.load(golden)
     np.save(golden, y + np.float32(0.5) * np.abs(y).max())  # golden no longer what the graph computes
-    runs = {e.artifact: e for e in TARGET.execute(bundle, arts, Emulate.parse("pi4"), lambda m: None)}
+    runs = {e.artifact: e for e in execute(TARGET, bundle, arts, Emulate.parse("pi4"), lambda m: None)}
     assert runs["head.int8.onnx"].status == "deviates" and not runs["head.int8.onnx"].passed
     assert runs["head.int8.tflite"].status == "agrees"
 

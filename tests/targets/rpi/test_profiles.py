@@ -4,6 +4,8 @@ options, the manifest's record and golden.json."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +13,18 @@ from bottlefit.errors import UserError
 from bottlefit.targets import options_from
 from bottlefit.targets.jetson import TARGET as JETSON
 from bottlefit.targets.rpi import TARGET, RpiOptions
-from bottlefit.targets.rpi.profiles import DEFAULT, ORT_CONFIG, PROFILES, REFERENCE, get_profile
+from bottlefit.targets.rpi.profiles import (
+    COSTS_SCHEMA,
+    DEFAULT,
+    HEADS,
+    NOT_KERNEL_FEATURES,
+    ORT_CONFIG,
+    PROFILES,
+    REFERENCE,
+    get_profile,
+    make_profiles,
+    read_costs,
+)
 
 
 def test_every_profile_defaults_to_its_cheapest_measured_int8_head() -> None:
@@ -47,23 +60,71 @@ def test_onnxruntime_kernel_choice_per_core_is_the_measured_cheaper_one() -> Non
             assert u8 < 0.95 * s8 and p.ort_session_config == {"session.qdqisint8allowed": "0"}
 
 
-def test_recorded_costs_are_the_committed_bench_baseline() -> None:
-    """profiles.py and bench/bench_pi_cost_baseline.json (the CI regression baseline) hold the same measurement."""
-    import json
-    from pathlib import Path
+def test_profiles_are_the_board_tables_rows() -> None:
+    """One board table (bottlefit/emulation/boards.json): the profile's board, core and threads are its row's, its
+    features the row's cpuinfo Features less those no kernel selects on, and the emulated core shows the same row."""
+    from bottlefit.emulation.arm64 import CORES
+    from bottlefit.emulation.devicetime import board
 
-    path = Path(__file__).resolve().parents[3] / "bench" / "bench_pi_cost_baseline.json"
-    base = json.loads(path.read_text())["costs_minstr"]
     for name, p in PROFILES.items():
-        row = base[name if name in base else {"zero2": "pi3"}[name]]
-        assert {k: row[k] for k in p.costs} == p.costs, name
+        row, core = board(name), CORES[name]
+        assert (p.board, p.core, p.threads) == (row.short_name, row.core, row.cores) == (core.board, core.cpu,
+                                                                                           core.processors)
+        assert p.features == tuple(f for f in core.features.split() if f not in NOT_KERNEL_FEATURES)
+        assert {"fp", "asimd"} <= set(p.features) and not {"aes", "sha2", "evtstrm"} & set(p.features)
+    # the Pi 5's A76 has the dot product and fp16 arithmetic, the others' A72/A53 neither
+    assert [n for n, p in PROFILES.items() if p.dotprod] == ["pi5"]
+    assert CORES["pi5"].features.split()[-1] == "asimddp" and "asimddp" not in CORES["pi4"].features
+
+
+def _costs_doc(per_profile: dict[str, float]) -> dict:
+    """A costs.json whose heads cost ``base`` x their position (int8 ncnn the cheapest int8 head)."""
+    costs = {}
+    for prof, base in per_profile.items():
+        costs[prof] = {f"{f}/{d}": base * (i + 2) for i, (f, _, d) in enumerate(HEADS)}
+        costs[prof]["head.int8.ncnn.param/cpu"] = base
+        costs[prof]["head.s2d.int8.onnx/cpu"] = 0.1  # a measured variant no bundle ships: not a profile's cost
+    return {"schema": COSTS_SCHEMA, "command": "bench/bench_pi_cost.py --test", "head": "a test head",
+            "costs_minstr": costs}
+
+
+def test_profiles_read_the_cost_benchs_data_file_by_core(tmp_path: Path) -> None:
+    """costs.json (written by bench/bench_pi_cost.py --update) holds each measured board's costs; every board reads
+    those measured on its core (the Zero 2 W the Pi 3's: both are Cortex-A53), its shipped heads only."""
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(_costs_doc({"pi4": 10.0, "pi5": 20.0, "pi3": 30.0})))
+    run = read_costs(path)
+    assert run.command == "bench/bench_pi_cost.py --test" and run.head == "a test head"
+    got = make_profiles(run)
+    assert list(got) == ["pi4", "pi5", "pi3", "zero2"]
+    assert got["zero2"].costs == got["pi3"].costs and got["pi3"].costs["head.int8.ncnn.param/cpu"] == 30.0
+    for p in got.values():
+        assert list(p.costs) == [f"{f}/{d}" for f, _, d in HEADS]  # the order golden.json records them in
+        assert p.default_key == "head.int8.ncnn.param/cpu" and p.ratio() == pytest.approx(1 / 4)
+    # the package's own file is read the same way
+    assert make_profiles(read_costs()) == PROFILES
+
+
+def test_a_costs_file_without_a_core_or_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(_costs_doc({"pi4": 10.0, "pi3": 30.0})))
+    with pytest.raises(UserError, match="no costs measured on cortex-a76 \\(board pi5\\)"):
+        make_profiles(read_costs(path))
+    path.write_text(json.dumps(_costs_doc({"pi4": 10.0, "pi9": 30.0})))
+    with pytest.raises(UserError, match="costs measured on 'pi9', a board the board table lacks"):
+        read_costs(path)
+    path.write_text(json.dumps({**_costs_doc({"pi4": 1.0}), "schema": "other/1"}))
+    with pytest.raises(UserError, match="schema 'other/1'"):
+        read_costs(path)
+    with pytest.raises(UserError, match="cannot read the Pi head costs"):
+        read_costs(tmp_path / "missing.json")
 
 
 def test_profile_flag_is_shared_with_jetson_and_defaults_to_pi4() -> None:
     p = argparse.ArgumentParser()
     JETSON.add_arguments(p)
     TARGET.add_arguments(p)
-    assert options_from(RpiOptions, vars(p.parse_args([]))).profile is None
+    assert options_from(RpiOptions, vars(p.parse_args([]))).profile == DEFAULT  # the board used, by name
     assert get_profile(None).name == DEFAULT == "pi4"
     opts = options_from(RpiOptions, vars(p.parse_args(["--profile", "pi5"])))
     assert opts.profile == "pi5"
@@ -77,7 +138,7 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
 
     from tests.targets.rpi import rpi_bundle
 
-    out, arts = rpi_bundle()  # RpiOptions(): profile None -> pi4
+    out, arts = rpi_bundle()  # RpiOptions(): profile pi4
     pi4 = PROFILES["pi4"]
     golden = json.loads((out / "board" / "golden.json").read_text())
     assert golden["default_runtime"] == pi4.runtime and golden["default_delegate"] == pi4.delegate
@@ -85,7 +146,10 @@ def test_bundle_records_the_profile_choice_and_why() -> None:
     # the board scripts give ONNX Runtime the profile's kernel choice from here
     assert golden["profile"]["ort_session_config"] == pi4.ort_session_config
     chosen = next(a for a in arts if a.file == pi4.model)
-    assert chosen.extra["board_profile"]["why"] == pi4.why
+    assert chosen.extra["board_choice"]["why"] == pi4.why
+    # every artifact names the board in one shape (a string); only the default head carries the choice's record
+    assert {a.extra["board_profile"] for a in arts if a.file.startswith("head.")} == {"pi4"}
+    assert [a.file for a in arts if "board_choice" in a.extra] == [pi4.model]
 
 
 @pytest.mark.slow

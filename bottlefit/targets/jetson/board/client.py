@@ -4,16 +4,16 @@
 Python >= 3.6 (JetPack 4), the standard library and numpy; the head runs in TensorRT through trtexec (the
 engine build_engine.sh made), or its outputs come from a file. Same wire as the rpi bundle's client: the
 Open Inference Protocol (KServe v2) REST with the binary tensor extension, to `bottlefit serve OUT` or NVIDIA
-Triton (the repository of `bottlefit triton`: --codec context as to bottlefit serve; --fp32 with
---model <arch>_tail_fp32).
+Triton (the repository of `bottlefit triton`: --wire context as to bottlefit serve; --wire fp32 with
+--model-name <arch>_tail_fp32). Flag names are the host's `bottlefit run-head`'s.
 
   python3 client.py --server http://edge:8000 --engine engines/qdq.engine --golden
-  python3 client.py --server http://edge:8000 --engine engines/qdq.engine --input x.bin --codec context
+  python3 client.py --server http://edge:8000 --engine engines/qdq.engine --input x.bin --wire context
   python3 client.py --server http://edge:8000 --bottleneck golden/bottleneck.output.bin --json
 
 --input: float32 little-endian input tensors (the golden/ format), one file per image; --bottleneck: the head's
 float32 outputs (a .bin of that format or a trtexec --exportOutput JSON). Per image: head ms, payload bytes,
-encode ms, round trip ms, server ms, top-k. Exit 0 when every image got logits, 1 when one failed (after
+encode ms, round trip ms, server ms, the top-k classes with their softmax probabilities. Exit 0 when every image got logits, 1 when one failed (after
 retries), 2 on bad usage or missing files.
 """
 
@@ -95,7 +95,7 @@ def request_body(meta, codes, fp32, tables=None):
         coded = len(frame)
     elif fp32:
         x = (codes.astype(np.float32) - np.float32(meta["zero_point"])) * np.float32(meta["scale"])
-        blob, dtype, shape, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), "FP32", list(x.shape), {}
+        blob, dtype, shape, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), V2_TYPES["float32"], list(x.shape), {}
         coded = len(blob)
     else:
         blob, dtype, shape = np.ascontiguousarray(codes).tobytes(), V2_TYPES[meta["dtype"]], list(codes.shape)
@@ -114,7 +114,8 @@ def main(argv=None):
     src.add_argument("--bottleneck", nargs="+", help="the head's float32 outputs (.bin, .npy or trtexec JSON)")
     p.add_argument("--engine", help="the TensorRT engine build_engine.sh wrote (with --input/--golden)")
     p.add_argument("--trtexec", default="/usr/src/tensorrt/bin/trtexec")
-    p.add_argument("--model", help="model name on the server (default: client.json's tail_model)")
+    boardhttp.add_renamed(p, "--model-name", "--model",
+                          help="the tail's model name on the server (default: client.json's tail_model)")
     p.add_argument("--meta", default=os.path.join(HERE, META))
     boardhttp.add_arguments(p)
     a = p.parse_args(argv)
@@ -122,9 +123,7 @@ def main(argv=None):
     try:
         meta = read_meta(a.meta)
         tables = None
-        if a.codec == "context":
-            if a.fp32:
-                raise ValueError("--codec context sends int8 codes; drop --fp32")
+        if a.wire == "context":
             if not meta.get("codec_tables"):
                 raise ValueError("%s names no codec tables: re-export with this bottlefit" % a.meta)
             tables = boardcodec.load(os.path.join(os.path.dirname(os.path.abspath(a.meta)), meta["codec_tables"]))
@@ -141,7 +140,7 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
-    url = "%s/v2/models/%s/infer" % (a.server.rstrip("/"), a.model or meta["tail_model"])
+    url = "%s/v2/models/%s/infer" % (a.server.rstrip("/"), a.model_name or meta["tail_model"])
     shape = [1] + list(meta["shape"])
     failed = 0
     for i, (name, bottleneck, input_file) in enumerate(items):
@@ -151,7 +150,7 @@ def main(argv=None):
                 bottleneck, head_ms = run_engine(a.trtexec, a.engine, meta["head_input"], input_file)
             codes = codes_of(read_floats(bottleneck, shape), meta)
             t0 = time.perf_counter()
-            body, hl, coded = request_body(meta, codes, a.fp32, tables)
+            body, hl, coded = request_body(meta, codes, a.wire == "fp32", tables)
             encode_ms = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
             resp, logits = infer(url, body, hl, a.timeout, a.retries, a)
@@ -161,17 +160,17 @@ def main(argv=None):
             continue
         rtt_ms = (time.perf_counter() - t1) * 1e3
         server_ms = (resp.get("parameters") or {}).get("server_ms")
-        top = np.argsort(-logits[0])[: a.topk]
+        top = boardhttp.topk(logits[0], a.topk)
         rec = {"image": str(name), "head_ms": head_ms, "payload_bytes": coded, "encode_ms": encode_ms,
                "round_trip_ms": rtt_ms, "server_ms": server_ms,
-               "topk": [[int(k), float(logits[0, k])] for k in top], "logits": [float(v) for v in logits[0]]}
+               "topk": [{"class": c, "probability": pr, "logit": lg} for c, pr, lg in top], "logits": [float(v) for v in logits[0]]}
         if a.json:
             print(json.dumps(rec))
         else:
-            print("[%d/%d] %s: %s%d B (encode %.1f ms), round trip %.1f ms%s, top-%d %s"
+            print("[%d/%d] %s: %s%d B (encode %.1f ms), round trip %.1f ms%s, top-%d class:probability %s"
                   % (i + 1, len(items), name, "" if head_ms is None else "head %.1f ms (trtexec), " % head_ms,
                      coded, encode_ms, rtt_ms, "" if server_ms is None else " (server %.1f ms)" % server_ms,
-                     a.topk, " ".join("%d:%.3g" % (k, v) for k, v in rec["topk"])))
+                     a.topk, " ".join("%d:%.3f" % (c, pr) for c, pr, _ in top)))
     return 1 if failed else 0
 
 

@@ -3,17 +3,18 @@
 
 Python >= 3.9, numpy and the head's runtime (as run_head.py); the network part is the standard library only. It
 speaks the Open Inference Protocol (KServe v2) REST with the binary tensor extension, so the server is
-`bottlefit serve OUT` or NVIDIA Triton with the repository of `bottlefit triton` (--codec context as to bottlefit
-serve; --fp32 with --model <arch>_tail_fp32).
+`bottlefit serve OUT` or NVIDIA Triton with the repository of `bottlefit triton` (--wire context as to bottlefit
+serve; --wire fp32 with --model-name <arch>_tail_fp32). Flag names are the host's `bottlefit run-head`'s.
 
-  python3 client.py --server http://edge:8000 --image cat.jpg
+  python3 client.py --server http://edge:8000 --image digit.png
   python3 client.py --server http://edge:8000 --golden --json
-  python3 client.py --server http://edge:8000 --golden --codec context   # ~0.45x the int8 bytes
+  python3 client.py --server http://edge:8000 --golden --wire context   # ~0.45x the int8 bytes
 
---codec context sends the codes as one BYTES frame coded by the export's context model (boardcodec.py beside
+--wire context sends the codes as one BYTES frame coded by the export's context model (boardcodec.py beside
 this script, tables in ../codec/), which `bottlefit serve` decodes bit-exactly.
 
-Per image: head ms, payload bytes, round trip ms, server ms, top-k. Exit 0 when every image got logits, 1 when
+Per image: head ms, payload bytes, round trip ms, server ms, the top-k classes with their softmax probabilities.
+Exit 0 when every image got logits, 1 when
 one failed (after retries), 2 on bad usage or missing files.
 """
 
@@ -32,10 +33,8 @@ sys.path.insert(0, HERE)
 
 import boardcodec  # noqa: E402 - the bundle's own module
 import boardhttp  # noqa: E402 - the bundle's own module
-from boardhttp import infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
+from boardhttp import V2_TYPES, infer, request_body as kserve_body  # noqa: E402 - the bundle's own module
 from run_head import RUNTIMES, open_head, preprocess, wire_codes  # noqa: E402 - the bundle's own module
-
-V2_TYPES = {"int8": "INT8", "uint8": "UINT8", "float32": "FP32"}
 
 
 def load_codec_tables(entry, base=HERE):
@@ -59,7 +58,7 @@ def request_body(entry, codes, fp32, input_name, tables=None):
         x = (codes.astype(np.float32) - np.float32(w["zero_point"])) * np.float32(w["scale"])
         if entry["output"].get("layout") == "NHWC" and x.ndim == 4:
             x = x.transpose(0, 3, 1, 2)
-        blob, dtype, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), "FP32", {}
+        blob, dtype, params = np.ascontiguousarray(x, dtype="<f4").tobytes(), V2_TYPES["float32"], {}
         shape = list(x.shape)
     else:
         blob, dtype, shape = np.ascontiguousarray(codes).tobytes(), V2_TYPES[str(codes.dtype)], list(codes.shape)
@@ -74,14 +73,16 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", nargs="+", help="image files (.jpg/.png; needs Pillow) or .npy")
     src.add_argument("--golden", action="store_true", help="send the golden inputs next to this script")
-    p.add_argument("--model", help="model name on the server (default: golden.json's tail_model)")
+    boardhttp.add_renamed(p, "--model-name", "--model",
+                          help="the tail's model name on the server (default: golden.json's tail_model)")
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
     p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: the board profile's)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--head", help="the head file (default: the one golden.json names for the runtime)")
+    p.add_argument("--threads", type=int, help="default: the board profile's (golden.json default_threads)")
     boardhttp.add_arguments(p)
     a = p.parse_args(argv)
 
-    opened = open_head(a.golden_json, None, a.runtime, a.threads)
+    opened = open_head(a.golden_json, a.head, a.runtime, a.threads)
     if opened == 2:
         return 2
     meta, base, entry, head, _ = opened
@@ -94,12 +95,9 @@ def main(argv=None):
             print("error: %s not found" % ", ".join(missing), file=sys.stderr)
             return 2
         items = [(f, preprocess(f, meta["preprocess"], entry["input"])) for f in a.image]
-    url = "%s/v2/models/%s/infer" % (a.server.rstrip("/"), a.model or meta.get("tail_model", "bottlefit_tail"))
+    url = "%s/v2/models/%s/infer" % (a.server.rstrip("/"), a.model_name or meta.get("tail_model", "bottlefit_tail"))
     tables = None
-    if a.codec == "context":
-        if a.fp32:
-            print("error: --codec context sends int8 codes; drop --fp32", file=sys.stderr)
-            return 2
+    if a.wire == "context":
         try:
             tables = load_codec_tables(entry, base)
         except (OSError, ValueError, KeyError) as e:
@@ -111,7 +109,7 @@ def main(argv=None):
         codes = wire_codes(head.run(x), entry)
         head_ms = (time.perf_counter() - t0) * 1e3
         t_enc = time.perf_counter()
-        body, hl = request_body(entry, codes, a.fp32, meta.get("tail_input", "bottleneck"), tables)
+        body, hl = request_body(entry, codes, a.wire == "fp32", meta.get("tail_input", "bottleneck"), tables)
         encode_ms = (time.perf_counter() - t_enc) * 1e3
         t1 = time.perf_counter()
         try:
@@ -122,19 +120,20 @@ def main(argv=None):
             continue
         rtt_ms = (time.perf_counter() - t1) * 1e3
         server_ms = (resp.get("parameters") or {}).get("server_ms")
-        top = np.argsort(-logits[0])[: a.topk]
+        top = boardhttp.topk(logits[0], a.topk)
         payload = len(body) - hl - (4 if tables is not None else 0)
         rec = {"image": str(name), "head_ms": head_ms, "payload_bytes": payload, "encode_ms": encode_ms,
                "round_trip_ms": rtt_ms,
-               "server_ms": server_ms, "topk": [[int(k), float(logits[0, k])] for k in top],
+               "server_ms": server_ms,
+               "topk": [{"class": c, "probability": pr, "logit": lg} for c, pr, lg in top],
                "logits": [float(v) for v in logits[0]]}
         if a.json:
             print(json.dumps(rec))
         else:
-            print("[%d/%d] %s: head %.2f ms, %d B, round trip %.1f ms%s, top-%d %s"
+            print("[%d/%d] %s: head %.2f ms, %d B, round trip %.1f ms%s, top-%d class:probability %s"
                   % (i + 1, len(items), name, head_ms, rec["payload_bytes"], rtt_ms,
                      "" if server_ms is None else " (server %.1f ms)" % server_ms, a.topk,
-                     " ".join("%d:%.3g" % (k, v) for k, v in rec["topk"])))
+                     " ".join("%d:%.3f" % (c, pr) for c, pr, _ in top)))
     return 1 if failed else 0
 
 

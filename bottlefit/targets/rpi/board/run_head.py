@@ -4,10 +4,10 @@
 Needs Python >= 3.9 and numpy, plus the runtime of the head it runs: ai-edge-litert (or tflite-runtime) for
 head.int8.tflite, onnxruntime for head.int8.onnx, ncnn for head.int8.ncnn.param (+ its .bin); Pillow only for
 image files. Prints the median latency of
---runs invocations and writes the head's output (the bytes that go on the wire, C order, in the model's
-layout) to --out.
+--runs invocations; with --out FILE, writes the head's output there (the bytes that go on the wire, C order, in the
+model's layout; nothing is written without it). Flag names are the host's (`bottlefit run-head --head`).
 
-  python3 run_head.py --image cat.jpg --out payload.bin
+  python3 run_head.py --image digit.png --out payload.bin
   python3 run_head.py --golden --runs 50
   python3 run_head.py --golden --runtime onnxruntime
   python3 run_head.py --golden --runtime ncnn
@@ -250,6 +250,13 @@ def add_kernel_arguments(p):
                    help="onnxruntime: a session config entry over the board profile's (repeatable)")
 
 
+def add_renamed(p, new, old, **kwargs):
+    """``new`` with ``old`` as its deprecated spelling (boardhttp.add_renamed: one warning line, still works)."""
+    from boardhttp import add_renamed as renamed  # the bundle's own module, beside this one
+
+    return renamed(p, new, old, **kwargs)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -257,19 +264,20 @@ def main(argv=None):
     src.add_argument("--golden", action="store_true", help="run the golden inputs next to this script")
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
     p.add_argument("--runtime", choices=RUNTIMES, help="which head to run (default: golden.json's default)")
-    p.add_argument("--model", help="the head file (default: the one golden.json names for the runtime)")
-    p.add_argument("--runs", type=int, default=20)
+    add_renamed(p, "--head", "--model", help="the head file (default: the one golden.json names for the runtime)")
+    p.add_argument("--runs", type=int, default=20, help="timed invocations per input (default %(default)s)")
     p.add_argument("--threads", type=int, help="default: the board profile's (golden.json default_threads)")
     add_kernel_arguments(p)
-    p.add_argument("--out", default="payload.bin", help="where to write the output payload bytes")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the payload bytes (the wire codes of every input, in order) to FILE (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object (latency in ms) instead of lines")
     a = p.parse_args(argv)
 
-    opened = open_head(a.golden_json, a.model, a.runtime, a.threads, a.xnnpack, a.ort_option)
+    opened = open_head(a.golden_json, a.head, a.runtime, a.threads, a.xnnpack, a.ort_option)
     if opened == 2:
         return 2
     meta, base, entry, head, threads = opened
-    model = os.path.join(base, entry["model"]) if a.model is None else a.model
+    model = os.path.join(base, entry["model"]) if a.head is None else a.head
     if a.golden:
         xs = np.load(os.path.join(base, entry["inputs_file"]))
         xs = [xs[i : i + 1] for i in range(len(xs))]
@@ -287,8 +295,9 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         y = wire_codes(head.output(), entry)
         payload += np.ascontiguousarray(y).tobytes()
-    with open(a.out, "wb") as f:
-        f.write(payload)
+    if a.out:
+        with open(a.out, "wb") as f:
+            f.write(payload)
     times.sort()
     out = entry["output"]
     ms = [t * 1e3 for t in times]
@@ -302,9 +311,10 @@ def main(argv=None):
           % (ms[len(ms) // 2], ms[0], ms[int(0.9 * (len(ms) - 1))], len(ms), os.path.basename(model), threads,
              head.describe))
     wire = entry.get("wire") or out
-    print("wrote %d bytes (%d image(s) x %s %s, scale %s, zero_point %s) to %s"
-          % (len(payload), len(xs), "x".join(str(d) for d in y.shape), y.dtype.name, wire.get("scale"),
-             wire.get("zero_point"), a.out))
+    print("%s %d bytes (%d image(s) x %s %s, scale %s, zero_point %s)%s"
+          % ("wrote" if a.out else "payload", len(payload), len(xs), "x".join(str(d) for d in y.shape),
+             y.dtype.name, wire.get("scale"), wire.get("zero_point"), " to %s" % a.out if a.out else
+             " (not written: pass --out FILE)"))
     return 0
 
 

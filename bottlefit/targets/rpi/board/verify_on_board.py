@@ -29,6 +29,7 @@ from run_head import (  # noqa: E402 - the bundle's own module
     Head,
     MissingRuntime,
     add_kernel_arguments,
+    add_renamed,
     defaults,
     ncnn_weights,
     ort_config,
@@ -94,7 +95,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--golden-json", default=os.path.join(HERE, "golden.json"))
     p.add_argument("--runtime", choices=RUNTIMES, help="check only this head (default: every head listed)")
-    p.add_argument("--model", help="with --runtime: the head file (default: the one golden.json names)")
+    add_renamed(p, "--head", "--model", help="with --runtime: the head file (default: the one golden.json names)")
     p.add_argument("--threads", type=int, default=1, help="default 1 (int8 results do not depend on it)")
     add_kernel_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
@@ -105,7 +106,7 @@ def main(argv=None):
         print("error: %s" % e, file=sys.stderr)
         return 2
 
-    golden = read_golden(a.golden_json, a.model, a.runtime)
+    golden = read_golden(a.golden_json, a.head, a.runtime)
     if golden is None:
         return 2
     meta, base = golden[0], golden[1]
