@@ -488,7 +488,6 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
     from bottlefit.bench.service import decode_jpeg
     from bottlefit.bench.split import Model, full_onnx, jpeg, load_images
-    from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
     from bottlefit.serve import codecs
     from bottlefit.serve.client import build_request, pick_head
@@ -506,7 +505,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
     n = len(imgs.x)
     if n < 1:
         raise UserError(f"{root}: no images")
-    card = ModelCard.from_dict(model.card)
+    card = model.card
     target, contract = pick_head(root, None)
     head = HeadCodes(target, contract, num_threads=THREADS)
     head_file = target.path / target.artifact(contract.head).file
