@@ -78,11 +78,11 @@ def write_triton(out_dir: Path, target: str, card: ModelCard, tail: Artifact,
             if c is not None and c.quantized and tables is not None and tables.is_file():
                 contracts.append(SplitContract(c, CodecTables.load(tables).to_bytes()))
     if contracts:
-        files = write_split_repository(repo, name, out_dir / tail.file, tail.to_dict(), contracts, options)
+        files = write_split_repository(repo, name, out_dir / tail.file, tail, contracts, options)
         log(f"Triton model repository: {TRITON_DIR}/{name}/ (the split tail as an ensemble taking the wire frames), "
             f"{name}{FP32_SUFFIX}/ (the FP32 tail); point tritonserver --model-repository at {TRITON_DIR}/")
     else:
-        model_dir, _ = write_repository(out_dir / tail.file, tail.to_dict(), repo, name + FP32_SUFFIX, options)
+        model_dir, _ = write_repository(out_dir / tail.file, tail, repo, name + FP32_SUFFIX, options)
         files = [model_dir / "config.pbtxt", model_dir / "1" / "model.onnx"]
         log(f"Triton model repository for the FP32 tail: {TRITON_DIR}/{name}{FP32_SUFFIX}/ (no int8 head: no wire "
             "frames to decode)")
