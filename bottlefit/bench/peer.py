@@ -142,7 +142,7 @@ def serve_side(spec: ServerSpec) -> None:
         _say({"ready": True, "ports": ports, "split_model": tail.model.name, "full_model": full_name(spec.card)})
         for cmd in _commands():
             if cmd["cmd"] == "take":
-                _say({"records": relays.take()})
+                _say({"records": {n: [x.to_dict() for x in xs] for n, xs in relays.take().items()}})
     finally:
         relays.close()
         full.stop()
