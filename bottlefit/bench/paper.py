@@ -529,7 +529,6 @@ class _HostModel:
     @classmethod
     def load(cls, root: Path) -> _HostModel:
         from bottlefit.bench.split import Model, full_onnx
-        from bottlefit.models.card import ModelCard
         from bottlefit.runtimes import get_runner
         from bottlefit.serve.client import pick_head
         from bottlefit.serve.contract import find_targets
@@ -545,7 +544,7 @@ class _HostModel:
         target, contract = pick_head(root, None)
         tail_art = owner.tail()
         assert tail_art is not None
-        return cls(model=model, card=ModelCard.from_dict(model.card), target=target, contract=contract,
+        return cls(model=model, card=model.card, target=target, contract=contract,
                    head=HeadCodes(target, contract, num_threads=THREADS),
                    head_file=target.path / target.artifact(contract.head).file,
                    tail=get_runner("onnxruntime", owner.path / tail_art.file, num_threads=THREADS), full=full,

@@ -38,8 +38,10 @@ from bottlefit.bench.device import (
     encoder_instructions,
 )
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
+from bottlefit.bench.peer import DeviceSpec, LinkSpec, ServerSpec, TritonSpec
 from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.exporter.artifact import Precision, Role, Runtime
+from bottlefit.models.card import ModelCard
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.split/1"
@@ -69,7 +71,7 @@ class BenchOptions:
 @dataclass
 class Model:
     export: Path
-    card: dict[str, Any]
+    card: ModelCard
     source: str
     labels: str  # what top-1 is measured against
 
@@ -176,9 +178,8 @@ def full_onnx(model: Model, dst: Path) -> Path:
 
 
 def load_images(model: Model, count: int) -> Images:
-    from bottlefit.models.card import ModelCard
 
-    card = ModelCard.from_dict(model.card)
+    card = model.card
     labels: np.ndarray | None
     if model.labels.startswith("MNIST"):
         from bottlefit import demo
@@ -259,13 +260,12 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
     """Top-1 per mode on the accuracy images, in process (the same artifacts the bench runs): local fp32 model,
     the server's model on JPEG qN of the crop, and the device's head artifact -> its contract's codes -> tail."""
     from bottlefit.bench.service import decode_jpeg
-    from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
     from bottlefit.serve.client import pick_head
     from bottlefit.serve.contract import find_targets
     from bottlefit.serve.head import HeadCodes
 
-    card = ModelCard.from_dict(model.card)
+    card = model.card
     runner = get_runner("onnxruntime", full, num_threads=1)
     fin, fout = runner.input_names[0], runner.output_names[0]
     owner = next(t for t in find_targets(model.export) if t.tail() is not None)
@@ -304,10 +304,11 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
 class Peer:
     """One end (``server`` or ``device``) as a child process speaking JSON lines; stderr goes to a log file."""
 
-    def __init__(self, role: str, spec: dict[str, Any], run_dir: Path, prefix: list[str], logs: Path) -> None:
+    def __init__(self, role: str, spec: ServerSpec | DeviceSpec, run_dir: Path, prefix: list[str], logs: Path,
+                 ) -> None:
         self.role, self.shown_log = role, logs / f"{role}.log"  # where a failed run keeps it
         spec_path = run_dir / f"{role}.json"
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(spec.to_json())
         self.log_path = run_dir / f"{role}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path, "wb") as err:
@@ -374,7 +375,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def triton_spec(model: Model, run_dir: Path, log: Log) -> dict[str, str]:
+def triton_spec(model: Model, run_dir: Path, log: Log) -> TritonSpec:
     """The Triton server the server peer starts: the unpacked wheel and the models' environment (fetched here,
     where the package index is reachable) and the repository written from the export (python-backend tail)."""
     from bottlefit.serve.triton import RepositoryOptions, TailBackend, write_triton_repository
@@ -384,8 +385,8 @@ def triton_spec(model: Model, run_dir: Path, log: Log) -> dict[str, str]:
     repo = run_dir / "triton-repo"
     write_triton_repository(model.export, repo, options=RepositoryOptions(tail_backend=TailBackend.PYTHON))
     log(f"split_triton: tritonserver ({install.root.name}) loads the ensemble written from {model.export}")
-    return {"root": str(install.root), "env": str(install.env), "repo": str(repo),
-            "log": str(run_dir / "tritonserver.log")}
+    return TritonSpec(root=str(install.root), env=str(install.env), repo=str(repo),
+                      log=str(run_dir / "tritonserver.log"))
 
 
 def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire: str, log: Log,
@@ -402,21 +403,20 @@ def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire:
         log(f"links: {setup.describe()}")
         srv_prefix = links.exec_prefix("srv") if isinstance(links, Namespaces) else []
         dev_prefix = links.exec_prefix("dev") if isinstance(links, Namespaces) else []
-        server = Peer("server", {"export": str(model.export), "full": str(full), "card": model.card,
-                                 "triton": triton_spec(model, run_dir, log) if opts.triton else None,
-                                 "bind": setup.srv_addr, "relay_delays": setup.relay_delays,
-                                 "links": [{"name": p.name, "rtt_ms": p.rtt_ms, "rate_mbit": p.rate_mbit}
-                                           for p in opts.links]},
+        server = Peer("server", ServerSpec(export=str(model.export), full=str(full), card=model.card,
+                                           triton=triton_spec(model, run_dir, log) if opts.triton else None,
+                                           bind=setup.srv_addr, relay_delays=setup.relay_delays,
+                                           links=tuple(LinkSpec(p.name, p.rtt_ms, p.rate_mbit) for p in opts.links)),
                       run_dir, srv_prefix, opts.out / "bench-logs")
         device: Peer | None = None
         graceful = False
         try:
             # both ends start at once (imports and model loading take seconds each)
-            device = Peer("device", {"export": str(model.export), "full": str(full), "images": str(images),
-                                     "srv_addr": setup.srv_addr, "iface": setup.dev_if or None,
-                                     "split_model": tail_model_name(model.card),
-                                     "full_model": full_model_name(model.card), "wire": wire, "head": opts.head,
-                                     "jpeg_quality": opts.jpeg_quality, "modes": modes},
+            device = Peer("device", DeviceSpec(export=str(model.export), full=str(full), images=str(images),
+                                               srv_addr=setup.srv_addr, iface=setup.dev_if or None,
+                                               split_model=tail_model_name(model.card),
+                                               full_model=full_model_name(model.card), wire=wire, head=opts.head,
+                                               jpeg_quality=opts.jpeg_quality, modes=tuple(modes)),
                           run_dir, dev_prefix, opts.out / "bench-logs")
             ready = server.read(180)
             if ready["split_model"] != tail_model_name(model.card):
@@ -693,7 +693,7 @@ def run_bench(opts: BenchOptions, log: Log) -> dict[str, Any]:
                                       if labels is not None and ids else None)
         result: dict[str, Any] = {
             "schema": SCHEMA, "quick": opts.quick, "model": {"source": model.source, "export": str(model.export),
-                                                            "arch": model.card.get("arch")},
+                                                            "arch": model.card.arch},
             "device": device_record(opts.device, dev),
             "link_setup": setup.to_dict(), "link_setup_text": setup.describe(),
             "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,

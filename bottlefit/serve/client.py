@@ -239,9 +239,8 @@ class Client:
 
     def run(self, images: list[str]) -> Iterator[ImageResult]:
         from bottlefit.calibration.dataset import load_image
-        from bottlefit.models.card import ModelCard
 
-        card = ModelCard.from_dict(self.target.card)
+        card = self.target.card
         for path in images:
             try:
                 x = load_image(path, card)

@@ -375,7 +375,7 @@ class JetsonTarget:
         from bottlefit.serve.export import write_board_client
 
         golden = next((a.file for a in arts if a.file.startswith(f"{GOLDEN_DIR}/") and INPUT_NAME in a.file), None)
-        return write_board_client(Path(ctx.out_dir), self.name, ctx.split.card.to_dict(),
+        return write_board_client(Path(ctx.out_dir), self.name, ctx.split.card,
                                   [a for a in arts if a.file == QDQ_ONNX], ctx.calibration.images, BOARD_CLIENT,
                                   golden, ctx.log)
 

@@ -147,7 +147,7 @@ class RpiTarget:
 
         # the context codec's tables, fitted on this export's calibration codes: the server and board/client.py
         # read them from here
-        tables = write_codec_tables(out, "rpi", ctx.split.card.to_dict(), [a for a in arts if a.file in BOARD_HEADS],
+        tables = write_codec_tables(out, "rpi", ctx.split.card, [a for a in arts if a.file in BOARD_HEADS],
                                     images, ctx.log)
         codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
         arts += tables
@@ -282,7 +282,7 @@ class RpiTarget:
             models.append({"model": f"../{art.file}", "runtime": art.runtime, "input": in_spec.to_dict(),
                            "output": out_spec.to_dict(), "lsb": output_lsb(art), "wire": _wire_codes(art),
                            # binds this head's payloads to this export (bottlefit serve refuses other exports')
-                           "contract_id": contract_id(card.to_dict(), sha256_file(out / art.file)),
+                           "contract_id": contract_id(card, sha256_file(out / art.file)),
                            "inputs_file": f"{stem}_inputs.npy", "outputs_file": f"{stem}_outputs.npy",
                            "made_with": f"{reference_semantics(art.runtime)} on the export host",
                            "tolerances": dict(GOLDEN_TOLERANCES),
@@ -297,7 +297,7 @@ class RpiTarget:
             "default_threads": profile.threads,
             "profile": profile.record(),
             # the tail server's model (bottlefit serve / Triton) and input name, for board/client.py
-            "tail_model": tail_model_name(card.to_dict()),
+            "tail_model": tail_model_name(card),
             "tail_input": "bottleneck",
             "models": models,
             "names": list(heldout.names[:GOLDEN_COUNT]),
