@@ -55,8 +55,13 @@ class SearchChoice:
                 "sqnr_db": {k: round(v, 3) for k, v in self.errors_db.items()}}
 
 
+def _sum_squares(t: torch.Tensor) -> float:
+    # squared in place in a float64 copy: one temporary instead of two, the same values as ``(t.double() ** 2)``
+    return float(t.to(torch.float64, copy=True).pow_(2).sum())
+
+
 def _sqnr(ref: torch.Tensor, err: torch.Tensor) -> float:
-    s, n = float((ref.double() ** 2).sum()), float((err.double() ** 2).sum())
+    s, n = _sum_squares(ref), _sum_squares(err)
     if n == 0.0:
         return math.inf
     return 10.0 * math.log10(s / n) if s > 0 else -math.inf
@@ -90,7 +95,9 @@ def choose(
         for name, (lo, hi) in cands.items():
             q = fake_quant(x, lo, hi, symmetric, dtype)
             out = probe(q) if probe is not None else q
-            scores[name] = (_worst_sqnr if worst_image else _sqnr)(ref, out - ref)
+            del q  # without a probe ``out`` is ``q``: the in-place error below reuses it
+            scores[name] = (_worst_sqnr if worst_image else _sqnr)(ref, out.sub_(ref))
+            del out
     method = max(scores, key=lambda k: (scores[k], -list(cands).index(k)))
     lo, hi = cands[method]
     judged = "layer" if probe is not None else "tensor (worst image)" if worst_image else "tensor"
@@ -108,18 +115,22 @@ def search(
     dtype: str = "int8",
     probes: dict[str, LayerProbe] | None = None,
     per_image: set[str] | frozenset[str] = frozenset(),
+    consume: bool = False,
 ) -> tuple[dict[str, Observer], dict[str, SearchChoice]]:
     """A ``FixedObserver`` per searched tensor (``SearchObserver``s), judged on ``samples`` through ``probes``
     (the tensors in ``per_image`` by their worst image); other observers pass through unchanged. Same order as
-    ``observers``."""
+    ``observers``. ``consume``: each tensor's samples leave ``samples`` once judged, so the activations of the
+    tensors already decided are freed while the rest are judged."""
     out: dict[str, Observer] = {}
     choices: dict[str, SearchChoice] = {}
     for name, obs in observers.items():
         if not isinstance(obs, SearchObserver):
             out[name] = obs
             continue
-        out[name], choices[name] = choose(obs, samples.get(name), symmetric, dtype, (probes or {}).get(name),
+        x = samples.pop(name, None) if consume else samples.get(name)
+        out[name], choices[name] = choose(obs, x, symmetric, dtype, (probes or {}).get(name),
                                           worst_image=name in per_image)
+        del x
     return out, choices
 
 

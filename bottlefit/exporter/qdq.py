@@ -197,12 +197,14 @@ def search_table(model: onnx.ModelProto, images: np.ndarray, symmetric: bool,
                  activation_dtype: str = "int8") -> list[RangeEntry]:
     """The range search of ``search_activations`` as a table other converters can read (``match_range``)."""
     observers, kept = observe_and_sample(model, images, "search", keep=search_samples(model, images))
+    first = {n: a[:1].copy() for n, a in kept.items()}  # a copy: the search frees the rest as it goes
     fixed, choices = search(observers, kept, symmetric, "int8" if symmetric else activation_dtype,
-                            layer_probes(model))
+                            layer_probes(model), consume=True)
+    del kept
     params, sources = _params_and_sources(model, fixed, symmetric, activation_dtype)
-    return [RangeEntry(n, kept[n][:1], float(np.float32(sc)), int(zp), choices[sources[n]].method
+    return [RangeEntry(n, first[n], float(np.float32(sc)), int(zp), choices[sources[n]].method
                        if sources[n] in choices else "minmax")
-            for n, (sc, zp) in params.items() if n in kept]
+            for n, (sc, zp) in params.items() if n in first]
 
 
 def match_range(table: list[RangeEntry], x: np.ndarray, rtol: float = 1e-3) -> RangeEntry | None:
@@ -280,22 +282,28 @@ def observe_and_sample(model: onnx.ModelProto, images: np.ndarray, observer: str
             probe.graph.output.append(helper.make_empty_tensor_value_info(n))
     sess = _session(probe)
     run_names = [o.name for o in sess.get_outputs()]
-    keep_idx = set(sample_indices(len(images), keep))
-    kept: dict[str, list[np.ndarray]] = {}
+    # Image index -> its row in the samples. Each tensor's rows are written into one array allocated on its
+    # first kept image (no per-image list stacked at the end: that held every sample twice at the peak), and
+    # every pass overwrites the same rows with the same values.
+    slot = {i: k for k, i in enumerate(sample_indices(len(images), keep))}
+    kept: dict[str, np.ndarray] = {}
 
     def run_all(update: Any) -> None:
-        kept.clear()  # the last pass's samples are kept (every pass computes the same values)
         for i in range(len(images)):
             x = np.ascontiguousarray(images[i : i + 1])
             outs = [x, *sess.run(run_names, {input_name: x})]
             for n, arr in zip([input_name, *run_names], outs, strict=True):
                 update(n, arr)
-                if i in keep_idx:
-                    kept.setdefault(n, []).append(arr)
+                if i in slot:
+                    if n not in kept:
+                        kept[n] = np.empty((len(slot) * arr.shape[0], *arr.shape[1:]), dtype=arr.dtype)
+                    k = slot[i] * arr.shape[0]
+                    kept[n][k : k + arr.shape[0]] = arr
+            del outs  # this image's activations go before the next image's arrive
 
     observers = calibrate_two_pass(observer, run_all, **kw)
     order = [input_name, *names]
-    samples = {n: np.concatenate(kept[n]) for n in order if n in kept}
+    samples = {n: kept[n] for n in order if n in kept}
     return {n: observers[n] for n in order if n in observers}, samples
 
 
@@ -348,7 +356,8 @@ def search_activations(model: onnx.ModelProto, images: np.ndarray, symmetric: bo
     ``search_samples``)."""
     keep = search_samples(model, images) if samples is None else samples
     observers, kept = observe_and_sample(model, images, "search", keep=keep)
-    return search(observers, kept, symmetric, "int8" if symmetric else activation_dtype, layer_probes(model))
+    return search(observers, kept, symmetric, "int8" if symmetric else activation_dtype, layer_probes(model),
+                  consume=True)
 
 
 def activation_params(model: onnx.ModelProto, observers: dict[str, Observer], symmetric: bool,
