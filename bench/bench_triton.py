@@ -150,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as d:
         outs = a.outs
         if not outs:
-            from bottlefit.bench.split import demo_model
+            from bottlefit.splitbench.split import demo_model
 
             outs = [demo_model(Path("out/demo"), print), _r152(Path(d))]
         for out in outs:

@@ -269,8 +269,8 @@ def profiles_catalog() -> dict[str, Any]:
     """What ``bottlefit profiles`` lists, read from the tables the commands use: boards (``export --target jetson
     --profile``, ``--target rpi --profile``), emulated cores (``--emulate``) and network links (``bench split
     --links``)."""
-    from bottlefit.bench.links import PROFILES as LINKS
     from bottlefit.emulation.arm64 import CORES
+    from bottlefit.splitbench.links import PROFILES as LINKS
     from bottlefit.targets.jetson import profiles as jetson
     from bottlefit.targets.rpi import profiles as rpi
 
@@ -436,7 +436,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=run_train)
 
     from bottlefit import demo
-    from bottlefit.bench import cli as bench_cli
+    from bottlefit.splitbench import cli as bench_cli
     from bottlefit.targets.jetson import cli as jetson_cli
 
     demo.register(sub, common)

@@ -179,8 +179,8 @@ def test_profiles_lists_the_boards_cores_and_links_the_commands_take(capsys) -> 
     """Every name listed is one the commands accept, with the numbers of the table it comes from."""
     import json
 
-    from bottlefit.bench.links import parse_links
     from bottlefit.emulation.arm64 import get_core
+    from bottlefit.splitbench.links import parse_links
     from bottlefit.targets.jetson.profiles import get_profile as jetson_profile
     from bottlefit.targets.rpi.profiles import get_profile as rpi_profile
 

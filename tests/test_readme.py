@@ -72,7 +72,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_path_after_the_demo_runs(demo_out: Path, tmp_path: Path) -> None:
     """Every command of "After the demo" runs as written, on a folder laid out as the demo leaves it: `out/demo` is
     that folder; the server listens on free ports (the README's defaults may be taken here) and run-head is told
-    where; bench split runs on two links without the trade-off (CI size; the full --quick is tests/bench's)."""
+    where; bench split runs on two links without the trade-off (CI size; the full --quick is tests/splitbench's)."""
     import glob
     import os
     import signal
@@ -110,7 +110,7 @@ def test_the_path_after_the_demo_runs(demo_out: Path, tmp_path: Path) -> None:
         r = subprocess.run([*argv(commands[3]), "--demo-out", str(demo_out), "--links", "lte,wifi", "--no-tradeoff"],
                            capture_output=True, text=True, timeout=900, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads((tmp_path / "bench" / "split.json").read_text())["schema"] == "bottlefit.bench.split/1"
+        assert json.loads((tmp_path / "bench" / "split.json").read_text())["schema"] == "bottlefit.splitbench.split/1"
         r = subprocess.run(argv(commands[4]), capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 0 and "Network links" in r.stdout
     finally:

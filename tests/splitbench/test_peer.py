@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bottlefit.bench.peer import MODES, Counter, Device, DeviceSpec, LinkSpec, ServerSpec
-from bottlefit.bench.service import decode_jpeg, full_model_name
-from bottlefit.bench.split import Model, full_onnx, load_images
 from bottlefit.runtimes import get_runner
 from bottlefit.serve.contract import find_targets, tail_model_name
+from bottlefit.splitbench.peer import MODES, Counter, Device, DeviceSpec, LinkSpec, ServerSpec
+from bottlefit.splitbench.service import decode_jpeg, full_model_name
+from bottlefit.splitbench.split import Model, full_onnx, load_images
 
 IMAGES, REPEATS = 2, 2
 
@@ -30,7 +30,7 @@ IMAGES, REPEATS = 2, 2
 class Proc:
     def __init__(self, role: str, spec: ServerSpec | DeviceSpec, d: Path) -> None:
         (d / f"{role}.json").write_text(spec.to_json())
-        self.proc = subprocess.Popen([sys.executable, "-m", "bottlefit.bench.peer", role, str(d / f"{role}.json")],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bottlefit.splitbench.peer", role, str(d / f"{role}.json")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -1,4 +1,4 @@
-"""``bottlefit bench split``: flags into :class:`~bottlefit.bench.split.BenchOptions`, the run, the report."""
+"""``bottlefit bench split``: flags into :class:`~bottlefit.splitbench.split.BenchOptions`, the run, the report."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def _log(msg: str) -> None:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    from bottlefit.bench.device import DEVICES
-    from bottlefit.bench.links import PROFILES
+    from bottlefit.splitbench.device import DEVICES
+    from bottlefit.splitbench.links import PROFILES
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks: `bench split` (local vs. offload vs. split)")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -94,10 +94,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def options(args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
-    from bottlefit.bench.device import DEVICES
-    from bottlefit.bench.links import parse_links
-    from bottlefit.bench.split import BenchOptions
     from bottlefit.serve.client import WIRES
+    from bottlefit.splitbench.device import DEVICES
+    from bottlefit.splitbench.links import parse_links
+    from bottlefit.splitbench.split import BenchOptions
 
     if args.wire not in ("auto", *WIRES):
         raise UserError(f"--wire {args.wire!r}: choose auto or one of {', '.join(WIRES)}")
@@ -116,7 +116,7 @@ def options(args: argparse.Namespace) -> Any:
                                "by --device-factor (assumed: the user's own measured ratio)")
     timings = None
     if args.device_timings is not None:
-        from bottlefit.bench.device import read_timings
+        from bottlefit.splitbench.device import read_timings
 
         if device.board is None or device.factor is not None:
             raise UserError("--device-timings needs --board pi4|pi5|pi3|zero2 without --device-factor")
@@ -155,7 +155,7 @@ def _require_extras() -> None:
 
 
 def run_paper_mode(args: argparse.Namespace) -> int:
-    """``--paper``: the composed comparison of bottlefit.bench.paper (no peers; see its docstring)."""
+    """``--paper``: the composed comparison of bottlefit.splitbench.paper (no peers; see its docstring)."""
     boards = tuple(b.strip() for b in args.boards.split(",") if b.strip())
     for b in boards:
         if b not in ("pi4", "pi5"):
@@ -164,9 +164,9 @@ def run_paper_mode(args: argparse.Namespace) -> int:
         raise UserError(f"--image-count {args.image_count}: must be at least 1")
     if args.paper_count_timeout < 0:
         raise UserError(f"--paper-count-timeout {args.paper_count_timeout:g}: must be >= 0 (0: not counted)")
-    from bottlefit.bench.links import parse_links
-    from bottlefit.bench.paper import PaperOptions, parse_sources, repredict, run_paper, write_report
     from bottlefit.serve.client import WIRES
+    from bottlefit.splitbench.links import parse_links
+    from bottlefit.splitbench.paper import PaperOptions, parse_sources, repredict, run_paper, write_report
 
     if args.paper_repredict:
         src = Path(args.out) / "paper.json"
@@ -206,8 +206,8 @@ def run_split(args: argparse.Namespace) -> int:
         return run_paper_mode(args)
     opts = options(args)
     _require_extras()
-    from bottlefit.bench.report import table, write_report
-    from bottlefit.bench.split import run_bench
+    from bottlefit.splitbench.report import table, write_report
+    from bottlefit.splitbench.split import run_bench
 
     t0 = time.perf_counter()
     result = run_bench(opts, _log)
@@ -232,16 +232,16 @@ def run_split(args: argparse.Namespace) -> int:
 
 
 def run_tradeoff_step(out: Path, *, quick: bool, skip: bool) -> dict[str, Any]:
-    """The compression-accuracy trade-off (bottlefit.bench.tradeoff), or why it did not run."""
+    """The compression-accuracy trade-off (bottlefit.splitbench.tradeoff), or why it did not run."""
     if skip:
         return {"skipped": "--no-tradeoff"}
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec("bottlefit.bench.tradeoff") is None:
-        msg = "bottlefit.bench.tradeoff is not in this install; the trade-off plot is skipped"
+    if importlib.util.find_spec("bottlefit.splitbench.tradeoff") is None:
+        msg = "bottlefit.splitbench.tradeoff is not in this install; the trade-off plot is skipped"
         _log(msg)
         return {"skipped": msg}
-    tradeoff = importlib.import_module("bottlefit.bench.tradeoff")
-    _log("compression-accuracy trade-off (bottlefit.bench.tradeoff)")
+    tradeoff = importlib.import_module("bottlefit.splitbench.tradeoff")
+    _log("compression-accuracy trade-off (bottlefit.splitbench.tradeoff)")
     return dict(tradeoff.run_tradeoff(out, quick=quick, log=_log))

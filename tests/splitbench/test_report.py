@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bottlefit.bench.report import markdown, table, write_report
+from bottlefit.splitbench.report import markdown, table, write_report
 
 LINKS = [{"name": "3g", "label": "3G", "rate_mbit": 2.0, "rtt_ms": 150.0, "loss_pct": 0.0},
          {"name": "5g", "label": "5G", "rate_mbit": 100.0, "rtt_ms": 20.0, "loss_pct": 0.5}]
@@ -29,7 +29,7 @@ def row(mode: str, link: str, median: float, payload: float) -> dict[str, Any]:
 def result(setup_kind: str = "analytic") -> dict[str, Any]:
     rows = [row("split", "5g", 30.0, 3364.0), row("local", "3g", 50.0, 0.0), row("offload", "3g", 900.0, 20_000.0),
             row("split", "3g", 400.0, 3364.0), row("local", "5g", 50.0, 0.0), row("offload", "5g", 60.0, 20_000.0)]
-    return {"schema": "bottlefit.bench.split/1", "headline": "3G, device pi4: split 400 ms", "links": LINKS,
+    return {"schema": "bottlefit.splitbench.split/1", "headline": "3G, device pi4: split 400 ms", "links": LINKS,
             "rows": rows, "model": {"source": "export out", "arch": "mini_resnet"}, "images": 3, "repeats": 1,
             "wall_s": 12.5, "link_setup": {"kind": setup_kind}, "link_setup_text": "the analytic model",
             "device": {"name": "pi4", "factor": 6.0, "basis": "measured", "how": "host ms x 6", "label": "x6 assumed",

@@ -1,6 +1,6 @@
 """``bench split``'s report: the table (mode x link), the plots, the markdown report and the JSON for CI.
 
-Written into OUT: ``split.json`` (schema ``bottlefit.bench.split/1``), ``split.md``, ``split_latency.png`` (median
+Written into OUT: ``split.json`` (schema ``bottlefit.splitbench.split/1``), ``split.md``, ``split_latency.png`` (median
 end-to-end latency against link rate per mode, p95 as the bar), ``split_bytes.png`` (payload and bytes on the link
 per mode and link). Each file is written atomically.
 """

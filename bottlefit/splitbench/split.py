@@ -2,10 +2,9 @@
 
 The orchestrator: it resolves the model (the demo's trained one unless an export or a checkpoint is given), builds
 the whole model from the export's own fp32 head and tail (``full.onnx``), measures accuracy per mode in process,
-starts the two ends of the link (:mod:`bottlefit.bench.peer`) inside the namespaces (:mod:`bottlefit.bench.links`),
-runs every link with the modes interleaved image by image, and turns the records into the figures that
-:mod:`bottlefit.bench.report` writes.
-"""
+starts the two ends of the link (:mod:`bottlefit.splitbench.peer`) inside the namespaces
+(:mod:`bottlefit.splitbench.links`), runs every link with the modes interleaved image by image, and turns the records
+into the figures that :mod:`bottlefit.splitbench.report` writes."""
 
 from __future__ import annotations
 
@@ -28,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from bottlefit.bench.device import (
+from bottlefit.errors import EnvironmentProblem, UserError
+from bottlefit.exporter.artifact import Precision, Role, Runtime
+from bottlefit.models.card import ModelCard
+from bottlefit.splitbench.device import (
     DEVICES,
     DeviceClass,
     DevicePlan,
@@ -37,14 +39,11 @@ from bottlefit.bench.device import (
     encode_ms,
     encoder_instructions,
 )
-from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
-from bottlefit.bench.peer import DeviceSpec, LinkSpec, ServerSpec, TritonSpec
-from bottlefit.errors import EnvironmentProblem, UserError
-from bottlefit.exporter.artifact import Precision, Role, Runtime
-from bottlefit.models.card import ModelCard
+from bottlefit.splitbench.links import LinkProfile, LinkSetup, Namespaces, open_links
+from bottlefit.splitbench.peer import DeviceSpec, LinkSpec, ServerSpec, TritonSpec
 
 Log = Callable[[str], None]
-SCHEMA = "bottlefit.bench.split/1"
+SCHEMA = "bottlefit.splitbench.split/1"
 
 
 @dataclass
@@ -208,7 +207,7 @@ def jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> tuple[str, dict[str, Any]]:
     """The split mode's wire: ``--wire``, or (auto) the one with the least estimated cost per image at the headline
     link: device-side encoding + server-side decoding + the payload at the link's rate, on these images' codes; the
-    device's encoding as bottlefit.bench.device.encode_ms says (on a board: the board's encoder counted under
+    device's encoding as bottlefit.splitbench.device.encode_ms says (on a board: the board's encoder counted under
     emulation and predicted; with --device-factor: this host's ms x the factor). Returns (wire, per-wire figures).
     """
     from bottlefit.serve import codecs
@@ -259,11 +258,11 @@ def pick_wire(model: Model, opts: BenchOptions, codes: np.ndarray, log: Log) -> 
 def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Log) -> dict[str, Any]:
     """Top-1 per mode on the accuracy images, in process (the same artifacts the bench runs): local fp32 model,
     the server's model on JPEG qN of the crop, and the device's head artifact -> its contract's codes -> tail."""
-    from bottlefit.bench.service import decode_jpeg
     from bottlefit.runtimes import get_runner
     from bottlefit.serve.client import pick_head
     from bottlefit.serve.contract import find_targets
     from bottlefit.serve.head import HeadCodes
+    from bottlefit.splitbench.service import decode_jpeg
 
     card = model.card
     runner = get_runner("onnxruntime", full, num_threads=1)
@@ -312,7 +311,8 @@ class Peer:
         self.log_path = run_dir / f"{role}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "bottlefit.bench.peer", role, str(spec_path)],
+            argv = [*prefix, sys.executable, "-m", "bottlefit.splitbench.peer", role, str(spec_path)]
+            self.proc = subprocess.Popen(argv,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
         self.buf = b""
 
@@ -392,9 +392,9 @@ def triton_spec(model: Model, run_dir: Path, log: Log) -> TritonSpec:
 def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire: str, log: Log,
               ) -> tuple[LinkSetup, dict[str, Any]]:
     """Every link with all three modes: per link, per request, the device's and the relay's records."""
-    from bottlefit.bench.peer import MODES
-    from bottlefit.bench.service import full_model_name
     from bottlefit.serve.contract import tail_model_name
+    from bottlefit.splitbench.peer import MODES
+    from bottlefit.splitbench.service import full_model_name
 
     images = run_dir / "images.npz"
     modes = [*MODES, "split_triton"] if opts.triton else list(MODES)
@@ -461,7 +461,7 @@ FRAMING = {"offload": 4, "split_bytes": 4, "split_tensor": 0}  # BYTES elements 
 
 def _framed(nbytes: int) -> int:
     """TCP payload bytes with their frames' headers (Ethernet + IPv4 + TCP with timestamps), for the analytic model."""
-    from bottlefit.bench.relay import FRAME_HEADERS, MSS
+    from bottlefit.splitbench.relay import FRAME_HEADERS, MSS
 
     return nbytes + FRAME_HEADERS * -(-nbytes // MSS)
 
@@ -604,11 +604,11 @@ def headline(result: dict[str, Any]) -> str:
 
 def device_plan(model: Model, full: Path, imgs: Images, acc: dict[str, Any], opts: BenchOptions, log: Log,
                 ) -> DevicePlan:
-    """The device's milliseconds per mode (bottlefit.bench.device): on a Pi, the split mode's head artifact, the
+    """The device's milliseconds per mode (bottlefit.splitbench.device): on a Pi, the split mode's head artifact, the
     whole model, JPEG encoding of the first crop and the chosen wire's encoder, counted under emulation on its core."""
-    from bottlefit.bench.device import plan, read_timings
     from bottlefit.emulation.arm64 import EmulationUnavailable
     from bottlefit.serve.client import pick_head
+    from bottlefit.splitbench.device import plan, read_timings
 
     if opts.device.factor is not None or opts.device.board is None:
         return DevicePlan(opts.device)

@@ -13,11 +13,11 @@ The run composes figures each taken where it can be had honestly, and every figu
   counted under emulation on the board's core (:mod:`bottlefit.emulation.cost`) through
   :mod:`bottlefit.emulation.devicetime`;
 * **assumed**: what has no count (the wire encoder; everything with ``--no-count`` or without emulation): this
-  host's milliseconds x the board's stated host-relative factor (:func:`bottlefit.bench.device.host_factor`);
+  host's milliseconds x the board's stated host-relative factor (:func:`bottlefit.splitbench.device.host_factor`);
 * **modelled**: the network (RTT x 2 for the handshake and the request, each direction's framed bytes at the
-  link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.bench.energy`).
+  link's rate, as the bench's analytic link model) and the energy (:mod:`bottlefit.splitbench.energy`).
 
-Counting is ``bench split --board``'s (:func:`bottlefit.bench.device.plan`, cached in the user cache) and slow
+Counting is ``bench split --board``'s (:func:`bottlefit.splitbench.device.plan`, cached in the user cache) and slow
 for the whole R152 (minutes under qemu). The counts go into the result JSON with what they depend on (the
 artifacts' and the JPEG crop's sha256); a later run into the same OUT re-predicts from them without counting, so the
 committed report can be re-made (for example after the device-time model is re-fitted) in seconds.
@@ -38,21 +38,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bottlefit.bench import energy
-from bottlefit.bench.device import default_heads
-from bottlefit.bench.links import PROFILES, LinkProfile
 from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.files import atomic_write_bytes, atomic_write_text
+from bottlefit.splitbench import energy
+from bottlefit.splitbench.device import default_heads
+from bottlefit.splitbench.links import PROFILES, LinkProfile
 
 if TYPE_CHECKING:
-    from bottlefit.bench.split import Images, Model
     from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import Runner
     from bottlefit.serve.contract import TargetExport, WireContract
     from bottlefit.serve.head import HeadCodes
+    from bottlefit.splitbench.split import Images, Model
 
 Log = Callable[[str], None]
-SCHEMA = "bottlefit.bench.paper/1"
+SCHEMA = "bottlefit.splitbench.paper/1"
 ARCH = "custom_resnet152"
 CHANNELS = (12, 3)
 BOARDS = ("pi4", "pi5")
@@ -160,8 +160,8 @@ class DeviceTimes:
 
 
 def assumed_ms(host_ms: float, board: str, what: str) -> Figure:
-    """This host's ms x the board's host-relative factor (bottlefit.bench.device.host_factor): assumed."""
-    from bottlefit.bench.device import host_factor
+    """This host's ms x the board's host-relative factor (bottlefit.splitbench.device.host_factor): assumed."""
+    from bottlefit.splitbench.device import host_factor
 
     f = host_factor(board)
     return Figure(host_ms * f, Basis.ASSUMED, f"{what}: this host's {host_ms:.2f} ms x {f:.2f} ({board}'s "
@@ -175,8 +175,8 @@ def _figure(what: str, p: Any) -> Figure:
 def from_counts(m: Measured, board: str, counts: dict[str, float], full_note: str = "") -> DeviceTimes:
     """Device ms from guest instructions counted on ``board``'s core ({"head", "full", "jpeg"}) through the
     device-time model; the wire encoder is not counted (host ms x factor, as ``bench split --board``)."""
-    from bottlefit.bench.device import encode_part
     from bottlefit.emulation.devicetime import predict_ms
+    from bottlefit.splitbench.device import encode_part
 
     bh = m.board_head(board)
     head_precision = "int8" if "int8" in bh["head"] else "fp32"
@@ -208,14 +208,14 @@ def host_times(m: Measured, board: str) -> DeviceTimes:
 def count_parts(m: Measured, board: str, head_file: Path, full: Path, rgb: np.ndarray, log: Log,
                 full_timeout: float = 900.0) -> dict[str, float]:
     """Guest instructions per inference of the head and the whole model, and of one JPEG encoding of ``rgb``, on
-    ``board``'s core, each part on its own: ``bench split --board``'s counts (bottlefit.bench.device.plan's cache
+    ``board``'s core, each part on its own: ``bench split --board``'s counts (bottlefit.splitbench.device.plan's cache
     keys, so the two share one cache). A part that cannot be counted here (no emulation; the whole model past
     ``full_timeout`` seconds, 0: not tried) is left out, with the reason logged: its ms are then assumed."""
     import subprocess
 
-    from bottlefit.bench.device import cached_count
     from bottlefit.emulation.arm64 import EmulationUnavailable, ensure_sysroot, get_core
     from bottlefit.emulation.cost import OVERLAY_WHEELS, count_instructions, jpeg_instructions
+    from bottlefit.splitbench.device import cached_count
     from bottlefit.targets.rpi.profiles import PROFILES as RPI_PROFILES
 
     try:
@@ -320,7 +320,7 @@ def reuse(earlier: Sequence[dict[str, Any]], key: dict[str, Any]) -> dict[str, f
 def network_ms(link: LinkProfile, up_payload: float) -> tuple[float, float, float]:
     """(total, uplink, downlink) ms of one request on ``link``: the handshake's and the request's round trips, and
     each direction's bytes (payload + headers, framed) at the link's rate (the bench's analytic model)."""
-    from bottlefit.bench.split import _framed
+    from bottlefit.splitbench.split import _framed
 
     up = link.transfer_ms(_framed(int(round(up_payload)) + REQUEST_OVERHEAD_B))
     down = link.transfer_ms(_framed(RESPONSE_B))
@@ -493,7 +493,7 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
             log: Log) -> tuple[Measured, Path, Path, np.ndarray]:
     """The host-side figures of one exported model on the built-in held-out photos; returns them with the
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
-    from bottlefit.bench.split import load_images
+    from bottlefit.splitbench.split import load_images
 
     hm = _HostModel.load(root)
     imgs = load_images(hm.model, images)
@@ -528,11 +528,11 @@ class _HostModel:
 
     @classmethod
     def load(cls, root: Path) -> _HostModel:
-        from bottlefit.bench.split import Model, full_onnx
         from bottlefit.runtimes import get_runner
         from bottlefit.serve.client import pick_head
         from bottlefit.serve.contract import find_targets
         from bottlefit.serve.head import HeadCodes
+        from bottlefit.splitbench.split import Model, full_onnx
 
         owner = next((t for t in find_targets(root) if t.tail() is not None), None)
         if owner is None:
@@ -554,8 +554,8 @@ class _HostModel:
 def _time_modes(hm: _HostModel, imgs: Images, jpeg_quality: int) -> tuple[list[np.ndarray], dict[str, float],
                                                                          list[bytes]]:
     """(the head's codes per image, median CPU ms of each piece {head, full, jpeg, offload, tail}, the JPEGs)."""
-    from bottlefit.bench.service import decode_jpeg
-    from bottlefit.bench.split import jpeg
+    from bottlefit.splitbench.service import decode_jpeg
+    from bottlefit.splitbench.split import jpeg
 
     n, head, runner, tail, card, contract = len(imgs.x), hm.head, hm.runner, hm.tail, hm.card, hm.contract
     fin, tin = runner.input_names[0], tail.input_names[0]
@@ -610,7 +610,7 @@ def _pick_wire(wire: str, wires: dict[str, dict[str, float]], headline_link: Lin
     """``--wire`` checked against what was measured; auto: the bench's rule, least device encoding (assumed, x the
     pi4 factor) + decoding + bytes at the headline link."""
     if wire == "auto":
-        from bottlefit.bench.device import host_factor
+        from bottlefit.splitbench.device import host_factor
 
         f = host_factor("pi4")
         return min(wires, key=lambda w: (f * wires[w]["encode_host_ms"] + wires[w]["decode_server_ms"]

@@ -16,7 +16,10 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from bottlefit.bench.service import (
+from bottlefit.models.card import BottleneckSpec, ModelCard
+from bottlefit.serve.client import RequestFailed, logits_of, post
+from bottlefit.serve.model import InferError
+from bottlefit.splitbench.service import (
     INPUT,
     FullModel,
     FullModelServer,
@@ -24,9 +27,6 @@ from bottlefit.bench.service import (
     full_model_name,
     request_body,
 )
-from bottlefit.models.card import BottleneckSpec, ModelCard
-from bottlefit.serve.client import RequestFailed, logits_of, post
-from bottlefit.serve.model import InferError
 
 H, W = 16, 12
 CARD = ModelCard(arch="tiny net", params={}, input_shape=(3, H, W), num_classes=3,

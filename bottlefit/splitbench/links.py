@@ -2,7 +2,7 @@
 
 The kernel shapes the rate (``tc``): ``netem`` (rate, delay, loss) where the kernel has it, else ``tbf`` (rate only)
 on both ends of the veth pair; then the propagation delay is applied by the server side's relay
-(:mod:`bottlefit.bench.relay`) in user space and the profile's loss is not applied. Every choice is recorded in
+(:mod:`bottlefit.splitbench.relay`) in user space and the profile's loss is not applied. Every choice is recorded in
 :class:`LinkSetup` and printed. Where namespaces cannot be made (not root, no ``ip``, a container without the
 capability), :func:`open_links` says why and the bench uses the analytic model: latency = what loopback measured +
 handshake RTT + RTT + bytes·8/rate per direction.

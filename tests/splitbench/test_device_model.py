@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bottlefit.bench.device import DEVICES, DevicePlan, encode_ms, host_factor, read_timings
 from bottlefit.emulation import devicetime
 from bottlefit.emulation.arm64 import CORES
 from bottlefit.emulation.devicetime import Basis, predict_ms
 from bottlefit.errors import UserError
+from bottlefit.splitbench.device import DEVICES, DevicePlan, encode_ms, host_factor, read_timings
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_benchncnn_counting_scales_with_the_work(tmp_path: Path) -> None:
 def test_bench_split_counts_the_head_the_board_runs(tmp_path: Path) -> None:
     """--device pi4 on an export with an rpi/ bundle counts the board profile's default head (ncnn int8), from OUT
     or OUT/rpi; --head, or an export without rpi/, keeps the wire contract's head."""
-    from bottlefit.bench.split import device_head
+    from bottlefit.splitbench.split import device_head
 
     rpi = tmp_path / "rpi"
     rpi.mkdir()

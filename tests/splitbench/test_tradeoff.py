@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bottlefit.bench import tradeoff
-from bottlefit.bench.tradeoff import QUICK, run_tradeoff
 from bottlefit.parity import top1
 from bottlefit.parity.tolerances import TRAINED_INT8
+from bottlefit.splitbench import tradeoff
+from bottlefit.splitbench.tradeoff import QUICK, run_tradeoff
 
 ZSTD_OVERHEAD = 12  # zstd frame: magic 4 + descriptor 1 + content size 1-2 + block header 3 (no checksum)
 RANGE_OVERHEAD = 8  # the range coder emits whole 32-bit words

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bottlefit.bench import energy, paper
-from bottlefit.bench.device import host_factor
-from bottlefit.bench.links import PROFILES, LinkProfile
-from bottlefit.bench.paper import Basis, DeviceTimes, Figure, Measured, PaperSource
-from bottlefit.bench.split import _framed
 from bottlefit.cli import main
+from bottlefit.splitbench import energy, paper
+from bottlefit.splitbench.device import host_factor
+from bottlefit.splitbench.links import PROFILES, LinkProfile
+from bottlefit.splitbench.paper import Basis, DeviceTimes, Figure, Measured, PaperSource
+from bottlefit.splitbench.split import _framed
 
 LINK = LinkProfile("lte", "LTE", 5.85, 60.0, 0.1)
 
@@ -295,7 +295,7 @@ def test_cli_refuses_a_board_without_power_figures(tmp_path: Path, capsys: pytes
 @pytest.mark.slow
 def test_paper_mode_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     """The whole --paper path (exports for rpi and onnx, host measurements, report) on mini_resnet, no counting."""
-    from bottlefit.bench.links import parse_links
+    from bottlefit.splitbench.links import parse_links
 
     opts = paper.PaperOptions(out=tmp_path / "out", sources=[PaperSource(4, arch="mini_resnet")], boards=("pi4",),
                               links=parse_links("lte,wifi"), images=2, workdir=tmp_path / "work", count=False)

@@ -5,7 +5,7 @@
 - ``device``: the device side: the whole model (local), JPEG encoding (offload) and serve's real client with the
   head artifact (split); answers ``run`` with one record per request.
 
-Both speak JSON lines on stdin/stdout with the orchestrator (:mod:`bottlefit.bench.split`) and end on ``quit`` or
+Both speak JSON lines on stdin/stdout with the orchestrator (:mod:`bottlefit.splitbench.split`) and end on ``quit`` or
 end of input, so a killed orchestrator never leaves them behind. Logs go to stderr.
 """
 
@@ -47,7 +47,7 @@ class TritonSpec:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What the ``server`` peer is started with, written by :mod:`bottlefit.bench.split` as ``server.json``."""
+    """What the ``server`` peer is started with, written by :mod:`bottlefit.splitbench.split` as ``server.json``."""
 
     export: str
     full: str  # full.onnx, the whole model
@@ -71,7 +71,7 @@ class ServerSpec:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """What the ``device`` peer is started with, written by :mod:`bottlefit.bench.split` as ``device.json``."""
+    """What the ``device`` peer is started with, written by :mod:`bottlefit.splitbench.split` as ``device.json``."""
 
     export: str
     full: str
@@ -111,9 +111,9 @@ def _commands() -> Any:
 
 
 def serve_side(spec: ServerSpec) -> None:
-    from bottlefit.bench.relay import Relays
-    from bottlefit.bench.service import FullModel, FullModelServer
     from bottlefit.serve.server import ServeOptions, Server
+    from bottlefit.splitbench.relay import Relays
+    from bottlefit.splitbench.service import FullModel, FullModelServer
 
     # one request at a time: no batching delay, one worker, one thread (the same for both servers)
     tail = Server(Path(spec.export), ServeOptions(host="127.0.0.1", http_port=0, grpc_port=0, max_delay_ms=0.0,
@@ -152,7 +152,7 @@ def serve_side(spec: ServerSpec) -> None:
 
 
 def full_name(card: ModelCard) -> str:
-    from bottlefit.bench.service import full_model_name
+    from bottlefit.splitbench.service import full_model_name
 
     return full_model_name(card)
 
@@ -200,8 +200,8 @@ class Device:
     def offload(self, i: int, port: int) -> dict[str, Any]:
         from PIL import Image
 
-        from bottlefit.bench.service import request_body
         from bottlefit.serve.client import RequestFailed, logits_of, post
+        from bottlefit.splitbench.service import request_body
 
         url = f"http://{self.spec.srv_addr}:{port}/v2/models/{self.spec.full_model}/infer"
         t0 = time.perf_counter()

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bottlefit.bench.links import NETNS_DIR, PREFIX, namespaces_unavailable
 from bottlefit.cli import main
+from bottlefit.splitbench.links import NETNS_DIR, PREFIX, namespaces_unavailable
 
 IMAGES = 3
 
@@ -30,7 +30,7 @@ def bench(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 def test_runs_and_writes_the_report(bench: tuple[int, Path, dict]) -> None:
     rc, out, r = bench
     assert rc == 0
-    assert r["schema"] == "bottlefit.bench.split/1"
+    assert r["schema"] == "bottlefit.splitbench.split/1"
     for f in ("split.md", "split.json"):
         assert (out / f).stat().st_size > 200
     for f in ("split_latency.png", "split_bytes.png"):
@@ -68,8 +68,8 @@ def test_bytes_are_what_the_client_sent(bench: tuple[int, Path, dict], export_ro
     the contract's C*H*W int8 codes; the link carried more than the payload (headers)."""
     from PIL import Image
 
-    from bottlefit.bench.split import Model, load_images
     from bottlefit.serve.contract import find_targets
+    from bottlefit.splitbench.split import Model, load_images
 
     _, _, r = bench
     target = find_targets(export_root)[0]
@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, tmp_path: Pa
 
 
 def test_without_root_the_links_are_analytic_and_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bottlefit.bench import links
+    from bottlefit.splitbench import links
 
     monkeypatch.setattr(links.os, "geteuid", lambda: 1000)
     with links.open_links("auto") as setup:
@@ -147,7 +147,7 @@ def test_without_root_the_links_are_analytic_and_say_why(monkeypatch: pytest.Mon
 def test_namespaces_of_a_killed_run_are_removed() -> None:
     import subprocess
 
-    from bottlefit.bench.links import remove_stale
+    from bottlefit.splitbench.links import remove_stale
 
     dead = subprocess.Popen(["true"])
     dead.wait()

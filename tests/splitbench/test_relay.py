@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bottlefit.bench.relay import MSS, Exchange, Relay, Relays, _http_lengths
+from bottlefit.splitbench.relay import MSS, Exchange, Relay, Relays, _http_lengths
 
 SERVER_SLEEP_S = 0.15
 
