@@ -103,10 +103,10 @@ def test_board_client_over_tls_with_a_token(split_export: Path, certificate, tmp
 def test_board_client_refused_for_another_export(split_export: Path, server, tmp_path: Path) -> None:
     bundle = tmp_path / "rpi"
     subprocess.run(["cp", "-r", str(split_export / "rpi"), str(bundle)], check=True)
-    meta = json.loads((bundle / "board" / "golden.json").read_text())
-    for m in meta["models"]:
+    config = json.loads((bundle / "board" / "client.json").read_text())  # the wire contracts the client sends
+    for m in config["heads"]:
         m["contract_id"] = "0" * 12
-    (bundle / "board" / "golden.json").write_text(json.dumps(meta))
+    (bundle / "board" / "client.json").write_text(json.dumps(config))
     cp = subprocess.run([sys.executable, str(bundle / "board" / "client.py"), "--server", server.http_url,
                          "--golden", "--runtime", "litert", "--json", "--retries", "0"],
                         capture_output=True, text=True, timeout=120)
@@ -158,7 +158,7 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
     """The jetson bundle's client (Python 3.6, stdlib + numpy) with the golden engine output (what trtexec writes
     for the golden input): int8 and context-coded, the logits the tail gives for those codes."""
     d = split_export / "jetson"
-    meta = json.loads((d / "client.json").read_text())
+    (meta,) = json.loads((d / "client.json").read_text())["heads"]
     y = np.fromfile(d / "golden" / "output.bottleneck.bin", dtype="<f4").reshape(1, *meta["shape"])
     codes = np.clip(np.round(y / meta["scale"]) + meta["zero_point"], -128, 127).astype(np.int8)
     want = _tail_logits(split_export, codes, meta, "NCHW")
@@ -179,16 +179,17 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
 
 
 def test_board_clients_run_on_python36() -> None:
-    """vermin: the jetson client and the codec and transport it ships run on JetPack 4's Python 3.6."""
+    """vermin: the one board client, the jetson's part of it and the codec and transport it ships run on JetPack
+    4's Python 3.6."""
     import shutil
 
-    from bottlefit.targets.jetson import BOARD_CLIENT
-    from bottlefit.targets.rpi import CODEC_MODULE, HTTP_MODULE
+    from bottlefit.serve.export import BOARD_CLIENT, BOARD_MODULES
+    from bottlefit.targets.jetson import BOARD_HEAD_MODULE
 
     vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
     if not Path(vermin).exists():
         pytest.skip("vermin is not installed (pip install vermin==1.9.2)")
-    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(BOARD_CLIENT), str(CODEC_MODULE),
-                         str(HTTP_MODULE)],
+    files = [str(f) for f in (BOARD_CLIENT, BOARD_HEAD_MODULE, *BOARD_MODULES)]
+    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", *files],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
