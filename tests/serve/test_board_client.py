@@ -193,3 +193,50 @@ def test_board_clients_run_on_python36() -> None:
     cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", *files],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_jetson_client_sends_int8_codes_as_they_are(split_export: Path, server, tmp_path: Path) -> None:
+    """An engine with int8 outputs hands the client the codes themselves: a .bin of one byte per element or an int8
+    .npy goes on the wire as those codes (the same logits as the float output they stand for)."""
+    d = split_export / "jetson"
+    (meta,) = json.loads((d / "client.json").read_text())["heads"]
+    y = np.fromfile(d / "golden" / "output.bottleneck.bin", dtype="<f4").reshape(1, *meta["shape"])
+    codes = np.clip(np.round(y / meta["scale"]) + meta["zero_point"], -128, 127).astype(np.int8)
+    codes.tofile(tmp_path / "codes.bin")
+    np.save(tmp_path / "codes.npy", codes)
+    logits = []
+    for f in (d / "golden" / "output.bottleneck.bin", tmp_path / "codes.bin", tmp_path / "codes.npy"):
+        cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
+                             "--bottleneck", str(f)], capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        (rec,) = _records(cp.stdout)
+        assert rec["payload_bytes"] == codes.size  # one byte per code, whatever the file held
+        logits.append(rec["logits"])
+    np.testing.assert_array_equal(logits[1], logits[0])
+    np.testing.assert_array_equal(logits[2], logits[0])
+    (tmp_path / "short.bin").write_bytes(b"\0" * (codes.size - 1))  # neither the codes nor float32
+    cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
+                         "--bottleneck", str(tmp_path / "short.bin"), "--retries", "0"],
+                        capture_output=True, text=True, timeout=60)
+    (rec,) = _records(cp.stdout)
+    assert cp.returncode == 1 and "holds 24 values" in rec["error"]
+
+
+def test_jetson_head_reads_codes_an_int8_output_engine_prints() -> None:
+    """trtexec prints an int8 output's codes as numbers: the client rounds them back to the codes themselves."""
+    import importlib.util
+
+    from bottlefit.targets.jetson import BOARD_HEAD_MODULE
+
+    spec = importlib.util.spec_from_file_location("jetson_boardhead", BOARD_HEAD_MODULE)
+    assert spec is not None and spec.loader is not None
+    head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head)
+    wire = {"dtype": "int8", "scale": 0.5, "zero_point": 0, "head_outputs_codes": True}
+    printed = np.array([-128.0, -3.0000002, 0.0, 126.99999, 127.0], dtype=np.float32)
+    np.testing.assert_array_equal(head.codes_of(printed, wire), np.array([-128, -3, 0, 127, 127], np.int8))
+    floats = np.float32(0.5) * np.array([-128, -3, 0, 127], np.float32)  # a float output on the codes' grid
+    np.testing.assert_array_equal(head.codes_of(floats, dict(wire, head_outputs_codes=False)),
+                                  np.array([-128, -3, 0, 127], np.int8))
+    codes = np.array([1, -2], np.int8)
+    assert head.codes_of(codes, wire) is codes  # the codes themselves pass as they are
