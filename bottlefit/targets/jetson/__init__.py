@@ -219,6 +219,9 @@ trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/t
 `client.py` sends the engine's bottleneck to `bottlefit serve OUT` on `EDGE` (or Triton) and prints the top-k
 classes with their softmax probabilities; its flags are the host's `bottlefit run-head`'s (`--wire
 int8|context|fp32`, `--model-name`; the old `--codec`, `--fp32` and `--model` still work for one release).
+`--bottleneck FILE` sends a head output you already have: float32 (`.bin`, `.npy`, trtexec JSON) or the int8
+codes themselves (a `.bin` of one byte per element, an int8 `.npy`). `client.py` is the same on every board;
+`boardhead.py` is this board's part (TensorRT through trtexec), `client.json` the head's wire contract.
 
 Routes (each checked against `{GOLDEN_DIR}/` with that precision's tolerances):
 
