@@ -106,6 +106,7 @@ class BoardBundle:
     head_module: Path
     scripts: tuple[Path, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)  # the board's own client.json keys (paths: bundle-relative)
+    precision: Precision = Precision.INT8  # what the manifest records for the README (the bundle's engine precision)
 
 
 def client_config(target: str, card: dict[str, Any], heads: list[Artifact], tables: list[Artifact], up: str,
@@ -151,4 +152,5 @@ def write_board_bundle(out_dir: Path, target: str, card: dict[str, Any], bundle:
     prefix = bundle.folder + "/" if bundle.folder else ""
     files = [prefix + f for f in (*copies, CLIENT_CONFIG)]
     (folder / README).write_text(readme(files), encoding="utf-8")
-    return [Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False) for f in (*files, prefix + README)]
+    return [*(Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False) for f in files),
+            Artifact(prefix + README, Role.AUX, Runtime.NONE, bundle.precision, parity=False)]

@@ -240,3 +240,23 @@ def test_jetson_head_reads_codes_an_int8_output_engine_prints() -> None:
                                   np.array([-128, -3, 0, 127], np.int8))
     codes = np.array([1, -2], np.int8)
     assert head.codes_of(codes, wire) is codes  # the codes themselves pass as they are
+
+
+def test_both_bundles_ship_one_client_with_the_wire_contracts_of_their_heads(split_export: Path) -> None:
+    """The jetson and rpi bundles carry the same client, transport and coder byte for byte (only boardhead.py, the
+    board's runtime, differs), and client.json binds each head to the contract id and tables golden.json and the
+    manifest name."""
+    from bottlefit.serve.contract import load_target
+
+    jetson, board = split_export / "jetson", split_export / "rpi" / "board"
+    for f in ("client.py", "boardhttp.py", "boardcodec.py"):
+        assert (jetson / f).read_bytes() == (board / f).read_bytes(), f
+    assert (jetson / "boardhead.py").read_bytes() != (board / "boardhead.py").read_bytes()
+    config = json.loads((board / "client.json").read_text())
+    golden = json.loads((board / "golden.json").read_text())
+    assert {h["head"]: (h["contract_id"], h["codec_tables"]) for h in config["heads"]} == \
+        {m["model"]: (m["contract_id"], m["codec_tables"]) for m in golden["models"]}
+    served = {c.head: c.contract_id for c in load_target(split_export / "rpi").contracts}
+    assert {h["head"][3:]: h["contract_id"] for h in config["heads"]} == \
+        {k: v for k, v in served.items() if k in {h["head"][3:] for h in config["heads"]}}
+    assert config["tail_model"] == json.loads((jetson / "client.json").read_text())["tail_model"] == "mini_resnet_tail"

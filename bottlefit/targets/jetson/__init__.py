@@ -381,7 +381,7 @@ class JetsonTarget:
         heads = [a for a in arts if a.file == QDQ_ONNX]
         tables = write_codec_tables(out, self.name, card, heads, ctx.calibration.images, ctx.log)
         golden = next((a.file for a in arts if a.file.startswith(f"{GOLDEN_DIR}/") and INPUT_NAME in a.file), None)
-        bundle = BoardBundle("", BOARD_HEAD_MODULE, config={"golden_input": golden})
+        bundle = BoardBundle("", BOARD_HEAD_MODULE, config={"golden_input": golden}, precision=req.precision)
         shipped = write_board_bundle(out, self.name, card, bundle, heads, tables,
                                      lambda files: _readme(req, [a.file for a in [*arts, *tables]] + files))
         return tables + shipped
