@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bottlefit.models.card import ModelCard
 from bottlefit.serve import codecs
 from bottlefit.serve.contract import find_targets
 from bottlefit.serve.head import calibration_symbols, load_tables
@@ -42,7 +43,7 @@ def _export(root: Path, name: str, **model: object) -> Path:
     return out
 
 
-def jpeg_bytes(card: dict, quality: int = 95) -> float:
+def jpeg_bytes(card: ModelCard, quality: int = 95) -> float:
     """Mean JPEG size of the same held-out crops the model sees (8-bit RGB at its input size): what offloading
     the input would send instead of the bottleneck."""
     import io
@@ -50,9 +51,8 @@ def jpeg_bytes(card: dict, quality: int = 95) -> float:
     from PIL import Image
 
     from bottlefit.calibration.dataset import CalibrationSet
-    from bottlefit.models.card import ModelCard
 
-    mc = ModelCard.from_dict(card)
+    mc = card
     x = CalibrationSet.builtin(mc, part="heldout", log=lambda m: None).images
     rgb = np.clip((x * np.array(mc.std).reshape(1, 3, 1, 1) + np.array(mc.mean).reshape(1, 3, 1, 1)) * 255, 0, 255)
     sizes = []
@@ -108,7 +108,7 @@ def bench(out: Path, pi: str | None = None) -> None:
             hdr = codecs.read_header(codecs.encode_frame(contract, codes[0], "raw")).size
             h0 = codecs.entropy_bits(sym) / 8 / len(sym)
             hc = codecs.entropy_bits(sym, per_channel=True) / 8 / len(sym)
-            print(f"\n{target.card['arch']} {target.path.name}/{contract.head}: {contract.dtype}"
+            print(f"\n{target.card.arch} {target.path.name}/{contract.head}: {contract.dtype}"
                   f"{list(contract.shape)} = {n} B raw; {len(sym)} held-out images; frame header {hdr} B")
             jpeg = jpeg_bytes(target.card)
             print(f"  empirical entropy: order-0 {h0:8.1f} B ({h0 / n:.3f}x raw), per channel {hc:8.1f} B "

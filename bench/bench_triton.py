@@ -58,7 +58,7 @@ def payload_bytes(out: Path) -> dict[str, float]:
     res = {"fp32": float(4 * np.prod(contract.shape))}
     for codec in codecs.CODECS:
         res[codec] = float(np.mean([len(codecs.encode_frame(contract, c, codec, tables)) for c in codes]))
-    print(f"\n{target.card['arch']} {target.path.name}/{contract.head} {contract.dtype}{list(contract.shape)}, "
+    print(f"\n{target.card.arch} {target.path.name}/{contract.head} {contract.dtype}{list(contract.shape)}, "
           f"{len(codes)} held-out images: bytes per request (tensor data)")
     for k, v in res.items():
         print(f"  {k:8s} {v:9.1f} B  ({res['fp32'] / v:5.2f}x less than fp32)")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--retrain", action="store_true", help="ignore the cached checkpoint")
     p.add_argument("--stage-epochs", type=int, default=4, help="epochs of each BottleFit stage (default: 4)")
     p.add_argument("--bottleneck-channel", type=int, default=4, help="the student's bottleneck channels")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (what was written where, each target's verdict, the figures) "
+                        "instead of the table")
     p.set_defaults(func=run_demo)
 
 
@@ -215,9 +220,71 @@ def _export_all(best: Path, calib: Path, held: Path, out: Path, profiles: str | 
     return verdicts
 
 
-def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> list[tuple[str, str, float, float, int]]:
-    """(artifact, precision, top-1 of head -> PyTorch tail, host ms, bytes) per head artifact. Accuracy under the
-    artifact's reference semantics: what the device computes, whatever this CPU is."""
+@dataclass(frozen=True)
+class HeadRow:
+    """One head artifact in the summary: top-1 of head -> PyTorch tail, host ms, size."""
+
+    artifact: str  # <target>/<file>
+    precision: str
+    top1: float
+    host_ms: float
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What the demo wrote and found: the table's content, and ``--json``'s."""
+
+    work: Path
+    checkpoint: Path
+    export: Path  # export/<target>/ per target
+    images: tuple[Path, ...]
+    val_digits: int
+    teacher_top1: float
+    student_top1: float
+    student_best_top1: float
+    bottleneck_shape: tuple[int, ...]
+    jpeg_bytes_mean: float  # JPEG q95 of the same inputs
+    head_params: int
+    tail_params: int
+    torch_head_ms: float
+    heads: tuple[HeadRow, ...]
+    verdicts: dict[str, bool]  # target -> parity passed
+    where: dict[str, list[str]]  # target -> what was verified where, one line each
+    wall_s: float
+
+    @property
+    def passed(self) -> bool:
+        return all(self.verdicts.values())
+
+    @property
+    def wire_bytes(self) -> int:
+        """One image's int8 bottleneck."""
+        return math.prod(self.bottleneck_shape)
+
+    def to_json(self) -> dict[str, Any]:
+        n = self.wire_bytes
+        return {
+            "passed": self.passed, "arch": ARCH, "out": str(self.work), "checkpoint": str(self.checkpoint),
+            "export": str(self.export), "images": [str(p) for p in self.images],
+            "targets": {t: {"verdict": "PASS" if ok else "FAIL", "dir": str(self.export / t),
+                            "report": str(self.export / t / "report.json"), "verified": self.where.get(t, [])}
+                        for t, ok in self.verdicts.items()},
+            "train_digits": N_TRAIN, "val_digits": self.val_digits, "teacher_top1": self.teacher_top1,
+            "student_top1": self.student_top1,
+            "student_best_top1": None if math.isnan(self.student_best_top1) else self.student_best_top1,
+            "bottleneck": {"shape": list(self.bottleneck_shape), "int8_bytes": n, "fp32_bytes": 4 * n,
+                           "jpeg_q95_bytes_mean": self.jpeg_bytes_mean},
+            "head_params": self.head_params, "tail_params": self.tail_params, "torch_head_ms": self.torch_head_ms,
+            "heads": [{"artifact": h.artifact, "precision": h.precision, "top1": h.top1, "host_ms": h.host_ms,
+                       "bytes": h.bytes} for h in self.heads],
+            "wall_s": self.wall_s,
+        }
+
+
+def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> list[HeadRow]:
+    """One row per head artifact. Accuracy under the artifact's reference semantics: what the device computes,
+    whatever this CPU is."""
     from bottlefit.runtimes import get_runner
     from bottlefit.runtimes.head import run_head
 
@@ -233,7 +300,7 @@ def _head_rows(out: Path, sm: Any, x_val: torch.Tensor, y_val: np.ndarray) -> li
         ms = _median_ms(lambda v, r=runner, n=ispec.name: r.infer({n: v}), xin)
         # an ncnn head's weights live in the .bin beside its .param
         size = sum((d / f).stat().st_size for f in (a.file, a.extra.get("weights")) if f)
-        rows.append((f"{target}/{a.file}", a.precision, acc, ms, size))
+        rows.append(HeadRow(f"{target}/{a.file}", str(a.precision), acc, ms, size))
     return rows
 
 
@@ -269,37 +336,50 @@ def run_demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         torch.set_num_threads(1)
         torch_ms = _median_ms(lambda v: sm.head(torch.from_numpy(v)), x_val[:1].numpy())
-    b = lm.card.bottleneck
-    jpeg = _jpeg_bytes(x_val[:200], lm.card)
+    summary = DemoSummary(
+        work=work, checkpoint=best, export=out, images=tuple(images), val_digits=len(y_val),
+        teacher_top1=teacher_top1, student_top1=student_top1,
+        student_best_top1=float(lm.meta.get("best_value", float("nan"))), bottleneck_shape=lm.card.bottleneck.shape,
+        jpeg_bytes_mean=_jpeg_bytes(x_val[:200], lm.card), head_params=sum(p.numel() for p in sm.head.parameters()),
+        tail_params=sum(p.numel() for p in sm.tail.parameters()), torch_head_ms=torch_ms, heads=tuple(rows),
+        verdicts=verdicts, where={t: _where_lines(out / t) for t in verdicts}, wall_s=time.perf_counter() - t0)
+    if args.json:
+        print(json.dumps(summary.to_json()))
+    else:
+        print_summary(summary)
+    return 0 if summary.passed else 1
 
+
+def print_summary(s: DemoSummary) -> None:
+    """The demo's table and its next steps."""
+    n = s.wire_bytes
+    out, images, jpeg = s.export, s.images, s.jpeg_bytes_mean
     print()
-    print(f"BottleFit demo: {ARCH} on {N_TRAIN} MNIST training digits, {len(y_val)} validation digits")
-    print(f"  teacher (mini ResNet)                 top-1 {teacher_top1:6.2f}%")
-    print(f"  BottleFit student (fp32)              top-1 {student_top1:6.2f}%   "
-          f"(best over both stages: {lm.meta.get('best_value', float('nan')):.2f}%)")
-    print(f"  bottleneck {'x'.join(map(str, b.shape))}: {b.elements} B int8 on the wire "
-          f"({4 * b.elements} B fp32) vs {jpeg:.0f} B mean JPEG (q95) of the same 32x32 input "
-          f"= {100 * (1 - b.elements / jpeg):.1f}% smaller")
-    print(f"  head {sum(p.numel() for p in sm.head.parameters()):,} params, "
-          f"tail {sum(p.numel() for p in sm.tail.parameters()):,} params")
+    print(f"BottleFit demo: {ARCH} on {N_TRAIN} MNIST training digits, {s.val_digits} validation digits")
+    print(f"  teacher (mini ResNet)                 top-1 {s.teacher_top1:6.2f}%")
+    print(f"  BottleFit student (fp32)              top-1 {s.student_top1:6.2f}%   "
+          f"(best over both stages: {s.student_best_top1:.2f}%)")
+    print(f"  bottleneck {'x'.join(map(str, s.bottleneck_shape))}: {n} B int8 on the wire "
+          f"({4 * n} B fp32) vs {jpeg:.0f} B mean JPEG (q95) of the same 32x32 input "
+          f"= {100 * (1 - n / jpeg):.1f}% smaller")
+    print(f"  head {s.head_params:,} params, tail {s.tail_params:,} params")
     print()
     print(f"  {'int8/fp32 head artifact -> PyTorch tail':42s} {'prec':5s} {'top-1':>7s} {'host ms':>9s} {'size':>9s}")
-    print(f"  {'PyTorch fp32 head (eager)':42s} {'fp32':5s} {student_top1:6.2f}% {torch_ms:7.3f}ms {'':>9s}")
-    for name, prec, acc, ms, size in rows:
-        print(f"  {name:42s} {prec:5s} {acc:6.2f}% {ms:7.3f}ms {size / 1024:7.1f}KB")
+    print(f"  {'PyTorch fp32 head (eager)':42s} {'fp32':5s} {s.student_top1:6.2f}% {s.torch_head_ms:7.3f}ms {'':>9s}")
+    for h in s.heads:
+        print(f"  {h.artifact:42s} {h.precision:5s} {h.top1:6.2f}% {h.host_ms:7.3f}ms {h.bytes / 1024:7.1f}KB")
     print("  (top-1 of int8 heads under their reference semantics; host ms: this CPU's kernels, 1 thread, "
           "median of 40 runs)")
     print()
     print("  What was verified where:")
-    for target, passed in verdicts.items():
+    for target, passed in s.verdicts.items():
         print(f"  parity {target:7s} {'PASS' if passed else 'FAIL'}  ({out / target / 'report.md'})")
-        for line in _where_lines(out / target):
+        for line in s.where.get(target, []):
             print(f"    {line}")
-    print(f"  wall time {time.perf_counter() - t0:.0f} s")
+    print(f"  wall time {s.wall_s:.0f} s")
     print()
     print(f"  sample inputs: {len(images)} digits in {images[0].parent}/ (the label is in each name)")
-    bench = "" if work == Path("out/demo") else f" --demo-out {work}"
+    bench = "" if s.work == Path("out/demo") else f" --demo-out {s.work}"
     print(f"Next: serve the tail with `bottlefit serve {out}`, then in another terminal send the digits "
           f"with `bottlefit run-head {out / 'onnx'} {images[0].parent}/*.png`; measure local vs. offload vs. split "
           f"with `bottlefit bench split --quick --out out/bench{bench}` (README: After the demo)")
-    return 0 if all(verdicts.values()) else 1

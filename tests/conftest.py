@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 
 from bottlefit.models.checkpoint import LoadedModel
 from tests.helpers import authors_dict, shared_untrained
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `./run test` runs two pytest workers on a 2-core host: one compute thread each (and in the processes they
+    # start), or OpenMP's spinning threads of one worker take the core the other one needs
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -251,7 +251,7 @@ def test_run_script_hands_help_and_version_to_the_command(tmp_path: Path) -> Non
     assert run("--help") == "bottlefit --help"
     assert run("-h") == "bottlefit -h"
     assert run("--version") == "bottlefit --version"
-    assert run("test", "-x") == "python -m pytest -q -x"
+    assert run("test", "-x") == "python -m pytest -q -n 2 --dist loadfile -x"
     assert run("export", "CKPT", "--target", "rpi") == "bottlefit export CKPT --target rpi"
 
 

@@ -167,3 +167,47 @@ def test_sample_images_are_the_model_inputs_as_png(tmp_path: Path) -> None:
         back = load_image(p, card)
         assert back.shape == tuple(card.input_shape)
         assert float(np.abs(back - xi.numpy()).max()) <= 0.5 * step + 1e-6
+
+
+def test_demo_json_names_what_it_wrote_and_the_verdicts(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``demo --json``: stdout is one JSON object with the paths written and each target's verdict; the exit code
+    is 1 when a target fails. Training, the exports and the head timings are stand-ins (an untrained checkpoint,
+    verdicts given here); the rest of the demo runs as it is."""
+    import numpy as np
+
+    import bottlefit.demo as demo
+    from bottlefit.models import build
+    from bottlefit.models.checkpoint import save
+
+    def train_model(work: Path, data: object, **kwargs: object) -> tuple[Path, float]:
+        model, card = build(demo.ARCH, {"bottleneck_channel": 4})
+        return save(work / "student" / "best.pt", model, card, best_value=12.5), 97.0
+
+    verdicts = {"onnx": True, "jetson": False, "rpi": True}
+    monkeypatch.setattr(demo, "_emulation_profiles", lambda: "none")
+    monkeypatch.setattr(demo, "train_model", train_model)
+    monkeypatch.setattr(demo, "_export_all", lambda best, calib, held, out, profiles: dict(verdicts))
+    monkeypatch.setattr(demo, "_head_rows", lambda out, sm, x, y: [demo.HeadRow("onnx/head.int8.onnx", "int8",
+                                                                                 90.0, 0.5, 2048)])
+    monkeypatch.setattr(demo, "_where_lines", lambda d: [f"fidelity of {d.name}"])
+    work = tmp_path / "demo"
+    rc = main(["demo", "--out", str(work), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 1 and doc["passed"] is False
+    assert {t: v["verdict"] for t, v in doc["targets"].items()} == {"onnx": "PASS", "jetson": "FAIL", "rpi": "PASS"}
+    assert doc["targets"]["rpi"]["report"] == str(work / "export" / "rpi" / "report.json")
+    assert doc["targets"]["jetson"]["verified"] == ["fidelity of jetson"]
+    assert doc["export"] == str(work / "export") and doc["checkpoint"] == str(work / "student" / "best.pt")
+    images = [Path(p) for p in doc["images"]]
+    assert len(images) == demo.N_IMAGES and all(p.is_file() and p.parent == work / "images" for p in images)
+    assert doc["bottleneck"] == {"shape": [4, 5, 5], "int8_bytes": 100, "fp32_bytes": 400,
+                                 "jpeg_q95_bytes_mean": doc["bottleneck"]["jpeg_q95_bytes_mean"]}
+    assert doc["teacher_top1"] == 97.0 and doc["student_best_top1"] == 12.5 and doc["val_digits"] == demo.N_VAL
+    assert doc["heads"] == [{"artifact": "onnx/head.int8.onnx", "precision": "int8", "top1": 90.0, "host_ms": 0.5,
+                             "bytes": 2048}]
+    assert 0.0 <= doc["student_top1"] <= 100.0 and np.isfinite(doc["torch_head_ms"])
+
+    verdicts["jetson"] = True  # every target passes: exit 0, and the table (no --json) names the same verdicts
+    assert main(["demo", "--out", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"parity {t:7s} PASS" in out for t in verdicts) and "bottleneck 4x5x5: 100 B int8" in out

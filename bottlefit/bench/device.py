@@ -97,7 +97,26 @@ class DevicePlan:
         return {"parts": {k: v.to_dict() for k, v in self.parts.items()}, "counts": self.counts}
 
 
-def read_timings(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BoardTimings:
+    """The head's milliseconds measured on the board (``bottlefit run-head --json`` there); what it does not say is
+    None."""
+
+    median_ms: float
+    model: str | None = None
+    runtime: str | None = None
+    threads: int | None = None
+    runs: int | None = None
+
+    def describe(self) -> str:
+        def say(v: object) -> str:
+            return "?" if v is None else str(v)
+
+        return (f"run-head --json on the board: {say(self.model)} ({say(self.runtime)}, {say(self.threads)} "
+                f"thread(s), median of {say(self.runs)} runs)")
+
+
+def read_timings(path: Path) -> BoardTimings:
     """``bottlefit run-head --json`` output from the board: {"model", "runtime", "threads", "median_ms", ...}."""
     try:
         doc = json.loads(path.read_text())
@@ -109,7 +128,8 @@ def read_timings(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("median_ms"), int | float) or doc["median_ms"] <= 0:
         raise UserError(f"--device-timings {path}: no positive \"median_ms\"; give `bottlefit run-head --json` "
                         "output from the board")
-    return doc
+    return BoardTimings(float(doc["median_ms"]), doc.get("model"), doc.get("runtime"), doc.get("threads"),
+                        doc.get("runs"))
 
 
 # -- counting, cached
@@ -172,7 +192,7 @@ def default_heads(root: Path, boards: Sequence[str]) -> dict[str, dict[str, str]
 
 def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: str, full: Path,
          rgb: np.ndarray, jpeg_quality: int, encode_instructions: float | None, encode_host_ms: float,
-         timings: dict[str, Any] | None, log: Log) -> DevicePlan:
+         timings: BoardTimings | None, log: Log) -> DevicePlan:
     """Count and predict every part the device runs on ``device``'s board (see the module doc)."""
     if device.board is None:
         return DevicePlan(device)
@@ -208,9 +228,7 @@ def plan(device: DeviceClass, *, head: Path, head_runtime: str, head_precision: 
     n_full = artifact(full, "onnxruntime")
     out.parts["local"] = predict_ms(n_full, board, "onnxruntime", "fp32")
     if timings is not None:
-        out.parts["split_head"] = measured(float(timings["median_ms"]), (
-            f"run-head --json on the board: {timings.get('model', '?')} ({timings.get('runtime', '?')}, "
-            f"{timings.get('threads', '?')} thread(s), median of {timings.get('runs', '?')} runs)"))
+        out.parts["split_head"] = measured(timings.median_ms, timings.describe())
     else:
         out.parts["split_head"] = predict_ms(artifact(head, head_runtime), board, head_runtime, head_precision)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)

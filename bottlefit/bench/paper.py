@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,13 @@ from bottlefit.bench.device import default_heads
 from bottlefit.bench.links import PROFILES, LinkProfile
 from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.files import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from bottlefit.bench.split import Images, Model
+    from bottlefit.models.card import ModelCard
+    from bottlefit.runtimes import Runner
+    from bottlefit.serve.contract import TargetExport, WireContract
+    from bottlefit.serve.head import HeadCodes
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.paper/1"
@@ -486,55 +493,100 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
             log: Log) -> tuple[Measured, Path, Path, np.ndarray]:
     """The host-side figures of one exported model on the built-in held-out photos; returns them with the
     device's head artifact and the whole model (``full.onnx``, cached beside the export)."""
-    from bottlefit.bench.service import decode_jpeg
-    from bottlefit.bench.split import Model, full_onnx, jpeg, load_images
-    from bottlefit.models.card import ModelCard
-    from bottlefit.runtimes import get_runner
-    from bottlefit.serve import codecs
-    from bottlefit.serve.client import build_request, pick_head
-    from bottlefit.serve.contract import find_targets
-    from bottlefit.serve.head import HeadCodes, load_tables
+    from bottlefit.bench.split import load_images
 
-    owner = next((t for t in find_targets(root) if t.tail() is not None), None)
-    if owner is None:
-        raise UserError(f"{root}: no ONNX tail (tail.onnx); export with --target onnx")
-    model = Model(root, owner.card, str(root), "none")
-    full = root / "full.onnx"
-    if not full.is_file():
-        full_onnx(model, full)
-    imgs = load_images(model, images)
+    hm = _HostModel.load(root)
+    imgs = load_images(hm.model, images)
     n = len(imgs.x)
     if n < 1:
         raise UserError(f"{root}: no images")
-    card = ModelCard.from_dict(model.card)
-    target, contract = pick_head(root, None)
-    head = HeadCodes(target, contract, num_threads=THREADS)
-    head_file = target.path / target.artifact(contract.head).file
-    tail_art = owner.tail()
-    assert tail_art is not None
-    tail = get_runner("onnxruntime", owner.path / tail_art.file, num_threads=THREADS)
-    runner = get_runner("onnxruntime", full, num_threads=THREADS)
-    fin = runner.input_names[0]
-    tin = tail.input_names[0]
+    codes, ms, jpegs = _time_modes(hm, imgs, jpeg_quality)
+    wires = _measure_wires(hm, codes, log)
+    wire = _pick_wire(wire, wires, headline_link, hm.contract.head)
+    m = Measured(channels=channels, images=n, jpeg_quality=jpeg_quality,
+                 jpeg_bytes=float(np.median([len(j) for j in jpegs])), jpeg_encode_host_ms=ms["jpeg"], wire=wire,
+                 wires=wires, head=f"{hm.contract.target}/{hm.contract.head}", head_runtime=hm.contract.runtime,
+                 head_host_ms=ms["head"], full_host_ms=ms["full"], tail_server_ms=ms["tail"],
+                 offload_server_ms=ms["offload"], head_sha256=sha256(hm.head_file), full_sha256=sha256(hm.full),
+                 raw_bytes=int(np.prod(hm.card.input_shape)), jpeg_rgb_sha256=_rgb_sha(imgs.rgb[0]))
+    return m, hm.head_file, hm.full, imgs.rgb[0]
 
+
+@dataclass
+class _HostModel:
+    """One export's pieces the host times: the wire contract's head, the ONNX tail and the whole model."""
+
+    model: Model
+    card: ModelCard
+    target: TargetExport  # the wire contract's head's target
+    contract: WireContract
+    head: HeadCodes  # images -> wire codes
+    head_file: Path
+    tail: Runner  # tail.onnx
+    full: Path  # full.onnx (the whole model), written beside the export once
+    runner: Runner  # full.onnx
+
+    @classmethod
+    def load(cls, root: Path) -> _HostModel:
+        from bottlefit.bench.split import Model, full_onnx
+        from bottlefit.runtimes import get_runner
+        from bottlefit.serve.client import pick_head
+        from bottlefit.serve.contract import find_targets
+        from bottlefit.serve.head import HeadCodes
+
+        owner = next((t for t in find_targets(root) if t.tail() is not None), None)
+        if owner is None:
+            raise UserError(f"{root}: no ONNX tail (tail.onnx); export with --target onnx")
+        model = Model(root, owner.card, str(root), "none")
+        full = root / "full.onnx"
+        if not full.is_file():
+            full_onnx(model, full)
+        target, contract = pick_head(root, None)
+        tail_art = owner.tail()
+        assert tail_art is not None
+        return cls(model=model, card=model.card, target=target, contract=contract,
+                   head=HeadCodes(target, contract, num_threads=THREADS),
+                   head_file=target.path / target.artifact(contract.head).file,
+                   tail=get_runner("onnxruntime", owner.path / tail_art.file, num_threads=THREADS), full=full,
+                   runner=get_runner("onnxruntime", full, num_threads=THREADS))
+
+
+def _time_modes(hm: _HostModel, imgs: Images, jpeg_quality: int) -> tuple[list[np.ndarray], dict[str, float],
+                                                                         list[bytes]]:
+    """(the head's codes per image, median CPU ms of each piece {head, full, jpeg, offload, tail}, the JPEGs)."""
+    from bottlefit.bench.service import decode_jpeg
+    from bottlefit.bench.split import jpeg
+
+    n, head, runner, tail, card, contract = len(imgs.x), hm.head, hm.runner, hm.tail, hm.card, hm.contract
+    fin, tin = runner.input_names[0], tail.input_names[0]
     head(imgs.x[:1])  # first-call allocations out of the medians
     codes = [head(imgs.x[i : i + 1])[0] for i in range(n)]
-    head_ms = _median_ms(lambda i: head(imgs.x[i : i + 1]), n)
+    ms = {"head": _median_ms(lambda i: head(imgs.x[i : i + 1]), n)}
     runner.infer({fin: imgs.x[:1]})
-    full_ms = _median_ms(lambda i: runner.infer({fin: imgs.x[i : i + 1]}), n)
+    ms["full"] = _median_ms(lambda i: runner.infer({fin: imgs.x[i : i + 1]}), n)
     jpegs = [jpeg(imgs.rgb[i], jpeg_quality) for i in range(n)]
-    jpeg_ms = _median_ms(lambda i: jpeg(imgs.rgb[i], jpeg_quality), n)
-    offload_ms = _median_ms(lambda i: runner.infer({fin: card.normalize(decode_jpeg(jpegs[i], card)[None])}), n)
+    ms["jpeg"] = _median_ms(lambda i: jpeg(imgs.rgb[i], jpeg_quality), n)
+    ms["offload"] = _median_ms(lambda i: runner.infer({fin: card.normalize(decode_jpeg(jpegs[i], card)[None])}), n)
     z = [(contract.dequantize(c[None]) if contract.quantized else c[None]).astype(np.float32) for c in codes]
     tail.infer({tin: z[0]})
-    tail_ms = _median_ms(lambda i: tail.infer({tin: z[i]}), n)
+    ms["tail"] = _median_ms(lambda i: tail.infer({tin: z[i]}), n)
+    return codes, ms, jpegs
 
+
+def _measure_wires(hm: _HostModel, codes: list[np.ndarray], log: Log) -> dict[str, dict[str, float]]:
+    """Every wire the contract allows on ``codes``: median payload bytes, encoding ms here, decoding ms on the
+    server (the coders whose tables the export lacks left out, logged)."""
+    from bottlefit.serve import codecs
+    from bottlefit.serve.client import build_request
+    from bottlefit.serve.head import load_tables
+
+    contract = hm.contract
     wires: dict[str, dict[str, float]] = {}
     candidates = ["int8", *codecs.CODECS] if contract.quantized else ["fp32"]
     tables = None
     if any(w in ("entropy", "context") for w in candidates):
         try:
-            tables = load_tables(target, contract)
+            tables = load_tables(hm.target, contract)
         except codecs.CodecError as e:
             log(f"entropy and context coders left out ({e})")
             candidates = [w for w in candidates if w not in ("entropy", "context")]
@@ -551,22 +603,21 @@ def measure(root: Path, channels: int, images: int, jpeg_quality: int, wire: str
                 dec.append((time.thread_time_ns() - t0) / 1e6)
         wires[w] = {"bytes": float(np.median(sizes)), "encode_host_ms": float(statistics.median(enc)),
                     "decode_server_ms": float(statistics.median(dec)) if dec else 0.0}
+    return wires
+
+
+def _pick_wire(wire: str, wires: dict[str, dict[str, float]], headline_link: LinkProfile, head: str) -> str:
+    """``--wire`` checked against what was measured; auto: the bench's rule, least device encoding (assumed, x the
+    pi4 factor) + decoding + bytes at the headline link."""
     if wire == "auto":
-        # the bench's rule: least device encoding (assumed, x the pi4 factor) + decoding + bytes at the headline link
         from bottlefit.bench.device import host_factor
 
         f = host_factor("pi4")
-        wire = min(wires, key=lambda w: (f * wires[w]["encode_host_ms"] + wires[w]["decode_server_ms"]
+        return min(wires, key=lambda w: (f * wires[w]["encode_host_ms"] + wires[w]["decode_server_ms"]
                                          + headline_link.transfer_ms(wires[w]["bytes"]), w))
-    elif wire not in wires:
-        raise UserError(f"--wire {wire}: not available for {contract.head} (choose {', '.join(wires)} or auto)")
-    m = Measured(channels=channels, images=n, jpeg_quality=jpeg_quality,
-                 jpeg_bytes=float(np.median([len(j) for j in jpegs])), jpeg_encode_host_ms=jpeg_ms, wire=wire,
-                 wires=wires, head=f"{contract.target}/{contract.head}", head_runtime=contract.runtime,
-                 head_host_ms=head_ms, full_host_ms=full_ms, tail_server_ms=tail_ms, offload_server_ms=offload_ms,
-                 head_sha256=sha256(head_file), full_sha256=sha256(full), raw_bytes=int(np.prod(card.input_shape)),
-                 jpeg_rgb_sha256=_rgb_sha(imgs.rgb[0]))
-    return m, head_file, full, imgs.rgb[0]
+    if wire not in wires:
+        raise UserError(f"--wire {wire}: not available for {head} (choose {', '.join(wires)} or auto)")
+    return wire
 
 
 def _rgb_sha(rgb: np.ndarray) -> str:
@@ -698,6 +749,14 @@ def _label(link: str) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    """paper.md: the result JSON ``r`` (:func:`assemble`) as the report, section by section."""
+    sections = (_md_intro, _md_mode_costs, _md_device_ms, _md_wires, _md_latency, _md_against_paper,
+                _md_energy)
+    return "\n".join(line for section in sections for line in section(r))
+
+
+def _md_intro(r: dict[str, Any]) -> list[str]:
+    """The headline, the paper cited, the models and what each basis of a figure means."""
     lines = [f"# bottlefit bench split --paper\n\n**{r['headline']}**\n"]
     lines.append(f"Against: {r['paper_cite']}.\n")
     if r["untrained"]:
@@ -714,6 +773,12 @@ def markdown(r: dict[str, Any]) -> str:
                  "borrowed from another (extrapolated) or still assumed), **assumed** (this host's ms x the board's "
                  "stated factor), **modelled** (network: RTT x 2 + framed bytes at the link's rate; energy: the "
                  "model below).\n")
+    return lines
+
+
+def _md_mode_costs(r: dict[str, Any]) -> list[str]:
+    """Per model: the payloads, the contract head and the host/server ms behind each mode."""
+    lines: list[str] = []
     lines.append("## What each mode costs, per model (the reasons for the gap)\n")
     lines.append("| channels | JPEG q B | split wire | payload B | raw RGB B | contract head | its host ms "
                  "| whole model host ms "
@@ -731,6 +796,12 @@ def markdown(r: dict[str, Any]) -> str:
                  "(bottlefit.targets.rpi.profiles), named below. The export's other int8 heads put int8 codes on the "
                  "wire with the contract's scale and zero point (the board bundle's golden.json \"wire\"), so the "
                  "int8 payload is the same bytes; the compressed wires' bytes are the contract head's codes'.\n")
+    return lines
+
+
+def _md_device_ms(r: dict[str, Any]) -> list[str]:
+    """Per model and board: each device-side part's ms with its basis, and the counts."""
+    lines: list[str] = []
     lines.append("\nDevice ms per board (basis: how each was had):\n")
     lines.append("| channels | board | head (the board's default) | head ms | whole model ms | JPEG encode ms "
                  "| wire encode ms | head M insns | whole model M insns | JPEG M insns |\n"
@@ -749,11 +820,23 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {fig('jpeg_encode')} | {fig('wire_encode')} | {hi} | {fi} | {ji} |")
     lines.append("\n" + "\n".join(f"- {d['board']} {d['channels']} ch: {d['full']['why']}; {d['head']['why']}; "
                                    f"{d['jpeg_encode']['why']}; {d['wire_encode']['why']}" for d in r["devices"]))
+    return lines
+
+
+def _md_wires(r: dict[str, Any]) -> list[str]:
+    """Every wire measured: payload bytes, encoding and decoding ms."""
+    lines: list[str] = []
     lines.append("\nEvery wire on these images (median payload B, encoding ms on this host, decoding ms on the "
                  "server): " + "; ".join(f"{m['channels']} ch: " + ", ".join(
                      f"{w} {f['bytes']:.0f} B {f['encode_host_ms']:.2f}+{f['decode_server_ms']:.2f} ms"
                      for w, f in m["wires"].items()) for m in r["models"]) + ". The split mode uses the wire "
                  "named in the first table (`--wire`, default auto: least device encoding + decoding + bytes at LTE).")
+    return lines
+
+
+def _md_latency(r: dict[str, Any]) -> list[str]:
+    """One row per model, board, link and mode: device, network, server ms and the energy."""
+    lines: list[str] = []
     lines.append("\n## Latency and energy per mode\n")
     lines.append("| channels | board | link | mode | device ms | network ms | server ms | end-to-end ms | payload B "
                  "| energy mJ (model) |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -761,6 +844,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {x['channels']} | {x['board']} | {_label(x['link'])} | {x['mode']} | {x['device_ms']:.1f} "
                      f"({x['device_basis']}) | {x['network_ms']:.1f} | {x['server_ms']:.1f} | {x['latency_ms']:.1f} "
                      f"| {x['payload_bytes']:.0f} | {1e3 * x['energy_j']:.0f} |")
+    return lines
+
+
+def _md_against_paper(r: dict[str, Any]) -> list[str]:
+    """Split against local and offload beside the paper's figures, without the server's ms, and the
+    gap's parts."""
+    lines: list[str] = []
     p = r["paper"]
     lines.append("\n## Split against local and offload, beside the paper\n")
     lines.append(f"| channels | board | link | latency vs local (paper {signed(p['latency_vs_local_pct'])}) "
@@ -784,6 +874,12 @@ def markdown(r: dict[str, Any]) -> str:
                          f"| {signed(x['latency_vs_offload_pct_no_server'])} |")
     lines.append("\n### Where split wins and loses against offload (the gap, from the figures above)\n")
     lines.extend(gap_lines(r))
+    return lines
+
+
+def _md_energy(r: dict[str, Any]) -> list[str]:
+    """The energy model, its sources and the assumed bytes; the plots."""
+    lines: list[str] = []
     lines.append("\n## The energy model (a model, not a measurement)\n")
     lines.append("Energy per inference = the board's busy watts x device ms + its idle watts x the wait (network + "
                  "server) + the radio: (alpha x rate + beta) while each direction transfers, tail watts while "
@@ -799,7 +895,7 @@ def markdown(r: dict[str, Any]) -> str:
                  f"{a['response_bytes']} B of response; one inference thread on the device. Wall time "
                  f"{r['wall_s']} s.\n")
     lines.append("![latency](paper_latency.png)\n![energy](paper_energy.png)\n")
-    return "\n".join(lines)
+    return lines
 
 
 def gap_lines(r: dict[str, Any], link: str = "lte") -> list[str]:

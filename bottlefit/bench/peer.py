@@ -15,12 +15,83 @@ import io
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bottlefit.models.card import ModelCard
+
 MODES = ("local", "offload", "split")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One emulated link as the server's relays shape it."""
+
+    name: str
+    rtt_ms: float
+    rate_mbit: float
+
+
+@dataclass(frozen=True)
+class TritonSpec:
+    """The tritonserver the server peer starts: the unpacked wheel, the models' environment, the repository."""
+
+    root: str
+    env: str
+    repo: str
+    log: str
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What the ``server`` peer is started with, written by :mod:`bottlefit.bench.split` as ``server.json``."""
+
+    export: str
+    full: str  # full.onnx, the whole model
+    card: ModelCard
+    bind: str  # the address the relays listen on
+    relay_delays: bool  # the relays add the links' delay and rate (no namespaces to shape them)
+    links: tuple[LinkSpec, ...]
+    triton: TritonSpec | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "card": self.card.to_dict(),
+                           "links": [asdict(x) for x in self.links]})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerSpec:
+        d = json.loads(text)
+        return cls(export=d["export"], full=d["full"], card=ModelCard.from_dict(d["card"]), bind=d["bind"],
+                   relay_delays=bool(d["relay_delays"]), links=tuple(LinkSpec(**x) for x in d["links"]),
+                   triton=TritonSpec(**d["triton"]) if d.get("triton") else None)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the ``device`` peer is started with, written by :mod:`bottlefit.bench.split` as ``device.json``."""
+
+    export: str
+    full: str
+    images: str  # images.npz: x (normalized) and rgb (the model-sized crops)
+    srv_addr: str
+    split_model: str  # the tail's model name on the protocol
+    full_model: str
+    wire: str
+    jpeg_quality: int
+    iface: str | None = None  # the device-side interface whose byte counters are read; None: not counted
+    head: str | None = None
+    modes: tuple[str, ...] = field(default=MODES)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "modes": list(self.modes)})
+
+    @classmethod
+    def from_json(cls, text: str) -> DeviceSpec:
+        d = json.loads(text)
+        return cls(**{**d, "jpeg_quality": int(d["jpeg_quality"]), "modes": tuple(d.get("modes") or MODES)})
 
 
 def _say(obj: dict[str, Any]) -> None:
@@ -39,39 +110,39 @@ def _commands() -> Any:
         yield cmd
 
 
-def serve_side(spec: dict[str, Any]) -> None:
+def serve_side(spec: ServerSpec) -> None:
     from bottlefit.bench.relay import Relays
     from bottlefit.bench.service import FullModel, FullModelServer
     from bottlefit.serve.server import ServeOptions, Server
 
     # one request at a time: no batching delay, one worker, one thread (the same for both servers)
-    tail = Server(Path(spec["export"]), ServeOptions(host="127.0.0.1", http_port=0, grpc_port=0, max_delay_ms=0.0,
+    tail = Server(Path(spec.export), ServeOptions(host="127.0.0.1", http_port=0, grpc_port=0, max_delay_ms=0.0,
                                                      workers=1, threads=1)).start()
-    full = FullModelServer(FullModel(Path(spec["full"]), spec["card"], threads=1)).start()
+    full = FullModelServer(FullModel(Path(spec.full), spec.card, threads=1)).start()
     backends = [("offload", full.port), ("split", tail.http_port)]
     triton = None
-    if spec.get("triton"):
+    if spec.triton is not None:
         from bottlefit.serve.triton_server import TritonInstall, TritonServer
 
-        t = spec["triton"]
-        triton = TritonServer(TritonInstall(Path(t["root"]), Path(t["env"])), Path(t["repo"]), Path(t["log"]))
+        t = spec.triton
+        triton = TritonServer(TritonInstall(Path(t.root), Path(t.env)), Path(t.repo), Path(t.log))
         backends.append(("split_triton", triton.start().http_port))
     relays = Relays()
     try:
         ports: dict[str, int] = {}
-        for link in spec["links"]:
-            delays = spec["relay_delays"]
-            rate = link["rate_mbit"] * 1e6 if delays else 0.0
-            one_way = link["rtt_ms"] / 2e3 if delays else 0.0
+        for link in spec.links:
+            delays = spec.relay_delays
+            rate = link.rate_mbit * 1e6 if delays else 0.0
+            one_way = link.rtt_ms / 2e3 if delays else 0.0
             # the handshake: one RTT, and SYN + SYN-ACK (74 B each) at the link's rate
-            handshake = link["rtt_ms"] / 1e3 + 2 * 74 * 8 / rate if delays else 0.0
+            handshake = link.rtt_ms / 1e3 + 2 * 74 * 8 / rate if delays else 0.0
             for mode, port in backends:
-                name = f"{link['name']}/{mode}"
-                ports[name] = relays.add(name, spec["bind"], ("127.0.0.1", port), one_way, handshake, rate)
-        _say({"ready": True, "ports": ports, "split_model": tail.model.name, "full_model": full_name(spec)})
+                name = f"{link.name}/{mode}"
+                ports[name] = relays.add(name, spec.bind, ("127.0.0.1", port), one_way, handshake, rate)
+        _say({"ready": True, "ports": ports, "split_model": tail.model.name, "full_model": full_name(spec.card)})
         for cmd in _commands():
             if cmd["cmd"] == "take":
-                _say({"records": relays.take()})
+                _say({"records": {n: [x.to_dict() for x in xs] for n, xs in relays.take().items()}})
     finally:
         relays.close()
         full.stop()
@@ -80,10 +151,10 @@ def serve_side(spec: dict[str, Any]) -> None:
             triton.stop()
 
 
-def full_name(spec: dict[str, Any]) -> str:
+def full_name(card: ModelCard) -> str:
     from bottlefit.bench.service import full_model_name
 
-    return full_model_name(spec["card"])
+    return full_model_name(card)
 
 
 class Counter:
@@ -99,15 +170,15 @@ class Counter:
 
 
 class Device:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: DeviceSpec) -> None:
         from bottlefit.runtimes import get_runner
 
         self.spec = spec
-        data = np.load(spec["images"])
+        data = np.load(spec.images)
         self.x, self.rgb = data["x"], data["rgb"]
-        self.full = get_runner("onnxruntime", Path(spec["full"]), num_threads=1)
+        self.full = get_runner("onnxruntime", Path(spec.full), num_threads=1)
         self.full_in, self.full_out = self.full.input_names[0], self.full.output_names[0]
-        self.counter = Counter(spec.get("iface"))
+        self.counter = Counter(spec.iface)
         self.clients: dict[str, Any] = {}
 
     def client(self, port: int) -> Any:
@@ -115,9 +186,9 @@ class Device:
 
         key = str(port)
         if key not in self.clients:
-            self.clients[key] = Client(Path(self.spec["export"]), f"http://{self.spec['srv_addr']}:{port}",
-                                       model=self.spec["split_model"], wire=self.spec["wire"],
-                                       head=self.spec.get("head"), retries=2, timeout_s=60.0, topk=1)
+            self.clients[key] = Client(Path(self.spec.export), f"http://{self.spec.srv_addr}:{port}",
+                                       model=self.spec.split_model, wire=self.spec.wire,
+                                       head=self.spec.head, retries=2, timeout_s=60.0, topk=1)
         return self.clients[key]
 
     def local(self, i: int) -> dict[str, Any]:
@@ -132,10 +203,10 @@ class Device:
         from bottlefit.bench.service import request_body
         from bottlefit.serve.client import RequestFailed, logits_of, post
 
-        url = f"http://{self.spec['srv_addr']}:{port}/v2/models/{self.spec['full_model']}/infer"
+        url = f"http://{self.spec.srv_addr}:{port}/v2/models/{self.spec.full_model}/infer"
         t0 = time.perf_counter()
         buf = io.BytesIO()
-        Image.fromarray(self.rgb[i]).save(buf, format="JPEG", quality=int(self.spec["jpeg_quality"]))
+        Image.fromarray(self.rgb[i]).save(buf, format="JPEG", quality=self.spec.jpeg_quality)
         jpeg = buf.getvalue()
         body, hl = request_body(jpeg)
         t1 = time.perf_counter()
@@ -173,7 +244,7 @@ class Device:
         ports, out = cmd["ports"], []
         pending: list[tuple[dict[str, Any], int | None]] = []  # networked request, counter at its start
         n = len(self.x) if cmd.get("images") is None else min(int(cmd["images"]), len(self.x))
-        modes = tuple(self.spec.get("modes") or MODES)
+        modes = self.spec.modes
         for rep in range(int(cmd.get("repeats", 1))):
             for i in range(n):
                 # the modes in a rotating order, so no mode always runs right after another
@@ -197,7 +268,7 @@ class Device:
         return out
 
 
-def device_side(spec: dict[str, Any]) -> None:
+def device_side(spec: DeviceSpec) -> None:
     dev = Device(spec)
     _say({"ready": True})
     for cmd in _commands():
@@ -208,14 +279,17 @@ def device_side(spec: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     role, spec_path = argv[0], Path(argv[1])
-    spec = json.loads(spec_path.read_text())
+    text = spec_path.read_text()
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     try:
-        (serve_side if role == "server" else device_side)(spec)
+        if role == "server":
+            serve_side(ServerSpec.from_json(text))
+        else:
+            device_side(DeviceSpec.from_json(text))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the orchestrator cleans up
         return 130
     except Exception as e:  # the orchestrator reads this line and stops with it

@@ -148,9 +148,9 @@ class Relay:
             with self.lock:
                 self.records.append(ex)
 
-    def take(self) -> list[dict[str, Any]]:
+    def take(self) -> list[Exchange]:
         with self.lock:
-            out, self.records = [x.to_dict() for x in self.records], []
+            out, self.records = self.records, []
         return out
 
 
@@ -170,7 +170,7 @@ class Relays:
         self.relays[name] = r
         return r.port
 
-    def take(self) -> dict[str, list[dict[str, Any]]]:
+    def take(self) -> dict[str, list[Exchange]]:
         # let connections that are closing record themselves
         time.sleep(0.05)
         return {n: r.take() for n, r in self.relays.items()}

@@ -26,7 +26,7 @@ from bottlefit.serve.rest import HEADER_LEN, parse_infer_body
 INPUT = "image"
 
 
-def full_model_name(card: dict[str, Any]) -> str:
+def full_model_name(card: ModelCard) -> str:
     from bottlefit.serve.contract import tail_model_name
 
     return tail_model_name(card).removesuffix("_tail") + "_full"
@@ -51,8 +51,8 @@ def decode_jpeg(data: bytes, card: ModelCard) -> np.ndarray:
 class FullModel:
     """The whole model (``full.onnx``) in ONNX Runtime, one JPEG per request."""
 
-    def __init__(self, onnx_path: Path, card: dict[str, Any], threads: int = 1) -> None:
-        self.card = ModelCard.from_dict(card)
+    def __init__(self, onnx_path: Path, card: ModelCard, threads: int = 1) -> None:
+        self.card = card
         self.name = full_model_name(card)
         self.runner = get_runner("onnxruntime", onnx_path, num_threads=threads)
         self.input_name = self.runner.input_names[0]

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ from bottlefit.bench.device import (
     encoder_instructions,
 )
 from bottlefit.bench.links import LinkProfile, LinkSetup, Namespaces, open_links
+from bottlefit.bench.peer import DeviceSpec, LinkSpec, ServerSpec, TritonSpec
 from bottlefit.errors import EnvironmentProblem, UserError
 from bottlefit.exporter.artifact import Precision, Role, Runtime
+from bottlefit.models.card import ModelCard
 
 Log = Callable[[str], None]
 SCHEMA = "bottlefit.bench.split/1"
@@ -69,7 +71,7 @@ class BenchOptions:
 @dataclass
 class Model:
     export: Path
-    card: dict[str, Any]
+    card: ModelCard
     source: str
     labels: str  # what top-1 is measured against
 
@@ -176,9 +178,8 @@ def full_onnx(model: Model, dst: Path) -> Path:
 
 
 def load_images(model: Model, count: int) -> Images:
-    from bottlefit.models.card import ModelCard
 
-    card = ModelCard.from_dict(model.card)
+    card = model.card
     labels: np.ndarray | None
     if model.labels.startswith("MNIST"):
         from bottlefit import demo
@@ -259,13 +260,12 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
     """Top-1 per mode on the accuracy images, in process (the same artifacts the bench runs): local fp32 model,
     the server's model on JPEG qN of the crop, and the device's head artifact -> its contract's codes -> tail."""
     from bottlefit.bench.service import decode_jpeg
-    from bottlefit.models.card import ModelCard
     from bottlefit.runtimes import get_runner
     from bottlefit.serve.client import pick_head
     from bottlefit.serve.contract import find_targets
     from bottlefit.serve.head import HeadCodes
 
-    card = ModelCard.from_dict(model.card)
+    card = model.card
     runner = get_runner("onnxruntime", full, num_threads=1)
     fin, fout = runner.input_names[0], runner.output_names[0]
     owner = next(t for t in find_targets(model.export) if t.tail() is not None)
@@ -304,10 +304,11 @@ def accuracy(model: Model, full: Path, imgs: Images, opts: BenchOptions, log: Lo
 class Peer:
     """One end (``server`` or ``device``) as a child process speaking JSON lines; stderr goes to a log file."""
 
-    def __init__(self, role: str, spec: dict[str, Any], run_dir: Path, prefix: list[str], logs: Path) -> None:
+    def __init__(self, role: str, spec: ServerSpec | DeviceSpec, run_dir: Path, prefix: list[str], logs: Path,
+                 ) -> None:
         self.role, self.shown_log = role, logs / f"{role}.log"  # where a failed run keeps it
         spec_path = run_dir / f"{role}.json"
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(spec.to_json())
         self.log_path = run_dir / f"{role}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path, "wb") as err:
@@ -374,7 +375,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def triton_spec(model: Model, run_dir: Path, log: Log) -> dict[str, str]:
+def triton_spec(model: Model, run_dir: Path, log: Log) -> TritonSpec:
     """The Triton server the server peer starts: the unpacked wheel and the models' environment (fetched here,
     where the package index is reachable) and the repository written from the export (python-backend tail)."""
     from bottlefit.serve.triton import RepositoryOptions, TailBackend, write_triton_repository
@@ -384,8 +385,8 @@ def triton_spec(model: Model, run_dir: Path, log: Log) -> dict[str, str]:
     repo = run_dir / "triton-repo"
     write_triton_repository(model.export, repo, options=RepositoryOptions(tail_backend=TailBackend.PYTHON))
     log(f"split_triton: tritonserver ({install.root.name}) loads the ensemble written from {model.export}")
-    return {"root": str(install.root), "env": str(install.env), "repo": str(repo),
-            "log": str(run_dir / "tritonserver.log")}
+    return TritonSpec(root=str(install.root), env=str(install.env), repo=str(repo),
+                      log=str(run_dir / "tritonserver.log"))
 
 
 def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire: str, log: Log,
@@ -402,21 +403,20 @@ def run_links(model: Model, full: Path, run_dir: Path, opts: BenchOptions, wire:
         log(f"links: {setup.describe()}")
         srv_prefix = links.exec_prefix("srv") if isinstance(links, Namespaces) else []
         dev_prefix = links.exec_prefix("dev") if isinstance(links, Namespaces) else []
-        server = Peer("server", {"export": str(model.export), "full": str(full), "card": model.card,
-                                 "triton": triton_spec(model, run_dir, log) if opts.triton else None,
-                                 "bind": setup.srv_addr, "relay_delays": setup.relay_delays,
-                                 "links": [{"name": p.name, "rtt_ms": p.rtt_ms, "rate_mbit": p.rate_mbit}
-                                           for p in opts.links]},
+        server = Peer("server", ServerSpec(export=str(model.export), full=str(full), card=model.card,
+                                           triton=triton_spec(model, run_dir, log) if opts.triton else None,
+                                           bind=setup.srv_addr, relay_delays=setup.relay_delays,
+                                           links=tuple(LinkSpec(p.name, p.rtt_ms, p.rate_mbit) for p in opts.links)),
                       run_dir, srv_prefix, opts.out / "bench-logs")
         device: Peer | None = None
         graceful = False
         try:
             # both ends start at once (imports and model loading take seconds each)
-            device = Peer("device", {"export": str(model.export), "full": str(full), "images": str(images),
-                                     "srv_addr": setup.srv_addr, "iface": setup.dev_if or None,
-                                     "split_model": tail_model_name(model.card),
-                                     "full_model": full_model_name(model.card), "wire": wire, "head": opts.head,
-                                     "jpeg_quality": opts.jpeg_quality, "modes": modes},
+            device = Peer("device", DeviceSpec(export=str(model.export), full=str(full), images=str(images),
+                                               srv_addr=setup.srv_addr, iface=setup.dev_if or None,
+                                               split_model=tail_model_name(model.card),
+                                               full_model=full_model_name(model.card), wire=wire, head=opts.head,
+                                               jpeg_quality=opts.jpeg_quality, modes=tuple(modes)),
                           run_dir, dev_prefix, opts.out / "bench-logs")
             ready = server.read(180)
             if ready["split_model"] != tail_model_name(model.card):
@@ -481,61 +481,89 @@ def analyse(setup: LinkSetup, per_link: dict[str, Any], opts: BenchOptions, wire
             recs = [r for r in dev if r["mode"] == mode]
             if mode == "split_triton" and not recs:
                 continue
-            ok = [r for r in recs if r.get("ok")]
             ex = relay.get(f"{p.name}/{mode}", []) if mode != "local" else []
-            e2e, server_ms, link_bytes, link_model = [], [], [], []
-            # one relay record per request, in order (a retried request has more: then none are paired)
-            paired = dict(enumerate(ex)) if len(ex) == len(recs) else {}
-            for k, r in enumerate(recs):
-                if not r.get("ok"):
-                    continue
-                x = paired.get(k)
-                net = r["net_ms"]
-                if mode != "local" and setup.kind == "analytic" and x is not None:
-                    # what loopback measured, plus the link: the handshake's and the request's round trips and
-                    # each direction's bytes at the profile's rate
-                    up, down = _framed(x["up_bytes"]), _framed(x["down_bytes"])
-                    net += 2 * p.rtt_ms + p.transfer_ms(up) + p.transfer_ms(down)
-                e2e.append(cost.ms(mode, r["device_ms"]) + net)
-                if x is not None:
-                    server_ms.append(x["server_ms"])
-                    # what the profile alone costs this request (both round trips, each direction's frames at the
-                    # rate): the measured network ms minus this and the server ms is the stack's own overhead
-                    link_model.append(2 * p.rtt_ms + p.transfer_ms(_framed(x["up_bytes"]))
-                                      + p.transfer_ms(_framed(x["down_bytes"])))
-                    if setup.kind == "analytic" or r.get("link_bytes") is None:
-                        link_bytes.append(_framed(x["up_bytes"]) + _framed(x["down_bytes"]))
-                    else:
-                        link_bytes.append(r["link_bytes"])
+            figs = _request_figures(setup, p, mode, recs, ex, cost)
             if mode != "local":
                 framing = FRAMING["offload"] if mode == "offload" else split_framing
-                matched = len(ex) == len(recs)
-                mism = [k for k, r in enumerate(recs) if matched and ex[k]["binary_bytes"] != r["payload_bytes"]
-                        + framing]
-                checks.append({"link": p.name, "mode": mode, "requests": len(recs), "relay_records": len(ex),
-                               "payload_matches_relay": matched and not mism, "framing_bytes": framing,
-                               "client_payload_bytes": [r["payload_bytes"] for r in recs],
-                               "relay_binary_bytes": [x["binary_bytes"] for x in ex]})
-            top1 = [(r["image"], r["top1"]) for r in ok]
-            rows.append({
-                "mode": mode, "link": p.name, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
-                "requests": len(recs), "failed": len(recs) - len(ok),
-                "latency_ms_median": statistics.median(e2e) if e2e else float("nan"),
-                "latency_ms_p95": _pct(e2e, 95),
-                "device_ms_median": statistics.median([cost.ms(mode, r["device_ms"]) for r in ok]) if ok
-                else float("nan"),
-                "device_basis": str(cost.basis(mode)), "device_why": cost.why(mode),
-                "device_ms_host_median": statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
-                "network_ms_median": statistics.median([e - cost.ms(mode, r["device_ms"])
-                                                        for e, r in zip(e2e, ok, strict=True)])
-                if ok else float("nan"),
-                "payload_bytes_median": statistics.median([r["payload_bytes"] for r in ok]) if ok else 0,
-                "link_bytes_median": statistics.median(link_bytes) if link_bytes else 0,
-                "server_ms_median": statistics.median(server_ms) if server_ms else 0.0,
-                "link_model_ms_median": statistics.median(link_model) if link_model else 0.0,
-                "top1_ids": top1,
-            })
+                checks.append(_payload_check(p.name, mode, recs, ex, framing))
+            rows.append(_mode_row(p, mode, recs, figs, cost))
     return {"rows": rows, "checks": checks}
+
+
+@dataclass
+class _Figures:
+    """One link and mode's per-request figures (the successful requests'), before their medians."""
+
+    e2e: list[float] = field(default_factory=list)  # end-to-end ms: the device's share + the network's
+    server_ms: list[float] = field(default_factory=list)
+    link_bytes: list[int] = field(default_factory=list)  # bytes on the link, frames' headers included
+    link_model: list[float] = field(default_factory=list)  # ms the link profile alone costs the request
+
+
+def _request_figures(setup: LinkSetup, p: LinkProfile, mode: str, recs: list[dict[str, Any]],
+                     ex: list[dict[str, Any]], cost: DevicePlan) -> _Figures:
+    """Each successful request's figures, paired with its relay record where there is one per request."""
+    figs = _Figures()
+    # one relay record per request, in order (a retried request has more: then none are paired)
+    paired = dict(enumerate(ex)) if len(ex) == len(recs) else {}
+    for k, r in enumerate(recs):
+        if not r.get("ok"):
+            continue
+        x = paired.get(k)
+        net = r["net_ms"]
+        if mode != "local" and setup.kind == "analytic" and x is not None:
+            # what loopback measured, plus the link: the handshake's and the request's round trips and
+            # each direction's bytes at the profile's rate
+            up, down = _framed(x["up_bytes"]), _framed(x["down_bytes"])
+            net += 2 * p.rtt_ms + p.transfer_ms(up) + p.transfer_ms(down)
+        figs.e2e.append(cost.ms(mode, r["device_ms"]) + net)
+        if x is not None:
+            figs.server_ms.append(x["server_ms"])
+            # what the profile alone costs this request (both round trips, each direction's frames at the
+            # rate): the measured network ms minus this and the server ms is the stack's own overhead
+            figs.link_model.append(2 * p.rtt_ms + p.transfer_ms(_framed(x["up_bytes"]))
+                                   + p.transfer_ms(_framed(x["down_bytes"])))
+            if setup.kind == "analytic" or r.get("link_bytes") is None:
+                figs.link_bytes.append(_framed(x["up_bytes"]) + _framed(x["down_bytes"]))
+            else:
+                figs.link_bytes.append(r["link_bytes"])
+    return figs
+
+
+def _payload_check(link: str, mode: str, recs: list[dict[str, Any]], ex: list[dict[str, Any]],
+                   framing: int) -> dict[str, Any]:
+    """Whether the relay saw, per request, the binary bytes the client says it sent (+ the codec's framing)."""
+    matched = len(ex) == len(recs)
+    mism = [k for k, r in enumerate(recs) if matched and ex[k]["binary_bytes"] != r["payload_bytes"] + framing]
+    return {"link": link, "mode": mode, "requests": len(recs), "relay_records": len(ex),
+            "payload_matches_relay": matched and not mism, "framing_bytes": framing,
+            "client_payload_bytes": [r["payload_bytes"] for r in recs],
+            "relay_binary_bytes": [x["binary_bytes"] for x in ex]}
+
+
+def _mode_row(p: LinkProfile, mode: str, recs: list[dict[str, Any]], figs: _Figures,
+              cost: DevicePlan) -> dict[str, Any]:
+    """One report row: the link and mode's medians (NaN / 0 where no request succeeded)."""
+    ok = [r for r in recs if r.get("ok")]
+    e2e = figs.e2e
+    return {
+        "mode": mode, "link": p.name, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,
+        "requests": len(recs), "failed": len(recs) - len(ok),
+        "latency_ms_median": statistics.median(e2e) if e2e else float("nan"),
+        "latency_ms_p95": _pct(e2e, 95),
+        "device_ms_median": statistics.median([cost.ms(mode, r["device_ms"]) for r in ok]) if ok
+        else float("nan"),
+        "device_basis": str(cost.basis(mode)), "device_why": cost.why(mode),
+        "device_ms_host_median": statistics.median([r["device_ms"] for r in ok]) if ok else float("nan"),
+        "network_ms_median": statistics.median([e - cost.ms(mode, r["device_ms"])
+                                                for e, r in zip(e2e, ok, strict=True)])
+        if ok else float("nan"),
+        "payload_bytes_median": statistics.median([r["payload_bytes"] for r in ok]) if ok else 0,
+        "link_bytes_median": statistics.median(figs.link_bytes) if figs.link_bytes else 0,
+        "server_ms_median": statistics.median(figs.server_ms) if figs.server_ms else 0.0,
+        "link_model_ms_median": statistics.median(figs.link_model) if figs.link_model else 0.0,
+        "top1_ids": [(r["image"], r["top1"]) for r in ok],
+    }
 
 
 def _row(rows: list[dict[str, Any]], mode: str, link: str) -> dict[str, Any]:
@@ -665,7 +693,7 @@ def run_bench(opts: BenchOptions, log: Log) -> dict[str, Any]:
                                       if labels is not None and ids else None)
         result: dict[str, Any] = {
             "schema": SCHEMA, "quick": opts.quick, "model": {"source": model.source, "export": str(model.export),
-                                                            "arch": model.card.get("arch")},
+                                                            "arch": model.card.arch},
             "device": device_record(opts.device, dev),
             "link_setup": setup.to_dict(), "link_setup_text": setup.describe(),
             "links": [{"name": p.name, "label": p.label, "rate_mbit": p.rate_mbit, "rtt_ms": p.rtt_ms,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,12 @@ from torch import nn
 
 from bottlefit.errors import EnvironmentProblem, VerificationError
 from bottlefit.files import atomic_write_bytes, atomic_write_text, user_cache_dir
+
+if TYPE_CHECKING:
+    from bottlefit.models.card import ModelCard
+    from bottlefit.models.checkpoint import LoadedModel
+    from bottlefit.serve.codecs import CodecTables
+    from bottlefit.serve.contract import TargetExport, WireContract
 
 ARCH = "mini_resnet"
 CACHE_VERSION = 1  # bump when what a cached entry holds, or how it is trained, changes
@@ -197,10 +203,7 @@ def _export(best: Path, calib: Path, held: Path, out: Path) -> Any:
 def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, x_val: np.ndarray,
              y_val: np.ndarray, work: Path) -> dict[str, Any]:
     """One channel count: export, then top-1 (fp32, int8 head) and the payload of every codec per image."""
-    from bottlefit.exporter.split import split
     from bottlefit.models.checkpoint import load
-    from bottlefit.parity import metrics, top1
-    from bottlefit.parity.tolerances import tolerances_for
     from bottlefit.serve import codecs
     from bottlefit.serve.contract import load_target
     from bottlefit.serve.head import HeadCodes
@@ -215,6 +218,36 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
     head = HeadCodes(target, contract, reference=True, num_threads=1)
     codes = head(x_val)
     tables = codecs.fit_tables(contract, np.stack([codecs.to_symbols(contract, c) for c in head(x_cal)]))
+    fp32_logits, int8_logits, int8_vs_fp32 = _int8_against_fp32(lm, target, contract, codes, x_val)
+    art = target.artifact(contract.head)
+    parity_top1 = next(c for c in result.verdict.checks
+                       if c.artifact == art.file and c.metric == "logits.top1_agreement").detail
+    sizes, header = _payload_sizes(channels, contract, codes, tables, cfg.codecs)
+    b = lm.card.bottleneck
+    return {
+        "channels": channels,
+        "bottleneck_shape": list(b.shape),
+        "top1_fp32": _top1(fp32_logits, y_val),
+        "top1_int8": _top1(int8_logits, y_val),
+        "int8_vs_fp32": int8_vs_fp32,
+        "bytes_fp32": 4 * b.elements,
+        **{f"bytes_{codec}": round(float(np.mean(s)), 2) for codec, s in sizes.items()},
+        "frame_header_bytes": header,
+        "wire": {"dtype": contract.dtype, "scale": contract.scale, "zero_point": contract.zero_point},
+        "parity_passed": bool(result.verdict.passed),
+        "parity_top1": parity_top1.to_dict() if parity_top1 is not None else None,
+    }
+
+
+def _int8_against_fp32(lm: LoadedModel, target: TargetExport, contract: WireContract, codes: np.ndarray,
+                       x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(fp32 logits, int8-path logits: the head's codes dequantized into the PyTorch tail, how the two compare):
+    the bottleneck's SQNR and cosine, and the parity gate's top-1 rule on every validation digit with the export's
+    own trained int8 tolerances."""
+    from bottlefit.exporter.split import split
+    from bottlefit.parity import metrics, top1
+    from bottlefit.parity.tolerances import tolerances_for
+
     sm = split(lm.model, lm.card)
     z_int8 = contract.dequantize(codes)
     with torch.no_grad():
@@ -223,7 +256,6 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
         int8_logits = sm.tail(torch.from_numpy(z_int8)).numpy()
         z_fp32 = sm.head(torch.from_numpy(x_val)).numpy()
     fp32_logits = _logits(lm.model, x_val)
-    # the parity gate's rule on every validation digit, with the export's own trained int8 tolerances
     art = target.artifact(contract.head)
     tols = tolerances_for(art.file, "int8", {}, trained=True,
                           scheme="symmetric" if art.quantization.get("symmetric") else "asymmetric")
@@ -231,32 +263,26 @@ def _measure(channels: int, best: Path, cfg: TradeoffConfig, x_cal: np.ndarray, 
                   "bottleneck.cosine": metrics.cosine(z_fp32, z_int8)}
     agreement = top1.judge(fp32_logits, int8_logits, tols["logits.top1_agreement"].value,
                            scale=top1.gate_scale(bottleneck, tols))
-    parity_top1 = next(c for c in result.verdict.checks
-                       if c.artifact == art.file and c.metric == "logits.top1_agreement").detail
-    sizes: dict[str, list[int]] = {c: [] for c in cfg.codecs}
+    return fp32_logits, int8_logits, {**{k: round(v, 4) for k, v in bottleneck.items()}, "top1": agreement.to_dict()}
+
+
+def _payload_sizes(channels: int, contract: WireContract, codes: np.ndarray, tables: CodecTables,
+                   names: tuple[str, ...]) -> tuple[dict[str, list[int]], int]:
+    """(per codec, each image's payload bytes; the frame header's bytes, the same for every codec); every frame
+    is decoded back and must give the codes it carries."""
+    from bottlefit.serve import codecs
+
+    sizes: dict[str, list[int]] = {c: [] for c in names}
     header = codecs.read_header(codecs.encode_frame(contract, codes[0], "raw")).size
     accepted = {contract.contract_id: contract}
     for c in codes:
-        for codec in cfg.codecs:
+        for codec in names:
             frame = codecs.encode_frame(contract, c, codec, tables)
             _, back = codecs.decode_frame(frame, accepted, lambda _: tables)
             if not np.array_equal(back, c):
                 raise VerificationError(f"c={channels}: a {codec} frame does not decode to the codes it carries")
             sizes[codec].append(len(frame) - header)
-    b = lm.card.bottleneck
-    return {
-        "channels": channels,
-        "bottleneck_shape": list(b.shape),
-        "top1_fp32": _top1(fp32_logits, y_val),
-        "top1_int8": _top1(int8_logits, y_val),
-        "int8_vs_fp32": {**{k: round(v, 4) for k, v in bottleneck.items()}, "top1": agreement.to_dict()},
-        "bytes_fp32": 4 * b.elements,
-        **{f"bytes_{codec}": round(float(np.mean(s)), 2) for codec, s in sizes.items()},
-        "frame_header_bytes": header,
-        "wire": {"dtype": contract.dtype, "scale": contract.scale, "zero_point": contract.zero_point},
-        "parity_passed": bool(result.verdict.passed),
-        "parity_top1": parity_top1.to_dict() if parity_top1 is not None else None,
-    }
+    return sizes, header
 
 
 def _to_rgb8(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -430,9 +456,7 @@ def run_tradeoff(out: Path, *, quick: bool, log: Callable[[str], None], cache: P
 
     ``cache``: where trained models are kept (default ``user_cache_dir()/tradeoff``); ``config``: overrides the
     quick/full choice (tests use a smaller one). Returns what tradeoff.json holds."""
-    from bottlefit.models import build
     from bottlefit.models.small import build_teacher
-    from bottlefit.training import mnist_splits
 
     cfg = config or (QUICK if quick else FULL)
     root = Path(cache) if cache is not None else user_cache_dir() / "tradeoff"
@@ -440,33 +464,17 @@ def run_tradeoff(out: Path, *, quick: bool, log: Callable[[str], None], cache: P
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _one_thread():
-        _, card = build(ARCH, {"bottleneck_channel": cfg.channels[0]})
-        data = mnist_splits(card, n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
-        data_hash = _data_hash(data)
-        x_train, _ = data.train.tensors
-        x_val_t, y_val_t = data.val.tensors
-        x_cal = x_train[:cfg.n_calib].numpy().astype(np.float32)
-        x_val, y_val = x_val_t.numpy().astype(np.float32), y_val_t.numpy()
+        d = _Digits.load(cfg)
         log(f"trade-off: {ARCH}, channels {list(cfg.channels)}, {cfg.n_train} training / {cfg.n_val} validation "
-            f"digits (data {data_hash}), cache {root}")
-        teacher_path, teacher_meta = _teacher(root, cfg, data, data_hash, log)
-        teacher_key = teacher_path.parent.name
-        rows, train_s = [], float(teacher_meta["train_seconds"])
-        with tempfile.TemporaryDirectory(prefix="bottlefit-tradeoff-") as tmp:
-            for c in cfg.channels:
-                best, meta = _student(root, cfg, c, data, teacher_path, teacher_key, log)
-                train_s += float(meta["train_seconds"])
-                work = Path(tmp) / f"c{c}"
-                work.mkdir()
-                row = _measure(c, best, cfg, x_cal, x_val, y_val, work)
-                row["train_seconds"] = meta["train_seconds"]
-                row["cache_key"] = best.parent.name
-                rows.append(row)
-                log(f"c={c}: top-1 fp32 {100 * row['top1_fp32']:.2f}% int8 {100 * row['top1_int8']:.2f}%; bytes "
-                    + " ".join(f"{k} {row[f'bytes_{k}']:.1f}" for k in cfg.codecs))
-        teacher = build_teacher(card.num_classes)
+            f"digits (data {d.data_hash}), cache {root}")
+        teacher_path, teacher_meta = _teacher(root, cfg, d.data, d.data_hash, log)
+        rows = _students(root, cfg, d, teacher_path, log)
+        train_s = float(teacher_meta["train_seconds"])  # when the cached models were trained
+        for row in rows:
+            train_s += float(row["train_seconds"])
+        teacher = build_teacher(d.card.num_classes)
         teacher.load_state_dict(torch.load(teacher_path, map_location="cpu", weights_only=True))
-        jpeg, teacher_top1 = _jpeg(teacher, x_val, y_val, card, cfg.jpeg_qualities)
+        jpeg, teacher_top1 = _jpeg(teacher, d.x_val, d.y_val, d.card, cfg.jpeg_qualities)
         log("JPEG: " + ", ".join(f"q{j['quality']} {j['bytes']:.0f} B {100 * j['top1']:.1f}%" for j in jpeg))
 
     res: dict[str, Any] = {
@@ -477,18 +485,67 @@ def run_tradeoff(out: Path, *, quick: bool, log: Callable[[str], None], cache: P
         "n_train": cfg.n_train,
         "calibration_images": cfg.n_calib,
         "epochs": {"teacher": cfg.teacher_epochs, "stage1": cfg.stage_epochs, "stage2": cfg.stage_epochs},
-        "data_sha256": data_hash,
-        "teacher_cache_key": teacher_key,
+        "data_sha256": d.data_hash,
+        "teacher_cache_key": teacher_path.parent.name,
         "teacher_top1": teacher_top1,
-        "input_bytes": int(np.prod(card.input_shape)),
+        "input_bytes": int(np.prod(d.card.input_shape)),
         "train_seconds": round(train_s, 1),
         "rows": rows,
         "jpeg": jpeg,
     }
+    res = _write(out, res)
+    log(f"trade-off written to {out}/tradeoff.{{md,json,png}} in {time.perf_counter() - t0:.0f} s")
+    return res
+
+
+@dataclass
+class _Digits:
+    """The run's digits: the splits the models train on, and the calibration and validation arrays measured on."""
+
+    card: ModelCard
+    data: Any  # bottlefit.training's MNIST splits
+    data_hash: str
+    x_cal: np.ndarray  # the first training digits
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @classmethod
+    def load(cls, cfg: TradeoffConfig) -> _Digits:
+        from bottlefit.models import build
+        from bottlefit.training import mnist_splits
+
+        _, card = build(ARCH, {"bottleneck_channel": cfg.channels[0]})
+        data = mnist_splits(card, n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
+        x_train, _ = data.train.tensors
+        x_val_t, y_val_t = data.val.tensors
+        return cls(card, data, _data_hash(data), x_train[:cfg.n_calib].numpy().astype(np.float32),
+                   x_val_t.numpy().astype(np.float32), y_val_t.numpy())
+
+
+def _students(root: Path, cfg: TradeoffConfig, d: _Digits, teacher_path: Path,
+              log: Log) -> list[dict[str, Any]]:
+    """One measured row per channel count: each student trained (or taken from the cache), exported and measured
+    in a scratch folder."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bottlefit-tradeoff-") as tmp:
+        for c in cfg.channels:
+            best, meta = _student(root, cfg, c, d.data, teacher_path, teacher_path.parent.name, log)
+            work = Path(tmp) / f"c{c}"
+            work.mkdir()
+            row = _measure(c, best, cfg, d.x_cal, d.x_val, d.y_val, work)
+            row["train_seconds"] = meta["train_seconds"]
+            row["cache_key"] = best.parent.name
+            rows.append(row)
+            log(f"c={c}: top-1 fp32 {100 * row['top1_fp32']:.2f}% int8 {100 * row['top1_int8']:.2f}%; bytes "
+                + " ".join(f"{k} {row[f'bytes_{k}']:.1f}" for k in cfg.codecs))
+    return rows
+
+
+def _write(out: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """``out/tradeoff.{json,md,png}``; returns exactly what the JSON file holds (lists, not tuples)."""
     text = json.dumps(res, indent=1, sort_keys=True) + "\n"
-    res = json.loads(text)  # the caller gets exactly what the file holds (lists, not tuples)
+    res = json.loads(text)
     atomic_write_text(out / "tradeoff.json", text)
     atomic_write_text(out / "tradeoff.md", _markdown(res))
     atomic_write_bytes(out / "tradeoff.png", _plot(res))
-    log(f"trade-off written to {out}/tradeoff.{{md,json,png}} in {time.perf_counter() - t0:.0f} s")
     return res

@@ -531,6 +531,43 @@ def _check_written(qmodel: onnx.ModelProto, params: dict[str, tuple[float, int]]
     return scales, zps
 
 
+def _activation_dtype(activation_dtype: str | None, symmetric: bool) -> str:
+    """The activations' integer type: as asked, else int8 when symmetric and uint8 otherwise; symmetric uint8 is
+    refused."""
+    act_dtype = activation_dtype or ("int8" if symmetric else "uint8")
+    if act_dtype not in _ACT_DTYPES or (symmetric and act_dtype != "int8"):
+        raise UserError(f"activation_dtype {activation_dtype!r}: choose int8 or uint8 (symmetric needs int8)")
+    return act_dtype
+
+
+def _observe(model: onnx.ModelProto, images: np.ndarray, observer: str, observer_kwargs: dict[str, Any] | None,
+             symmetric: bool, act_dtype: str) -> tuple[dict[str, Observer], dict[str, SearchChoice]]:
+    """One observer per float activation over the calibration images, and (``observer`` search) what the range
+    search chose per tensor and why."""
+    if observer == "search":
+        return search_activations(model, images, symmetric, act_dtype)
+    return observe_activations(model, images, observer, observer_kwargs), {}
+
+
+def _save(qmodel: onnx.ModelProto, out: Path, output_name: str, output_int8: bool) -> None:
+    """``out``: the checked Q/DQ graph, ending in QuantizeLinear when ``output_int8``, without run-specific
+    metadata (:func:`_finalize`: equal inputs give equal bytes)."""
+    if output_int8:
+        _strip_output_dq(qmodel, output_name)
+    _finalize(qmodel)
+    onnx.checker.check_model(qmodel)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_onnx(qmodel, out)
+
+
+def _range_search(scales: dict[str, float], sources: dict[str, str],
+                  choices: dict[str, SearchChoice]) -> dict[str, dict[str, Any]]:
+    """Per quantized tensor, the search that decided it (a Relu's input takes its output's, see
+    activation_params)."""
+    return {t: choices[sources[t]].to_dict() | ({"same_as": sources[t]} if sources[t] != t else {})
+            for t in scales if sources.get(t) in choices}
+
+
 def quantize_head(
     fp32_onnx: Path,
     out: Path,
@@ -558,30 +595,19 @@ def quantize_head(
     otherwise it ends in DequantizeLinear and emits float. ``head``: the PyTorch head the graph was exported
     from; its module paths name the tensors in ``tensor_modules``. Same inputs give a byte-identical file.
     """
-    act_dtype = activation_dtype or ("int8" if symmetric else "uint8")
-    if act_dtype not in _ACT_DTYPES or (symmetric and act_dtype != "int8"):
-        raise UserError(f"activation_dtype {activation_dtype!r}: choose int8 or uint8 (symmetric needs int8)")
+    act_dtype = _activation_dtype(activation_dtype, symmetric)
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     model, rewritten = prepare_fp32(fp32_onnx) if rewrite_batchnorm else (onnx.load(str(fp32_onnx)), [])
     inits = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inits)
     output_name = model.graph.output[0].name
-    images = np.asarray(calibration_images)
-    choices: dict[str, SearchChoice] = {}
-    if observer == "search":
-        observers, choices = search_activations(model, images, symmetric, act_dtype)
-    else:
-        observers = observe_activations(model, images, observer, observer_kwargs)
+    observers, choices = _observe(model, np.asarray(calibration_images), observer, observer_kwargs, symmetric,
+                                  act_dtype)
     params, sources = _params_and_sources(model, observers, symmetric, act_dtype)
     qmodel = _write_qdq(model, out, params, symmetric, per_channel, op_types,
                         list(nodes_to_exclude) if nodes_to_exclude else None, act_dtype)
     scales, zps = _check_written(qmodel, params, output_name, symmetric)
-    if output_int8:
-        _strip_output_dq(qmodel, output_name)
-    _finalize(qmodel)
-    onnx.checker.check_model(qmodel)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_onnx(qmodel, out)
+    _save(qmodel, out, output_name, output_int8)
     return QdqResult(
         path=out,
         activation_scales=scales,
@@ -598,8 +624,6 @@ def quantize_head(
         output_zero_point=zps[output_name],
         rewritten_nodes=rewritten,
         calibration_count=int(len(calibration_images)),
-        # per quantized tensor, the search that decided it (a Relu's input takes its output's, see activation_params)
-        range_search={t: choices[sources[t]].to_dict() | ({"same_as": sources[t]} if sources[t] != t else {})
-                      for t in scales if sources.get(t) in choices},
+        range_search=_range_search(scales, sources, choices),
         equalization=getattr(head, "equalization", None),
     )

@@ -162,37 +162,62 @@ def load(
     with what the file says otherwise.
     """
     path = Path(path)
+    f = _read_checkpoint(path)
+    name, merged = _resolve(path, f, arch, params)
+    # a file of ours keeps the provenance its card states: random weights saved to a file are still untrained,
+    # and parity judges them by the untrained gates
+    model, card = registry.build(name, merged, weights="untrained" if f.untrained else "checkpoint")
+    _check_keys(path, model, f.state_dict, f"{name} {merged}")
+    model.load_state_dict(f.state_dict, strict=True)
+    model.eval()
+    return LoadedModel(model, card, f.source, path, sha256_file(path), f.meta)
+
+
+@dataclass
+class _CheckpointFile:
+    """What a checkpoint file says, whichever of the formats it is in."""
+
+    source: str  # "bottlefit" | "torchdistill" | "sc2bench" | "state_dict"
+    state_dict: dict[str, torch.Tensor]  # renamed to BottleFit's module names (sc2bench's bottleneck_layer.)
+    arch: str | None = None  # None: the file does not say
+    params: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # best_value, epoch … when the file has them
+    untrained: bool = False  # a file of ours whose card says its weights are random
+
+
+def _read_checkpoint(path: Path) -> _CheckpointFile:
+    """The file's format, weights, architecture and parameters (when it states them) and training record."""
     obj = read_untrusted(path)
-    meta: dict[str, Any] = {}
-    file_arch: str | None = None
-    file_params: dict[str, Any] = {}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        source = "bottlefit"
         check_format_version(path, obj.get("format_version"))
         card = ModelCard.from_dict(obj["card"])
-        file_arch, file_params = card.arch, dict(card.params)
+        return _CheckpointFile("bottlefit", obj["model"], card.arch, dict(card.params),
+                               {k: obj[k] for k in ("best_value", "epoch", "history") if k in obj},
+                               untrained=card.weights == "untrained")
+    if isinstance(obj, dict) and "model" in obj and _is_state_dict(obj["model"]):
         sd = obj["model"]
-        meta = {k: obj[k] for k in ("best_value", "epoch", "history") if k in obj}
-    elif isinstance(obj, dict) and "model" in obj and _is_state_dict(obj["model"]):
-        sd = obj["model"]
-        if any(k.startswith("bottleneck_layer.") for k in sd):
-            source, sd = "sc2bench", _sc2bench_rename(sd)
-        else:
-            source = "torchdistill"
+        f = (_CheckpointFile("sc2bench", _sc2bench_rename(sd)) if any(k.startswith("bottleneck_layer.") for k in sd)
+             else _CheckpointFile("torchdistill", sd))
         cfg = obj.get("config")
         if isinstance(cfg, dict):
             student = (cfg.get("models") or {}).get("student_model") or {}
-            file_arch = student.get("name")
-            file_params = dict(student.get("params") or {})
+            f.arch = student.get("name")
+            f.params = dict(student.get("params") or {})
         if "best_value" in obj:
-            meta["best_value"] = float(obj["best_value"])
-    elif _is_state_dict(obj):
-        source, sd = "state_dict", obj
-    else:
-        raise UserError(f"{path}: not a BottleFit checkpoint: expected a state_dict or a dict with a 'model' entry")
+            f.meta["best_value"] = float(obj["best_value"])
+        return f
+    if _is_state_dict(obj):
+        return _CheckpointFile("state_dict", obj)
+    raise UserError(f"{path}: not a BottleFit checkpoint: expected a state_dict or a dict with a 'model' entry")
 
+
+def _resolve(path: Path, f: _CheckpointFile, arch: str | None,
+             params: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """(architecture, parameters) to build: the file's (stated, else inferred from its keys), which what the user
+    asked for must agree with, and fills in where the file is silent."""
+    file_arch, file_params = f.arch, f.params
     if file_arch is None:
-        inferred = _infer_from_keys(sd)
+        inferred = _infer_from_keys(f.state_dict)
         if inferred is not None:
             file_arch, file_params = inferred
     if file_arch is None and arch is None:
@@ -211,14 +236,7 @@ def load(
             k = diff[0]
             raise UserError(f"{path}: checkpoint has {k}={merged[k]!r}, but {k}={asked[k]!r} was asked for")
         merged = asked
-    # a file of ours keeps the provenance its card states: random weights saved to a file are still untrained,
-    # and parity judges them by the untrained gates
-    weights = "untrained" if source == "bottlefit" and card.weights == "untrained" else "checkpoint"
-    model, card = registry.build(name, merged, weights=weights)
-    _check_keys(path, model, sd, f"{name} {merged}")
-    model.load_state_dict(sd, strict=True)
-    model.eval()
-    return LoadedModel(model, card, source, path, sha256_file(path), meta)
+    return name, merged
 
 
 def untrained(arch: str, params: dict[str, Any] | None = None, seed: int = 0) -> LoadedModel:

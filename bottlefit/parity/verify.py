@@ -29,7 +29,9 @@ report.json schema (format_version 2; version 1 had no "kind" and no "execution"
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -171,6 +173,20 @@ class Verdict:
     diagnosis: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, list[Any]] = field(default_factory=dict)  # artifact -> parity.budget.BudgetRow list
     overrides: list[Override] = field(default_factory=list)  # tolerance overrides the checks used
+    # what a staged verify (``verify(staged=True)``) left to do, and its description; None once complete
+    _rest: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+    pending: str | None = field(default=None, init=False, compare=False)
+
+    def defer(self, rest: Callable[[], None], what: str) -> None:
+        """``rest`` completes this verdict in place (``complete``); ``what`` says what it will add."""
+        self._rest, self.pending = rest, what
+
+    def complete(self) -> Verdict:
+        """This verdict with the checks a staged verify left pending made (nothing to do when there are none)."""
+        rest, self._rest, self.pending = self._rest, None, None
+        if rest is not None:
+            rest()
+        return self
 
     @property
     def passed(self) -> bool:
@@ -273,16 +289,26 @@ class Verdict:
 
 
 def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, target: str, images: np.ndarray,
-           images_info: dict[str, Any], overrides: dict | None = None, budget: bool = False) -> Verdict:
+           images_info: dict[str, Any], overrides: dict | None = None, budget: bool = False,
+           staged: bool = False) -> Verdict:
     """Fidelity of every head and tail artifact (gated), and the host-kernel execution of every int8 head
     (information: no target here runs on the export host's ISA). ``budget``: also the error budget of every
-    int8 Q/DQ ONNX head (bottlefit.parity.budget; information); a failing one gets it anyway."""
+    int8 Q/DQ ONNX head (bottlefit.parity.budget; information); a failing one gets it anyway.
+
+    ``staged``: return once what can decide a recipe ladder is known (``Verdict.pending`` then names the rest):
+    every fp32/fp16 artifact's checks, every int8 head's bottleneck checks under its reference semantics, and the
+    gated reference cross-checks. ``Verdict.complete()`` adds the int8 artifacts' logits checks (a PyTorch tail
+    forward each), their host executions, diagnoses and budgets, giving exactly the verdict an unstaged call
+    returns. A ladder drops a staged verdict unfinished when its int8 gates have already failed."""
     overrides = overrides or {}
     verdict = Verdict(target, images_info)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     with torch.no_grad():
         ref_z = split.head(x.clone())
         ref_logits = split.model(x.clone()).numpy()
+    tails = _TailMemo(split)
+    slots: list[_Slot] = []
+    later: list[tuple[_Slot, _Judged]] = []
     for art in artifacts:
         if not art.parity or art.role not in ("head", "tail"):
             continue
@@ -298,44 +324,124 @@ def verify(split: SplitModel, artifacts: list[Artifact], target_dir: Path, targe
         # int8 results depend on the kernels: fidelity is judged under the artifact's reference semantics.
         # fp32 results differ across CPUs only by summation order, far inside the fp32 tolerances.
         semantics = reference_semantics(art.runtime) if int8 else f"{art.runtime} fp32 kernels"
+        slot = _Slot(art.file)
         try:
             if art.role == "head":
                 runner = open_artifact(art, target_dir, reference=int8)
                 got_z = run_runner(runner, art, images)
                 if int8 and art.runtime == "litert":
                     semantics += f"; computed by {runner.evaluator}"
-                with torch.no_grad():
-                    got_logits = split.tail(split.transmit(torch.from_numpy(got_z))).numpy()
                 values = {f"bottleneck.{m}": fn(ref_z.numpy(), got_z) for m, fn in metrics.BOTTLENECK_METRICS.items()}
                 if int8 and art.runtime == "litert":
-                    verdict.execution.append(reference_cross_check(art, target_dir, images, got_z, runner))
-                if int8:
-                    verdict.execution.append(host_execution(art, target_dir, images, got_z))
+                    slot.execution.append(reference_cross_check(art, target_dir, images, got_z, runner))
+                del runner  # its session or interpreter: one artifact's at a time
+                judged = _Judged(art, tols, semantics, int8, values, got_z=got_z)
             else:
-                got_logits = run_tail(art, target_dir, split.transmit(ref_z).numpy())
-                values = {}
+                judged = _Judged(art, tols, semantics, int8, {},
+                                 logits=run_tail(art, target_dir, split.transmit(ref_z).numpy()))
         except RuntimeUnavailable as e:
             verdict.skipped.append({"artifact": art.file, "reason": str(e)})
             continue
-        values["logits.max_abs_error"] = metrics.max_abs_error(ref_logits, got_logits)
-        for metric, value in values.items():
-            tol = tols.get(metric)
-            verdict.checks.append(Check(art.file, metric, float(value), tol.value if tol else None,
-                                        tol.op if tol else None, tol.ok(value) if tol else True, CheckKind.FIDELITY,
-                                        semantics))
-        # top-1 agreement is judged by its rule (parity.top1: near-ties excused, a binomial bound on the rest)
-        tol = tols.get("logits.top1_agreement")
-        t1 = top1.judge(ref_logits, got_logits, tol.value if tol else None, scale=top1.gate_scale(values, tols))
-        verdict.checks.append(Check(art.file, "logits.top1_agreement", t1.agreement, tol.value if tol else None,
-                                    tol.op if tol else None, t1.passed, CheckKind.FIDELITY, semantics, t1))
-        failed = any(not c.passed for c in verdict.checks if c.artifact == art.file) and art.role == "head"
-        if failed:
-            verdict.diagnosis[art.file] = diagnose(split, art, target_dir, images, tols)
-        # a failing Q/DQ head always gets its budget: which grid to work on is what its user needs next
-        if (budget or failed) and art.role == "head" and int8 and art.runtime == "onnxruntime" \
-                and art.inputs[0].dtype == "float32":
-            verdict.budget[art.file] = error_budget_of(split, art, target_dir, images, ref_z.numpy())
-    return verdict
+        slots.append(slot)
+        slot.checks += _checks(judged, judged.values)
+        if int8:  # its logits, host execution, diagnosis and budget cannot save a rung its int8 gates lost
+            later.append((slot, judged))
+        else:
+            _finish(slot, judged, split, target_dir, images, ref_z, ref_logits, tails, budget)
+    _assemble(verdict, slots)
+
+    def rest() -> None:
+        for slot, judged in later:
+            _finish(slot, judged, split, target_dir, images, ref_z, ref_logits, tails, budget)
+        _assemble(verdict, slots)
+
+    if later:
+        verdict.defer(rest, f"the logits checks, host executions and any diagnosis of "
+                            f"{', '.join(j.art.file for _, j in later)}")
+    return verdict if staged else verdict.complete()
+
+
+@dataclass
+class _Slot:
+    """One artifact's part of the verdict, in the order an unstaged run makes it."""
+
+    artifact: str
+    checks: list[Check] = field(default_factory=list)
+    execution: list[Execution] = field(default_factory=list)
+    diagnosis: dict[str, Any] | None = None
+    budget: list[Any] | None = None
+
+
+@dataclass
+class _Judged:
+    """An artifact's outputs so far: its head's bottleneck (``got_z``) or its tail's ``logits``."""
+
+    art: Artifact
+    tols: dict
+    semantics: str
+    int8: bool
+    values: dict[str, float]
+    got_z: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+class _TailMemo:
+    """The fp32 tail's logits for a bottleneck it was given before (the same bytes): heads whose outputs agree
+    bit for bit (int8 heads of different runtimes emitting the same integers on the same grid) share one tail
+    forward. Keyed by the exact bytes, so the figures are those of a forward of their own."""
+
+    def __init__(self, split: SplitModel) -> None:
+        self.split = split
+        self.memo: dict[tuple[tuple[int, ...], str, str], np.ndarray] = {}
+
+    def __call__(self, got_z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z = self.split.transmit(torch.from_numpy(got_z))
+            data = z.contiguous()
+            key = (tuple(data.shape), str(data.dtype), hashlib.sha256(data.numpy().tobytes()).hexdigest())
+            if key not in self.memo:
+                self.memo[key] = self.split.tail(z).numpy()
+        return self.memo[key].copy()
+
+
+def _checks(j: _Judged, values: dict[str, float]) -> list[Check]:
+    out = []
+    for metric, value in values.items():
+        tol = j.tols.get(metric)
+        out.append(Check(j.art.file, metric, float(value), tol.value if tol else None, tol.op if tol else None,
+                         tol.ok(value) if tol else True, CheckKind.FIDELITY, j.semantics))
+    return out
+
+
+def _finish(slot: _Slot, j: _Judged, split: SplitModel, target_dir: Path, images: np.ndarray, ref_z: torch.Tensor,
+            ref_logits: np.ndarray, tails: _TailMemo, budget: bool) -> None:
+    """``slot``'s logits checks (the tail forward of a head's bottleneck), its host execution (int8 heads), and
+    a failing head's diagnosis and budget."""
+    art, tols = j.art, j.tols
+    got_logits = j.logits if j.got_z is None else tails(j.got_z)
+    values = {"logits.max_abs_error": metrics.max_abs_error(ref_logits, got_logits)}
+    slot.checks += _checks(j, values)
+    # top-1 agreement is judged by its rule (parity.top1: near-ties excused, a binomial bound on the rest)
+    tol = tols.get("logits.top1_agreement")
+    t1 = top1.judge(ref_logits, got_logits, tol.value if tol else None, scale=top1.gate_scale(j.values | values, tols))
+    slot.checks.append(Check(art.file, "logits.top1_agreement", t1.agreement, tol.value if tol else None,
+                             tol.op if tol else None, t1.passed, CheckKind.FIDELITY, j.semantics, t1))
+    if j.int8 and art.role == "head" and j.got_z is not None:
+        slot.execution.append(host_execution(art, target_dir, images, j.got_z))
+    failed = any(not c.passed for c in slot.checks) and art.role == "head"
+    if failed:
+        slot.diagnosis = diagnose(split, art, target_dir, images, tols)
+    # a failing Q/DQ head always gets its budget: which grid to work on is what its user needs next
+    if (budget or failed) and art.role == "head" and j.int8 and art.runtime == "onnxruntime" \
+            and art.inputs[0].dtype == "float32":
+        slot.budget = error_budget_of(split, art, target_dir, images, ref_z.numpy())
+
+
+def _assemble(verdict: Verdict, slots: list[_Slot]) -> None:
+    verdict.checks = [c for s in slots for c in s.checks]
+    verdict.execution = [e for s in slots for e in s.execution]
+    verdict.diagnosis = {s.artifact: s.diagnosis for s in slots if s.diagnosis is not None}
+    verdict.budget = {s.artifact: s.budget for s in slots if s.budget is not None}
 
 
 def error_budget_of(split: SplitModel, art: Artifact, target_dir: Path, images: np.ndarray,

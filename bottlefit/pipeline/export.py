@@ -33,6 +33,7 @@ from bottlefit.parity.verify import Verdict, verify
 from bottlefit.pipeline import outdir, source
 from bottlefit.pipeline.options import CalibrationOptions, ExportRequest, ParityOptions
 from bottlefit.pipeline.recipe import Climb, Knobs, Recipe, Rung, climb
+from bottlefit.runtimes.cpu import one_blas_thread
 from bottlefit.targets import BuildContext, BuildResult, Started, get_target, names
 
 Log = Callable[[str], None]
@@ -175,7 +176,12 @@ def export_targets(requests: Sequence[ExportRequest], log: Log | None = None) ->
         dup = next(t for t in seen if seen.count(t) > 1)
         raise UserError(f"--target {','.join(seen)}: {dup} is named twice; name each target once")
     plans = [_plan(r) for r in requests]  # every target refuses what it cannot honour before any work
+    with one_blas_thread():  # numpy's products here are small: idle BLAS threads only spin (runtimes.cpu)
+        return _export_planned(plans, log)
 
+
+def _export_planned(plans: list[_Plan], log: Log) -> list[ExportResult]:
+    first = plans[0].request
     ckpt = first.model.checkpoint
     log(f"loading {f'checkpoint {ckpt}' if ckpt else 'untrained architecture'}")
     mark(log, "load")
@@ -302,7 +308,9 @@ def _build_rung(sm: Any, rung: Rung, plan: _Plan, tmp: Path, shared: _Shared, lo
         mark(log, "parity")
         # the fp32 model's logits on the held-out images: the same for every target of this rung, computed once
         judged = replace(rs.split, model=_Remembered(rs.split.model, shared.references))
-        verdict = verify(judged, result.artifacts, tmp, target.name, held.images, held.describe(), plan.overrides)
+        # staged: the ladder (pipeline.recipe.climb) completes it, unless its int8 gates already lost the rung
+        verdict = verify(judged, result.artifacts, tmp, target.name, held.images, held.describe(), plan.overrides,
+                         staged=True)
     except BaseException:
         executions.cancel()
         raise

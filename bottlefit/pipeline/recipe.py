@@ -152,17 +152,28 @@ def climb(requested: Recipe, rungs: list[Rung], attempt: Callable[[Rung], tuple[
           finish: Callable[[T, Verdict], None], log: Callable[[str], None]) -> Climb[T]:
     """Try ``rungs`` in order. ``attempt`` builds one rung's artifacts and judges their fidelity (it starts from
     a clean directory each time); ``finish`` completes the verdict of the rung kept (its executions). A rung moves
-    on only when its fidelity fails on int8 gates alone and a rung is left; the last rung's verdict stands."""
+    on only when its fidelity fails on int8 gates alone and a rung is left; the last rung's verdict stands.
+
+    ``attempt`` may return a staged verdict (``parity.verify.verify(staged=True)``): every check that can stop the
+    ladder made, the int8 artifacts' logits checks, host executions and diagnoses pending. A rung whose int8 gates
+    already failed moves on without them (its attempt says what was not run); any other verdict is completed
+    first, so the ladder decides exactly as on a complete verdict."""
     attempts: list[Attempt] = []
     for i, rung in enumerate(rungs):
         if len(rungs) > 1:
             log(f"recipe {rung.recipe} ({rung.knobs.describe()}): rung {i + 1} of {len(rungs)} of --recipe "
                 f"{requested}")
         built, verdict, artifacts = attempt(rung)
-        failures = recipe_failures(verdict, artifacts)
         nxt = rungs[i + 1] if i + 1 < len(rungs) else None
+        # a staged verdict (parity.verify's ``staged``) already holds every check that can stop the ladder;
+        # when its int8 gates have failed, what it left pending cannot keep the rung: it is never made
+        failures = recipe_failures(verdict, artifacts)
+        if not (nxt is not None and failures):
+            failures = recipe_failures(verdict.complete(), artifacts)
         if nxt is not None and failures:
             outcome = f"{rung.recipe} failed int8 fidelity gates ({_gates(failures)}): moved on to {nxt.recipe}"
+            if verdict.pending:
+                outcome += f" (not run, as they cannot keep the rung: {verdict.pending})"
             log(f"recipe {outcome}")
             attempts.append(Attempt(rung, False, failures, outcome))
             continue

@@ -27,8 +27,6 @@ export's images (bottlefit.parity.verify).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bottlefit.runtimes.base import IOSpec, Runner, RuntimeUnavailable
+from bottlefit.runtimes.cpu import one_blas_thread
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # a float32 sum of integers is exact while every partial sum stays below 2^24 in magnitude
@@ -566,22 +565,6 @@ def plan(data: bytes) -> tuple[_Graph, list[Kernel]]:
     return graph, kernels
 
 
-@functools.cache
-def _blas_controller() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController()
-
-
-def _one_blas_thread() -> Any:
-    """One BLAS thread for the products: a single image's are too small to split, and idle BLAS threads spin on
-    the cores the rest of the export needs (measured 52 -> 31 ms CPU per R152 head image on a loaded host)."""
-    ctl = _blas_controller()
-    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
-
-
 def _spec(t: _Tensor) -> IOSpec:
     return IOSpec(t.name, t.shape, t.dtype)
 
@@ -617,7 +600,7 @@ class TFLiteReferenceRunner(Runner):
         return name if name in self._inputs else self._alias.get(name, name)
 
     def infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with _one_blas_thread():
+        with one_blas_thread():
             env = self.tensors(inputs)
         return {self.graph.tensors[i].name: np.array(env[i], copy=True) for i in self.graph.outputs}
 

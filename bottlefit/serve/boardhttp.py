@@ -16,6 +16,8 @@ import urllib.request
 
 import numpy as np
 
+# the KServe v2 binary tensor extension's header (the JSON part's length): the one definition, the host's
+# server and client import it
 HEADER = "Inference-Header-Content-Length"
 # numpy dtype name -> KServe v2 datatype: the one table (bottlefit serve, the host client and both board clients)
 V2_TYPES = {"float32": "FP32", "int8": "INT8", "uint8": "UINT8"}

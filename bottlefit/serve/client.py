@@ -20,6 +20,7 @@ import numpy as np
 from bottlefit.errors import UserError
 from bottlefit.exporter.artifact import Runtime
 from bottlefit.serve import codecs
+from bottlefit.serve.boardhttp import HEADER as HEADER_LEN  # the binary extension's header: one source
 from bottlefit.serve.boardhttp import (
     V2_TYPES,
     topk,  # one softmax top-k for the host's client and the boards'
@@ -28,7 +29,6 @@ from bottlefit.serve.contract import TargetExport, WireContract, find_targets, t
 from bottlefit.serve.head import HeadCodes, load_tables
 
 WIRES = ("fp32", "int8", *codecs.CODECS)
-HEADER_LEN = "Inference-Header-Content-Length"
 
 
 # Why an image failed, and so whose problem it is (bottlefit.errors' exit codes): the image itself or a request the
@@ -239,9 +239,8 @@ class Client:
 
     def run(self, images: list[str]) -> Iterator[ImageResult]:
         from bottlefit.calibration.dataset import load_image
-        from bottlefit.models.card import ModelCard
 
-        card = ModelCard.from_dict(self.target.card)
+        card = self.target.card
         for path in images:
             try:
                 x = load_image(path, card)

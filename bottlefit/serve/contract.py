@@ -20,18 +20,20 @@ from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.exporter.artifact import Artifact, Precision, Role, Runtime, TensorSpec
 from bottlefit.exporter.manifest import MANIFEST, check_hashes, read_manifest, target_dirs
+from bottlefit.models.card import ModelCard
 
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-def tail_model_name(card: dict[str, Any]) -> str:
+def tail_model_name(card: ModelCard) -> str:
     """The tail's model name on the protocol (and in a Triton repository): ``<arch>_tail``, in Triton's alphabet."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.get('arch', 'bottlefit')}_tail")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{card.arch}_tail")
 
 
-def contract_id(card: dict[str, Any], head_sha256: str) -> str:
-    """12 hex digits binding a payload to one model card and one head artifact's bytes."""
-    blob = json.dumps(card, sort_keys=True, separators=(",", ":")).encode() + b"|" + head_sha256.encode()
+def contract_id(card: ModelCard, head_sha256: str) -> str:
+    """12 hex digits binding a payload to one model card (as the manifest writes it) and one head artifact's
+    bytes."""
+    blob = json.dumps(card.to_dict(), sort_keys=True, separators=(",", ":")).encode() + b"|" + head_sha256.encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -86,9 +88,9 @@ class WireContract:
                 "zero_point": self.zero_point}
 
 
-def head_contract(target: str, card: dict[str, Any], art: Artifact) -> WireContract | None:
+def head_contract(target: str, card: ModelCard, art: Artifact) -> WireContract | None:
     """The contract of one head artifact; None for heads whose wire is not a static tensor (bq8 per image)."""
-    if card.get("bottleneck", {}).get("quantizer") == "bq8" or not art.outputs:
+    if card.bottleneck.quantizer == "bq8" or not art.outputs:
         return None
     out = art.outputs[0]
     cid = contract_id(card, art.sha256)
@@ -111,12 +113,9 @@ class TargetExport:
 
     path: Path
     manifest: dict[str, Any]
+    card: ModelCard  # the manifest's model_card, read once
     artifacts: list[Artifact]
     contracts: list[WireContract]
-
-    @property
-    def card(self) -> dict[str, Any]:
-        return dict(self.manifest["model_card"])
 
     def artifact(self, file: str) -> Artifact:
         for a in self.artifacts:
@@ -132,9 +131,9 @@ def load_target(path: Path) -> TargetExport:
     """OUT/<target>/ with its artifacts' hashes checked against the manifest."""
     manifest = read_manifest(path)
     arts = check_hashes(path, manifest)
-    card = manifest["model_card"]
+    card = ModelCard.from_dict(manifest["model_card"])
     contracts = [c for a in arts if a.role == Role.HEAD if (c := head_contract(path.name, card, a)) is not None]
-    return TargetExport(path, manifest, arts, contracts)
+    return TargetExport(path, manifest, card, arts, contracts)
 
 
 def find_targets(out: Path) -> list[TargetExport]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from bottlefit.exporter.artifact import Artifact, Precision, Role, Runtime
 from bottlefit.files import sha256_file
+from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
 from bottlefit.serve import codecs
 from bottlefit.serve.contract import head_contract, tail_model_name
@@ -33,7 +34,7 @@ def head_symbols(out_dir: Path, art: Artifact, contract: Any, images: np.ndarray
     return np.stack([codecs.to_symbols(contract, c) for c in head_codes(runner, art, contract, images)])
 
 
-def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifacts: list[Artifact],
+def write_codec_tables(out_dir: Path, target: str, card: ModelCard, artifacts: list[Artifact],
                        images: np.ndarray, log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
     """``codec/<contract id>.npz`` for each int8 head in ``artifacts`` (already written under ``out_dir``)."""
     out = []
@@ -56,7 +57,7 @@ def write_codec_tables(out_dir: Path, target: str, card: dict[str, Any], artifac
     return out
 
 
-def write_triton(out_dir: Path, target: str, card: dict[str, Any], tail: Artifact,
+def write_triton(out_dir: Path, target: str, card: ModelCard, tail: Artifact,
                  heads: list[Artifact] | None = None, max_batch_size: int = 16,
                  log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
     """``triton/``: the split repository (ensemble, decode step, FP32 tail) for the ONNX tail ``tail`` and the int8
@@ -83,11 +84,11 @@ def write_triton(out_dir: Path, target: str, card: dict[str, Any], tail: Artifac
             if c is not None and c.quantized and tables is not None and tables.is_file():
                 contracts.append(SplitContract(c, CodecTables.load(tables).to_bytes()))
     if contracts:
-        files = write_split_repository(repo, name, out_dir / tail.file, tail.to_dict(), contracts, options)
+        files = write_split_repository(repo, name, out_dir / tail.file, tail, contracts, options)
         log(f"Triton model repository: {TRITON_DIR}/{name}/ (the split tail as an ensemble taking the wire frames), "
             f"{name}{FP32_SUFFIX}/ (the FP32 tail); point tritonserver --model-repository at {TRITON_DIR}/")
     else:
-        model_dir, _ = write_repository(out_dir / tail.file, tail.to_dict(), repo, name + FP32_SUFFIX, options)
+        model_dir, _ = write_repository(out_dir / tail.file, tail, repo, name + FP32_SUFFIX, options)
         files = [model_dir / "config.pbtxt", model_dir / "1" / "model.onnx"]
         log(f"Triton model repository for the FP32 tail: {TRITON_DIR}/{name}{FP32_SUFFIX}/ (no int8 head: no wire "
             "frames to decode)")
@@ -109,7 +110,7 @@ class BoardBundle:
     precision: Precision = Precision.INT8  # what the manifest records for the README (the bundle's engine precision)
 
 
-def client_config(target: str, card: dict[str, Any], heads: list[Artifact], tables: list[Artifact], up: str,
+def client_config(target: str, card: ModelCard, heads: list[Artifact], tables: list[Artifact], up: str,
                   extra: dict[str, Any]) -> dict[str, Any]:
     """client.json: the tail's name and input on the server and the wire contract of every head that has codec
     tables, with file paths relative to the bundle folder (``up``: the way from there to the target folder)."""
@@ -128,7 +129,7 @@ def client_config(target: str, card: dict[str, Any], heads: list[Artifact], tabl
             "tail_input": "bottleneck", "heads": wires, **extra}
 
 
-def write_board_bundle(out_dir: Path, target: str, card: dict[str, Any], bundle: BoardBundle,
+def write_board_bundle(out_dir: Path, target: str, card: ModelCard, bundle: BoardBundle,
                        heads: list[Artifact], tables: list[Artifact],
                        readme: Callable[[list[str]], str]) -> list[Artifact]:
     """A board's bundle under ``out_dir/bundle.folder``: the board client and its modules, the board's scripts,

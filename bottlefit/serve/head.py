@@ -10,7 +10,6 @@ import numpy as np
 from bottlefit.errors import UserError
 from bottlefit.exporter import wire
 from bottlefit.files import user_cache_dir
-from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
 from bottlefit.serve.codecs import CodecError, CodecTables, fit_tables, to_symbols
 from bottlefit.serve.contract import TargetExport, WireContract
@@ -57,7 +56,7 @@ def calibration_symbols(target: TargetExport, contract: WireContract, part: str 
     semantics (the same codes on any host)."""
     from bottlefit.calibration.builtin import builtin_arrays
 
-    images, _ = builtin_arrays(ModelCard.from_dict(target.card), part)
+    images, _ = builtin_arrays(target.card, part)
     codes = HeadCodes(target, contract, reference=True)(np.asarray(images, dtype=np.float32))
     return np.stack([to_symbols(contract, c) for c in codes])
 

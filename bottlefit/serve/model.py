@@ -363,70 +363,87 @@ class ServedModel:
         t = inputs[0]
         if t.name != self.input_name:
             raise bad(f"unknown input {t.name!r}; model {self.name!r} takes {self.input_name!r}")
-        p = t.parameters or {}
-        contract = self._contract_param(p)
+        contract = self._contract_param(t.parameters or {})
         if t.datatype == "FP32":
-            b = self._batch_dim(t.shape, 1 + len(self.sample_shape))
-            if tuple(t.shape[1:]) != self.sample_shape:
-                raise bad(f"FP32 input shape {t.shape}; expected [{b}, {', '.join(map(str, self.sample_shape))}]")
-            x = self._array(t, DTYPES["FP32"])
-            if not np.isfinite(x).all():
-                raise bad("FP32 input holds NaN or infinity")
-            return np.ascontiguousarray(x, dtype=np.float32)
+            return self._decode_fp32(t)
         if t.datatype in ("INT8", "UINT8"):
-            lo, hi = np.iinfo(DTYPES[t.datatype]).min, np.iinfo(DTYPES[t.datatype]).max
-            if contract is not None:
-                if V2_TYPES.get(contract.dtype) != t.datatype:
-                    raise bad(f"contract {contract.contract_id} sends {V2_TYPES.get(contract.dtype)}, got {t.datatype}")
-                for key, want in (("scale", contract.scale), ("zero_point", contract.zero_point)):
-                    if key in p and np.float32(number_param(p, key)) != np.float32(want):
-                        raise bad(f"{key}={p[key]} differs from contract {contract.contract_id}'s {want}")
-                scale, zp, layout = float(contract.scale or 0), int(contract.zero_point or 0), contract.layout
-            else:
-                if "scale" not in p or "zero_point" not in p:
-                    raise bad(f"{t.datatype} input needs parameters scale and zero_point (or contract_id)")
-                scale, zp = number_param(p, "scale"), int_param(p, "zero_point", int(lo), int(hi))
-                layout = str(p.get("layout", "NCHW"))
-                if layout not in ("NCHW", "NHWC") or not scale > 0:
-                    raise bad(f"bad layout {layout!r} or scale {scale} (a positive number)")
-            c, h, w = self.sample_shape
-            want = [c, h, w] if layout == "NCHW" else [h, w, c]
-            b = self._batch_dim(t.shape, 4)
-            if list(t.shape[1:]) != want:
-                raise bad(f"{t.datatype} input shape {t.shape}; expected [{b}, {', '.join(map(str, want))}] "
-                          f"({layout})")
-            q = self._array(t, DTYPES[t.datatype])
-            with np.errstate(over="ignore", invalid="ignore"):
-                x = (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
-            if not np.isfinite(x).all():  # e.g. scale 1e38: float32 overflows to inf, the tail to NaN
-                raise bad(f"{t.datatype} codes times scale {scale} overflow float32 (NaN or infinity); send the "
-                          "head's own scale")
-            if layout == "NHWC":
-                x = x.transpose(0, 3, 1, 2)
-            return np.ascontiguousarray(x)
+            return self._decode_codes(t, contract)
         if t.datatype == "BYTES":
-            b = self._batch_dim(t.shape, 1)
-            frames = t.data if isinstance(t.data, list) else split_bytes_elements(bytes(t.data or b""), b)
-            if len(frames) != b:
-                raise bad(f"BYTES input has {len(frames)} elements, its shape says {b}")
-            want_codec = p.get("codec")
-            out = []
-            for i, f in enumerate(frames):
-                try:
-                    hdr = codecs.read_header(f)
-                    if want_codec is not None and want_codec != hdr.codec:
-                        raise codecs.CodecError(f"parameter codec={want_codec!r} but the frame is {hdr.codec!r}")
-                    fc, codes = codecs.decode_frame(f, self.contracts, self.tables)
-                except codecs.CodecError as e:
-                    raise bad(f"element {i}: {e}") from None
-                if contract is not None and fc.contract_id != contract.contract_id:
-                    raise bad(f"element {i} is for contract {fc.contract_id}, parameter says {contract.contract_id}")
-                if fc.nchw_shape != self.sample_shape:
-                    raise bad(f"element {i}: contract shape {fc.nchw_shape} is not the tail's {self.sample_shape}")
-                out.append(fc.dequantize(codes[None])[0])
-            return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+            return self._decode_frames(t, contract)
         raise bad(f"datatype {t.datatype!r} not accepted for {self.input_name!r}: send FP32, INT8/UINT8 codes with "
                   "scale and zero_point, or BYTES frames with a codec")
+
+    def _decode_fp32(self, t: TensorIn) -> np.ndarray:
+        """The dequantized bottleneck sent as it is: its shape and finiteness checked."""
+        b = self._batch_dim(t.shape, 1 + len(self.sample_shape))
+        if tuple(t.shape[1:]) != self.sample_shape:
+            raise bad(f"FP32 input shape {t.shape}; expected [{b}, {', '.join(map(str, self.sample_shape))}]")
+        x = self._array(t, DTYPES["FP32"])
+        if not np.isfinite(x).all():
+            raise bad("FP32 input holds NaN or infinity")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _code_affine(self, t: TensorIn, contract: WireContract | None) -> tuple[float, int, str]:
+        """(scale, zero point, layout) of INT8/UINT8 codes: the contract's (the request's own must agree), else the
+        request's parameters."""
+        p = t.parameters or {}
+        if contract is not None:
+            if V2_TYPES.get(contract.dtype) != t.datatype:
+                raise bad(f"contract {contract.contract_id} sends {V2_TYPES.get(contract.dtype)}, got {t.datatype}")
+            for key, want in (("scale", contract.scale), ("zero_point", contract.zero_point)):
+                if key in p and np.float32(number_param(p, key)) != np.float32(want):
+                    raise bad(f"{key}={p[key]} differs from contract {contract.contract_id}'s {want}")
+            return float(contract.scale or 0), int(contract.zero_point or 0), contract.layout
+        lo, hi = np.iinfo(DTYPES[t.datatype]).min, np.iinfo(DTYPES[t.datatype]).max
+        if "scale" not in p or "zero_point" not in p:
+            raise bad(f"{t.datatype} input needs parameters scale and zero_point (or contract_id)")
+        scale, zp = number_param(p, "scale"), int_param(p, "zero_point", int(lo), int(hi))
+        layout = str(p.get("layout", "NCHW"))
+        if layout not in ("NCHW", "NHWC") or not scale > 0:
+            raise bad(f"bad layout {layout!r} or scale {scale} (a positive number)")
+        return scale, zp, layout
+
+    def _decode_codes(self, t: TensorIn, contract: WireContract | None) -> np.ndarray:
+        """INT8/UINT8 codes, dequantized with the contract's (or the request's) affine, NHWC turned NCHW."""
+        scale, zp, layout = self._code_affine(t, contract)
+        c, h, w = self.sample_shape
+        want = [c, h, w] if layout == "NCHW" else [h, w, c]
+        b = self._batch_dim(t.shape, 4)
+        if list(t.shape[1:]) != want:
+            raise bad(f"{t.datatype} input shape {t.shape}; expected [{b}, {', '.join(map(str, want))}] "
+                      f"({layout})")
+        q = self._array(t, DTYPES[t.datatype])
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+        if not np.isfinite(x).all():  # e.g. scale 1e38: float32 overflows to inf, the tail to NaN
+            raise bad(f"{t.datatype} codes times scale {scale} overflow float32 (NaN or infinity); send the "
+                      "head's own scale")
+        if layout == "NHWC":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+    def _decode_frames(self, t: TensorIn, contract: WireContract | None) -> np.ndarray:
+        """BYTES: one coded frame per batch element, each decoded against the accepted contracts and dequantized."""
+        b = self._batch_dim(t.shape, 1)
+        frames = t.data if isinstance(t.data, list) else split_bytes_elements(bytes(t.data or b""), b)
+        if len(frames) != b:
+            raise bad(f"BYTES input has {len(frames)} elements, its shape says {b}")
+        want_codec = (t.parameters or {}).get("codec")
+        out = []
+        for i, f in enumerate(frames):
+            try:
+                hdr = codecs.read_header(f)
+                if want_codec is not None and want_codec != hdr.codec:
+                    raise codecs.CodecError(f"parameter codec={want_codec!r} but the frame is {hdr.codec!r}")
+                fc, codes = codecs.decode_frame(f, self.contracts, self.tables)
+            except codecs.CodecError as e:
+                raise bad(f"element {i}: {e}") from None
+            if contract is not None and fc.contract_id != contract.contract_id:
+                raise bad(f"element {i} is for contract {fc.contract_id}, parameter says {contract.contract_id}")
+            if fc.nchw_shape != self.sample_shape:
+                raise bad(f"element {i}: contract shape {fc.nchw_shape} is not the tail's {self.sample_shape}")
+            out.append(fc.dequantize(codes[None])[0])
+        return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
     def infer(self, inputs: list[TensorIn]) -> Future[np.ndarray]:
         t0 = time.perf_counter_ns()

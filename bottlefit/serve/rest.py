@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bottlefit.serve.boardhttp import HEADER as HEADER_LEN  # the binary extension's header: one source
 from bottlefit.serve.model import (
     DTYPES,
     REQUEST_TENSOR_PARAMS,
@@ -27,8 +29,8 @@ from bottlefit.serve.model import (
     server_metadata,
 )
 
-HEADER_LEN = "Inference-Header-Content-Length"
 log = logging.getLogger("bottlefit.serve")
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -147,98 +149,117 @@ def build_app(model: ServedModel, max_request_bytes: int = 16 << 20, timeout_s: 
     """The protocol's routes. ``token``: every route but the health ones (server live/ready, model ready) needs
     ``Authorization: Bearer <token>`` (else 401)."""
     ready = {"ok": True}
+    h = _Handlers(model, ready, max_request_bytes, timeout_s)
     expected = f"Bearer {token}".encode() if token else None
 
-    async def live(request: Request) -> Response:
+    def guarded(fn: Handler, open_: bool = False) -> Handler:
+        return _guarded(fn, None if open_ else expected)
+
+    routes = [
+        Route("/v2", guarded(h.meta)),
+        Route("/v2/health/live", guarded(h.live, open_=True)),
+        Route("/v2/health/ready", guarded(h.server_ready, open_=True)),
+        Route("/v2/models/stats", guarded(h.stats)),
+        Route("/v2/models/{name}", guarded(h.model_meta)),
+        Route("/v2/models/{name}/versions/{version}", guarded(h.model_meta)),
+        Route("/v2/models/{name}/ready", guarded(h.model_ready, open_=True)),
+        Route("/v2/models/{name}/versions/{version}/ready", guarded(h.model_ready, open_=True)),
+        Route("/v2/models/{name}/stats", guarded(h.stats)),
+        Route("/v2/models/{name}/versions/{version}/stats", guarded(h.stats)),
+        Route("/v2/models/{name}/infer", guarded(h.infer), methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", guarded(h.infer), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+    app.state.ready = ready
+    return app
+
+
+class _Handlers:
+    """One handler per route of the protocol, for the one model served."""
+
+    def __init__(self, model: ServedModel, ready: dict[str, bool], max_request_bytes: int, timeout_s: float) -> None:
+        self.model, self.ready = model, ready
+        self.max_request_bytes, self.timeout_s = max_request_bytes, timeout_s
+
+    async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def server_ready(request: Request) -> Response:
-        ok = ready["ok"] and model.ready
+    async def server_ready(self, request: Request) -> Response:
+        ok = self.ready["ok"] and self.model.ready
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    async def meta(request: Request) -> Response:
+    async def meta(self, request: Request) -> Response:
         return JSONResponse(server_metadata())
 
-    async def model_meta(request: Request) -> Response:
-        m = _model(model, request)
+    async def model_meta(self, request: Request) -> Response:
+        m = _model(self.model, request)
         return JSONResponse({**m.metadata(), "parameters": {"contracts": m.contracts_info()}})
 
-    async def model_ready(request: Request) -> Response:
-        _model(model, request)
-        return JSONResponse({"name": model.name, "ready": model.ready})
+    async def model_ready(self, request: Request) -> Response:
+        _model(self.model, request)
+        return JSONResponse({"name": self.model.name, "ready": self.model.ready})
 
-    async def stats(request: Request) -> Response:
+    async def stats(self, request: Request) -> Response:
         if "name" in request.path_params:
-            _model(model, request)
-        return JSONResponse({"model_stats": [model.stats.to_dict(model.name, model.version)]})
+            _model(self.model, request)
+        return JSONResponse({"model_stats": [self.model.stats.to_dict(self.model.name, self.model.version)]})
 
-    async def infer(request: Request) -> Response:
-        m = _model(model, request)
+    async def infer(self, request: Request) -> Response:
+        m = _model(self.model, request)
         t0 = time.perf_counter()
-        body = await _body(request, max_request_bytes)
+        body = await _body(request, self.max_request_bytes)
         req, inputs = await run_in_threadpool(parse_infer_body, body, request.headers.get(HEADER_LEN))
         binary = _outputs_wanted(m, req)
         fut = await run_in_threadpool(m.infer, inputs)
         try:
-            y = await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+            y = await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
         except TimeoutError:
-            raise InferError(503, f"no result within {timeout_s} s") from None
-        y = np.ascontiguousarray(y, dtype=DTYPES["FP32"])
-        out: dict[str, Any] = {"name": m.output_name, "datatype": "FP32", "shape": list(y.shape)}
-        resp: dict[str, Any] = {"model_name": m.name, "model_version": m.version, "outputs": [out],
-                                "parameters": {"server_ms": round((time.perf_counter() - t0) * 1e3, 3)}}
-        if "id" in req:
-            resp["id"] = req["id"]
-        if not binary:
-            out["data"] = y.ravel().tolist()
-            return JSONResponse(resp)
-        blob = y.tobytes()
-        out["parameters"] = {"binary_data_size": len(blob)}
-        header = json.dumps(resp).encode()
-        return Response(header + blob, media_type="application/octet-stream",
-                        headers={HEADER_LEN: str(len(header))})
+            raise InferError(503, f"no result within {self.timeout_s} s") from None
+        return _infer_response(m, req, y, binary, round((time.perf_counter() - t0) * 1e3, 3))
 
-    def guarded(fn: Any, open_: bool = False) -> Any:
-        async def handler(request: Request) -> Response:
-            if expected is not None and not open_:
-                got = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
-                    return JSONResponse({"error": "missing or wrong bearer token (header Authorization: Bearer "
-                                                  "<token>)"}, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
-            try:
-                return await fn(request)
-            except InferError as e:
-                return _error(e.status, str(e))
-            except ClientDisconnect:  # the client went away mid-request: nobody to answer, nothing to log
-                return Response(status_code=499)
-            except Exception as e:  # a bug of ours: the protocol's error JSON, the traceback once in the log
-                log.exception("%s %s failed", request.method, request.url.path)
-                return _error(500, f"internal error: {type(e).__name__}")
 
-        return handler
+def _infer_response(m: ServedModel, req: dict[str, Any], y: np.ndarray, binary: bool, server_ms: float) -> Response:
+    """The logits as the protocol's response: JSON data, or the binary extension (JSON header + raw FP32)."""
+    y = np.ascontiguousarray(y, dtype=DTYPES["FP32"])
+    out: dict[str, Any] = {"name": m.output_name, "datatype": "FP32", "shape": list(y.shape)}
+    resp: dict[str, Any] = {"model_name": m.name, "model_version": m.version, "outputs": [out],
+                            "parameters": {"server_ms": server_ms}}
+    if "id" in req:
+        resp["id"] = req["id"]
+    if not binary:
+        out["data"] = y.ravel().tolist()
+        return JSONResponse(resp)
+    blob = y.tobytes()
+    out["parameters"] = {"binary_data_size": len(blob)}
+    header = json.dumps(resp).encode()
+    return Response(header + blob, media_type="application/octet-stream", headers={HEADER_LEN: str(len(header))})
 
-    routes = [
-        Route("/v2", guarded(meta)),
-        Route("/v2/health/live", guarded(live, open_=True)),
-        Route("/v2/health/ready", guarded(server_ready, open_=True)),
-        Route("/v2/models/stats", guarded(stats)),
-        Route("/v2/models/{name}", guarded(model_meta)),
-        Route("/v2/models/{name}/versions/{version}", guarded(model_meta)),
-        Route("/v2/models/{name}/ready", guarded(model_ready, open_=True)),
-        Route("/v2/models/{name}/versions/{version}/ready", guarded(model_ready, open_=True)),
-        Route("/v2/models/{name}/stats", guarded(stats)),
-        Route("/v2/models/{name}/versions/{version}/stats", guarded(stats)),
-        Route("/v2/models/{name}/infer", guarded(infer), methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", guarded(infer), methods=["POST"]),
-    ]
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}")
+def _guarded(fn: Handler, expected: bytes | None) -> Handler:
+    """``fn`` behind the bearer token ``expected`` (None: open), its errors as the protocol's error JSON."""
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
-    app.state.ready = ready
-    return app
+    async def handler(request: Request) -> Response:
+        if expected is not None:
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                return JSONResponse({"error": "missing or wrong bearer token (header Authorization: Bearer "
+                                              "<token>)"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return await fn(request)
+        except InferError as e:
+            return _error(e.status, str(e))
+        except ClientDisconnect:  # the client went away mid-request: nobody to answer, nothing to log
+            return Response(status_code=499)
+        except Exception as e:  # a bug of ours: the protocol's error JSON, the traceback once in the log
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error(500, f"internal error: {type(e).__name__}")
+
+    return handler
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}")
 
 
 __all__ = ["build_app", "parse_infer_body", "join_bytes_elements", "HEADER_LEN"]

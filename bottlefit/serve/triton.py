@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
+from bottlefit.exporter.artifact import Artifact
 from bottlefit.exporter.manifest import MANIFEST
-from bottlefit.serve.contract import WireContract, find_targets, tail_model_name
+from bottlefit.serve.contract import TargetExport, WireContract, find_targets, tail_model_name
 
 DECODE_SUFFIX, FP32_SUFFIX = "_decode", "_fp32"
 KSERVE_MANIFEST = "inferenceservice.yaml"
@@ -100,16 +101,16 @@ def _tensor(name: str, dtype: str, dims: list[int]) -> str:
     return f'  {{\n    name: "{name}"\n    data_type: {_TRITON_TYPES[dtype]}\n    dims: [ {d} ]\n  }}'
 
 
-def config_pbtxt(name: str, tail: dict[str, Any], max_batch_size: int, max_queue_delay_us: int = 2000,
+def config_pbtxt(name: str, tail: Artifact, max_batch_size: int, max_queue_delay_us: int = 2000,
                  instances: int = 1, backend: TailBackend = TailBackend.ONNXRUNTIME, threads: int = 1) -> str:
     """The tail's config.pbtxt (Triton's ModelConfig in protobuf text format). With ``max_batch_size`` > 0 the
     dims omit the batch dimension, as Triton requires."""
-    ins, outs = tail["inputs"], tail["outputs"]
+    ins, outs = tail.inputs, tail.outputs
     cut = 1 if max_batch_size > 0 else 0
     runs = 'platform: "onnxruntime_onnx"' if backend == TailBackend.ONNXRUNTIME else 'backend: "python"'
     lines = [f'name: "{name}"', runs, f"max_batch_size: {max_batch_size}",
-             "input [", ",\n".join(_tensor(t["name"], t["dtype"], list(t["shape"][cut:])) for t in ins), "]",
-             "output [", ",\n".join(_tensor(t["name"], t["dtype"], list(t["shape"][cut:])) for t in outs), "]",
+             "input [", ",\n".join(_tensor(t.name, t.dtype, list(t.shape[cut:])) for t in ins), "]",
+             "output [", ",\n".join(_tensor(t.name, t.dtype, list(t.shape[cut:])) for t in outs), "]",
              f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]"]
     if max_batch_size > 0:
         prefs = sorted({b for b in (max_batch_size // 2, max_batch_size) if b > 0})
@@ -132,21 +133,21 @@ def decode_config(name: str, sample_shape: tuple[int, ...], instances: int) -> s
             f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n")
 
 
-def ensemble_config(name: str, decode: str, tail: str, tail_spec: dict[str, Any]) -> str:
+def ensemble_config(name: str, decode: str, tail: str, tail_spec: Artifact) -> str:
     """The split tail as one model: frames -> decode -> tail -> logits."""
     from bottlefit.serve.triton_decode import INPUT, OUTPUT
 
-    ti, to = tail_spec["inputs"][0], tail_spec["outputs"][0]
-    odims = ", ".join(map(str, to["shape"][1:]))
+    ti, to = tail_spec.inputs[0], tail_spec.outputs[0]
+    odims = ", ".join(map(str, to.shape[1:]))
     step = ('  step [\n    {{\n      model_name: "{m}"\n      model_version: -1\n'
             '      input_map {{\n        key: "{ik}"\n        value: "{iv}"\n      }}\n'
             '      output_map {{\n        key: "{ok}"\n        value: "{ov}"\n      }}\n    }}\n  ]\n')
     return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
             f'input [\n  {{\n    name: "{INPUT}"\n    data_type: TYPE_STRING\n    dims: [ -1 ]\n  }}\n]\n'
-            f'output [\n  {{\n    name: "{to["name"]}"\n    data_type: TYPE_FP32\n    dims: [ -1, {odims} ]\n'
+            f'output [\n  {{\n    name: "{to.name}"\n    data_type: TYPE_FP32\n    dims: [ -1, {odims} ]\n'
             "  }\n]\nensemble_scheduling {\n"
             + step.format(m=decode, ik=INPUT, iv=INPUT, ok=OUTPUT, ov="decoded")
-            + step.format(m=tail, ik=ti["name"], iv="decoded", ok=to["name"], ov=to["name"]) + "}\n")
+            + step.format(m=tail, ik=ti.name, iv="decoded", ok=to.name, ov=to.name) + "}\n")
 
 
 def validate_config(text: str, where: Path) -> None:
@@ -163,7 +164,7 @@ def validate_config(text: str, where: Path) -> None:
         raise AssertionError(f"{where}: not a Triton ModelConfig ({e})") from None
 
 
-def split_contracts(targets: list[Any]) -> list[SplitContract]:
+def split_contracts(targets: list[TargetExport]) -> list[SplitContract]:
     """Every int8 head's contract in ``targets`` (TargetExport) with its codec tables' bytes (shipped with the
     export, else fitted as ``bottlefit serve`` does)."""
     from bottlefit.serve.head import load_tables
@@ -194,10 +195,10 @@ def write_triton_repository(out: Path, repo: Path, *, name: str | None = None,
     tail = owner.tail()
     assert tail is not None
     return write_split_repository(Path(repo), name or tail_model_name(owner.card), owner.path / tail.file,
-                                  tail.to_dict(), split_contracts(targets), options or RepositoryOptions())
+                                  tail, split_contracts(targets), options or RepositoryOptions())
 
 
-def write_split_repository(repo: Path, name: str, tail_onnx: Path, tail_spec: dict[str, Any],
+def write_split_repository(repo: Path, name: str, tail_onnx: Path, tail_spec: Artifact,
                            contracts: list[SplitContract], options: RepositoryOptions) -> list[Path]:
     """The ensemble ``name``, its decode step ``name_decode`` and the FP32 tail ``name_fp32`` under ``repo``."""
     from bottlefit.serve.triton_decode import CONTRACTS
@@ -205,7 +206,7 @@ def write_split_repository(repo: Path, name: str, tail_onnx: Path, tail_spec: di
     if not contracts:
         raise UserError(f"{tail_onnx.parent}: no int8 head in the export, so no wire frame to decode; export an int8 "
                         "head (--int8) or serve the FP32 tail alone")
-    sample = tuple(int(d) for d in tail_spec["inputs"][0]["shape"][1:])
+    sample = tuple(int(d) for d in tail_spec.inputs[0].shape[1:])
     decode, fp32 = name + DECODE_SUFFIX, name + FP32_SUFFIX
     tail_dir, max_batch = write_repository(tail_onnx, tail_spec, repo, fp32, options)
     written = [tail_dir / "config.pbtxt", tail_dir / "1" / "model.onnx"]
@@ -278,7 +279,7 @@ def kserve_manifest(name: str, storage_uri: str = DEFAULT_STORAGE_URI) -> str:
     return head + yaml.safe_dump(inference_service(name, storage_uri), sort_keys=False)
 
 
-def write_repository(tail_onnx: Path, spec: dict[str, Any], out_dir: Path, name: str,
+def write_repository(tail_onnx: Path, spec: Artifact, out_dir: Path, name: str,
                      options: RepositoryOptions | None = None) -> tuple[Path, int]:
     """``out_dir/<name>/config.pbtxt`` and ``1/model.onnx`` for the ONNX tail ``tail_onnx`` (its artifact record
     ``spec``: input/output names, types, shapes); returns (``out_dir/<name>``, the max batch size it got)."""

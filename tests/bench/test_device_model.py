@@ -146,7 +146,9 @@ def test_device_timings_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read it as JSON"):
         read_timings(tmp_path / "missing.json")
     bad.write_text('{"model": "head.int8.onnx", "runtime": "onnxruntime", "median_ms": 4.5, "runs": 50}')
-    assert read_timings(bad)["median_ms"] == 4.5
+    t = read_timings(bad)
+    assert (t.median_ms, t.model, t.threads) == (4.5, "head.int8.onnx", None)
+    assert t.describe() == "run-head --json on the board: head.int8.onnx (onnxruntime, ? thread(s), median of 50 runs)"
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bottlefit.bench.peer import MODES, Counter, Device
+from bottlefit.bench.peer import MODES, Counter, Device, DeviceSpec, LinkSpec, ServerSpec
 from bottlefit.bench.service import decode_jpeg, full_model_name
 from bottlefit.bench.split import Model, full_onnx, load_images
-from bottlefit.models.card import ModelCard
 from bottlefit.runtimes import get_runner
 from bottlefit.serve.contract import find_targets, tail_model_name
 
@@ -29,8 +28,8 @@ IMAGES, REPEATS = 2, 2
 
 
 class Proc:
-    def __init__(self, role: str, spec: dict[str, Any], d: Path) -> None:
-        (d / f"{role}.json").write_text(json.dumps(spec))
+    def __init__(self, role: str, spec: ServerSpec | DeviceSpec, d: Path) -> None:
+        (d / f"{role}.json").write_text(spec.to_json())
         self.proc = subprocess.Popen([sys.executable, "-m", "bottlefit.bench.peer", role, str(d / f"{role}.json")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -58,10 +57,8 @@ def setup(export_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 @pytest.fixture(scope="module")
 def server(setup: dict[str, Any], export_root: Path) -> Iterator[tuple[Proc, dict[str, Any]]]:
-    spec = {"export": str(export_root), "full": str(setup["full"]), "card": setup["card"], "triton": None,
-            "bind": "127.0.0.1", "relay_delays": False,
-            "links": [{"name": "3g", "rtt_ms": 150.0, "rate_mbit": 2.0}, {"name": "5g", "rtt_ms": 20.0,
-                                                                         "rate_mbit": 100.0}]}
+    spec = ServerSpec(export=str(export_root), full=str(setup["full"]), card=setup["card"], bind="127.0.0.1",
+                      relay_delays=False, links=(LinkSpec("3g", 150.0, 2.0), LinkSpec("5g", 20.0, 100.0)))
     p = Proc("server", spec, setup["dir"])
     ready = p.read()
     yield p, ready
@@ -81,10 +78,10 @@ def test_server_announces_a_relay_per_link_and_mode(server: tuple[Proc, dict[str
 
 def test_device_runs_every_mode_in_rotation(server: tuple[Proc, dict[str, Any]], setup, export_root: Path) -> None:
     proc, ready = server
-    dev = Device({"export": str(export_root), "full": str(setup["full"]), "images": str(setup["dir"] / "images.npz"),
-                  "srv_addr": "127.0.0.1", "iface": None, "split_model": ready["split_model"],
-                  "full_model": ready["full_model"], "wire": "int8", "head": None, "jpeg_quality": 90,
-                  "modes": list(MODES)})
+    dev = Device(DeviceSpec(export=str(export_root), full=str(setup["full"]),
+                            images=str(setup["dir"] / "images.npz"), srv_addr="127.0.0.1",
+                            split_model=ready["split_model"], full_model=ready["full_model"], wire="int8",
+                            jpeg_quality=90, modes=MODES))
     ports = {m: ready["ports"][f"5g/{m}"] for m in ("offload", "split")}
     recs = dev.run({"cmd": "run", "ports": ports, "images": IMAGES, "repeats": REPEATS})
     # each image: the modes from (image + repeat) onwards, so none always follows another
@@ -94,7 +91,7 @@ def test_device_runs_every_mode_in_rotation(server: tuple[Proc, dict[str, Any]],
     assert all(r["ok"] for r in recs) and all(r["link_bytes"] is None for r in recs if r["mode"] != "local")
 
     full = get_runner("onnxruntime", setup["full"], num_threads=1)
-    card = ModelCard.from_dict(setup["card"])
+    card = setup["card"]
     contract = next(c for c in find_targets(export_root)[0].contracts if c.quantized)
     for r in recs:
         i = r["image"]
@@ -132,7 +129,9 @@ def test_quit_ends_the_server(server: tuple[Proc, dict[str, Any]]) -> None:
 
 
 def test_a_failing_side_says_why_on_its_last_line(tmp_path: Path) -> None:
-    p = Proc("device", {"images": str(tmp_path / "missing.npz")}, tmp_path)
+    p = Proc("device", DeviceSpec(export=str(tmp_path), full=str(tmp_path / "full.onnx"),
+                                  images=str(tmp_path / "missing.npz"), srv_addr="127.0.0.1", split_model="m_tail",
+                                  full_model="m_full", wire="int8", jpeg_quality=90), tmp_path)
     out, err = p.proc.communicate(timeout=120)
     assert p.proc.returncode == 1
     msg = json.loads(out.strip().splitlines()[-1])
@@ -156,3 +155,22 @@ def test_counter_reads_both_directions() -> None:
     after = counter.read()
     assert before is not None and after is not None
     assert after - before >= 2 * n  # on lo every byte is sent and received: both directions count it
+
+
+def test_specs_cross_the_process_boundary_with_the_same_keys(setup: dict[str, Any], tmp_path: Path) -> None:
+    """The peers' start files: the keys the child reads, and a round trip to equal records (the card as the
+    manifest writes it)."""
+    server = ServerSpec(export="out", full="full.onnx", card=setup["card"], bind="10.0.0.1", relay_delays=True,
+                        links=(LinkSpec("wifi", 10.0, 50.0),))
+    doc = json.loads(server.to_json())
+    assert sorted(doc) == ["bind", "card", "export", "full", "links", "relay_delays", "triton"]
+    assert doc["card"] == setup["card"].to_dict() and doc["triton"] is None
+    assert doc["links"] == [{"name": "wifi", "rtt_ms": 10.0, "rate_mbit": 50.0}]
+    assert ServerSpec.from_json(server.to_json()) == server
+    device = DeviceSpec(export="out", full="full.onnx", images="i.npz", srv_addr="10.0.0.1", split_model="a_tail",
+                        full_model="a_full", wire="int8", jpeg_quality=90, iface="veth0", head="head.int8.onnx")
+    doc = json.loads(device.to_json())
+    assert sorted(doc) == ["export", "full", "full_model", "head", "iface", "images", "jpeg_quality", "modes",
+                           "split_model", "srv_addr", "wire"]
+    assert doc["modes"] == list(MODES)
+    assert DeviceSpec.from_json(device.to_json()) == device

@@ -112,7 +112,7 @@ def test_counts_bytes_and_server_time_and_passes_data_unchanged(backend: Backend
     assert got.endswith(hashlib.sha256(json_part + binary).digest())  # every byte arrived, in order
     records = relays.take()
     assert list(records) == ["lte/split"] and len(records["lte/split"]) == 1
-    rec = records["lte/split"][0]
+    rec = records["lte/split"][0].to_dict()  # as the server peer sends it
     assert rec["up_bytes"] == len(req) and rec["down_bytes"] == len(got) == RESPONSE_BYTES
     assert rec["http_body"] == len(json_part) + len(binary) and rec["json_header"] == len(json_part)
     assert rec["binary_bytes"] == len(binary)
@@ -130,7 +130,7 @@ def test_one_record_per_connection_per_relay(backend: Backend, relays: Relays) -
             exchange(port, request(b"{}", b"x" * 10))
     records = relays.take()
     assert {k: len(v) for k, v in records.items()} == {"3g/offload": 2, "3g/split": 1}
-    assert all(r["binary_bytes"] == 10 and r["relay"] == k for k, rs in records.items() for r in rs)
+    assert all(r.binary_bytes == 10 and r.relay == k for k, rs in records.items() for r in rs)
 
 
 def test_delays_hold_each_direction(backend: Backend, relays: Relays) -> None:
@@ -141,8 +141,8 @@ def test_delays_hold_each_direction(backend: Backend, relays: Relays) -> None:
     _, took = exchange(port, request(b"{}", b"y" * 100))
     assert took >= 2 * one_way + handshake + SERVER_SLEEP_S
     rec = relays.take()["slow"][0]
-    assert SERVER_SLEEP_S * 1e3 <= rec["server_ms"]
-    assert rec["up_bytes"] == len(request(b"{}", b"y" * 100))
+    assert SERVER_SLEEP_S * 1e3 <= rec.server_ms
+    assert rec.up_bytes == len(request(b"{}", b"y" * 100))
 
 
 def test_unreachable_backend_closes_the_client_and_records_nothing(relays: Relays) -> None:

@@ -55,19 +55,19 @@ def photo() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullModelServer]:
-    model = FullModel(channel_means_onnx(tmp_path_factory.mktemp("full") / "full.onnx"), CARD.to_dict())
+    model = FullModel(channel_means_onnx(tmp_path_factory.mktemp("full") / "full.onnx"), CARD)
     srv = FullModelServer(model).start()
     yield srv
     srv.stop()
 
 
 def url(srv: FullModelServer, name: str | None = None) -> str:
-    return f"http://127.0.0.1:{srv.port}/v2/models/{name or full_model_name(CARD.to_dict())}/infer"
+    return f"http://127.0.0.1:{srv.port}/v2/models/{name or full_model_name(CARD)}/infer"
 
 
 def test_name_follows_the_tail_name() -> None:
     # the tail's protocol name with _full: Triton's alphabet, the space replaced
-    assert full_model_name(CARD.to_dict()) == "tiny_net_full"
+    assert full_model_name(CARD) == "tiny_net_full"
 
 
 def test_normalize_uses_the_card_and_goes_nchw() -> None:

@@ -229,8 +229,10 @@ def test_npz_not_a_zip_is_user_error(tmp_path: Path) -> None:
 def test_builtin_parts_are_disjoint_by_photo_and_sized() -> None:
     cal = CalibrationSet.builtin(CARD, "calibration")
     held = CalibrationSet.builtin(CARD, "heldout")
-    assert cal.images.shape == (7 * len(VIEWS), 3, 224, 224) and cal.images.dtype == np.float32
-    assert len(held) == 3 * len(VIEWS) == 21
+    # every view of every photo of the part, each once
+    assert cal.images.shape == (len(PARTS["calibration"]) * len(VIEWS), 3, 224, 224)
+    assert cal.images.dtype == np.float32 and len(held) == len(PARTS["heldout"]) * len(VIEWS)
+    assert len(set(cal.names)) == len(cal) and len(set(held.names)) == len(held)
     cal_photos = {n.split("/")[0] for n in cal.names}
     held_photos = {n.split("/")[0] for n in held.names}
     assert cal_photos == set(PARTS["calibration"]) and held_photos == set(PARTS["heldout"])

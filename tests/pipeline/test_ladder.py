@@ -59,8 +59,11 @@ def test_auto_moves_on_to_best_when_fast_fails_an_int8_gate(ladder: dict[str, Pa
     [failure] = fast["failures"]
     assert failure["artifact"] == "head.int8.onnx" and failure["metric"] == "bottleneck.sqnr_db"
     assert (failure["op"], failure["tolerance"]) == (">=", 37.0) and 33.0 < failure["value"] < 35.0
+    # the lost rung's int8 head was left without its logits checks (parity.verify's staged verdict)
     assert fast["outcome"] == ("fast failed int8 fidelity gates (head.int8.onnx bottleneck.sqnr_db "
-                               f"{failure['value']:.4g} (needs >= 37)): moved on to best")
+                               f"{failure['value']:.4g} (needs >= 37)): moved on to best (not run, as they cannot "
+                               "keep the rung: the logits checks, host executions and any diagnosis of "
+                               "head.int8.onnx)")
     assert best["failures"] == [] and best["outcome"] == "best passed"
     assert rec["reason"] == f"{fast['outcome']}; best passed"
     assert _value(d, "head.int8.onnx", "bottleneck.sqnr_db") > 39.0  # the report is the kept rung's
@@ -197,3 +200,59 @@ def test_climb_stops_on_a_failure_no_recipe_changes() -> None:
 
     c = climb(Recipe.AUTO, rungs, attempt2, lambda b, v: finished.append(b), lambda m: None)
     assert tried == ["fast", "best"] and finished == ["best"] and c.verdict.passed and c.rung.recipe == "best"
+
+
+def _staged(checks: list[Check], rest: list[Check], ran: list[str], name: str) -> Verdict:
+    """A staged verdict (parity.verify's ``staged``): ``checks`` made, ``rest`` added by ``complete()``."""
+    v = Verdict("onnx", {}, list(checks))
+    v.defer(lambda: (ran.append(name), v.checks.extend(rest)), "the logits checks of head.int8.onnx")
+    return v
+
+
+def test_a_rung_its_int8_gates_lost_moves_on_without_its_pending_checks() -> None:
+    rungs = plan(None, {})[1]
+    ran: list[str] = []
+    finished: list[str] = []
+
+    def attempt(rung: Rung) -> tuple[str, Verdict, list[Artifact]]:
+        ok = rung.recipe == "best"
+        return str(rung.recipe), _staged([_check("head.onnx", True), _check("head.int8.onnx", ok)],
+                                         [_check("head.int8.onnx", ok, "logits.max_abs_error")], ran,
+                                         str(rung.recipe)), ARTS
+
+    c = climb(Recipe.AUTO, rungs, attempt, lambda b, v: finished.append(b), lambda m: None)
+    assert ran == ["best"] and finished == ["best"] and c.verdict.passed and c.verdict.pending is None
+    assert len(c.verdict.checks) == 3  # the kept rung's verdict is whole
+    fast = c.record()["attempts"][0]
+    assert [f["metric"] for f in fast["failures"]] == ["bottleneck.sqnr_db"]
+    assert fast["outcome"] == ("fast failed int8 fidelity gates (head.int8.onnx bottleneck.sqnr_db 20 (needs >= 32)):"
+                               " moved on to best (not run, as they cannot keep the rung: the logits checks of "
+                               "head.int8.onnx)")
+
+
+def test_a_staged_verdict_is_completed_before_the_ladder_decides_otherwise() -> None:
+    """Nothing failed yet: the pending checks decide (here an int8 logits gate: the ladder climbs on it, with it
+    in the record); on the last rung the verdict is always completed."""
+    rungs = plan(None, {})[1]
+    ran: list[str] = []
+
+    def attempt(rung: Rung) -> tuple[str, Verdict, list[Artifact]]:
+        ok = rung.recipe == "best"
+        return str(rung.recipe), _staged([_check("head.int8.onnx", True)],
+                                         [_check("head.int8.onnx", ok, "logits.max_abs_error")], ran,
+                                         str(rung.recipe)), ARTS
+
+    c = climb(Recipe.AUTO, rungs, attempt, lambda b, v: None, lambda m: None)
+    assert ran == ["fast", "best"] and c.rung.recipe == "best" and c.verdict.passed
+    fast = c.record()["attempts"][0]
+    assert [f["metric"] for f in fast["failures"]] == ["logits.max_abs_error"]
+    assert fast["outcome"].endswith("moved on to best")
+    # an fp32 failure in the staged part stops the ladder: the rung is completed and kept
+    ran.clear()
+
+    def attempt2(rung: Rung) -> tuple[str, Verdict, list[Artifact]]:
+        return str(rung.recipe), _staged([_check("head.onnx", False), _check("head.int8.onnx", False)], [], ran,
+                                         str(rung.recipe)), ARTS
+
+    c = climb(Recipe.AUTO, rungs, attempt2, lambda b, v: None, lambda m: None)
+    assert ran == ["fast"] and c.rung.recipe == "fast" and c.verdict.pending is None

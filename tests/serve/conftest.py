@@ -22,13 +22,12 @@ def served(mini_export: Path) -> Iterator[object]:
 def heldout_codes(mini_export: Path) -> tuple[object, object, np.ndarray]:
     """(target, int8 contract, codes of the built-in held-out photos under the head's reference semantics)."""
     from bottlefit.calibration.builtin import builtin_arrays
-    from bottlefit.models.card import ModelCard
     from bottlefit.serve.contract import find_targets
     from bottlefit.serve.head import HeadCodes
 
     target = find_targets(mini_export)[0]
     contract = next(c for c in target.contracts if c.quantized)
-    images, _ = builtin_arrays(ModelCard.from_dict(target.card), "heldout")
+    images, _ = builtin_arrays(target.card, "heldout")
     codes = HeadCodes(target, contract, reference=True)(np.asarray(images, dtype=np.float32))
     return target, contract, codes
 

@@ -22,7 +22,6 @@ def _images(tmp_path: Path, n: int = 3) -> list[str]:
 
 def test_run_head_matches_in_process_split(served, mini_export: Path, tmp_path: Path, capsys) -> None:
     from bottlefit.calibration.dataset import load_image
-    from bottlefit.models.card import ModelCard
     from bottlefit.runtimes.head import run_tail
 
     images = _images(tmp_path)
@@ -30,7 +29,7 @@ def test_run_head_matches_in_process_split(served, mini_export: Path, tmp_path: 
         client = Client(mini_export / "onnx", served.http_url, wire=wire, reference=True)
         results = list(client.run(images))
         assert all(r.ok for r in results), [r.error for r in results]
-        card = ModelCard.from_dict(client.target.card)
+        card = client.target.card
         for r, path in zip(results, images, strict=True):
             codes = client.head(load_image(path, card)[None])
             want = run_tail(client.target.tail(), client.target.path, client.contract.dequantize(codes))[0]

@@ -114,7 +114,6 @@ def test_served_logits_agree_with_pytorch_fp32_within_tolerances(served, mini_ex
 
     from bottlefit.calibration.builtin import builtin_arrays
     from bottlefit.exporter.split import split
-    from bottlefit.models.card import ModelCard
     from bottlefit.parity import metrics
     from bottlefit.parity.tolerances import tolerances_for
     from bottlefit.pipeline import source
@@ -124,7 +123,7 @@ def test_served_logits_agree_with_pytorch_fp32_within_tolerances(served, mini_ex
     tables = load_tables(target, contract)
     lm = source.load(ModelSource(**{k: v for k, v in target.manifest["options"]["model"].items()
                                     if k != "checkpoint"}))
-    images, _ = builtin_arrays(ModelCard.from_dict(target.card), "heldout")
+    images, _ = builtin_arrays(target.card, "heldout")
     sm = split(lm.model, lm.card)
     with torch.no_grad():
         x = torch.from_numpy(np.array(images, dtype=np.float32))

@@ -72,12 +72,11 @@ def _records(stdout: str) -> list[dict]:
 def _frames(split_export: Path, wire: str, n: int = 3) -> tuple[object, list[bytes]]:
     """The int8 ONNX head's contract and ``n`` frames of the built-in held-out photos' codes."""
     from bottlefit.calibration.builtin import builtin_arrays
-    from bottlefit.models.card import ModelCard
     from bottlefit.serve.client import pick_head
     from bottlefit.serve.head import HeadCodes, load_tables
 
     target, contract = pick_head(split_export / "onnx")
-    images, _ = builtin_arrays(ModelCard.from_dict(target.card), "heldout")
+    images, _ = builtin_arrays(target.card, "heldout")
     codes = HeadCodes(target, contract, reference=True)(np.asarray(images[:n], dtype=np.float32))
     tables = load_tables(target, contract) if wire in ("entropy", "context") else None
     return contract, [codecs.encode_frame(contract, c, wire, tables) for c in codes]

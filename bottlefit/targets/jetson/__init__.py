@@ -377,7 +377,7 @@ class JetsonTarget:
         (TensorRT through trtexec), its transport and coder, client.json and README.md."""
         from bottlefit.serve.export import BoardBundle, write_board_bundle, write_codec_tables
 
-        out, card = Path(ctx.out_dir), ctx.split.card.to_dict()
+        out, card = Path(ctx.out_dir), ctx.split.card
         heads = [a for a in arts if a.file == QDQ_ONNX]
         tables = write_codec_tables(out, self.name, card, heads, ctx.calibration.images, ctx.log)
         golden = next((a.file for a in arts if a.file.startswith(f"{GOLDEN_DIR}/") and INPUT_NAME in a.file), None)

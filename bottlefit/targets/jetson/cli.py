@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ def register(subparsers: Any, common: Any) -> None:
     b.add_argument("--route", choices=list(ROUTES),
                    help="qdq: Q/DQ ONNX; cache: head.onnx + calibration cache; fp16/fp32 (default: the bundle's first)")
     b.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace limit (MiB)")
+    b.add_argument("--json", action="store_true",
+                   help="print the engine, its route and every golden check as one JSON object (progress to stderr)")
     b.set_defaults(func=run_build)
 
 
@@ -78,7 +82,23 @@ def _load_f32(path: Path, shape: list[int]) -> np.ndarray:
     return np.fromfile(path, dtype="<f4").reshape(shape)
 
 
-def compare_golden(golden_dir: Path, produced: dict[str, np.ndarray], precision: str) -> tuple[bool, list[str]]:
+@dataclass(frozen=True)
+class GoldenCheck:
+    """One metric of one engine output against golden.json's tolerance."""
+
+    output: str
+    metric: str
+    value: float
+    op: str  # "<=" or ">="
+    limit: float
+    ok: bool
+
+    def line(self) -> str:
+        mark = "ok " if self.ok else "FAIL"
+        return f"  {mark} {self.output} {self.metric} {self.value:.6g} ({self.op} {self.limit:g})"
+
+
+def compare_golden(golden_dir: Path, produced: dict[str, np.ndarray], precision: str) -> list[GoldenCheck]:
     """The engine's outputs against golden.json with its tolerances for ``precision`` (parity's metrics)."""
     from bottlefit.parity import metrics
 
@@ -86,7 +106,7 @@ def compare_golden(golden_dir: Path, produced: dict[str, np.ndarray], precision:
     tol = doc["tolerances"].get(precision)
     if tol is None:
         raise UserError(f"{golden_dir}/golden.json has no tolerances for {precision}")
-    ok, lines = True, []
+    checks = []
     for spec in doc["outputs"]:
         name = spec["name"]
         ref = _load_f32(golden_dir / spec["file"], spec["shape"])
@@ -97,11 +117,10 @@ def compare_golden(golden_dir: Path, produced: dict[str, np.ndarray], precision:
             got = got.astype(np.float32) * np.float32(spec["scale"])
         got = got.astype(np.float32).reshape(ref.shape)
         for key, value in tol.items():
-            v = metrics.BOTTLENECK_METRICS[key](ref, got)
+            v = float(metrics.BOTTLENECK_METRICS[key](ref, got))
             good = v <= value if _METRIC_OPS[key] == "<=" else v >= value
-            ok = ok and good
-            lines.append(f"  {'ok ' if good else 'FAIL'} {name} {key} {v:.6g} ({_METRIC_OPS[key]} {value:g})")
-    return ok, lines
+            checks.append(GoldenCheck(name, key, v, _METRIC_OPS[key], float(value), bool(good)))
+    return checks
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -126,7 +145,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     onnx_file = QDQ_ONNX if r.onnx_key == "qdq_onnx" else HEAD_ONNX
     engine = target_dir / engine_path(route)
-    print(f"building {engine} with TensorRT {trt.__version__} for {profile.describe()} ({route}, {r.precision})")
+    say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    say(f"building {engine} with TensorRT {trt.__version__} for {profile.describe()} ({route}, {r.precision})")
     build_engine(target_dir / onnx_file, engine, profile, r.precision,
                  calib_cache=target_dir / CACHE if r.calib else None, workspace_mib=args.workspace_mib,
                  force=bool(info.get("force")))
@@ -134,7 +154,13 @@ def run_build(args: argparse.Namespace) -> int:
     doc = _read_golden(golden_dir)
     inputs = {i["name"]: _load_f32(golden_dir / i["file"], i["shape"]) for i in doc["inputs"]}
     produced = TensorRTRunner(engine).infer(inputs)
-    ok, lines = compare_golden(golden_dir, produced, r.precision)
-    print("\n".join(lines))
-    print(f"{'PASS' if ok else 'FAIL'}: {engine}")
+    checks = compare_golden(golden_dir, produced, r.precision)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"verdict": "PASS" if ok else "FAIL", "engine": str(engine), "route": route,
+                          "precision": r.precision, "profile": profile.name, "tensorrt": str(trt.__version__),
+                          "checks": [asdict(c) for c in checks]}))
+    else:
+        print("\n".join(c.line() for c in checks))
+        print(f"{'PASS' if ok else 'FAIL'}: {engine}")
     return 0 if ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def _model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+Add = Callable[..., None]  # add(label, op, reason, severity="error"): record one LintIssue
+
+
 def lint_onnx(model: onnx.ModelProto, profile: Profile) -> list[LintIssue]:
     """Every issue the profile's TensorRT parser would raise (error) or should make you look at (warning)."""
     table = load_ops_table()[profile.ops_key]
@@ -118,46 +122,57 @@ def lint_onnx(model: onnx.ModelProto, profile: Profile) -> list[LintIssue]:
                 f"operator{domain} is not in the verified {trt} ONNX parser support table",
             )
             continue
-        if node.op_type in _QDQ:
-            _check_qdq(node, label, g, major, trt, add)
-        elif node.op_type == "MaxPool":
-            if len([o for o in node.output if o]) > 1:
-                add(
-                    label,
-                    node.op_type,
-                    f"the Indices (2nd) output is unsupported by {trt}; export MaxPool alone",
-                )
-            dilations = _attr(node, "dilations")
-            if dilations and any(d != 1 for d in dilations):
-                add(label, node.op_type, f"dilations {list(dilations)} unsupported by {trt} (must be 1)")
-        elif node.op_type == "Pad":
-            mode = _attr(node, "mode", b"constant")
-            mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-            if mode not in _PAD_MODES[major if major in _PAD_MODES else "10"]:
-                add(label, node.op_type, f"pad mode {mode!r} is unsupported by {trt} ('Unsupported pad mode')")
-        elif node.op_type == "Constant" and major == "8" and g.const_types.get(node.output[0]) == TensorProto.INT64:
-            add(
-                label,
-                node.op_type,
-                f"INT64 constant: {trt} casts it down to INT32 (check values fit)",
-                "warning",
-            )
+        _check_node(node, label, g, major, trt, add)
 
     if major == "8":
-        # TensorRT 8 has no INT64: it casts such weights to INT32 with a warning (10.x has INT64).
-        for init in model.graph.initializer:
-            if init.data_type == TensorProto.INT64:
-                label, op = first_user.get(init.name, (init.name, "initializer"))
-                add(
-                    label,
-                    op,
-                    f"INT64 initializer {init.name!r}: {trt} casts it down to INT32 (check values fit)",
-                    "warning",
-                )
+        _check_int64_initializers(model, first_user, trt, add)
     return issues
 
 
-def _check_qdq(node: onnx.NodeProto, label: str, g: _Graph, major: str, trt: str, add: Any) -> None:
+def _check_node(node: onnx.NodeProto, label: str, g: _Graph, major: str, trt: str, add: Add) -> None:
+    """The attributes of a supported operator that the parser of TensorRT ``major`` still refuses or narrows."""
+    if node.op_type in _QDQ:
+        _check_qdq(node, label, g, major, trt, add)
+    elif node.op_type == "MaxPool":
+        if len([o for o in node.output if o]) > 1:
+            add(
+                label,
+                node.op_type,
+                f"the Indices (2nd) output is unsupported by {trt}; export MaxPool alone",
+            )
+        dilations = _attr(node, "dilations")
+        if dilations and any(d != 1 for d in dilations):
+            add(label, node.op_type, f"dilations {list(dilations)} unsupported by {trt} (must be 1)")
+    elif node.op_type == "Pad":
+        mode = _attr(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode not in _PAD_MODES[major if major in _PAD_MODES else "10"]:
+            add(label, node.op_type, f"pad mode {mode!r} is unsupported by {trt} ('Unsupported pad mode')")
+    elif node.op_type == "Constant" and major == "8" and g.const_types.get(node.output[0]) == TensorProto.INT64:
+        add(
+            label,
+            node.op_type,
+            f"INT64 constant: {trt} casts it down to INT32 (check values fit)",
+            "warning",
+        )
+
+
+def _check_int64_initializers(model: onnx.ModelProto, first_user: dict[str, tuple[str, str]], trt: str,
+                              add: Add) -> None:
+    """TensorRT 8 has no INT64: it casts such weights to INT32 with a warning (10.x has INT64); each is named by
+    its first consumer."""
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.INT64:
+            label, op = first_user.get(init.name, (init.name, "initializer"))
+            add(
+                label,
+                op,
+                f"INT64 initializer {init.name!r}: {trt} casts it down to INT32 (check values fit)",
+                "warning",
+            )
+
+
+def _check_qdq(node: onnx.NodeProto, label: str, g: _Graph, major: str, trt: str, add: Add) -> None:
     op = node.op_type
     inputs = list(node.input) + [""] * (3 - len(node.input))
     x, scale_name, zp_name = inputs[:3]

@@ -52,7 +52,7 @@ def serving_files(ctx: BuildContext, arts: list[Artifact], triton: bool = True) 
     calibration images) and the tail's Triton model repository."""
     from bottlefit.serve.export import write_codec_tables, write_triton
 
-    card = ctx.split.card.to_dict()
+    card = ctx.split.card
     extra = []
     if any(a.role == Role.HEAD and a.precision == Precision.INT8 for a in arts):
         extra += write_codec_tables(ctx.out_dir, "onnx", card, arts,

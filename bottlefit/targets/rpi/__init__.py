@@ -145,7 +145,7 @@ class RpiTarget:
 
         # the context codec's tables, fitted on this export's calibration codes: the server and board/client.py
         # read them from here
-        tables = write_codec_tables(out, "rpi", ctx.split.card.to_dict(), [a for a in arts if a.file in BOARD_HEADS],
+        tables = write_codec_tables(out, "rpi", ctx.split.card, [a for a in arts if a.file in BOARD_HEADS],
                                     images, ctx.log)
         arts += tables
         arts += self._board_bundle(out, ctx.split.card, arts, ctx.heldout, profile, tables)
@@ -277,7 +277,7 @@ class RpiTarget:
             models.append({"model": f"../{art.file}", "runtime": art.runtime, "input": in_spec.to_dict(),
                            "output": out_spec.to_dict(), "lsb": output_lsb(art), "wire": _wire_codes(art),
                            # binds this head's payloads to this export (bottlefit serve refuses other exports')
-                           "contract_id": contract_id(card.to_dict(), sha256_file(out / art.file)),
+                           "contract_id": contract_id(card, sha256_file(out / art.file)),
                            "inputs_file": f"{stem}_inputs.npy", "outputs_file": f"{stem}_outputs.npy",
                            "made_with": f"{reference_semantics(art.runtime)} on the export host",
                            "tolerances": dict(GOLDEN_TOLERANCES),
@@ -292,7 +292,7 @@ class RpiTarget:
             "default_threads": profile.threads,
             "profile": profile.record(),
             # the tail server's model (bottlefit serve / Triton) and input name, for board/client.py
-            "tail_model": tail_model_name(card.to_dict()),
+            "tail_model": tail_model_name(card),
             "tail_input": "bottleneck",
             "models": models,
             "names": list(heldout.names[:GOLDEN_COUNT]),
@@ -305,7 +305,7 @@ class RpiTarget:
         text = bundle_readme.render(golden, sorted(a.file for a in arts if a.role == "head"),
                                     bundle_readme.example_what(heldout.names[0], card))
         bundle = BoardBundle("board", BOARD_HEAD_MODULE, tuple(BOARD_DIR / f for f in BOARD_FILES))
-        shipped = write_board_bundle(out, "rpi", card.to_dict(), bundle, heads, tables, lambda _: text)
+        shipped = write_board_bundle(out, "rpi", card, bundle, heads, tables, lambda _: text)
         return shipped + [Artifact(f"board/{f}", Role.AUX, Runtime.NONE, Precision.INT8, parity=False)
                           for f in ("golden.json", *files)]
 

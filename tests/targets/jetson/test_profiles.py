@@ -3,24 +3,32 @@ from __future__ import annotations
 import pytest
 
 from bottlefit.errors import UserError
+from bottlefit.exporter.onnx import MIN_QDQ_OPSET
 from bottlefit.targets.jetson.lint import load_ops_table
-from bottlefit.targets.jetson.profiles import PROFILES, check_request, get_profile, names, trt_version_code
+from bottlefit.targets.jetson.profiles import PROFILES, Profile, check_request, get_profile, names, trt_version_code
 
 
-def test_nano_row() -> None:
-    p = get_profile("nano")
-    assert (p.sm, p.trt_version, p.trt_code, p.max_opset) == ("5.3", "8.2.1", 8201, 13)
-    assert (p.fast_int8, p.dla_cores, p.default_precision) == (False, 0, "fp16")
-    assert p.workspace(1024) == "--workspace=1024"
-    assert p.build_only_flag == "--buildOnly"
-    assert not p.int8_export_numeric  # 8.2 streams int8 outputs as raw characters
+def _sm(p: Profile) -> tuple[int, int]:
+    major, minor = p.sm.split(".")
+    return int(major), int(minor)
 
 
-def test_xavier_nx_row() -> None:
-    p = get_profile("xavier-nx")
-    assert (p.sm, p.trt_version, p.trt_code, p.max_opset, p.dla_cores) == ("7.2", "8.5.2", 8502, 17, 2)
-    assert p.default_precision == "int8" and p.fast_int8
-    assert p.workspace(512) == "--memPoolSize=workspace:512"
+@pytest.mark.parametrize("p", PROFILES, ids=lambda p: f"{p.name}-{p.jetpack[0]}")
+def test_each_row_agrees_with_its_gpu_and_its_tensorrt(p: Profile) -> None:
+    """A row's flags follow from its GPU and its TensorRT, so a row edited on one side only fails here: int8 kernels
+    need SM >= 6.1 (else an int8 engine is slower than fp16: fp16 is the default), TF32 exists from Ampere (SM 8),
+    trtexec 8.2 knows only --workspace and 10.x only --memPoolSize with a unit and --skipInference, 8.2 streams
+    int8 outputs as raw characters, and lint needs the row's parser support table."""
+    trt = tuple(int(v) for v in p.trt_version.split(".")[:2])
+    assert p.fast_int8 == (_sm(p) >= (6, 1))
+    assert p.default_precision == ("int8" if p.fast_int8 else "fp16")
+    assert p.tf32 == (_sm(p)[0] >= 8)
+    assert p.workspace(512) == ("--workspace=512" if trt < (8, 4) else
+                                "--memPoolSize=workspace:512" + ("M" if trt >= (10, 0) else ""))
+    assert p.build_only_flag == ("--skipInference" if trt >= (8, 6) else "--buildOnly")
+    assert p.int8_export_numeric == (trt > (8, 2))
+    assert p.trt_code == trt_version_code(p.trt_version) and p.ops_key in load_ops_table()
+    assert p.max_opset >= MIN_QDQ_OPSET  # per-channel Q/DQ heads (the int8 routes) need it
 
 
 def test_orin_defaults_to_jetpack6_and_takes_jetpack51() -> None:
