@@ -6,6 +6,7 @@ returned as an aux :class:`Artifact`, so the manifest hashes it and ``bottlefit 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ from bottlefit.serve.contract import head_contract, tail_model_name
 from bottlefit.serve.head import codec_path, head_codes
 
 TRITON_DIR = "triton"
+# a board bundle's shared files (write_board_bundle)
+CLIENT, CLIENT_CONFIG, HEAD_MODULE, README = "client.py", "client.json", "boardhead.py", "README.md"
+# the one board client and the modules it ships with (copied verbatim: the package never imports the client)
+BOARD_CLIENT = Path(__file__).with_name("boardclient.py")
+BOARD_MODULES = (BOARD_CLIENT.with_name("boardhttp.py"), BOARD_CLIENT.with_name("boardcodec.py"))
 
 
 def head_symbols(out_dir: Path, art: Artifact, contract: Any, images: np.ndarray) -> np.ndarray:
@@ -90,30 +96,62 @@ def write_triton(out_dir: Path, target: str, card: ModelCard, tail: Artifact,
             for p in files if p.is_file()]
 
 
-def write_board_client(out_dir: Path, target: str, card: ModelCard, artifacts: list[Artifact],
-                       images: np.ndarray, client: Path, golden_input: str | None = None,
-                       log: Callable[[str], None] = lambda m: None) -> list[Artifact]:
-    """A board's client beside its int8 head: ``client.py`` (a copy of ``client``), ``boardcodec.py``, the head's
-    codec tables and ``client.json`` (the wire contract, the tail's name on the server, where the tables are)."""
+@dataclass(frozen=True)
+class BoardBundle:
+    """What one board's bundle ships beside its heads. The shared part is the same for every board: ``client.py``
+    (:mod:`bottlefit.serve.boardclient`), its transport ``boardhttp.py`` and coder ``boardcodec.py``, and
+    ``client.json``; the board's own part is ``head_module`` (shipped as ``boardhead.py``: which runtime produces
+    the bottleneck) and its ``scripts``, copied verbatim."""
+
+    folder: str  # the bundle's folder relative to the target's ("" = the target folder itself)
+    head_module: Path
+    scripts: tuple[Path, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)  # the board's own client.json keys (paths: bundle-relative)
+    precision: Precision = Precision.INT8  # what the manifest records for the README (the bundle's engine precision)
+
+
+def client_config(target: str, card: ModelCard, heads: list[Artifact], tables: list[Artifact], up: str,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """client.json: the tail's name and input on the server and the wire contract of every head that has codec
+    tables, with file paths relative to the bundle folder (``up``: the way from there to the target folder)."""
+    by_head = {t.extra["codec_tables"]["head"]: t.file for t in tables}
+    wires = []
+    for art in heads:
+        contract = head_contract(target, card, art)
+        if art.file not in by_head or contract is None:
+            continue
+        wires.append({"head": up + art.file, "runtime": str(art.runtime),
+                      "input": art.inputs[0].name if art.inputs else "input", "contract_id": contract.contract_id,
+                      "dtype": contract.dtype, "shape": list(contract.shape), "layout": contract.layout,
+                      "scale": contract.scale, "zero_point": contract.zero_point,
+                      "head_outputs_codes": contract.head_outputs_codes, "codec_tables": up + by_head[art.file]})
+    return {"format": "bottlefit-client", "format_version": 2, "tail_model": tail_model_name(card),
+            "tail_input": "bottleneck", "heads": wires, **extra}
+
+
+def write_board_bundle(out_dir: Path, target: str, card: ModelCard, bundle: BoardBundle,
+                       heads: list[Artifact], tables: list[Artifact],
+                       readme: Callable[[list[str]], str]) -> list[Artifact]:
+    """A board's bundle under ``out_dir/bundle.folder``: the board client and its modules, the board's scripts,
+    ``client.json`` for ``heads`` (already written, their codec ``tables`` too) and ``README.md``, the text
+    ``readme`` gives for the other files written here (relative to ``out_dir``). Returns the files as aux
+    artifacts, relative to ``out_dir``."""
     import json
     import shutil
 
-    tables = write_codec_tables(out_dir, target, card, artifacts, images, log)
-    if not tables:
-        return []
-    info = tables[0].extra["codec_tables"]
-    head = next(a for a in artifacts if a.file == info["head"])
-    contract = head_contract(target, card, head)
-    assert contract is not None
-    shutil.copyfile(client, out_dir / "client.py")
-    for module in ("boardcodec.py", "boardhttp.py"):  # the client's coder and transport, shared by every board
-        shutil.copyfile(Path(__file__).with_name(module), out_dir / module)
-    meta = {"format": "bottlefit-client", "format_version": 1, "head": head.file,
-            "head_input": head.inputs[0].name if head.inputs else "input", "golden_input": golden_input,
-            "contract_id": contract.contract_id, "dtype": contract.dtype, "shape": list(contract.shape),
-            "layout": contract.layout, "scale": contract.scale, "zero_point": contract.zero_point,
-            "head_outputs_codes": contract.head_outputs_codes,
-            "tail_model": tail_model_name(card), "tail_input": "bottleneck", "codec_tables": tables[0].file}
-    (out_dir / "client.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return tables + [Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False)
-                     for f in ("client.py", "boardcodec.py", "boardhttp.py", "client.json")]
+    folder = out_dir / bundle.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {CLIENT: BOARD_CLIENT, HEAD_MODULE: bundle.head_module, **{m.name: m for m in BOARD_MODULES},
+              **{s.name: s for s in bundle.scripts}}
+    for name, src in copies.items():
+        shutil.copyfile(src, folder / name)
+    for art in heads:  # the contract id binds the client's payloads to these bytes
+        art.sha256 = art.sha256 or sha256_file(out_dir / art.file)
+    up = "../" * len(Path(bundle.folder).parts)
+    config = client_config(target, card, heads, tables, up, bundle.config)
+    (folder / CLIENT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    prefix = bundle.folder + "/" if bundle.folder else ""
+    files = [prefix + f for f in (*copies, CLIENT_CONFIG)]
+    (folder / README).write_text(readme(files), encoding="utf-8")
+    return [*(Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False) for f in files),
+            Artifact(prefix + README, Role.AUX, Runtime.NONE, bundle.precision, parity=False)]

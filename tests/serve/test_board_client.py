@@ -103,10 +103,10 @@ def test_board_client_over_tls_with_a_token(split_export: Path, certificate, tmp
 def test_board_client_refused_for_another_export(split_export: Path, server, tmp_path: Path) -> None:
     bundle = tmp_path / "rpi"
     subprocess.run(["cp", "-r", str(split_export / "rpi"), str(bundle)], check=True)
-    meta = json.loads((bundle / "board" / "golden.json").read_text())
-    for m in meta["models"]:
+    config = json.loads((bundle / "board" / "client.json").read_text())  # the wire contracts the client sends
+    for m in config["heads"]:
         m["contract_id"] = "0" * 12
-    (bundle / "board" / "golden.json").write_text(json.dumps(meta))
+    (bundle / "board" / "client.json").write_text(json.dumps(config))
     cp = subprocess.run([sys.executable, str(bundle / "board" / "client.py"), "--server", server.http_url,
                          "--golden", "--runtime", "litert", "--json", "--retries", "0"],
                         capture_output=True, text=True, timeout=120)
@@ -158,7 +158,7 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
     """The jetson bundle's client (Python 3.6, stdlib + numpy) with the golden engine output (what trtexec writes
     for the golden input): int8 and context-coded, the logits the tail gives for those codes."""
     d = split_export / "jetson"
-    meta = json.loads((d / "client.json").read_text())
+    (meta,) = json.loads((d / "client.json").read_text())["heads"]
     y = np.fromfile(d / "golden" / "output.bottleneck.bin", dtype="<f4").reshape(1, *meta["shape"])
     codes = np.clip(np.round(y / meta["scale"]) + meta["zero_point"], -128, 127).astype(np.int8)
     want = _tail_logits(split_export, codes, meta, "NCHW")
@@ -179,16 +179,84 @@ def test_jetson_client_sends_the_engine_outputs(split_export: Path, server) -> N
 
 
 def test_board_clients_run_on_python36() -> None:
-    """vermin: the jetson client and the codec and transport it ships run on JetPack 4's Python 3.6."""
+    """vermin: the one board client, the jetson's part of it and the codec and transport it ships run on JetPack
+    4's Python 3.6."""
     import shutil
 
-    from bottlefit.targets.jetson import BOARD_CLIENT
-    from bottlefit.targets.rpi import CODEC_MODULE, HTTP_MODULE
+    from bottlefit.serve.export import BOARD_CLIENT, BOARD_MODULES
+    from bottlefit.targets.jetson import BOARD_HEAD_MODULE
 
     vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
     if not Path(vermin).exists():
         pytest.skip("vermin is not installed (pip install vermin==1.9.2)")
-    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(BOARD_CLIENT), str(CODEC_MODULE),
-                         str(HTTP_MODULE)],
+    files = [str(f) for f in (BOARD_CLIENT, BOARD_HEAD_MODULE, *BOARD_MODULES)]
+    cp = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", *files],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_jetson_client_sends_int8_codes_as_they_are(split_export: Path, server, tmp_path: Path) -> None:
+    """An engine with int8 outputs hands the client the codes themselves: a .bin of one byte per element or an int8
+    .npy goes on the wire as those codes (the same logits as the float output they stand for)."""
+    d = split_export / "jetson"
+    (meta,) = json.loads((d / "client.json").read_text())["heads"]
+    y = np.fromfile(d / "golden" / "output.bottleneck.bin", dtype="<f4").reshape(1, *meta["shape"])
+    codes = np.clip(np.round(y / meta["scale"]) + meta["zero_point"], -128, 127).astype(np.int8)
+    codes.tofile(tmp_path / "codes.bin")
+    np.save(tmp_path / "codes.npy", codes)
+    logits = []
+    for f in (d / "golden" / "output.bottleneck.bin", tmp_path / "codes.bin", tmp_path / "codes.npy"):
+        cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
+                             "--bottleneck", str(f)], capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        (rec,) = _records(cp.stdout)
+        assert rec["payload_bytes"] == codes.size  # one byte per code, whatever the file held
+        logits.append(rec["logits"])
+    np.testing.assert_array_equal(logits[1], logits[0])
+    np.testing.assert_array_equal(logits[2], logits[0])
+    (tmp_path / "short.bin").write_bytes(b"\0" * (codes.size - 1))  # neither the codes nor float32
+    cp = subprocess.run([sys.executable, str(d / "client.py"), "--server", server.http_url, "--json",
+                         "--bottleneck", str(tmp_path / "short.bin"), "--retries", "0"],
+                        capture_output=True, text=True, timeout=60)
+    (rec,) = _records(cp.stdout)
+    assert cp.returncode == 1 and "holds 24 values" in rec["error"]
+
+
+def test_jetson_head_reads_codes_an_int8_output_engine_prints() -> None:
+    """trtexec prints an int8 output's codes as numbers: the client rounds them back to the codes themselves."""
+    import importlib.util
+
+    from bottlefit.targets.jetson import BOARD_HEAD_MODULE
+
+    spec = importlib.util.spec_from_file_location("jetson_boardhead", BOARD_HEAD_MODULE)
+    assert spec is not None and spec.loader is not None
+    head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head)
+    wire = {"dtype": "int8", "scale": 0.5, "zero_point": 0, "head_outputs_codes": True}
+    printed = np.array([-128.0, -3.0000002, 0.0, 126.99999, 127.0], dtype=np.float32)
+    np.testing.assert_array_equal(head.codes_of(printed, wire), np.array([-128, -3, 0, 127, 127], np.int8))
+    floats = np.float32(0.5) * np.array([-128, -3, 0, 127], np.float32)  # a float output on the codes' grid
+    np.testing.assert_array_equal(head.codes_of(floats, dict(wire, head_outputs_codes=False)),
+                                  np.array([-128, -3, 0, 127], np.int8))
+    codes = np.array([1, -2], np.int8)
+    assert head.codes_of(codes, wire) is codes  # the codes themselves pass as they are
+
+
+def test_both_bundles_ship_one_client_with_the_wire_contracts_of_their_heads(split_export: Path) -> None:
+    """The jetson and rpi bundles carry the same client, transport and coder byte for byte (only boardhead.py, the
+    board's runtime, differs), and client.json binds each head to the contract id and tables golden.json and the
+    manifest name."""
+    from bottlefit.serve.contract import load_target
+
+    jetson, board = split_export / "jetson", split_export / "rpi" / "board"
+    for f in ("client.py", "boardhttp.py", "boardcodec.py"):
+        assert (jetson / f).read_bytes() == (board / f).read_bytes(), f
+    assert (jetson / "boardhead.py").read_bytes() != (board / "boardhead.py").read_bytes()
+    config = json.loads((board / "client.json").read_text())
+    golden = json.loads((board / "golden.json").read_text())
+    assert {h["head"]: (h["contract_id"], h["codec_tables"]) for h in config["heads"]} == \
+        {m["model"]: (m["contract_id"], m["codec_tables"]) for m in golden["models"]}
+    served = {c.head: c.contract_id for c in load_target(split_export / "rpi").contracts}
+    assert {h["head"][3:]: h["contract_id"] for h in config["heads"]} == \
+        {k: v for k, v in served.items() if k in {h["head"][3:] for h in config["heads"]}}
+    assert config["tail_model"] == json.loads((jetson / "client.json").read_text())["tail_model"] == "mini_resnet_tail"

@@ -111,29 +111,32 @@ def test_kserve_datatypes_are_one_table_the_server_and_the_board_clients_read(tm
     import sys
 
     from bottlefit.serve import boardhttp
+    from bottlefit.serve.export import BOARD_CLIENT, BOARD_MODULES
     from bottlefit.serve.model import DTYPES
-    from bottlefit.targets.rpi import BOARD_DIR, CODEC_MODULE, HTTP_MODULE
+    from bottlefit.targets.rpi import BOARD_DIR
 
     for name, v2 in boardhttp.V2_TYPES.items():
         assert DTYPES[v2] == np.dtype(name)
-    for f in (BOARD_DIR / "client.py", BOARD_DIR / "run_head.py", CODEC_MODULE, HTTP_MODULE):  # as the bundle
+    shutil.copyfile(BOARD_CLIENT, tmp_path / "client.py")  # as the bundle ships it
+    for f in (BOARD_DIR / "boardhead.py", BOARD_DIR / "run_head.py", *BOARD_MODULES):
         shutil.copyfile(f, tmp_path / f.name)
+    modules = ("client", "boardhead", "run_head", "boardcodec", "boardhttp")
     sys.path.insert(0, str(tmp_path))
     try:
-        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+        for m in modules:
             sys.modules.pop(m, None)
         client = importlib.import_module("client")
-        entry = {"output": {"scale": 0.5, "zero_point": 3, "layout": "NCHW"}}
-        for codes, fp32, v2 in ((np.zeros((1, 2, 3, 3), np.int8), False, "INT8"),
-                                (np.zeros((1, 2, 3, 3), np.uint8), False, "UINT8"),
-                                (np.zeros((1, 2, 3, 3), np.int8), True, "FP32")):
-            body, n = client.request_body(entry, codes, fp32, "bottleneck")
+        wire = {"scale": 0.5, "zero_point": 3, "layout": "NCHW"}
+        for codes, kind, v2 in ((np.zeros((1, 2, 3, 3), np.int8), "int8", "INT8"),
+                                (np.zeros((1, 2, 3, 3), np.uint8), "int8", "UINT8"),
+                                (np.zeros((1, 2, 3, 3), np.int8), "fp32", "FP32")):
+            body, n, payload = client.request_body(wire, codes, kind, "bottleneck")
             assert json.loads(body[:n])["inputs"][0]["datatype"] == v2
-            assert len(body) - n == codes.size * DTYPES[v2].itemsize
+            assert len(body) - n == payload == codes.size * DTYPES[v2].itemsize
         assert client.V2_TYPES is sys.modules["boardhttp"].V2_TYPES  # the bundle's copy of the one table
     finally:
         sys.path.remove(str(tmp_path))
-        for m in ("client", "run_head", "boardcodec", "boardhttp"):
+        for m in modules:
             sys.modules.pop(m, None)
 
 

@@ -41,7 +41,8 @@ GOLDEN_DIR = "golden"
 ENGINE = "head.engine"
 INPUT_NAME, OUTPUT_NAME = "input", "bottleneck"
 BOARD_VERIFY = Path(__file__).with_name("board") / VERIFY
-BOARD_CLIENT = Path(__file__).with_name("board") / "client.py"
+# the Jetson's part of the one board client (client.py, bottlefit.serve.boardclient): the head in TensorRT
+BOARD_HEAD_MODULE = Path(__file__).with_name("board") / "boardhead.py"
 WORKSPACE_MIB = 1024
 
 
@@ -218,6 +219,9 @@ trtexec is looked up at `/usr/src/tensorrt/bin/trtexec`; set `TRTEXEC=/path/to/t
 `client.py` sends the engine's bottleneck to `bottlefit serve OUT` on `EDGE` (or Triton) and prints the top-k
 classes with their softmax probabilities; its flags are the host's `bottlefit run-head`'s (`--wire
 int8|context|fp32`, `--model-name`; the old `--codec`, `--fp32` and `--model` still work for one release).
+`--bottleneck FILE` sends a head output you already have: float32 (`.bin`, `.npy`, trtexec JSON) or the int8
+codes themselves (a `.bin` of one byte per element, an int8 `.npy`). `client.py` is the same on every board;
+`boardhead.py` is this board's part (TensorRT through trtexec), `client.json` the head's wire contract.
 
 Routes (each checked against `{GOLDEN_DIR}/` with that precision's tolerances):
 
@@ -280,11 +284,9 @@ class JetsonTarget:
         arts = [qdq, self._head_artifact(req, head, in_spec, head_warnings), self._cache(ctx, req, q)]
         arts += self._golden(ctx, req, in_spec, out_spec, q.output_scale)
         arts += self._board_scripts(Path(ctx.out_dir), req)
-        arts += self._board_client(ctx, arts)
         if ctx.options.build_engine:
             arts.append(self._engine(ctx, req, in_spec, out_spec, Path(ctx.out_dir)))
-        (Path(ctx.out_dir) / README).write_text(_readme(req, [a.file for a in arts]), encoding="utf-8")
-        arts.append(Artifact(README, Role.AUX, Runtime.NONE, req.precision, parity=False))
+        arts += self._board_client(ctx, req, arts)
         return ctx.result(arts)
 
     def _fp32_head(self, ctx: BuildContext, req: Request) -> tuple[Any, TensorSpec, list[str]]:
@@ -369,15 +371,20 @@ class JetsonTarget:
         return [Artifact(f, Role.AUX, Runtime.NONE, req.precision,
                          extra={"reference": golden_ref, "image": held.names[0]}, parity=False) for f in files]
 
-    def _board_client(self, ctx: BuildContext, arts: list[Artifact]) -> list[Artifact]:
-        """client.py (Python 3.6, stdlib + numpy: the bottleneck to `bottlefit serve` or Triton), its codec and
-        the int8 head's codec tables (bottlefit.serve.export)."""
-        from bottlefit.serve.export import write_board_client
+    def _board_client(self, ctx: BuildContext, req: Request, arts: list[Artifact]) -> list[Artifact]:
+        """The int8 head's codec tables, then the one bundle writer (bottlefit.serve.export): client.py (Python
+        3.6, stdlib + numpy: the bottleneck to `bottlefit serve` or Triton) with this board's boardhead.py
+        (TensorRT through trtexec), its transport and coder, client.json and README.md."""
+        from bottlefit.serve.export import BoardBundle, write_board_bundle, write_codec_tables
 
+        out, card = Path(ctx.out_dir), ctx.split.card
+        heads = [a for a in arts if a.file == QDQ_ONNX]
+        tables = write_codec_tables(out, self.name, card, heads, ctx.calibration.images, ctx.log)
         golden = next((a.file for a in arts if a.file.startswith(f"{GOLDEN_DIR}/") and INPUT_NAME in a.file), None)
-        return write_board_client(Path(ctx.out_dir), self.name, ctx.split.card,
-                                  [a for a in arts if a.file == QDQ_ONNX], ctx.calibration.images, BOARD_CLIENT,
-                                  golden, ctx.log)
+        bundle = BoardBundle("", BOARD_HEAD_MODULE, config={"golden_input": golden}, precision=req.precision)
+        shipped = write_board_bundle(out, self.name, card, bundle, heads, tables,
+                                     lambda files: _readme(req, [a.file for a in [*arts, *tables]] + files))
+        return tables + shipped
 
     def _board_scripts(self, out: Path, req: Request) -> list[Artifact]:
         """build_engine.sh (trtexec lines for the profile) and the board's stdlib-only verifier."""

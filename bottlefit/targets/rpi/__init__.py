@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +46,10 @@ NCNN_INT8_FILE = "head.int8.ncnn.param"  # + head.int8.ncnn.bin beside it
 ONNX_INPUT, ONNX_OUTPUT = "input", "bottleneck"
 # quantize_head options of head.int8.onnx (bench/bench_rpi_heads.py compares the alternatives)
 ONNX_INT8_OPTIONS: dict[str, Any] = {"symmetric": False, "activation_dtype": "int8", "per_channel": True}
-BOARD_FILES = ("run_head.py", "verify_on_board.py", "client.py")  # README.md and example.png: bundle_readme
-# the context codec's model and encoder, one source for the server and every board bundle
-CODEC_MODULE = Path(__file__).parents[2] / "serve" / "boardcodec.py"
-# client.py's transport (KServe v2 REST, retries), one source for every board bundle
-HTTP_MODULE = CODEC_MODULE.with_name("boardhttp.py")
+# the Pi's own board scripts; client.py, boardhttp.py, boardcodec.py, client.json and README.md come from the one
+# bundle writer (bottlefit.serve.export.write_board_bundle), boardhead.py (the Pi's part of client.py) from here
+BOARD_FILES = ("run_head.py", "verify_on_board.py")
+BOARD_HEAD_MODULE = BOARD_DIR / "boardhead.py"
 GOLDEN_COUNT = 4
 # the heads the board bundle checks -> the stem of their golden files
 BOARD_HEADS = {"head.int8.tflite": "golden", ONNX_INT8_FILE: "golden_onnx", NCNN_INT8_FILE: "golden_ncnn"}
@@ -149,9 +147,8 @@ class RpiTarget:
         # read them from here
         tables = write_codec_tables(out, "rpi", ctx.split.card, [a for a in arts if a.file in BOARD_HEADS],
                                     images, ctx.log)
-        codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
         arts += tables
-        arts += self._board_bundle(out, ctx.split.card, arts, ctx.heldout, profile, codec_files)
+        arts += self._board_bundle(out, ctx.split.card, arts, ctx.heldout, profile, tables)
         return ctx.result(arts)
 
     def _tflite_heads(self, ctx: BuildContext, images: np.ndarray, layout: Layout,
@@ -251,22 +248,20 @@ class RpiTarget:
         return [head, Artifact(nc.weights.name, Role.AUX, Runtime.NONE, Precision.INT8, parity=False)]
 
     def _board_bundle(self, out: Path, card: Any, arts: list[Artifact], heldout: Any,
-                      profile: RpiProfile, codec_files: dict[str, str] | None = None) -> list[Artifact]:
-        """board/: the scripts and golden I/O for every int8 head, made under each head's reference semantics
-        (TFLite reference kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate."""
+                      profile: RpiProfile, tables: list[Artifact]) -> list[Artifact]:
+        """board/: the golden I/O for every int8 head, made under each head's reference semantics (TFLite reference
+        kernels, ONNX spec Q/DQ): never by this host's own int8 kernels, which may deviate; then the board's
+        scripts, client and README (the one bundle writer, bottlefit.serve.export)."""
         from bottlefit.models.checkpoint import sha256_file
         from bottlefit.runtimes import get_runner
         from bottlefit.runtimes.head import output_lsb, reference_semantics
         from bottlefit.serve.contract import contract_id, tail_model_name
+        from bottlefit.serve.export import BoardBundle, write_board_bundle
         from bottlefit.targets.rpi import bundle_readme
 
-        codec_files = codec_files or {}
+        codec_files = {t.extra["codec_tables"]["head"]: t.file for t in tables}
         board = out / "board"
         board.mkdir(exist_ok=True)
-        for f in BOARD_FILES:
-            shutil.copyfile(BOARD_DIR / f, board / f)
-        for module in (CODEC_MODULE, HTTP_MODULE):  # client.py's context coder and transport (stdlib + numpy)
-            shutil.copyfile(module, board / module.name)
         # The first few of the images parity judges on (never the calibration images).
         gx = heldout.images[:GOLDEN_COUNT]
         models, files = [], []
@@ -305,10 +300,14 @@ class RpiTarget:
                            "mean": list(card.mean), "std": list(card.std)},
         }
         (board / "golden.json").write_text(json.dumps(golden, indent=2) + "\n")
-        files += bundle_readme.write(board, golden, sorted(a.file for a in arts if a.role == "head"), gx[:1],
-                                     heldout.names[0], card)
-        names = [f"board/{f}" for f in (*BOARD_FILES, CODEC_MODULE.name, HTTP_MODULE.name, "golden.json", *files)]
-        return [Artifact(f, Role.AUX, Runtime.NONE, Precision.INT8, parity=False) for f in names]
+        files += [bundle_readme.write_example(board, gx[:1], card).name]
+        heads = [a for a in arts if a.file in BOARD_HEADS]
+        text = bundle_readme.render(golden, sorted(a.file for a in arts if a.role == "head"),
+                                    bundle_readme.example_what(heldout.names[0], card))
+        bundle = BoardBundle("board", BOARD_HEAD_MODULE, tuple(BOARD_DIR / f for f in BOARD_FILES))
+        shipped = write_board_bundle(out, "rpi", card, bundle, heads, tables, lambda _: text)
+        return shipped + [Artifact(f"board/{f}", Role.AUX, Runtime.NONE, Precision.INT8, parity=False)
+                          for f in ("golden.json", *files)]
 
     def start_execution(self, target_dir: Path, artifacts: list[Artifact], emulate: Emulate,
                         log: Callable[[str], object]) -> Started:

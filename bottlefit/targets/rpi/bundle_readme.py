@@ -1,4 +1,5 @@
-"""The rpi bundle's ``board/README.md`` and the example image it names, written per export: the README names this
+"""The rpi bundle's ``board/README.md`` text and the example image it names, made per export (the one bundle writer,
+``bottlefit.serve.export.write_board_bundle``, writes the README): the README names this
 bundle's heads, its board profile's default head, an image that is in the bundle, and the exact versions of the
 wheels the bundle is checked with (one source: ``bottlefit.emulation.arm64.WHEELS``, what the emulated Pi runs;
 the optional and image-only packages from the package's own requirements, i.e. pyproject.toml)."""
@@ -76,11 +77,7 @@ def render(golden: dict[str, Any], heads: list[str], example_what: str) -> str:
         example=EXAMPLE, example_what=example_what)
 
 
-def write(board: Path, golden: dict[str, Any], heads: list[str], x: np.ndarray, name: str, card: Any) -> list[str]:
-    """``board/example.png`` (from held-out input ``x``, called ``name`` in the held-out set) and
-    ``board/README.md``; the file names written, relative to ``board``."""
-    write_example(board, x, card)
-    what = (f"the first golden input (held-out image `{name}`), at the model's input size "
+def example_what(name: str, card: Any) -> str:
+    """What the README says ``example.png`` is: the first golden input, held-out image ``name``."""
+    return (f"the first golden input (held-out image `{name}`), at the model's input size "
             f"{card.input_shape[1]}x{card.input_shape[2]}")
-    (board / README).write_text(render(golden, heads, what), encoding="utf-8")
-    return [README, EXAMPLE]

@@ -105,14 +105,16 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
 def test_bundle_files_and_parity(bundle: tuple[str, Path]) -> None:
     key, d = bundle
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    client = json.loads((d / "client.json").read_text())
-    assert files == sorted(["README.md", "boardcodec.py", "boardhttp.py", "build_engine.sh", "client.json", "client.py",
+    config = json.loads((d / "client.json").read_text())
+    (client,) = config["heads"]
+    assert files == sorted(["README.md", "boardcodec.py", "boardhead.py", "boardhttp.py", "build_engine.sh",
+                            "client.json", "client.py",
                             f"codec/{client['contract_id']}.npz", "golden/golden.json", "golden/input.input.bin",
                             "golden/output.bottleneck.bin", "head.calib.cache", "head.onnx", "head.qdq.onnx",
                             "manifest.json", "report.json", "report.md", "verify_on_board.py"])
     # the board client's wire: the Q/DQ head's symmetric int8 codes, its tables, the tail's name on the server
     assert client["head"] == "head.qdq.onnx" and client["dtype"] == "int8" and client["zero_point"] == 0
-    assert client["codec_tables"] == f"codec/{client['contract_id']}.npz" and client["golden_input"]
+    assert client["codec_tables"] == f"codec/{client['contract_id']}.npz" and config["golden_input"]
     report = json.loads((d / "report.json").read_text())
     assert report["passed"] is True and report["images"]["count"] == 4
     checks = {(c["artifact"], c["metric"]): c for c in report["checks"]}
