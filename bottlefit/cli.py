@@ -53,7 +53,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or "default" in text or default is None or default is False
+        if (not action.option_strings or action.nargs == 0 or "default" in text or default is None or default is False
                 or default == argparse.SUPPRESS or default == []):
             return text
         return f"{text} (default: %(default)s)"
@@ -408,7 +408,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "`verify --json` does, instead of the table")
     _model_args(p)
     for name in targets.names():
-        targets.get_target(name).add_arguments(_FlagRecorder(p, target_flag_actions))  # type: ignore[arg-type]
+        # help lists each target's own flags under its name (a flag two targets take sits with the first)
+        group = p.add_argument_group(f"--target {name}")
+        targets.get_target(name).add_arguments(_FlagRecorder(group, target_flag_actions))  # type: ignore[arg-type]
     p.set_defaults(func=_cmd_export, target_flag_actions=target_flag_actions)
 
     p = sub.add_parser("verify", parents=[common],

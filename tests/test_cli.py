@@ -171,6 +171,14 @@ def test_help_is_for_users_and_shows_defaults(capsys) -> None:
     assert "(default: None)" not in run_head and "(default: False)" not in run_head
     export = " ".join(_help(capsys, "export").split())
     assert "mini_resnet" in export.split("when the checkpoint does not say (", 1)[1].split(")", 1)[0]
+    assert "(default: True)" not in export  # a switch (--no-triton) shows no default
+    # each target's own flags sit under its name, in the order of the registry
+    sections = export.split("--target onnx:", 1)[1]
+    onnx, rest = sections.split("--target jetson:", 1)
+    jetson, rpi = rest.split("--target rpi:", 1)
+    assert "--int8 " in onnx and "--no-triton" in onnx and "--precision" not in onnx
+    assert all(f in jetson for f in ("--profile", "--jetpack", "--precision", "--build-engine", "--int8-output"))
+    assert "--layout" in rpi and "--allow-float-ops" in rpi and "--jetpack" not in rpi
     train = " ".join(_help(capsys, "train").split())
     assert "mini_resnet" in train.split("student architecture (models.student_model.name):", 1)[1][:120]
 
