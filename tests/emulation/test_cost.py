@@ -3,7 +3,6 @@ wheel), tiny one-conv models; skipped with EmulationUnavailable's line where the
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -74,13 +73,10 @@ def test_regressions_flag_only_costs_beyond_the_margin() -> None:
 
 
 def _bench() -> ModuleType:
-    """bench/bench_pi_cost.py as a module."""
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("bench_pi_cost", root / "bench" / "bench_pi_cost.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    """The Pi cost bench's head variants (the package's module bench/bench_pi_cost.py imports)."""
+    from bottlefit.targets.rpi import costvariants
+
+    return costvariants
 
 
 def _tiny_head(cout: int = 8) -> torch.nn.Sequential:
@@ -113,13 +109,11 @@ def test_ncnn_is_counted_in_the_guest_and_scales_with_work(tools: tuple, tmp_pat
 def test_stem_gemm_floor_is_the_stem_convs_matrix_multiply(tmp_path: Path) -> None:
     """bench_pi_cost --variants floor: the stem conv's GEMM alone, (H_out*W_out) x (C_in*kh*kw) x C_out, as
     ONNX Runtime's int8 (uint8 x int8 - zero point) and fp32 matrix multiplies, exact on this host."""
-    import argparse
-
     import onnxruntime as ort
 
     bench = _bench()
-    args = argparse.Namespace(arch="custom_resnet152", bottleneck_channel=12, bottleneck_ver="2")
-    head, prefix, images = bench.torch_head(args)
+    head, prefix, images = bench.torch_head({"arch": "custom_resnet152", "bottleneck_channel": 12,
+                                             "bottleneck_ver": "2"})
     assert bench.export_floor(head, images[:1], prefix, tmp_path) == (112 * 112, 3 * 7 * 7, 64)
     rng = np.random.default_rng(1)
     # below 128: x86 without VNNI sums pairs of u8 x s8 products in int16 (saturating above that), see parity
