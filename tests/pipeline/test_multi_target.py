@@ -4,7 +4,6 @@ export of that target alone writes; flags apply to the targets that take them.""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -15,7 +14,6 @@ from bottlefit.cli import main
 
 MINI = ["--untrained", "--arch", "mini_resnet", "--bottleneck-channel", "2", "--calib-count", "8",
         "--parity-count", "8", "--emulate", "none"]
-BENCH = Path(__file__).parents[2] / "bench" / "bench_export_profile.py"
 # the best recipe: what the targets share includes its equalized split and its gptq-rounded int8 head
 BEST = ["--recipe", "best"]
 
@@ -34,7 +32,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
         args = [*MINI, *BEST, "--target", targets, "--out", str(root / name), *extra]
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            if name == "both":  # through the profiler (bench/bench_export_profile.py): its stages are checked below
+            if name == "both":  # through the profiler (bottlefit.exportprofile): its stages are checked below
                 (root / "profile.json").write_text(json.dumps(_bench().profile(args)))
             else:
                 assert main(["export", *args]) == 0
@@ -43,11 +41,10 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_export_profile", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The export profiler bench/bench_export_profile.py runs."""
+    from bottlefit import exportprofile
+
+    return exportprofile
 
 
 @pytest.mark.parametrize("target", ["onnx", "rpi"])
