@@ -10,6 +10,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -74,6 +76,22 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_data_file(path: str | os.PathLike[str], schema: str, what: str, remake: str) -> dict[str, Any]:
+    """A JSON data file the package ships (or a bench writes), checked to be of ``schema``; a file that cannot be
+    read or is of another schema is a one-line UserError naming it, ``what`` it holds and the command that
+    ``remake``s it."""
+    from bottlefit.errors import UserError
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e}); reinstall bottlefit or rerun {remake}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise UserError(f"{path}: schema {found!r}, not {schema!r}")
+    return doc
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -16,7 +16,6 @@ Python) has no published timings and the ncnn IPC of the same core stands in, ``
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bottlefit.errors import UserError
+from bottlefit.files import read_data_file
 
 DATA = Path(__file__).with_name("boards.json")
 SCHEMA = "bottlefit.devicetime/1"
@@ -72,14 +72,7 @@ def data(path: Path | None = None) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the device-time data ({e}); reinstall bottlefit or rerun "
-                        "bench/bench_device_model.py --fit") from None
-    if doc.get("schema") != SCHEMA:
-        raise UserError(f"{path}: schema {doc.get('schema')!r}, not {SCHEMA!r}")
-    return doc
+    return read_data_file(path, SCHEMA, "the device-time data", "bench/bench_device_model.py --fit")
 
 
 def boards(doc: Mapping[str, Any] | None = None) -> list[Board]:

@@ -41,7 +41,6 @@ head (``--variants ncnn``: 38.6 M on the A72) costs less there than every ONNX R
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 
 from bottlefit.emulation.devicetime import Board, boards
 from bottlefit.errors import UserError
+from bottlefit.files import read_data_file
 
 DEFAULT = "pi4"  # the paper's board
 REFERENCE = "head.fp32.tflite/xnnpack"
@@ -155,13 +155,7 @@ class CostRun:
 
 def read_costs(path: Path = COSTS_FILE, table: Iterable[Board] | None = None) -> CostRun:
     """The cost bench's data file; each measured profile's costs filed under its board's core."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the Pi head costs ({e}); reinstall bottlefit or rerun "
-                        "bench/bench_pi_cost.py --update") from None
-    if doc.get("schema") != COSTS_SCHEMA:
-        raise UserError(f"{path}: schema {doc.get('schema')!r}, not {COSTS_SCHEMA!r}")
+    doc = read_data_file(path, COSTS_SCHEMA, "the Pi head costs", "bench/bench_pi_cost.py --update")
     core = {b.name: b.core for b in (boards() if table is None else table)}
     per_core: dict[str, dict[str, float]] = {}
     for measured, costs in doc["costs_minstr"].items():
