@@ -123,6 +123,13 @@ def compare_golden(golden_dir: Path, produced: dict[str, np.ndarray], precision:
     return checks
 
 
+def build_report(checks: list[GoldenCheck], engine: Path, route: str, precision: str, profile: str,
+                 tensorrt: str) -> dict[str, Any]:
+    """What ``jetson build --json`` prints: the verdict, the engine and how it was built, every golden check."""
+    return {"verdict": "PASS" if all(c.ok for c in checks) else "FAIL", "engine": str(engine), "route": route,
+            "precision": precision, "profile": profile, "tensorrt": tensorrt, "checks": [asdict(c) for c in checks]}
+
+
 def run_build(args: argparse.Namespace) -> int:
     from bottlefit.exporter.manifest import check_hashes, read_manifest
     from bottlefit.runtimes.tensorrt import TensorRTRunner, import_tensorrt
@@ -157,9 +164,7 @@ def run_build(args: argparse.Namespace) -> int:
     checks = compare_golden(golden_dir, produced, r.precision)
     ok = all(c.ok for c in checks)
     if args.json:
-        print(json.dumps({"verdict": "PASS" if ok else "FAIL", "engine": str(engine), "route": route,
-                          "precision": r.precision, "profile": profile.name, "tensorrt": str(trt.__version__),
-                          "checks": [asdict(c) for c in checks]}))
+        print(json.dumps(build_report(checks, engine, route, r.precision, profile.name, str(trt.__version__))))
     else:
         print("\n".join(c.line() for c in checks))
         print(f"{'PASS' if ok else 'FAIL'}: {engine}")
